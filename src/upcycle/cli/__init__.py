@@ -1,0 +1,1 @@
+"""The ``upcycle`` command line: thin subcommands that parse, call the library and report."""

@@ -1,0 +1,71 @@
+"""torch.distributed glue: gloo on CPU, NCCL on GPU, launched with ``torchrun``.
+
+Nothing here is a protocol of its own: it reads torchrun's environment, initialises the
+default process group once, and offers the few collectives the methods use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group when launched by torchrun with WORLD_SIZE > 1.
+
+    Returns True when running distributed. Backend: NCCL when CUDA is available, else gloo.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not launched_by_torchrun():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op when not distributed) and return it."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shard(items: Sequence, *, rank_: int | None = None, world: int | None = None) -> list:
+    """This rank's contiguous share of ``items`` (every rank gets a nearly equal slice)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    n = len(items)
+    start = (n * r) // w
+    end = (n * (r + 1)) // w
+    return list(items[start:end])
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

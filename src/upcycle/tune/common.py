@@ -1,0 +1,93 @@
+"""What the tuning methods share: the trainable-parameter report and adapter save/load.
+
+An adapter folder holds ``adapter_config.json`` (the method name and its config) and
+``adapter_model.safetensors`` (only the trained tensors), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoints import atomic_dir
+from ..errors import UpcycleError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, each shared parameter counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    """peft's format: 'trainable params: X || all params: Y || trainable%: Z'."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+def save_adapter(out: str | os.PathLike, method: str, config: Mapping, tensors: Mapping[str, torch.Tensor],
+                 *, overwrite: bool = False) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``out``."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps({"method": method, **config}, indent=2) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "method": method})
+    return Path(out)
+
+
+def load_adapter(folder: str | os.PathLike, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read an adapter folder written by :func:`save_adapter`; clear errors when incomplete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UpcycleError(f"adapter folder {folder}: no such folder")
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / f).is_file()]
+    if missing:
+        raise UpcycleError(f"adapter folder {folder} is incomplete: missing {', '.join(missing)}")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise UpcycleError(f"{folder / ADAPTER_CONFIG}: not valid JSON: {exc}") from exc
+    if config.get("method") != method:
+        raise UpcycleError(f"{folder / ADAPTER_CONFIG}: holds a {config.get('method')!r} adapter, "
+                           f"expected {method!r}")
+    config.pop("method")
+    try:
+        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise UpcycleError(f"{folder / ADAPTER_WEIGHTS}: not a readable safetensors file "
+                           f"(truncated?): {exc}") from exc
+    return config, tensors
+
+
+def check_tensor_shapes(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor],
+                        source: str) -> None:
+    """Every expected tensor present in ``loaded`` with the same shape; name the first that is not."""
+    for name, t in expected.items():
+        if name not in loaded:
+            raise UpcycleError(f"{source}: tensor {name!r} is missing")
+        if tuple(loaded[name].shape) != tuple(t.shape):
+            raise UpcycleError(f"{source}: tensor {name!r} has shape {tuple(loaded[name].shape)}, "
+                               f"the base model needs {tuple(t.shape)} (a different base model?)")
+    extra = sorted(set(loaded) - set(expected))
+    if extra:
+        raise UpcycleError(f"{source}: tensor {extra[0]!r} does not belong to this model "
+                           f"({len(extra)} unexpected tensors)")
