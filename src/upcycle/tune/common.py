@@ -91,3 +91,34 @@ def check_tensor_shapes(expected: Mapping[str, torch.Tensor], loaded: Mapping[st
     if extra:
         raise UpcycleError(f"{source}: tensor {extra[0]!r} does not belong to this model "
                            f"({len(extra)} unexpected tensors)")
+
+
+# -- module matching by name (peft's rules) ----------------------------------------------------
+
+def module_name_matches(name: str, patterns) -> bool:
+    """peft's rule: a string is a regex that must match the whole dotted name; a list holds
+    names that match the full name or its ending (``"query"`` matches ``"...self.query"``)."""
+    import re
+
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_modules(model: nn.Module, patterns, *, argument: str = "target_modules"
+                 ) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of ``model`` matching ``patterns``; every list entry (or the
+    regex) must match something, else an error listing the module names that exist."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    matched = [(n, m) for n, m in named if module_name_matches(n, patterns)]
+    unmatched = ([patterns] if not matched else []) if isinstance(patterns, str) else [
+        p for p in patterns if not any(module_name_matches(n, [p]) for n, _ in named)]
+    if unmatched:
+        leaves = sorted({n.split(".")[-1] for n, m in named
+                         if not list(m.children()) and not n.split(".")[-1].isdigit()})
+        raise UpcycleError(
+            f"{argument}: {', '.join(repr(p) for p in unmatched)} matches no module of "
+            f"{type(model).__name__}; its leaf modules are named: {', '.join(leaves[:40])}"
+            + (" ..." if len(leaves) > 40 else "")
+        )
+    return matched
