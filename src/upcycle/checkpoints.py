@@ -60,7 +60,6 @@ class Ingredient:
         self.hf_dir: Path | None = None  # set when the ingredient is a HF model folder
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._handles: dict[Path, object] = {}
         self._torch_state: dict[str, torch.Tensor] | None = None
         self._open()
 
@@ -103,18 +102,17 @@ class Ingredient:
 
     def _open_safetensors(self, file: Path) -> None:
         try:
-            handle = safe_open(str(file), framework="pt")
-            names = list(handle.keys())
-            for name in names:
-                sl = handle.get_slice(name)
-                dtype = _ST_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise UpcycleError(
-                        f"{self.label}: tensor {name!r} in {_short(file)} has unsupported dtype "
-                        f"{sl.get_dtype()}"
-                    )
-                self._meta[name] = (tuple(sl.get_shape()), dtype)
-                self._files[name] = file
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise UpcycleError(
+                            f"{self.label}: tensor {name!r} in {_short(file)} has unsupported "
+                            f"dtype {sl.get_dtype()}"
+                        )
+                    self._meta[name] = (tuple(sl.get_shape()), dtype)
+                    self._files[name] = file
         except UpcycleError:
             raise
         except Exception as exc:  # safetensors raises its own error types
@@ -122,7 +120,6 @@ class Ingredient:
                 f"{self.label}: {_short(file)} is not a readable safetensors file "
                 f"(truncated or another format?): {exc}"
             ) from exc
-        self._handles[file] = handle
 
     def _open_index(self, index_file: Path) -> None:
         try:
@@ -189,13 +186,20 @@ class Ingredient:
         return n
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor, or a memory-mapped view for .pt files)."""
+        """Read one tensor as a private (copy-on-write) CPU tensor.
+
+        Safetensors files are opened per read and closed again, so pages of the memory map
+        do not stay resident once the caller drops the tensor: reading N ingredients one
+        tensor at a time never holds N models. ``.bin``/``.pt`` files stay memory-mapped
+        (torch's format), so their touched pages count as (reclaimable) file-backed memory.
+        """
         if name not in self._meta:
             raise UpcycleError(f"{self.label}: has no tensor {name!r}")
         if self._torch_state is not None:
             return self._torch_state[name]
         try:
-            return self._handles[self._files[name]].get_tensor(name)
+            with safe_open(str(self._files[name]), framework="pt") as handle:
+                return handle.get_tensor(name)
         except Exception as exc:
             raise UpcycleError(
                 f"{self.label}: cannot read tensor {name!r} from {_short(self._files[name])}: {exc}"
@@ -306,7 +310,7 @@ def holds_model(path: Path) -> bool:
     return False
 
 
-def _check_overwrite(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         if holds_model(out):
             raise UpcycleError(
@@ -328,7 +332,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     ``overwrite`` an existing ``out`` is replaced only after the new one is complete.
     """
     out = Path(out)
-    _check_overwrite(out, overwrite)
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -350,7 +354,7 @@ def atomic_file(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     """Yield a temporary file path beside ``out``; rename it to ``out`` on success."""
     out = Path(out)
     if not overwrite:
-        _check_overwrite(out, overwrite)
+        check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
@@ -444,7 +448,7 @@ def save_model(
     """
     out = Path(out)
     if out.suffix == ".safetensors":
-        _check_overwrite(out, overwrite)
+        check_output(out, overwrite)
         with atomic_file(out) as tmp:
             save_file(_contiguous(state), str(tmp), metadata={"format": "pt"})
         return out

@@ -1,0 +1,33 @@
+"""Uniform soup: the plain mean of the ingredients, streamed one tensor at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoints import Ingredient
+from .common import SoupResult, ingredient_names
+
+
+def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False) -> SoupResult:
+    """theta = (1/N) sum_i theta_i, accumulated in fp32 and cast back to each tensor's dtype.
+
+    Peak memory: the output, one fp32 accumulator and one tensor of one ingredient; never N
+    models. Integer tensors are taken from the first ingredient.
+    """
+    n = len(ingredients)
+    state: dict[str, torch.Tensor] = {}
+    for name in tqdm(ingredients[0].keys(), desc="uniform soup", disable=not progress, leave=False):
+        first = ingredients[0].get(name)
+        if not first.is_floating_point():
+            state[name] = first.clone()
+            continue
+        acc = first.to(torch.float32, copy=True)
+        for ing in ingredients[1:]:
+            acc += ing.get(name).to(torch.float32)
+        acc /= n
+        state[name] = acc.to(first.dtype)
+    coefficients = torch.full((n, 1), 1.0 / n, dtype=torch.float64)
+    return SoupResult("uniform", state, ingredient_names(ingredients), coefficients, ["<model>"])
