@@ -248,6 +248,25 @@ class Backbone:
         return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
             ~allowed, neg)
 
+    def frozen_route(self, inputs: dict, num_layers: int, taps: Sequence[int]):
+        """Embed and run the first ``num_layers`` layers under ``no_grad``.
+
+        Returns (the hidden states at ``taps`` (0 = embedding output, i = output of layer i),
+        detached; the output of layer ``num_layers``; the (B, T) token mask or None; the
+        layers' attention mask or None). No autograd graph is built.
+        """
+        wanted = set(taps)
+        with torch.no_grad():
+            hidden = self.family.embed(self.model, inputs)
+            token_mask = self.token_mask(inputs, hidden)
+            mask = self.layer_mask(token_mask, hidden)
+            kept = [hidden] if 0 in wanted else []
+            for i in range(num_layers):
+                hidden = self.run_layer(i, hidden, mask)
+                if i + 1 in wanted:
+                    kept.append(hidden)
+        return [t.detach() for t in kept], hidden.detach(), token_mask, mask
+
     def run_layer(self, index: int, hidden: torch.Tensor, mask) -> torch.Tensor:
         layer = self.layers[index]
         arg = self.family.mask_argument
@@ -457,18 +476,7 @@ class SherlModel(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def early_route(self, inputs: dict):
         """(taps, h_last, token_mask, layer_mask), all computed without autograd."""
-        b = self._backbone
-        wanted = set(self.tap_indices)
-        with torch.no_grad():
-            hidden = b.family.embed(b.model, inputs)
-            token_mask = b.token_mask(inputs, hidden)
-            mask = b.layer_mask(token_mask, hidden)
-            taps = [hidden] if 0 in wanted else []
-            for i in range(self.num_early):
-                hidden = b.run_layer(i, hidden, mask)
-                if i + 1 in wanted:
-                    taps.append(hidden)
-        return [t.detach() for t in taps], hidden.detach(), token_mask, mask
+        return self._backbone.frozen_route(inputs, self.num_early, self.tap_indices)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 pixel_values=None, inputs_embeds=None, labels=None, return_dict=None,

@@ -1,0 +1,118 @@
+"""Ladder Side-Tuning (LST, Sung et al., NeurIPS 2022): the baseline SHERL is compared with.
+
+A small side Transformer of width d / reduction is fed by a gated ladder of down-projected,
+frozen backbone states (the whole backbone runs under ``no_grad``)::
+
+    s_0 = W_0 h_0
+    s_i = Block_i(mu_i * s_{i-1} + (1 - mu_i) * W_i h_i),   mu_i = sigmoid(alpha_i / 0.1)
+
+and no pretrained layer after it: ``W_up LN(s_L)`` goes to the backbone's final norm and its
+own classification head. Trainable: the side network and the head. Same call contract as
+:class:`upcycle.tune.sherl.SherlModel` (backbone families are shared with SHERL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UpcycleError
+from .common import trainable_report
+from .sherl import Backbone, classifier_output, family_of
+
+LADDER_TEMPERATURE = 0.1
+
+
+@dataclass
+class LstConfig:
+    reduction: int = field(default=8, metadata={"help": (
+        "Side width d / reduction (must divide the hidden size).")})
+    num_heads: int | None = field(default=None, metadata={"help": (
+        "Attention heads of the side blocks (default: the largest of 4, 2, 1 dividing the width).")})
+    init_std: float = field(default=0.02, metadata={"help": "Normal init std of the side linears."})
+
+
+class SideBlock(nn.Module):
+    """A pre-LN Transformer block of the side width; takes the backbone's additive mask."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.ff1, self.ff2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and mask is None)
+        x = x + self.out(attn.transpose(1, 2).reshape(b, t, w))
+        return x + self.ff2(F.gelu(self.ff1(self.norm2(x))))
+
+
+class LadderSideModel(nn.Module):
+    """A HF classification model with a ladder side network; call it like the HF model."""
+
+    def __init__(self, model: nn.Module, config: LstConfig):
+        super().__init__()
+        backbone = Backbone(model, family_of(model))
+        d = backbone.hidden_size
+        if config.reduction < 1 or d % config.reduction:
+            raise UpcycleError(f"reduction {config.reduction} does not divide the hidden size {d}")
+        width = d // config.reduction
+        heads = config.num_heads or next(h for h in (4, 2, 1) if width % h == 0)
+        if width % heads:
+            raise UpcycleError(f"num_heads {heads} does not divide the side width {width}")
+        self.config, self.base, self._backbone = config, model, backbone
+        layers = backbone.num_layers
+        self.down = nn.ModuleList(nn.Linear(d, width) for _ in range(layers + 1))  # W_0..W_L
+        self.ladder = nn.Parameter(torch.zeros(layers))  # alpha_1..alpha_L
+        self.blocks = nn.ModuleList(SideBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, d)
+        side = nn.ModuleList([self.down, self.blocks, self.norm, self.up])
+        with torch.no_grad():
+            for m in side.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, config.init_std)
+                    m.bias.zero_()
+        param = next(model.parameters())
+        side.to(device=param.device, dtype=param.dtype)
+        self.ladder.data = self.ladder.data.to(device=param.device, dtype=param.dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, p in backbone.head_parameters():
+            p.requires_grad_(True)
+
+    def print_trainable_parameters(self) -> None:
+        print(trainable_report(self))
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                pixel_values=None, inputs_embeds=None, labels=None, **unused):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "token_type_ids": token_type_ids, "position_ids": position_ids,
+                  "pixel_values": pixel_values, "inputs_embeds": inputs_embeds}
+        b = self._backbone
+        b.check_inputs(inputs)
+        taps, _, _, mask = b.frozen_route(inputs, b.num_layers, range(b.num_layers + 1))
+        causal = b.family.mask == "causal"
+        side = self.down[0](taps[0])
+        for i, block in enumerate(self.blocks, start=1):
+            mu = torch.sigmoid(self.ladder[i - 1] / LADDER_TEMPERATURE)
+            side = block(mu * side + (1 - mu) * self.down[i](taps[i]), mask, causal)
+        logits = b.finish(self.up(self.norm(side)), inputs)
+        return classifier_output(logits, labels, b.num_labels)
+
+
+def get_lst_model(model: nn.Module, config: LstConfig | None = None) -> LadderSideModel:
+    """Wrap a HF classification model (BERT/MiniLM, ViT, GPT-2) with a ladder side network."""
+    return LadderSideModel(model, config or LstConfig())
+
+
+__all__ = ["LstConfig", "LadderSideModel", "get_lst_model"]
