@@ -1,0 +1,142 @@
+"""``upcycle grow``: LEMON-expand a HF model folder, check it is lossless, optionally train it.
+
+    upcycle grow --model small/ --hidden-size 768 --layers 12 --out big/
+    upcycle grow --model small/ --hidden-size 768 --layers 12 --out big/ \
+        --train train.jsonl --steps 500 --lr 1e-4
+
+The output folder loads with ``from_pretrained``. The maximum output difference against the
+source (fp32, a few seeded inputs) is printed and must be within ``--tolerance`` (relative to
+max(1, max |output|)), or nothing is written and the command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UpcycleError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grow",
+        help="LEMON: grow a model wider/deeper losslessly, then (optionally) train it",
+        description="Expand a HuggingFace BERT/MiniLM, ViT, GPT-2 or Llama folder to a wider "
+                    "and/or deeper model that computes the same function (LEMON), check that "
+                    "it does, write it, and optionally continue training it with the LEMON "
+                    "learning-rate recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="source HF model folder")
+    p.add_argument("--out", required=True, help="output folder (a HF model folder)")
+    p.add_argument("--hidden-size", type=int, default=None, help="target hidden size")
+    p.add_argument("--layers", type=int, default=None,
+                   help="target number of layers (at most 2x the source per expansion)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="target attention heads (default: hidden size / head_dim)")
+    p.add_argument("--intermediate-size", type=int, default=None,
+                   help="target MLP width (default: scaled with the hidden size)")
+    p.add_argument("--method", choices=("lemon", "net2net", "aki"), default="lemon",
+                   help="lemon, or a baseline: net2net (equal splits), aki (bert2BERT, lossy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="max relative output difference (fp32) allowed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--train", default=None, metavar="DATA",
+                   help="then train the grown model on this classification file (.csv/.jsonl "
+                        "with text,label or .npz with images,labels)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps: the reduced budget (LEMON: ~0.45-0.65 of the "
+                        "from-scratch steps); the cosine decays fully over them")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate: keep the from-scratch peak")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="warm-up steps: keep the from-scratch warm-up (default 10%% of --steps)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _load(model_dir: Path):
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if not (model_dir / "config.json").is_file():
+        raise UpcycleError(f"--model {model_dir}: not a HuggingFace model folder (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    cls = AutoModel
+    for arch in config.architectures or []:
+        cls = getattr(transformers, arch, None) or AutoModel
+        break
+    model = cls.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import atomic_dir, copy_model_files
+    from ..grow import example_inputs, expand, max_output_difference
+
+    src = Path(args.model)
+    out = Path(args.out)
+    if args.train is not None and (args.steps is None or args.steps < 1):
+        raise UpcycleError("--steps: expected a positive number of training steps with --train")
+    if args.train is not None and not Path(args.train).is_file():
+        raise UpcycleError(f"--train {args.train}: no such file")
+    if out.exists() and not args.overwrite and any(out.iterdir() if out.is_dir() else [out]):
+        raise UpcycleError(f"--out {out}: already exists; pass --overwrite to replace it")
+    source = _load(src)
+    grown = expand(source, hidden_size=args.hidden_size, num_layers=args.layers,
+                   num_heads=args.heads, intermediate_size=args.intermediate_size,
+                   seed=args.seed, method=args.method)
+    plan = grown.growth_plan
+    print(f"grown {plan.describe()}")
+    print(f"parameters: {sum(p.numel() for p in source.parameters()):,} -> "
+          f"{sum(p.numel() for p in grown.parameters()):,}")
+    diffs = [max_output_difference(source, grown, example_inputs(source, seed=s))
+             for s in range(3)]
+    worst = max(diffs, key=lambda r: r["max_rel"])
+    argmax_ok = all(r["argmax_equal"] for r in diffs)
+    print(f"max output difference vs source (fp32, 3 inputs): {worst['max_abs']:.3e} "
+          f"(relative {worst['max_rel']:.3e}, tolerance {args.tolerance:g}); "
+          f"argmax {'identical' if argmax_ok else 'DIFFERS'}")
+    lossy_ok = args.method == "aki"
+    if (worst["max_rel"] > args.tolerance or not argmax_ok) and not lossy_ok:
+        raise UpcycleError(f"the grown model differs from --model by {worst['max_rel']:.3e} "
+                           f"(relative), above --tolerance {args.tolerance:g}; nothing written")
+    if lossy_ok:
+        print("(method aki is lossy by design: the tolerance is not enforced)")
+    report = {"plan": plan.describe(), "method": args.method, "seed": args.seed,
+              "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
+              "source": str(src)}
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+        copy_model_files(src, tmp)
+        grown.save_pretrained(tmp, safe_serialization=True)
+        if args.train is not None:
+            report["train"] = _train(tmp, args)
+        (tmp / "growth.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _train(model_dir: Path, args: argparse.Namespace) -> dict:
+    from ..tasks import classification_loss, evaluate, load_task
+    from ..train import TrainConfig, train
+
+    task = load_task(model_dir, args.train)
+    data = task.read(args.train, split="train", fix_num_labels=True)
+    model = task.load_model()
+    batches = task.batches(data, args.batch_size, shuffle=True, seed=args.seed)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
+    config = TrainConfig(max_steps=args.steps, lr=args.lr, warmup_steps=min(warmup, args.steps),
+                         seed=args.seed, progress=not args.quiet, desc="grow/train")
+    torch.manual_seed(args.seed)
+    result = train(model, batches, classification_loss, config)
+    metrics = evaluate(model, batches[: max(1, min(len(batches), 8))])
+    print(f"trained {result.steps} steps (LEMON recipe: peak lr {args.lr:g}, warm-up {warmup}, "
+          f"cosine to 0 at step {args.steps}): last loss {result.losses[-1]:.4f}, "
+          f"train accuracy {metrics['accuracy']:.3f}")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return {"steps": result.steps, "last_loss": result.losses[-1], **metrics}
