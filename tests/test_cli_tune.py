@@ -1,0 +1,134 @@
+"""``upcycle tune``: end to end on tiny random models saved in tmp_path (text and image)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from upcycle.cli.main import main
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "film", "was",
+         "a", "day", "really"]
+
+
+@pytest.fixture(scope="module")
+def text_task(tmp_path_factory):
+    """A tiny random BERT folder (no head) with a tokenizer, and train/test JSONL files."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("text")
+    model_dir = root / "tiny-bert"
+    model_dir.mkdir()
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+    BertModel(cfg).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+
+    def write(path, n):
+        with open(path, "w") as f:
+            for _ in range(n):
+                label = int(rng.integers(2))
+                pool = WORDS[:4] if label else WORDS[4:8]
+                text = " ".join(["the", "film", "was", *rng.choice(pool, 2)])
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
+        return path
+
+    return model_dir, write(root / "train.jsonl", 48), write(root / "test.jsonl", 16)
+
+
+def test_tune_snell_text_end_to_end(text_task, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from upcycle.tune.snell import SnellModel
+
+    model_dir, train_file, test_file = text_task
+    out = tmp_path / "run"
+    rc = main(["tune", "--method", "snell", "--model", str(model_dir), "--data", str(train_file),
+               "--test", str(test_file), "--r", "4", "--sparsity", "0.5", "--max-steps", "6",
+               "--batch-size", "8", "--lr", "1e-2", "--out", str(out), "--merge", "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and "test accuracy" in printed and "peak RSS" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 6 and report["world_size"] == 1
+    assert report["examples"] == {"train": 43, "held_out": 5, "test": 16}
+    assert 0 <= report["test_metrics"]["accuracy"] <= 1 and report["peak_rss_mb"] > 0
+    assert report["merge_max_abs_logit_diff"] < 1e-5
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    # the merged folder is a plain HF model; it equals the base + adapter
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    adapted = SnellModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[2, 13, 14, 15, 5, 6, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
+    # an existing output is never silently replaced
+    argv = ["tune", "--method", "snell", "--model", str(model_dir), "--data", str(train_file),
+            "--max-steps", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--held-out", str(test_file)]) == 0
+    assert json.loads((out / "report.json").read_text())["examples"]["held_out"] == 16
+    assert not (out / "merged").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["--r", "3"], "r=3 is not divisible by num_pieces=2"),
+    (["--target-modules", "qkv"], "'qkv' matches no module"),
+    (["--target-modules", "LayerNorm"], "only nn.Linear"),
+])
+def test_tune_bad_input_is_a_clear_error(text_task, tmp_path, capsys, extra, message):
+    model_dir, train_file, _ = text_task
+    rc = main(["tune", "--method", "snell", "--model", str(model_dir), "--data", str(train_file),
+               "--max-steps", "1", "--out", str(tmp_path / "o"), "--quiet", *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tune_snell_image(tmp_path, capsys):
+    from transformers import ViTConfig, ViTModel
+
+    model_dir = tmp_path / "tiny-vit"
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    images = (rng.random((40, 8, 8)) * 60 + labels[:, None, None] * 80).astype(np.uint8)
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    out = tmp_path / "run"
+    rc = main(["tune", "--method", "snell", "--model", str(model_dir),
+               "--data", str(tmp_path / "digits.npz"), "--held-out-fraction", "0.25",
+               "--max-steps", "3", "--batch-size", "10", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["examples"]["held_out"] == 10 and report["held_out_metrics"]["n"] == 10
+
+
+def test_tune_ddp_two_ranks_gloo(text_task, tmp_path):
+    model_dir, train_file, test_file = text_task
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "upcycle.cli.main", "tune", "--method", "snell",
+         "--model", str(model_dir), "--data", str(train_file), "--test", str(test_file),
+         "--max-steps", "3", "--batch-size", "8", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 3
+    assert report["test_metrics"]["n"] == 16  # every test example counted once over the ranks
