@@ -1,0 +1,108 @@
+"""``upcycle grow``: writes a loadable folder, reports the difference, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from upcycle.cli.main import main
+from upcycle.grow import example_inputs, max_output_difference
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def tiny_vit(tmp_path):
+    T = transformers
+    model = T.ViTForImageClassification(T.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        image_size=8, patch_size=4, num_channels=1, num_labels=3)).eval()
+    path = tmp_path / "small"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_gpt2(tmp_path):
+    T = transformers
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=32)).eval()
+    path = tmp_path / "gpt2"
+    model.save_pretrained(path)
+    return path
+
+
+def test_grow_writes_loadable_lossless_folder(tiny_gpt2, tmp_path, capsys):
+    out = tmp_path / "big"
+    code = main(["grow", "--model", str(tiny_gpt2), "--hidden-size", "64", "--layers", "4",
+                 "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "max output difference vs source" in printed and "argmax identical" in printed
+    source = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    grown = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert grown.config.n_embd == 64 and grown.config.n_layer == 4
+    assert max_output_difference(source, grown, example_inputs(source))["max_rel"] <= 1e-5
+    report = json.loads((out / "growth.json").read_text())
+    assert report["max_rel_difference"] <= 1e-5
+
+    # an existing output is refused unless --overwrite
+    code = main(["grow", "--model", str(tiny_gpt2), "--hidden-size", "64", "--out", str(out)])
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    code = main(["grow", "--model", str(tiny_gpt2), "--hidden-size", "48", "--out", str(out),
+                 "--overwrite"])
+    assert code == 0
+    assert transformers.GPT2LMHeadModel.from_pretrained(out).config.n_embd == 48
+
+
+def test_grow_then_train(tiny_vit, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "train.npz"
+    np.savez(data, images=rng.integers(0, 255, size=(24, 8, 8)).astype(np.uint8),
+             labels=rng.integers(0, 3, size=24))
+    out = tmp_path / "big"
+    code = main(["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--layers", "3",
+                 "--out", str(out), "--train", str(data), "--steps", "3", "--batch-size", "8",
+                 "--quiet"])
+    assert code == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    model = transformers.ViTForImageClassification.from_pretrained(out)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 3
+    assert json.loads((out / "growth.json").read_text())["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hidden-size", "16"], "hidden_size: target 16 is smaller"),
+    (["--hidden-size", "50"], "multiple of head_dim"),
+    (["--layers", "5"], "stages"),
+])
+def test_grow_bad_input_is_a_clear_error(tiny_gpt2, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    code = main(["grow", "--model", str(tiny_gpt2), "--out", str(out), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_grow_refuses_unsupported_family(tmp_path, capsys):
+    T = transformers
+    path = tmp_path / "distil"
+    T.DistilBertModel(T.DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
+                                         hidden_dim=37)).save_pretrained(path)
+    code = main(["grow", "--model", str(path), "--hidden-size", "64", "--out",
+                 str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unsupported family" in err and "Llama" in err
+
+
+def test_grow_missing_model_folder(tmp_path, capsys):
+    code = main(["grow", "--model", str(tmp_path / "nope"), "--hidden-size", "64", "--out",
+                 str(tmp_path / "o")])
+    assert code == 2
+    assert "no config.json" in capsys.readouterr().err
+    torch.manual_seed(0)
