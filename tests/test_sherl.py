@@ -318,3 +318,106 @@ def test_real_minilm(minilm_path, tmp_path):
     fresh = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
     again = SherlModel.from_pretrained(fresh, tmp_path / "minilm-sherl").eval()
     torch.testing.assert_close(again(**enc).logits, model(**enc).logits, rtol=0, atol=0)
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_task(tmp_path_factory):
+    """A tiny random 3-layer BERT folder (no head) with a tokenizer, and train/test JSONL."""
+    import json
+
+    import numpy as np
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "film"]
+    root = tmp_path_factory.mktemp("sherl-cli")
+    model_dir = root / "tiny-bert"
+    model_dir.mkdir()
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                              *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=32)).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+
+    def write(path, n):
+        with open(path, "w") as f:
+            for _ in range(n):
+                label = int(rng.integers(2))
+                pool = words[:4] if label else words[4:8]
+                count = int(rng.integers(1, 4))  # different lengths: padded batches
+                f.write(json.dumps({"text": " ".join(["the", "film", *rng.choice(pool, count)]),
+                                    "label": label}) + "\n")
+        return path
+
+    return model_dir, write(root / "train.jsonl", 48), write(root / "test.jsonl", 16)
+
+
+def test_cli_tune_sherl_end_to_end(text_task, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from upcycle.cli.main import main
+
+    model_dir, train_file, test_file = text_task
+    out = tmp_path / "run"
+    rc = main(["tune", "--method", "sherl", "--model", str(model_dir), "--data", str(train_file),
+               "--test", str(test_file), "--late-layers", "2", "--reduction", "2",
+               "--taps", "0", "1", "--max-steps", "4", "--batch-size", "8", "--out", str(out),
+               "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "peak RSS" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "sherl" and report["steps"] == 4
+    assert report["trainable_params"] < report["all_params"]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["late_layers"] == 2 and saved["reduction"] == 2 and saved["taps"] == [0, 1]
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    loaded = SherlModel.from_pretrained(base, out / "adapter")
+    assert loaded.num_early == 1 and loaded.tap_indices == [0, 1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--late-layers", "3"], "late_layers must be an integer with 1 <= late_layers < 3"),
+    (["--taps", "0", "5"], "taps: index 5 is out of range"),
+    (["--reduction", "5"], "reduction 5 does not divide the hidden size 32"),
+])
+def test_cli_tune_sherl_bad_input(text_task, tmp_path, capsys, extra, message):
+    from upcycle.cli.main import main
+
+    model_dir, train_file, _ = text_task
+    rc = main(["tune", "--method", "sherl", "--model", str(model_dir), "--data", str(train_file),
+               "--max-steps", "1", "--out", str(tmp_path / "bad"), "--quiet", *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_tune_sherl_ddp_two_ranks(text_task, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model_dir, train_file, test_file = text_task
+    with socket.socket() as s:  # an explicit free port: '--master_port 0' can hang in sandboxes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "upcycle.cli.main",
+         "tune", "--method", "sherl", "--model", str(model_dir), "--data", str(train_file),
+         "--test", str(test_file), "--max-steps", "3", "--batch-size", "8", "--out", str(out),
+         "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                             "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 3
+    assert report["test_metrics"]["n"] == 16
