@@ -101,8 +101,9 @@ class _Round:
             d = torch.empty(k, c.numel(), dtype=torch.float32)
             for row, i in enumerate(members):
                 torch.sub(ingredients[i].get(name).reshape(-1).to(torch.float32), c, out=d[row])
-            sq[:, block] += d.double().pow(2).sum(dim=1)
-            anchor_sq[block] += c.double().pow(2).sum()
+            # Reductions without fp64 copies of the directions (that would cost 4x their size).
+            sq[:, block] += torch.linalg.vector_norm(d, dim=1).double().pow(2)
+            anchor_sq[block] += float(torch.linalg.vector_norm(c)) ** 2
             self.directions[name] = d
         norms = sq.sqrt()
         # A block whose difference to the anchor is zero (or at fp32 rounding level) has no
@@ -131,17 +132,23 @@ class _Round:
             g = g.reshape(-1).to(torch.float32)
             self.grad_x[:, block] += (direction @ g).double()
             if self.grad_clip is not None:
-                self.grad_sq += g.double().pow(2).sum()
+                self.grad_sq += float(torch.linalg.vector_norm(g)) ** 2
             param.grad = None  # consumed: never hold a full weight gradient
 
         return fold
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Write theta(X) = c + sum_i X[i, l] d_i^l into the model's parameters."""
+        """Write theta(X) = c + sum_i X[i, l] d_i^l into the model's parameters (in place when
+        the parameter is fp32, so no model-sized temporary is made)."""
         for name, block in zip(self.names, self.block_of):
-            theta = torch.addmv(self.anchor[name], self.directions[name].t(), self.x[:, block])
-            self.params[name].copy_(theta.view_as(self.params[name]))
+            param = self.params[name]
+            args = (self.anchor[name].unsqueeze(0), self.x[:, block].unsqueeze(0),
+                    self.directions[name])
+            if param.dtype == torch.float32 and param.is_contiguous():
+                torch.addmm(*args, out=param.view(1, -1))
+            else:
+                param.copy_(torch.addmm(*args).view_as(param))
 
     def take_grad(self) -> torch.Tensor:
         """dL/dX for the last backward (clipped like clip_grad_norm_ would), then reset."""
@@ -239,12 +246,14 @@ def mehl_soup(
             ratio = rnd.x.double() * rnd.inv_norms  # (K, L); zero on skipped blocks
             coefficients *= 1 - ratio.sum(dim=0, keepdim=True)
             coefficients[members] += ratio
-            with torch.no_grad():
-                anchor = {name: params[name].detach().reshape(-1).to(torch.float32).clone()
-                          for name in names}
+            with torch.no_grad():  # the round's end point is the next anchor (in place)
+                for name in names:
+                    anchor[name].copy_(params[name].detach().reshape(-1))
+            skipped = int((~rnd.valid).sum())
+            del rnd
             record = {"pass": outer + 1, "round": r + 1, "ingredients": [i + 1 for i in members],
                       "held_out_loss_train": sum(losses) / len(losses),
-                      "skipped_blocks": int((~rnd.valid).sum()),
+                      "skipped_blocks": skipped,
                       "seconds": time.perf_counter() - start}
             if eval_fn is not None:
                 record.update({f"held_out_{key}": v for key, v in eval_fn(model).items()})

@@ -12,9 +12,10 @@ from .common import SoupResult, ingredient_names
 
 
 def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False) -> SoupResult:
-    """theta = (1/N) sum_i theta_i, accumulated in fp32 and cast back to each tensor's dtype.
+    """theta = (1/N) sum_i theta_i, accumulated in fp64 and rounded once to each tensor's
+    dtype (the exact mean, bit for bit).
 
-    Peak memory: the output, one fp32 accumulator and one tensor of one ingredient; never N
+    Peak memory: the output, one fp64 accumulator (one tensor, not one model) and one tensor of one ingredient; never N
     models. Integer tensors are taken from the first ingredient.
     """
     n = len(ingredients)
@@ -24,9 +25,9 @@ def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False) -
         if not first.is_floating_point():
             state[name] = first.clone()
             continue
-        acc = first.to(torch.float32, copy=True)
+        acc = first.to(torch.float64, copy=True)
         for ing in ingredients[1:]:
-            acc += ing.get(name).to(torch.float32)
+            acc += ing.get(name).to(torch.float64)
         acc /= n
         state[name] = acc.to(first.dtype)
     coefficients = torch.full((n, 1), 1.0 / n, dtype=torch.float64)

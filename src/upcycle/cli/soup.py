@@ -1,0 +1,110 @@
+"""``upcycle soup``: combine fine-tuned checkpoints of one model into one model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import distributed
+from ..bench import format_table
+from ..checkpoints import check_output, write_json
+from ..errors import UpcycleError
+from ..soup import METHODS
+
+REPORT_COLUMNS = [
+    ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
+    ("held_out_loss", "held-out loss", ".4f"), ("test_accuracy", "test acc", ".4f"),
+    ("seconds", "time (s)", ".1f"), ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+]
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "soup", help="combine N fine-tuned checkpoints of one model",
+        description="Combine fine-tuned checkpoints of one model (uniform, greedy, learned, "
+                    "learned+, mehl, mehl+). Ingredients: .safetensors/.bin/.pt files, HF model "
+                    "folders, folders of checkpoints, or globs.",
+    )
+    p.add_argument("ingredients", nargs="+", metavar="INGREDIENT")
+    p.add_argument("--method", choices=METHODS, default="uniform")
+    p.add_argument("--out", required=True, help="output: a folder (HF layout) or a .safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    data = p.add_argument_group("data (needed by greedy, learned and mehl)")
+    data.add_argument("--held-out", help="held-out split the soup is fitted on (CSV/JSONL or .npz)")
+    data.add_argument("--data", help="a labelled file to carve the held-out split from")
+    data.add_argument("--held-out-fraction", type=float, default=None,
+                      help="fraction of --data used as held-out (the rest is reported as test "
+                           "unless --test is given)")
+    data.add_argument("--test", help="test split: only reported, never fitted")
+    data.add_argument("--model", help="HF model folder with the config/tokenizer (default: the "
+                                      "first ingredient, when it is a HF folder)")
+    data.add_argument("--max-length", type=int, default=128, help="token limit for text tasks")
+    data.add_argument("--batch-size", type=int, default=128, help="held-out batch size")
+    fit = p.add_argument_group("learned / MEHL options")
+    fit.add_argument("--model-batch", "-K", type=int, default=18,
+                     help="MEHL: ingredients loaded per round (K)")
+    fit.add_argument("--epochs", type=int, default=5, help="epochs over held-out (per MEHL round)")
+    fit.add_argument("--models-epochs", type=int, default=1, help="MEHL: passes over all ingredients")
+    fit.add_argument("--lr", type=float, default=None,
+                     help="coefficient learning rate (default: learned 0.05, mehl 0.01)")
+    fit.add_argument("--grad-clip", type=float, default=None,
+                     help="MEHL: clip the weight-gradient norm (reference: 1.0 for ViTs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-size", type=_size, default=None,
+                   help="shard the output above this size (e.g. 2GB; default 5GB like HF)")
+    p.add_argument("--no-finite-check", action="store_true",
+                   help="skip the NaN/Inf scan of every ingredient tensor")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tasks.soup_job import best_ingredient_row, ingredient_rows, prepare_soup_job, run_method
+
+    distributed.init_from_env()
+    out = Path(args.out)
+    check_output(out, args.overwrite)
+    if args.model_batch < 1:
+        raise UpcycleError(f"--model-batch must be >= 1, got {args.model_batch}")
+    job = prepare_soup_job(
+        args.ingredients, model_dir=args.model, held_out=args.held_out, data=args.data,
+        held_out_fraction=args.held_out_fraction, test=args.test, seed=args.seed,
+        max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
+        check_finite=not args.no_finite_check,
+    )
+    if args.method.startswith("mehl") and args.model_batch > len(job.ingredients):
+        raise UpcycleError(f"--model-batch {args.model_batch} exceeds the number of ingredients "
+                           f"({len(job.ingredients)})")
+    rows = []
+    if job.task is not None:
+        ing_rows = ingredient_rows(job)
+        rows.append(best_ingredient_row(ing_rows))
+    result, row = run_method(job, args.method, model_batch=args.model_batch, epochs=args.epochs,
+                             lr=args.lr, models_epochs=args.models_epochs,
+                             grad_clip=args.grad_clip, seed=args.seed)
+    rows.append(row)
+    report = {"method": args.method, "ingredients": [str(i.path) for i in job.ingredients],
+              "rows": rows, "soup": result.summary(), "args": vars(args) | {"func": None}}
+    if job.task is not None:
+        report["ingredient_rows"] = ing_rows
+    if distributed.is_main():
+        result.save(out, source_dir=job.source_dir, overwrite=args.overwrite,
+                    max_shard_bytes=args.max_shard_size,
+                    extra_files={"report.json": json.dumps(report, indent=2, default=str)})
+        if out.suffix == ".safetensors":
+            write_json(out.with_name(out.name + ".report.json"), json.loads(
+                json.dumps(report, default=str)))
+        print(format_table(rows, REPORT_COLUMNS))
+        print(f"soup written to {out}")
+    distributed.barrier()
+    return 0

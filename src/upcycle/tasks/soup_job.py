@@ -1,0 +1,164 @@
+"""A soup job end to end: ingredients on disk + a classification task -> soup + report.
+
+Used by ``upcycle soup`` (one method), ``upcycle demo`` and the soup benchmarks (every
+method): the orchestration lives here once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..checkpoints import Ingredient, open_ingredients, validate_ingredients
+from ..errors import UpcycleError
+from ..memory import peak_rss_mb
+from ..soup import (
+    METHODS, LearnedConfig, MehlConfig, SoupResult, greedy_soup, learned_soup, mehl_soup,
+    uniform_soup,
+)
+from ..soup.common import load_state
+from . import ClassificationTask, LabeledData, classification_loss, evaluate, load_task
+
+DATA_METHODS = ("greedy", "learned", "learned+", "mehl", "mehl+")
+
+
+@dataclass
+class SoupJob:
+    ingredients: list[Ingredient]
+    task: ClassificationTask | None = None
+    held_out: LabeledData | None = None
+    test: LabeledData | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 128
+    progress: bool = True
+    _batches: dict = field(default_factory=dict)
+    _model: torch.nn.Module | None = None
+
+    @property
+    def source_dir(self) -> Path | None:
+        return self.task.model_dir if self.task is not None else self.ingredients[0].hf_dir
+
+    def batches(self, split: str, *, fit: bool = False) -> list[dict]:
+        """Global batches of a split (for fitting), or this rank's share (for evaluation)."""
+        data = self.held_out if split == "held_out" else self.test
+        key = (split, fit)
+        if key not in self._batches:
+            size = self.batch_size if fit else self.eval_batch_size
+            batches = self.task.batches(data, size)
+            self._batches[key] = batches if fit else distributed.shard(batches)
+        return self._batches[key]
+
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = self.task.load_model()
+        return self._model
+
+    def evaluate_state(self, state: dict, split: str = "held_out") -> dict:
+        model = self.model()
+        load_state(model, state)
+        return evaluate(model, self.batches(split))
+
+    def score(self, state: dict) -> float:
+        """Held-out accuracy, ties broken by lower loss (for greedy)."""
+        m = self.evaluate_state(state)
+        return m["accuracy"] - 1e-6 * m["loss"]
+
+
+def prepare_soup_job(
+    ingredient_specs, *, model_dir=None, held_out=None, data=None, held_out_fraction=None,
+    test=None, seed: int = 0, max_length: int = 128, batch_size: int = 128,
+    eval_batch_size: int = 128, progress: bool = True, check_finite: bool = True,
+) -> SoupJob:
+    """Open and validate the ingredients and read the data (all checks before any work)."""
+    ingredients = open_ingredients(ingredient_specs)
+    validate_ingredients(ingredients, check_finite=check_finite)
+    job = SoupJob(ingredients, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                  progress=progress)
+    if held_out is None and data is None:
+        if test is not None:
+            raise UpcycleError("--test needs held-out data too (--held-out, or --data with "
+                               "--held-out-fraction)")
+        return job
+    model_dir = model_dir or ingredients[0].hf_dir
+    if model_dir is None:
+        raise UpcycleError("the ingredients are not HuggingFace folders: pass --model DIR (a HF "
+                           "folder with the model's config) to evaluate them on data")
+    job.task = load_task(model_dir, held_out or data, max_length=max_length)
+    if held_out is not None:
+        job.held_out = job.task.read(held_out, split="held-out")
+        if test is not None:
+            job.test = job.task.read(test, split="test")
+    else:
+        pool = job.task.read(data, split="data")
+        if held_out_fraction is None:
+            raise UpcycleError("--data needs --held-out-fraction (or give --held-out FILE)")
+        rest, job.held_out = job.task.split(pool, held_out_fraction, seed)
+        job.test = job.task.read(test, split="test") if test is not None else rest
+    if job.task.num_labels is None:
+        raise UpcycleError(f"model {model_dir}: has no classification head, so the number of "
+                           f"classes is unknown; soup ingredients must be classification models")
+    return job
+
+
+def run_method(job: SoupJob, method: str, *, model_batch: int = 18, epochs: int = 5,
+               lr: float | None = None, models_epochs: int = 1, grad_clip: float | None = None,
+               seed: int = 0) -> tuple[SoupResult, dict]:
+    """Run one soup method; returns the soup and a report row (metrics, time, peak memory)."""
+    if method not in METHODS:
+        raise UpcycleError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
+    if method in DATA_METHODS and job.task is None:
+        raise UpcycleError(f"method {method!r} needs held-out data (--held-out FILE, or --data FILE "
+                           f"--held-out-fraction F)")
+    n = len(job.ingredients)
+    if method in ("learned", "learned+", "mehl", "mehl+") and n < 2:
+        raise UpcycleError(f"method {method!r} needs at least 2 ingredients, got {n}")
+    start = time.perf_counter()
+    if method == "uniform":
+        result = uniform_soup(job.ingredients, progress=job.progress)
+    elif method == "greedy":
+        result = greedy_soup(job.ingredients, job.score, progress=job.progress)
+    elif method.startswith("learned"):
+        config = LearnedConfig(blockwise=method.endswith("+"), epochs=epochs, seed=seed,
+                               progress=job.progress, **({"lr": lr} if lr else {}))
+        result = learned_soup(job.ingredients, job.model(), job.batches("held_out", fit=True),
+                              loss_fn=classification_loss, config=config)
+    else:
+        config = MehlConfig(model_batch=model_batch, blockwise=method.endswith("+"),
+                            epochs=epochs, models_epochs=models_epochs, grad_clip=grad_clip,
+                            seed=seed, progress=job.progress, **({"lr": lr} if lr else {}))
+        result = mehl_soup(job.ingredients, job.model(), job.batches("held_out", fit=True),
+                           loss_fn=classification_loss, config=config,
+                           eval_fn=lambda m: evaluate(m, job.batches("held_out")))
+    seconds = time.perf_counter() - start
+    row = {"method": method, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    if job.task is not None:
+        row.update(_metrics(job, result.state))
+    return result, row
+
+
+def _metrics(job: SoupJob, state: dict) -> dict:
+    row = {}
+    held = job.evaluate_state(state, "held_out")
+    row["held_out_accuracy"], row["held_out_loss"] = held["accuracy"], held["loss"]
+    if job.test is not None:
+        test = job.evaluate_state(state, "test")
+        row["test_accuracy"], row["test_loss"] = test["accuracy"], test["loss"]
+    return row
+
+
+def ingredient_rows(job: SoupJob) -> list[dict]:
+    """Held-out (and test) metrics of every ingredient, in order."""
+    rows = []
+    for ing in job.ingredients:
+        rows.append({"method": f"ingredient {ing.index}", "path": str(ing.path),
+                     **_metrics(job, ing.state_dict())})
+    return rows
+
+
+def best_ingredient_row(rows: list[dict]) -> dict:
+    best = max(rows, key=lambda r: (r["held_out_accuracy"], -r["held_out_loss"]))
+    return {**best, "method": f"best ingredient ({best['method'].split()[-1]})"}
