@@ -164,39 +164,57 @@ def test_sparsity_zero_is_dense_klora():
     assert (layer.delta_weight() != 0).all()
 
 
-def test_nothing_d_out_by_d_in_saved_for_backward():
-    """With recompute, autograd keeps no d_out x d_in tensor; without it, it does."""
-    def saved_shapes(recompute):
+@pytest.mark.parametrize("recompute", ["backward", "checkpoint"])
+def test_nothing_d_out_by_d_in_saved_for_backward(recompute):
+    """With recompute, autograd keeps no d_out x d_in tensor (beyond W0 itself, a parameter);
+    without it, it does."""
+    def saved_shapes(mode):
         layer = SnellLayer(nn.Linear(24, 40), SnellConfig(r=4, sparsity=0.5, dropout=0.0,
-                                                          drop_path=0.0, recompute=recompute))
+                                                          drop_path=0.0, recompute=mode))
         layer.train()
+        weight_ptr = layer.base_layer.weight.untyped_storage().data_ptr()
         shapes = []
 
         def pack(t):
-            shapes.append(tuple(t.shape))
+            if t.untyped_storage().data_ptr() != weight_ptr:
+                shapes.append(tuple(t.shape))
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer(torch.randn(3, 24))
+            y = layer(torch.randn(3, 24, requires_grad=True))
         y.sum().backward()
         assert layer.snell_A.grad is not None
         return shapes
 
-    big = {(40, 24), (24, 40), (2, 40, 24), (1, 960), (960,)}
-    assert not big & set(saved_shapes(True))
-    assert big & set(saved_shapes(False))
+    big = {(40, 24), (24, 40), (2, 40, 24), (2, 24, 40), (3, 320), (1, 960), (960,)}
+    assert not big & set(saved_shapes(recompute))
+    assert big & set(saved_shapes("none"))
 
 
-def test_recompute_gives_same_gradients():
-    x = torch.randn(4, 10)
-    grads = []
-    for recompute in (True, False):
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("regularised", [False, True])
+def test_recompute_modes_give_same_gradients(transposed, regularised):
+    from transformers.pytorch_utils import Conv1D
+
+    x0 = torch.randn(2, 4, 10)
+    results = []
+    for mode in ("backward", "checkpoint", "none"):
         torch.manual_seed(0)
-        layer = SnellLayer(nn.Linear(10, 6), SnellConfig(r=4, recompute=recompute, dropout=0,
-                                                         drop_path=0))
-        layer(x).pow(2).sum().backward()
-        grads.append((layer.snell_A.grad, layer.snell_B.grad))
-    torch.testing.assert_close(grads[0], grads[1])
+        base = Conv1D(6, 10) if transposed else nn.Linear(10, 6)
+        nn.init.normal_(base.bias)
+        layer = SnellLayer(base, SnellConfig(r=4, recompute=mode, learnable_coeffs=True,
+                                             dropout=0.2 if regularised else 0.0, drop_path=0.0))
+        layer.train()
+        base.weight.requires_grad_(True)  # also check the gradient reaching W0 and b
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad, layer.snell_A.grad, layer.snell_B.grad,
+                        layer.snell_coeffs.grad, base.weight.grad, base.bias.grad))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # -- models: injection, training, merging, saving ---------------------------------------------

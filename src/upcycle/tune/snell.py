@@ -10,8 +10,9 @@ which is generally full rank, sparsified afresh every forward pass by competitio
 ``sparsity`` fraction of entries with the smallest ``|K|`` (per matrix; per q/k/v slice of
 a fused projection) is zeroed and the survivors are scaled by their own detached magnitude
 (``reference`` mode, the released code) or soft-thresholded (``paper`` mode, Eq. 5). The
-whole of ``delta_W`` is computed inside a non-reentrant activation checkpoint, so nothing of
-size ``d_out x d_in`` is stored for backward or kept between steps.
+whole of ``delta_W`` is recomputed in backward (a custom autograd function by default, or a
+non-reentrant activation checkpoint), so nothing of size ``d_out x d_in`` is stored for
+backward or kept between steps.
 
 The interface follows HuggingFace peft::
 
@@ -46,6 +47,7 @@ from .common import (
 
 METHOD = "snell"
 SPARSIFY_MODES = ("reference", "paper")
+RECOMPUTE_MODES = ("backward", "checkpoint", "none")
 
 # Default targets per model family (config.model_type): q, k, v, attention output and the
 # two MLP matrices of every block, as in the reference recipe. A list entry matches a module
@@ -111,9 +113,12 @@ class SnellConfig:
     """Dropout on the adapter's input (reference recipe: 0.1)."""
     drop_path: float = 0.1
     """DropPath (per-sample stochastic depth) on the adapter's output (reference: 0.1)."""
-    recompute: bool = True
-    """Compute delta_W inside a non-reentrant activation checkpoint (recomputed in backward,
-    never stored). False stores it: a little faster, more memory."""
+    recompute: str | bool = "backward"
+    """How delta_W avoids being stored for backward. 'backward' (default): a custom autograd
+    function saves only x, A and B and recomputes delta_W in backward (the big matmul is not
+    redone); 'checkpoint': the layer runs inside a non-reentrant torch.utils.checkpoint
+    (recomputes delta_W and the layer's matmul); 'none' (or False): plain autograd, which
+    stores delta_W and the kernel's intermediates (faster, more memory). True = 'backward'."""
 
     def __post_init__(self) -> None:
         self.piece_coeffs = tuple(float(c) for c in self.piece_coeffs)
@@ -141,6 +146,13 @@ class SnellConfig:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise UpcycleError(f"SNELL {name} must be in [0, 1), got {value!r}")
+        if self.recompute is True:
+            self.recompute = "backward"
+        elif self.recompute is False:
+            self.recompute = "none"
+        if self.recompute not in RECOMPUTE_MODES:
+            raise UpcycleError(f"SNELL recompute must be one of {RECOMPUTE_MODES}, got "
+                               f"{self.recompute!r}")
         if isinstance(self.target_modules, str):
             _check_regex(self.target_modules, "target_modules")
         if isinstance(self.fused_qkv, str):
@@ -239,6 +251,50 @@ def adaptable_types() -> tuple[type, ...]:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
+class _SnellLinear(torch.autograd.Function):
+    """``y = x (W0 + delta_W_s)^T + b`` saving only x, A, B and the coefficients: delta_W_s is
+    recomputed from (A, B) in backward, never stored (W0 is a parameter, saved by reference).
+    ``weight``/``bias`` may be None (the update alone)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, coeffs, sparsity, mode, num_slices):
+        with torch.no_grad():
+            delta = sparsify(snell_kernel(A, B, coeffs), sparsity, mode, num_slices)
+            full = delta.to(x.dtype) if weight is None else weight + delta.to(weight.dtype)
+            y = F.linear(x, full, bias)
+        del delta, full
+        ctx.sparsify_args = (sparsity, mode, num_slices)
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(x, A, B, coeffs, *([weight] if weight is not None else []))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, A, B, coeffs, *rest = ctx.saved_tensors
+        weight = rest[0] if ctx.has_weight else None
+        need_x, need_w, need_b, need_a, need_bb, need_c = ctx.needs_input_grad[:6]
+        leaves = [t.detach().requires_grad_(need) for t, need in
+                  ((A, need_a), (B, need_bb), (coeffs, need_c))]
+        with torch.enable_grad():
+            delta = sparsify(snell_kernel(*leaves), *ctx.sparsify_args)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            full = delta.detach().to(grad_y.dtype)
+            if weight is not None:
+                full = full + weight.to(grad_y.dtype)
+            grad_x = grad_y @ full
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_delta = flat_grad.t().to(delta.dtype) @ x.reshape(-1, x.shape[-1]).to(delta.dtype)
+        if need_w:
+            grad_w = grad_delta.to(weight.dtype)
+        if need_b:
+            grad_b = flat_grad.sum(0)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(delta, wanted, grad_delta) if wanted else ())
+        grad_abc = [next(grads) if t.requires_grad else None for t in leaves]
+        return (grad_x, grad_w, grad_b, *grad_abc, None, None, None)
+
+
 class SnellLayer(nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a SNELL branch:
     ``y = W0 x + b + DropPath(delta_W_s @ Dropout(x))``."""
@@ -263,7 +319,7 @@ class SnellLayer(nn.Module):
         self.sparsify_mode = config.sparsify_mode
         self.dropout_p = float(config.dropout)
         self.drop_path_p = float(config.drop_path)
-        self.recompute = bool(config.recompute)
+        self.recompute = config.recompute
         self.merged = False
         P, q = config.num_pieces, config.r // config.num_pieces
         factory = {"device": weight.device,
@@ -297,25 +353,32 @@ class SnellLayer(nn.Module):
         return F.linear(x, weight + delta.to(weight.dtype), self.base_layer.bias)
 
     def _branch(self, x: torch.Tensor, A, B, coeffs) -> torch.Tensor:
-        delta = sparsify(snell_kernel(A, B, coeffs), self.sparsity, self.sparsify_mode,
-                         self.num_slices)
+        delta = sparsify(snell_kernel(A, B, coeffs), self.sparsity,
+                         self.sparsify_mode, self.num_slices)
         return F.linear(x, delta.to(x.dtype))
 
-    def _call(self, fn, *args):
-        if self.recompute and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+    def _apply(self, x: torch.Tensor, with_base: bool) -> torch.Tensor:
+        """``x @ (W0 + delta_W_s)^T + b`` (with_base) or ``x @ delta_W_s^T``."""
+        params = (self.snell_A, self.snell_B, self.snell_coeffs)
+        if not torch.is_grad_enabled() or self.recompute == "none":
+            return (self._fused if with_base else self._branch)(x, *params)
+        if self.recompute == "checkpoint":
+            return checkpoint(self._fused if with_base else self._branch, x, *params,
+                              use_reentrant=False)
+        weight = self._weight_oi() if with_base else None
+        bias = self.base_layer.bias if with_base else None
+        return _SnellLinear.apply(x, weight, bias, *params, self.sparsity, self.sparsify_mode,
+                                  self.num_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        params = (self.snell_A, self.snell_B, self.snell_coeffs)
         regularised = self.training and (self.dropout_p > 0 or self.drop_path_p > 0)
         if not regularised:
             # One matmul with W0 + delta_W_s: also what the merged layer computes.
-            return self._call(self._fused, x, *params)
+            return self._apply(x, with_base=True)
         x_drop = F.dropout(x, self.dropout_p, training=True)
-        update = self._call(self._branch, x_drop, *params)
+        update = self._apply(x_drop, with_base=False)
         return self.base_layer(x) + _drop_path(update, self.drop_path_p, True)
 
     # merging ---------------------------------------------------------------------------
