@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -47,8 +46,8 @@ def _settings(quick: bool) -> dict:
     if quick:
         return {"context": 64, "batch": 16, "small_steps": 60, "scratch_steps": 60,
                 "eval_every": 10, "eval_batches": 2, "lr": 2e-3, "warmup": 10}
-    return {"context": 64, "batch": 16, "small_steps": 1000, "scratch_steps": 500,
-            "eval_every": 20, "eval_batches": 6, "lr": 2e-3, "warmup": 30}
+    return {"context": 64, "batch": 16, "small_steps": 2000, "scratch_steps": 1000,
+            "eval_every": 25, "eval_batches": 6, "lr": 2e-3, "warmup": 50}
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -160,7 +159,7 @@ def run_worker(spec: dict) -> dict:
     expand_s = time.perf_counter() - start
     ids = _batches(_corpus()[1], 1, 4, st["context"], seed=7)[0]
     diff = max_output_difference(small, grown, ids)["max_abs"]
-    steps = max(1, int(round(spec["budget"] * S)))
+    steps = max(1, round(spec["budget"] * S))
     out = _train_run(grown, st, steps, seed=2, desc=method)
     target = json.loads(target_file.read_text())["target"] if target_file.is_file() else None
     reach = _steps_to(out["curve"], target) if target is not None else None
@@ -181,7 +180,7 @@ def contenders(args) -> list[dict]:
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
-    parser.add_argument("--budget", type=float, default=0.6,
+    parser.add_argument("--budget", type=float, default=0.5,
                         help="grown models train for this fraction of the from-scratch steps")
 
 
@@ -227,7 +226,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parent / "src"))
-    from upcycle.bench import format_table, main as bench_main
+    from upcycle.bench import format_table
+    from upcycle.bench import main as bench_main
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in sys.argv

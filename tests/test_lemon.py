@@ -253,8 +253,9 @@ def test_real_minilm_keeps_sentence_embeddings(minilm_path):
     grown = expand(source, hidden_size=768, num_layers=12)
     assert (grown.config.hidden_size, grown.config.num_hidden_layers) == (768, 12)
     assert grown.config.num_attention_heads == 24 and grown.config.intermediate_size == 3072
-    enc = tokenizer(["A man is eating food.", "Lossless growth keeps what the model knew, "
-                     "then trains the larger model for fewer steps."],
+    sentences = ["A man is eating food.",
+                 "Lossless growth keeps what the model knew, then trains it for fewer steps."]
+    enc = tokenizer(sentences,
                     padding=True, return_tensors="pt")
     with torch.no_grad():
         small = source(**enc).last_hidden_state

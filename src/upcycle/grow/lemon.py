@@ -128,7 +128,7 @@ def plan_expansion(model: nn.Module, *, hidden_size: int | None = None,
                            f"({h} query heads share {kv} key/value heads)")
     KV = H // g
     F = int(intermediate_size) if intermediate_size is not None else (
-        f if D == d else int(round(f * D / d)))
+        f if D == d else round(f * D / d))
     L2 = L if num_layers is None else int(num_layers)
     if L2 > 2 * L:
         raise UpcycleError(f"num_layers: {L2} is more than twice the source's {L} layers; LEMON "
@@ -155,8 +155,9 @@ class _Splitter:
     """The expansion rules, written once. ``symmetric`` gives equal splits (Net2Net)."""
 
     def __init__(self, plan: GrowthPlan, fam: Family, *, symmetric: bool, std: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, dtype: torch.dtype = torch.float64):
         self.plan, self.fam = plan, fam
+        self.dtype = dtype
         self.symmetric = symmetric
         self.std = std
         self.gen = generator
@@ -165,7 +166,7 @@ class _Splitter:
         self.zero_residue = fam.norm == "rmsnorm"  # V_zero for RMSNorm, V_avg for LayerNorm
 
     def noise(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen, dtype=torch.float64) * self.std
+        return torch.randn(*shape, generator=self.gen, dtype=self.dtype) * self.std
 
     def stream(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """A tensor that writes to the residual stream: k copies along ``axis`` + residue."""
@@ -186,8 +187,8 @@ class _Splitter:
         eta = self.plan.eta
         parts = [gamma] * self.k
         if self.r:
-            xi = (torch.rand(self.r, generator=self.gen, dtype=torch.float64) * 2 - 1
-                  if not self.symmetric else torch.ones(self.r, dtype=torch.float64))
+            xi = (torch.rand(self.r, generator=self.gen, dtype=self.dtype) * 2 - 1
+                  if not self.symmetric else torch.ones(self.r, dtype=self.dtype))
             parts.append(xi)
         new_gamma = eta * torch.cat(parts) * scale
         new_beta = None
@@ -420,14 +421,19 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
     fam = family_of(model)
     config = model.config
     dtype = next(model.parameters()).dtype
-    state = {k: v.detach().to("cpu", torch.float64) for k, v in model.state_dict().items()}
+    # the rules are computed in float64 for float64 models and in float32 otherwise (the
+    # splits then sum to the original up to float32 rounding, far below the 1e-5 tolerance)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    state = {k: v.detach().to("cpu", work) if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
     prefix = base_prefix(state, fam)
     tied = _tied_head(model)
     std = noise_std if noise_std is not None else float(
         getattr(config, "initializer_range", 0.02)) * fam.noise_scale
     gen = torch.Generator().manual_seed(int(seed))
-    sp = _Splitter(plan, fam, symmetric=method != "lemon", std=std, generator=gen)
-    (d, D), (L, L2) = plan.hidden, plan.layers
+    sp = _Splitter(plan, fam, symmetric=method != "lemon", std=std, generator=gen,
+                   dtype=work)
+    D, (L, L2) = plan.hidden[1], plan.layers
 
     new_config = copy.deepcopy(config)
     setattr(new_config, fam.hidden_key, D)
@@ -497,8 +503,8 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
                 G["down"] = torch.zeros_like(G["down"])
             if fam.post_ln:
                 prev = grown[-1]
-                ones = torch.ones(D, dtype=torch.float64)
-                zeros = torch.zeros(D, dtype=torch.float64)
+                ones = torch.ones(D, dtype=work)
+                zeros = torch.zeros(D, dtype=work)
                 G["mn"] = prev["mn"]  # the new block's output norm takes over layer src's
                 G["an"] = (ones, zeros)  # pass the normalised stream through
                 prev["mn"] = (ones.clone(), zeros.clone())
@@ -627,6 +633,6 @@ def lemon_train_config(scratch_steps: int, *, peak_lr: float, warmup_steps: int,
     from scratch, ``budget`` x ``scratch_steps`` steps with the cosine decayed fully."""
     if not 0 < budget <= 1:
         raise UpcycleError(f"budget: expected a fraction in (0, 1], got {budget}")
-    steps = max(1, int(round(scratch_steps * budget)))
+    steps = max(1, round(scratch_steps * budget))
     return TrainConfig(max_steps=steps, lr=peak_lr, warmup_steps=min(warmup_steps, steps),
                        **kwargs)
