@@ -122,9 +122,17 @@ class ClassificationTask:
             raise UpcycleError(f"model {self.model_dir}: has no classification head and the number "
                                f"of classes is unknown (read the training data first)")
         kwargs = {} if self.has_head else {"num_labels": n}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.head_seed)
-            model = auto.from_pretrained(self.model_dir, **kwargs)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        if not self.has_head:  # the new head is expected: no "newly initialized" warning
+            hf_logging.set_verbosity_error()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.head_seed)
+                model = auto.from_pretrained(self.model_dir, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         return model.eval()
 
     @property
