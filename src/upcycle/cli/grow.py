@@ -71,7 +71,7 @@ def _load(model_dir: Path):
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None) or AutoModel
         break
-    model = cls.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = cls.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
 
 
