@@ -483,7 +483,7 @@ class SherlModel(nn.Module):
                 interpolate_pos_encoding=None, **unused):
         rest = {k: v for k, v in unused.items() if v is not None and v is not False}
         if rest:
-            raise UpcycleError(f"SherlModel.forward: unsupported argument {sorted(rest)[0]!r}")
+            raise UpcycleError(f"SherlModel.forward: unsupported argument {min(rest)!r}")
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "token_type_ids": token_type_ids, "position_ids": position_ids,
                   "pixel_values": pixel_values, "inputs_embeds": inputs_embeds,
@@ -544,5 +544,16 @@ def config_help() -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(SherlConfig)}
 
 
-__all__ = ["BackboneFamily", "Backbone", "FAMILIES", "MTSA", "SherlConfig", "SherlModel",
-           "family_of", "get_sherl_model", "register_family", "config_help", "GATE_TEMPERATURE"]
+__all__ = [
+    "FAMILIES",
+    "GATE_TEMPERATURE",
+    "MTSA",
+    "Backbone",
+    "BackboneFamily",
+    "SherlConfig",
+    "SherlModel",
+    "config_help",
+    "family_of",
+    "get_sherl_model",
+    "register_family",
+]
