@@ -115,4 +115,4 @@ def get_lst_model(model: nn.Module, config: LstConfig | None = None) -> LadderSi
     return LadderSideModel(model, config or LstConfig())
 
 
-__all__ = ["LstConfig", "LadderSideModel", "get_lst_model"]
+__all__ = ["LadderSideModel", "LstConfig", "get_lst_model"]
