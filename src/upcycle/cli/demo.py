@@ -26,14 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "~/.cache/upcycle)")
     p.add_argument("--ingredients", type=int, default=4, help="number of fine-tunes (max 12)")
     p.add_argument("--model-batch", "-K", type=int, default=2, help="MEHL model batch K")
-    p.add_argument("--epochs", type=int, default=3, help="held-out epochs (per MEHL round)")
+    p.add_argument("--epochs", type=int, default=2, help="held-out epochs (per MEHL round)")
     p.add_argument("--out", default=None, help="also write the MEHL-Soup+ soup here (HF folder)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tasks.bbc import RECIPES, bbc_splits, default_cache, make_ingredients
+    from ..tasks.bbc import MAX_LENGTH, RECIPES, bbc_splits, default_cache, make_ingredients
     from ..tasks.soup_job import best_ingredient_row, ingredient_rows, prepare_soup_job, run_method
 
     cache = Path(args.cache) if args.cache else default_cache()
@@ -46,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     splits = bbc_splits(cache)
     print("[demo] 2/3 scoring the ingredients on the held-out split")
     job = prepare_soup_job(folders, held_out=splits["held_out"], test=splits["test"],
-                           batch_size=64, eval_batch_size=64, progress=progress)
+                           max_length=MAX_LENGTH, batch_size=50, eval_batch_size=100,
+                           progress=progress)
     ing_rows = ingredient_rows(job)
-    rows = [best_ingredient_row(ing_rows)]
+    rows = [best_ingredient_row(job, ing_rows)]
     print("[demo] 3/3 souping with " + ", ".join(DEMO_METHODS))
     soups = {}
     for method in DEMO_METHODS:

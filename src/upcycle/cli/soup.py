@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     if job.task is not None:
         ing_rows = ingredient_rows(job)
-        rows.append(best_ingredient_row(ing_rows))
+        rows.append(best_ingredient_row(job, ing_rows))
     result, row = run_method(job, args.method, model_batch=args.model_batch, epochs=args.epochs,
                              lr=args.lr, models_epochs=args.models_epochs,
                              grad_clip=args.grad_clip, seed=args.seed)

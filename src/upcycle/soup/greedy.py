@@ -17,21 +17,26 @@ def _mean_state(sums: dict[str, torch.Tensor], count: int, ref: Ingredient) -> d
     return {k: (v / count).to(ref.dtype(k)) if v.is_floating_point() else v for k, v in sums.items()}
 
 
-def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: bool = False
-                ) -> SoupResult:
+def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: bool = False,
+                ingredient_scores: Sequence[float] | None = None) -> SoupResult:
     """Greedy soup with a user-supplied held-out ``score(state_dict) -> float`` (higher is better).
 
     1. Score every ingredient; sort descending. 2. Start from the best. 3. For each next
     ingredient, the candidate is the uniform average of the accepted set plus it; accept
     only if its score is strictly greater than the best so far. Each ingredient is
     considered once. Memory: the fp32 running sum, the candidate and one ingredient.
+    ``ingredient_scores`` (optional) are step 1's scores when the caller already has them.
     """
     n = len(ingredients)
     bar = tqdm(total=2 * n - 1, desc="greedy soup", disable=not progress, leave=False)
-    scores = []
-    for ing in ingredients:
-        scores.append(float(score(ing.state_dict())))
-        bar.update(1)
+    if ingredient_scores is not None:
+        scores = [float(s) for s in ingredient_scores]
+        bar.update(n)
+    else:
+        scores = []
+        for ing in ingredients:
+            scores.append(float(score(ing.state_dict())))
+            bar.update(1)
     order = sorted(range(n), key=lambda i: -scores[i])
     ref = ingredients[0]
     best = order[0]

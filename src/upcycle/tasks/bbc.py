@@ -20,10 +20,10 @@ from .finetune import cached_record, finetune
 # lr, epochs, weight decay, seed: the "varied hyperparameters" of a soup's ingredients.
 RECIPES = [
     {"lr": 8e-5, "epochs": 1, "weight_decay": 0.01, "seed": 0},
-    {"lr": 5e-5, "epochs": 2, "weight_decay": 0.0, "seed": 1},
     {"lr": 1.5e-4, "epochs": 1, "weight_decay": 0.1, "seed": 2},
-    {"lr": 3e-5, "epochs": 2, "weight_decay": 0.01, "seed": 3},
+    {"lr": 5e-5, "epochs": 2, "weight_decay": 0.0, "seed": 1},
     {"lr": 1e-4, "epochs": 1, "weight_decay": 0.0, "seed": 4},
+    {"lr": 3e-5, "epochs": 2, "weight_decay": 0.01, "seed": 3},
     {"lr": 6e-5, "epochs": 1, "weight_decay": 0.05, "seed": 5},
     {"lr": 2e-4, "epochs": 1, "weight_decay": 0.01, "seed": 6},
     {"lr": 4e-5, "epochs": 2, "weight_decay": 0.1, "seed": 7},
@@ -33,7 +33,8 @@ RECIPES = [
     {"lr": 1e-4, "epochs": 2, "weight_decay": 0.1, "seed": 11},
 ]
 
-SPLIT_SIZES = {"train": 400, "held_out": 300, "test": 600}
+SPLIT_SIZES = {"train": 300, "held_out": 200, "test": 400}
+MAX_LENGTH = 64  # tokens: the headline and lead of an article, enough to tell its topic
 
 
 def default_cache() -> Path:
@@ -57,7 +58,7 @@ def bbc_splits(cache: Path, sizes: dict[str, int] = SPLIT_SIZES, seed: int = 0) 
     return paths
 
 
-def make_ingredients(cache: Path, recipes: list[dict], *, max_length: int = 128,
+def make_ingredients(cache: Path, recipes: list[dict], *, max_length: int = MAX_LENGTH,
                      batch_size: int = 16, progress: bool = True) -> list[Path]:
     """Fine-tune MiniLM on the BBC train split once per recipe (cached); return the folders."""
     splits = bbc_splits(cache)

@@ -37,6 +37,8 @@ class SoupJob:
     progress: bool = True
     _batches: dict = field(default_factory=dict)
     _model: torch.nn.Module | None = None
+    ingredient_metrics: list[dict] | None = None
+    """Held-out metrics of each ingredient, once :func:`ingredient_rows` has run."""
 
     @property
     def source_dir(self) -> Path | None:
@@ -64,8 +66,11 @@ class SoupJob:
 
     def score(self, state: dict) -> float:
         """Held-out accuracy, ties broken by lower loss (for greedy)."""
-        m = self.evaluate_state(state)
-        return m["accuracy"] - 1e-6 * m["loss"]
+        return score_of(self.evaluate_state(state))
+
+
+def score_of(metrics: dict) -> float:
+    return metrics["accuracy"] - 1e-6 * metrics["loss"]
 
 
 def prepare_soup_job(
@@ -120,7 +125,10 @@ def run_method(job: SoupJob, method: str, *, model_batch: int = 18, epochs: int 
     if method == "uniform":
         result = uniform_soup(job.ingredients, progress=job.progress)
     elif method == "greedy":
-        result = greedy_soup(job.ingredients, job.score, progress=job.progress)
+        known = None if job.ingredient_metrics is None else [
+            score_of(m) for m in job.ingredient_metrics]
+        result = greedy_soup(job.ingredients, job.score, progress=job.progress,
+                             ingredient_scores=known)
     elif method.startswith("learned"):
         config = LearnedConfig(blockwise=method.endswith("+"), epochs=epochs, seed=seed,
                                progress=job.progress, **({"lr": lr} if lr else {}))
@@ -140,25 +148,31 @@ def run_method(job: SoupJob, method: str, *, model_batch: int = 18, epochs: int 
     return result, row
 
 
-def _metrics(job: SoupJob, state: dict) -> dict:
+def _metrics(job: SoupJob, state: dict, *, test: bool = True) -> dict:
     row = {}
     held = job.evaluate_state(state, "held_out")
     row["held_out_accuracy"], row["held_out_loss"] = held["accuracy"], held["loss"]
-    if job.test is not None:
-        test = job.evaluate_state(state, "test")
-        row["test_accuracy"], row["test_loss"] = test["accuracy"], test["loss"]
+    if test and job.test is not None:
+        t = job.evaluate_state(state, "test")
+        row["test_accuracy"], row["test_loss"] = t["accuracy"], t["loss"]
     return row
 
 
 def ingredient_rows(job: SoupJob) -> list[dict]:
-    """Held-out (and test) metrics of every ingredient, in order."""
+    """Held-out metrics of every ingredient, in order (kept on the job for greedy)."""
     rows = []
     for ing in job.ingredients:
         rows.append({"method": f"ingredient {ing.index}", "path": str(ing.path),
-                     **_metrics(job, ing.state_dict())})
+                     **_metrics(job, ing.state_dict(), test=False)})
+    job.ingredient_metrics = [{"accuracy": r["held_out_accuracy"], "loss": r["held_out_loss"]}
+                              for r in rows]
     return rows
 
 
-def best_ingredient_row(rows: list[dict]) -> dict:
-    best = max(rows, key=lambda r: (r["held_out_accuracy"], -r["held_out_loss"]))
-    return {**best, "method": f"best ingredient ({best['method'].split()[-1]})"}
+def best_ingredient_row(job: SoupJob, rows: list[dict]) -> dict:
+    """The ingredient with the best held-out accuracy (chosen on held-out, never on test),
+    with its test metrics."""
+    i = max(range(len(rows)), key=lambda j: (rows[j]["held_out_accuracy"],
+                                             -rows[j]["held_out_loss"]))
+    return {**rows[i], **_metrics(job, job.ingredients[i].state_dict()),
+            "method": f"best ingredient ({i + 1})", "index": i}
