@@ -12,6 +12,8 @@ steps at batch 32 with AdamW + cosine schedule (upcycle.train.train):
   is available offline, so the parent first pretrains it briefly on MNIST digits 0-4 (cached
   in the temp folder); the contenders transfer it to digits 5-9 with a new head.
 
+Each contender uses BENCH_THREADS torch threads (default 1).
+
 Memory: the peak resident set size *while training* (Linux VmHWM, reset with
 /proc/self/clear_refs right before the first step), and that peak minus the RSS just before
 training ("training extra": the activations, gradients and optimizer state). Writes
@@ -36,6 +38,10 @@ BATCH = 32
 TEXT_TEST = 160
 VIT_TEST = 500
 VIT_DIR = Path(tempfile.gettempdir()) / "upcycle-sherl-bench-vit-v1"
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+"""Torch threads per contender. 1 by default: on a shared, oversubscribed CPU more threads
+spin-wait on each other and small ops get many times slower (set BENCH_THREADS on a quiet
+machine)."""
 
 # method -> learning rate (each method's usual range; fixed, not tuned on the test set)
 LR = {"full": 1e-4, "lora": 1e-3, "lst": 3e-3, "snell": 1e-3, "sherl": 3e-3}
@@ -133,7 +139,7 @@ def vit_config():
                      num_labels=5)
 
 
-def pretrain_vit(steps: int = 300) -> Path:
+def pretrain_vit(steps: int = 200) -> Path:
     """A small ViT pretrained on MNIST digits 0-4 (the 'pretrained backbone'), cached."""
     if (VIT_DIR / "config.json").is_file():
         return VIT_DIR
@@ -144,6 +150,7 @@ def pretrain_vit(steps: int = 300) -> Path:
     from upcycle.checkpoints import atomic_dir
 
     print("[bench] pretraining the small ViT on MNIST digits 0-4 ...", file=sys.stderr, flush=True)
+    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     x, y = _mnist_tensors()
     keep = y < 5
@@ -225,7 +232,7 @@ def run_worker(spec: dict) -> dict:
     from upcycle.tasks import classification_loss, evaluate
     from upcycle.train import TrainConfig, train
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(THREADS)
     steps = spec["steps"]
     if spec["backbone"] == "minilm":
         model, train_batches, test_batches = text_setup(spec["seq"], steps)
@@ -342,12 +349,12 @@ def main() -> list[dict]:
         bench.worker_entry(run_worker, args.worker)
         return []
     specs = contenders(args)
-    if any(s["backbone"] == "vit" for s in specs):
-        pretrain_vit()
     if not snell_available():
         print("[bench] upcycle.tune.snell is not importable: SNELL left out", file=sys.stderr)
     rows = []
     for spec in specs:
+        if spec["backbone"] == "vit":
+            pretrain_vit()
         print(f"[bench] {spec['name']} ...", file=sys.stderr, flush=True)
         result = bench.run_contender(__file__, spec)
         if "error" in result:
