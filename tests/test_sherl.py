@@ -32,6 +32,16 @@ def tiny_bert(layers=3, hidden=32, num_labels=3, seed=0):
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_roberta(layers=3, num_labels=3, seed=0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=64, num_labels=num_labels,
+                        max_position_embeddings=64, pad_token_id=0)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
 def tiny_vit(layers=3, num_labels=4, seed=0):
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -65,7 +75,7 @@ def image_batch(batch=3):
 
 
 FAMILIES = {"bert": (tiny_bert, text_batch), "vit": (tiny_vit, image_batch),
-            "gpt2": (tiny_gpt2, text_batch)}
+            "gpt2": (tiny_gpt2, text_batch), "roberta": (tiny_roberta, text_batch)}
 
 
 def early_and_late(model: SherlModel):
@@ -183,7 +193,7 @@ def test_open_gate_and_zero_fusion_reproduce_the_hf_model(family):
     torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "roberta"])
 def test_padding_does_not_change_real_tokens(family):
     make, _ = FAMILIES[family]
     model = get_sherl_model(make(), SherlConfig(reduction=2)).eval()

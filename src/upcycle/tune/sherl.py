@@ -16,7 +16,7 @@ Usage::
     model.save_pretrained("sherl-out")                          # trainable part only
     again = SherlModel.from_pretrained(fresh_hf_classifier, "sherl-out")
 
-Backbone families (BERT/MiniLM-style encoders, ViT, GPT-2) are described declaratively by a
+Backbone families (BERT/MiniLM-style encoders, RoBERTa, ViT, GPT-2) are described declaratively by a
 :class:`BackboneFamily` (where the embeddings, the layer list, the final norm and the head
 live; how a layer takes its mask). One wrapper serves them all; :func:`register_family` adds
 another.
@@ -55,7 +55,8 @@ def _get(model: nn.Module, path: str | None):
 
 
 def _embed_bert(model: nn.Module, inputs: dict) -> torch.Tensor:
-    return model.bert.embeddings(input_ids=inputs.get("input_ids"),
+    """BERT-style encoders (BERT, RoBERTa): the backbone's ``embeddings`` module."""
+    return model.base_model.embeddings(input_ids=inputs.get("input_ids"),
                                  token_type_ids=inputs.get("token_type_ids"),
                                  position_ids=inputs.get("position_ids"),
                                  inputs_embeds=inputs.get("inputs_embeds"))
@@ -84,6 +85,11 @@ def _embed_gpt2(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 def _head_bert(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
     return model.classifier(model.dropout(model.bert.pooler(hidden)))
+
+
+def _head_sequence(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Heads that take the whole sequence (RoBERTa's classification head pools <s> itself)."""
+    return model.classifier(hidden)
 
 
 def _head_cls(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -154,6 +160,10 @@ register_family(BackboneFamily(
     name="bert", model_types=("bert",), inputs="text", embed=_embed_bert,
     layers="bert.encoder.layer", final_norm=None, head_modules=("bert.pooler", "classifier"),
     head=_head_bert, mask="padding"))
+register_family(BackboneFamily(
+    name="roberta", model_types=("roberta", "xlm-roberta"), inputs="text", embed=_embed_bert,
+    layers="roberta.encoder.layer", final_norm=None, head_modules=("classifier",),
+    head=_head_sequence, mask="padding"))
 register_family(BackboneFamily(
     name="vit", model_types=("vit",), inputs="image", embed=_embed_vit,
     layers="vit.encoder.layer", final_norm="vit.layernorm", head_modules=("classifier",),
