@@ -133,20 +133,22 @@ def run_worker(spec: dict) -> dict:
     st = _settings(spec["quick"])
     _, _, vocab = _corpus()
     CACHE.mkdir(parents=True, exist_ok=True)
-    small_dir = CACHE / ("small-quick" if spec["quick"] else "small")
-    target_file = CACHE / ("target-quick.json" if spec["quick"] else "target.json")
+    seed = int(spec.get("seed", 0))
+    tag = ("-quick" if spec["quick"] else "") + (f"-seed{seed}" if seed else "")
+    small_dir = CACHE / f"small{tag}"
+    target_file = CACHE / f"target{tag}.json"
     name = spec["name"]
     S = st["scratch_steps"]
     if name == "small (2L/64H)":
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = _gpt2(SMALL, vocab, st["context"])
-        out = _train_run(model, st, st["small_steps"], seed=1, desc="small")
+        out = _train_run(model, st, st["small_steps"], seed=1 + 10 * seed, desc="small")
         model.save_pretrained(small_dir)
         return {**out, "init_loss": out["curve"][0][1]}
     if name == "scratch (4L/128H)":
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = _gpt2(LARGE, vocab, st["context"])
-        out = _train_run(model, st, S, seed=2, desc="scratch")
+        out = _train_run(model, st, S, seed=2 + 10 * seed, desc="scratch")
         target_file.write_text(json.dumps({"target": out["final_loss"]}))
         return {**out, "init_loss": out["curve"][0][1], "target": out["final_loss"],
                 "steps_to_target": S, "saving_pct": 0.0}
@@ -158,13 +160,13 @@ def run_worker(spec: dict) -> dict:
     method = spec["method"]
     start = time.perf_counter()
     grown = expand(small, hidden_size=LARGE["n_embd"], num_layers=LARGE["n_layer"],
-                   num_heads=LARGE["n_head"], intermediate_size=LARGE["n_inner"], seed=0,
+                   num_heads=LARGE["n_head"], intermediate_size=LARGE["n_inner"], seed=seed,
                    method=method)
     expand_s = time.perf_counter() - start
     ids = _batches(_corpus()[1], 1, 4, st["context"], seed=7)[0]
     diff = max_output_difference(small, grown, ids)["max_abs"]
     steps = max(1, round(spec["budget"] * S))
-    out = _train_run(grown, st, steps, seed=2, desc=method)
+    out = _train_run(grown, st, steps, seed=2 + 10 * seed, desc=method)
     target = json.loads(target_file.read_text())["target"] if target_file.is_file() else None
     reach = _steps_to(out["curve"], target) if target is not None else None
     return {**out, "init_loss": out["curve"][0][1], "expand_s": expand_s,
@@ -174,16 +176,19 @@ def run_worker(spec: dict) -> dict:
 
 def contenders(args) -> list[dict]:
     quick = bool(args.quick)
-    specs = [{"name": "small (2L/64H)", "quick": quick},
-             {"name": "scratch (4L/128H)", "quick": quick}]
+    specs = [{"name": "small (2L/64H)", "quick": quick, "seed": args.seed},
+             {"name": "scratch (4L/128H)", "quick": quick, "seed": args.seed}]
     for method, label in (("lemon", "LEMON"), ("net2net", "Net2Net"), ("aki", "bert2BERT-AKI")):
         specs.append({"name": f"{label} grown", "method": method, "budget": args.budget,
-                      "quick": quick})
+                      "quick": quick, "seed": args.seed})
     return specs
 
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="another seed for models, data order and growth noise (results "
+                             "get a -seedN suffix)")
     parser.add_argument("--budget", type=float, default=0.5,
                         help="grown models train for this fraction of the from-scratch steps")
 
@@ -235,7 +240,8 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in sys.argv
-    suffix = "-quick" if quick else ""
+    seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 0
+    suffix = ("-quick" if quick else "") + (f"-seed{seed}" if seed else "")
     rows = bench_main(__file__, contenders, run_worker, COLUMNS,
                       description=__doc__.splitlines()[0],
                       out_json=RESULTS / f"lemon_savings{suffix}.json",

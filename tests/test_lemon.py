@@ -153,9 +153,17 @@ def _mlp_in(model, family, layer):
             "gpt2": lambda b: b.mlp.c_fc, "llama": lambda b: b.mlp.up_proj}[family](block)
 
 
-def _activations(model, family, layer, inputs):
+def _q_proj(model, family, layer):
+    base = {"bert": lambda m: m.bert.encoder.layer, "vit": lambda m: m.vit.encoder.layer,
+            "gpt2": lambda m: m.transformer.h, "llama": lambda m: m.model.layers}[family](model)
+    block = base[layer]
+    return {"bert": lambda b: b.attention.self.query, "vit": lambda b: b.attention.attention.query,
+            "gpt2": lambda b: b.attn.c_attn, "llama": lambda b: b.self_attn.q_proj}[family](block)
+
+
+def _activations(model, family, layer, inputs, pick=_mlp_in):
     captured = {}
-    module = _mlp_in(model, family, layer)
+    module = pick(model, family, layer)
     handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
     with torch.no_grad():
         model(**inputs)
@@ -191,7 +199,17 @@ def test_one_step_gradients_and_symmetry_breaking(family, case):
     assert not dead, f"parameters without gradient: {dead}"
     optimizer.step()
     after = _activations(grown, family, layer, inputs)
-    assert (after[..., a] - after[..., b]).abs().max() > 1e-6, "copies still equal"
+    assert (after[..., a] - after[..., b]).abs().max() > 1e-6, "neuron copies still equal"
+
+    # the same for a head and its copy (query projections): head 0 and head 2 in the depth
+    # case's new block (pairs), head 0 and head h (= 4) in the width cases
+    hd = plan.head_dim
+    head_b = 2 if case == "depth" else plan.heads[0]
+    grown_before = expand(source, **CASES[case], seed=3)
+    for model, should_differ in ((grown_before, False), (grown, True)):
+        q = _activations(model, family, layer, inputs, pick=_q_proj)
+        diff = (q[..., :hd] - q[..., head_b * hd:(head_b + 1) * hd]).abs().max()
+        assert (diff > 1e-6) == should_differ, (should_differ, float(diff))
 
 
 def test_net2net_copies_stay_symmetric_and_new_blocks_start_dead():
