@@ -263,7 +263,6 @@ def _put_linear(out, name, w, b, conv1d):
 
 def _read_layer(state, fam: Family, prefix: str, plan: GrowthPlan, consumed: set) -> dict:
     P: dict = {}
-    before = set(state)
     if "qkv" in fam.attn:
         w, b = _get_linear(state, prefix + fam.attn["qkv"], fam.conv1d)
         d_q = plan.heads[0] * plan.head_dim
@@ -284,7 +283,6 @@ def _read_layer(state, fam: Family, prefix: str, plan: GrowthPlan, consumed: set
     for key, mod in (("an", fam.attn_norm), ("mn", fam.mlp_norm)):
         P[key] = (state[prefix + mod + ".weight"], state.get(prefix + mod + ".bias"))
         consumed.update({prefix + mod + s for s in (".weight", ".bias")})
-    consumed &= before | consumed
     return P
 
 
