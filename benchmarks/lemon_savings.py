@@ -241,7 +241,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in sys.argv
     seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 0
-    suffix = ("-quick" if quick else "") + (f"-seed{seed}" if seed else "")
+    budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 0.5
+    suffix = ("-quick" if quick else "") + (f"-seed{seed}" if seed else "") + (
+        f"-budget{budget:g}" if budget != 0.5 else "")
     rows = bench_main(__file__, contenders, run_worker, COLUMNS,
                       description=__doc__.splitlines()[0],
                       out_json=RESULTS / f"lemon_savings{suffix}.json",
@@ -251,11 +253,11 @@ def main() -> None:
     table = format_table(rows, COLUMNS)
     command = "python benchmarks/lemon_savings.py " + " ".join(sys.argv[1:])
     scratch = next((r for r in rows if r["name"].startswith("scratch")), {})
-    note = (f"\nTarget: the from-scratch model's final held-out loss "
-            f"({scratch.get('final_loss', float('nan')):.3f} after "
-            f"{scratch.get('steps', '?')} steps). Grown models train for "
+    target = scratch.get("final_loss", rows[-1].get("target")) or float("nan")
+    note = (f"\nTarget: the from-scratch model's final held-out loss ({target:.3f} after "
+            f"{_settings(quick)['scratch_steps']} steps). Grown models train for "
             f"{rows[-1].get('budget', '?')} x those steps with the LEMON recipe; the small "
-            f"model's own {rows[0].get('steps', '?')} steps are not counted.\n")
+            f"model's own {_settings(quick)['small_steps']} steps are not counted.\n")
     (RESULTS / f"lemon_savings{suffix}.md").write_text(
         f"# LEMON savings (measured)\n\n`{command.strip()}`\n\n{table}\n{note}")
     _plot(rows, RESULTS / f"lemon_savings{suffix}.png")
