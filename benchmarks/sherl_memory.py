@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -297,7 +298,8 @@ def contenders(args) -> list[dict]:
          "late_layers": late, "steps": args.steps} for label, method, late in methods]
     specs = text[:len(methods)] + vit + text[len(methods):]
     if args.only:
-        specs = [s for s in specs if args.only in s["name"]]
+        wanted = args.only.split("|")
+        specs = [s for s in specs if any(w in s["name"] for w in wanted)]
     return specs
 
 
@@ -340,7 +342,8 @@ def main() -> list[dict]:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=16,
                         help="training steps per contender at batch 32 (default 16)")
-    parser.add_argument("--only", default=None, help="run only contenders whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only contenders whose name contains this ('a|b': either)")
     parser.add_argument("--no-vit", action="store_true", help="skip the ViT part")
     parser.add_argument("--out", default=str(RESULTS / "sherl_memory.json"), help="JSON results")
     parser.add_argument("--md", default=str(RESULTS / "sherl_memory.md"), help="the table")
@@ -376,7 +379,7 @@ def report(rows: list[dict], args, done: bool) -> str:
     from upcycle.checkpoints import write_json
 
     add_vs_lora(rows)
-    command = ("python benchmarks/sherl_memory.py " + " ".join(sys.argv[1:])).strip()
+    command = shlex.join(["python", "benchmarks/sherl_memory.py", *sys.argv[1:]])
     table = format_table(rows, COLUMNS)
     notes = verdict(rows)
     if not done:
