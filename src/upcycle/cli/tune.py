@@ -302,15 +302,15 @@ def run(args: argparse.Namespace) -> int:
             ("trainable params", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"),
             ("steps", f"{result.steps} (batch {args.batch_size}, {world} rank(s))"),
             ("train time", f"{result.seconds:.1f} s ({report['seconds_per_step']:.3f} s/step)"),
-            ("peak RSS", f"{peak_train:.0f} MB ({report['peak_rss_above_model_mb']:.0f} MB "
-                         f"above the loaded model)"),
-            ("held-out accuracy", f"{held_metrics['accuracy']:.4f} (n={held_metrics['n']}, "
-                                  f"loss {held_metrics['loss']:.4f})"),
+            ("peak RSS", (f"{peak_train:.0f} MB ({report['peak_rss_above_model_mb']:.0f} MB "
+                          f"above the loaded model)")),
+            ("held-out accuracy", (f"{held_metrics['accuracy']:.4f} (n={held_metrics['n']}, "
+                                   f"loss {held_metrics['loss']:.4f})")),
         ]
         if test_metrics is not None:
-            rows.append(("test accuracy", f"{test_metrics['accuracy']:.4f} "
-                                          f"(n={test_metrics['n']}, loss "
-                                          f"{test_metrics['loss']:.4f})"))
+            rows.append(("test accuracy", (f"{test_metrics['accuracy']:.4f} "
+                                           f"(n={test_metrics['n']}, loss "
+                                           f"{test_metrics['loss']:.4f})")))
         rows.append(("output", str(out)))
         print(_table(rows), flush=True)
     distributed.barrier()

@@ -191,7 +191,7 @@ def snell_kernel(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor) -> torc
 
 
 def _num_zeroed(sparsity: float, numel: int) -> int:
-    return min(numel - 1, int(math.floor(sparsity * numel + 1e-9))) if numel else 0
+    return min(numel - 1, math.floor(sparsity * numel + 1e-9)) if numel else 0
 
 
 def sparsify(delta: torch.Tensor, sparsity: float, mode: str = "reference",
