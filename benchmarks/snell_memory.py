@@ -23,7 +23,7 @@ start of training (what training adds), median seconds per step, and test accura
 the same number of steps. Every worker runs torch with one thread (the benchmark
 machine's two cores were shared with other jobs; more threads made timings meaningless).
 
-    .venv/bin/python benchmarks/snell_memory.py            # ~20 min on a shared 2-core CPU
+    .venv/bin/python benchmarks/snell_memory.py            # ~22 min on a shared 2-core CPU
     .venv/bin/python benchmarks/snell_memory.py --quick    # smoke run
 
 Writes benchmarks/results/snell_memory.{json,md}.
@@ -250,9 +250,9 @@ def _summarize(rows: list[dict]) -> str:
                        else "peak_above_model_mb")
                 ratio = snell[own] / max(1e-9, lora[own])
                 peak_ratio = snell[key] / lora[key]
-                parts = [f"{label} SNELL r={r} s={s}: peak RSS in training "
-                         f"{100 * (peak_ratio - 1):+.1f}% vs LoRA-{r} (what training adds "
-                         f"{100 * (ratio - 1):+.1f}%)"]
+                parts = [(f"{label} SNELL r={r} s={s}: peak RSS in training "
+                          f"{100 * (peak_ratio - 1):+.1f}% vs LoRA-{r} (what training adds "
+                          f"{100 * (ratio - 1):+.1f}%)")]
                 if full:
                     parts.append(f"{100 * (snell[key] / full[key] - 1):+.1f}% vs full "
                                  f"(what training adds "
