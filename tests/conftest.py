@@ -24,3 +24,12 @@ def minilm_path():
     from upcycle.datasets import minilm_path
 
     return minilm_path()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for torchrun's rendezvous (``--master_port 0`` hangs here)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import free_port
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
@@ -274,7 +275,7 @@ def test_mehl_two_gloo_processes_match_one_process(tmp_path, clip):
     subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one.pt"), clip],
                    check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "0" if False else str(29500 + os.getpid() % 1000),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                     str(script), str(folder), str(tmp_path / "two.pt"), clip],
                    check=True, env=env, capture_output=True)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
