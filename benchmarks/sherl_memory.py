@@ -61,27 +61,6 @@ COLUMNS = [
 # ---------------------------------------------------------------------------------------------
 # memory readings
 # ---------------------------------------------------------------------------------------------
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_since_reset_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    from upcycle.memory import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +138,7 @@ def pretrain_vit(steps: int = 200) -> Path:
     model = ViTForImageClassification(vit_config()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(y), (64,), generator=gen)
         loss = F.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
         opt.zero_grad()
@@ -246,11 +225,13 @@ def run_worker(spec: dict) -> dict:
                          warmup_ratio=0.1, progress=False)
     gc.collect()
     rss_before = current_rss_mb()
+    from upcycle.memory import peak_rss_mb, reset_peak_rss
+
     exact = reset_peak_rss()
     start = time.perf_counter()
     result = train(tuned, train_batches, classification_loss, config,
                    on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    train_peak = peak_rss_since_reset_mb()
+    train_peak = peak_rss_mb()
     times = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
     steady = times[1:] if len(times) > 1 else times  # the first step warms up kernels
     metrics = evaluate(tuned, test_batches)

@@ -110,29 +110,8 @@ def _pretrain_vit(out: Path, steps: int) -> None:
 
 # -- one contender (in a fresh process) --------------------------------------------------------
 
-def _reset_peak_rss() -> bool:
-    """Linux: reset this process's peak RSS (VmHWM) to its current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _vm_hwm_mb() is not None
-    except OSError:
-        return False
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def run_worker(spec: dict) -> dict:
-    from upcycle.memory import current_rss_mb, peak_rss_mb
+    from upcycle.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
     from upcycle.tasks import classification_loss, evaluate, load_task
     from upcycle.train import TrainConfig, train
     from upcycle.tune.common import count_parameters
@@ -172,13 +151,14 @@ def run_worker(spec: dict) -> dict:
             recompute=spec.get("recompute", "backward")))
     trainable, total = count_parameters(model)
     rss_before_training = current_rss_mb()
-    reset = _reset_peak_rss()  # so the training peak is not hidden by a model-loading peak
+    loading_peak = peak_rss_mb()
+    reset = reset_peak_rss()  # so the training peak is not hidden by a model-loading peak
     stamps = [time.perf_counter()]
     result = train(model, batches, classification_loss,
                    TrainConfig(max_steps=steps, lr=spec["lr"], progress=False),
                    on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    peak = peak_rss_mb()
-    training_peak = _vm_hwm_mb() if reset else None
+    training_peak = peak_rss_mb() if reset else None
+    peak = max(loading_peak, peak_rss_mb())
     step_times = np.diff(stamps).tolist()
     metrics = evaluate(model, test_batches)
     return {

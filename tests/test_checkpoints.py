@@ -9,7 +9,11 @@ from safetensors.torch import save_file
 
 from upcycle import UpcycleError
 from upcycle.checkpoints import (
-    atomic_dir, open_ingredients, save_model, validate_ingredients, write_safetensors_shards,
+    atomic_dir,
+    open_ingredients,
+    save_model,
+    validate_ingredients,
+    write_safetensors_shards,
 )
 
 

@@ -52,7 +52,7 @@ def tiny(family: str) -> nn.Module:
             vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=37, max_position_embeddings=32))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.2)
     return model.eval()

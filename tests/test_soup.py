@@ -8,15 +8,20 @@ import textwrap
 
 import pytest
 import torch
-from conftest import free_port
 import torch.nn.functional as F
+from conftest import free_port
 from safetensors.torch import save_file
 from torch import nn
 
 from upcycle import UpcycleError
 from upcycle.checkpoints import open_ingredients
 from upcycle.soup import (
-    LearnedConfig, MehlConfig, greedy_soup, learned_soup, mehl_soup, uniform_soup,
+    LearnedConfig,
+    MehlConfig,
+    greedy_soup,
+    learned_soup,
+    mehl_soup,
+    uniform_soup,
 )
 
 
@@ -133,7 +138,7 @@ def test_mehl_skips_blocks_without_direction(tmp_path):
     ings = write_ingredients(tmp_path, 4)
     # Make one tensor identical in every ingredient: its direction is zero.
     same = ings[0].get("b.bias").clone()
-    for i, ing in enumerate(ings):
+    for ing in ings:
         sd = ing.state_dict()
         sd["b.bias"] = same
         save_file(sd, str(ing.path))

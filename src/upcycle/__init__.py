@@ -5,7 +5,33 @@
 - ``upcycle.grow``: lossless model expansion (LEMON)
 """
 
+from .checkpoints import open_ingredients, save_model, validate_ingredients
 from .errors import UpcycleError
+from .grow import expand, expand_aki, expand_net2net, lemon_schedule, max_output_difference
+from .soup import (
+    LearnedConfig,
+    MehlConfig,
+    SoupResult,
+    greedy_soup,
+    learned_soup,
+    mehl_soup,
+    uniform_soup,
+)
+from .train import TrainConfig, train
+from .tune import (
+    SherlConfig,
+    SherlModel,
+    SnellConfig,
+    SnellModel,
+    get_sherl_model,
+    get_snell_model,
+)
 
 __version__ = "0.1.0"
-__all__ = ["UpcycleError", "__version__"]
+__all__ = [
+    "LearnedConfig", "MehlConfig", "SherlConfig", "SherlModel", "SnellConfig", "SnellModel",
+    "SoupResult", "TrainConfig", "UpcycleError", "__version__", "expand", "expand_aki",
+    "expand_net2net", "get_sherl_model", "get_snell_model", "greedy_soup", "learned_soup",
+    "lemon_schedule", "max_output_difference", "mehl_soup", "open_ingredients", "save_model",
+    "train", "uniform_soup", "validate_ingredients",
+]

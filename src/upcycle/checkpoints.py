@@ -125,7 +125,9 @@ class Ingredient:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except Exception as exc:
-            raise UpcycleError(f"{self.label}: {_short(index_file)} is not a valid index: {exc}")
+            raise UpcycleError(
+                f"{self.label}: {_short(index_file)} is not a valid index: {exc}"
+            ) from exc
         for shard in sorted(set(weight_map.values())):
             shard_file = index_file.parent / shard
             if not shard_file.is_file():

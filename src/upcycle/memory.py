@@ -26,6 +26,18 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Linux: reset this process's peak RSS (VmHWM) to its current RSS, so that
+    :func:`peak_rss_mb` measures only what follows (e.g. training, not model loading).
+    Returns False where unsupported (then the peak keeps counting from the start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss_mb() -> float:
     """Current resident set size in MiB (from /proc on Linux; falls back to the peak)."""
     try:

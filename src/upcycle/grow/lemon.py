@@ -341,8 +341,8 @@ def _grow_layer(P: dict, sp: _Splitter, maps: dict, *, identity: bool,
     kv_next = (torch.arange(KV) >= kv) if aki else None
     f_next = (torch.arange(F) >= f) if aki else None
     G: dict = {}
-    for name, umap, mask, n_src in (("q", maps["q"], q_next, h), ("k", maps["kv"], kv_next, kv),
-                                    ("v", maps["kv"], kv_next, kv)):
+    for name, umap, mask in (("q", maps["q"], q_next), ("k", maps["kv"], kv_next),
+                             ("v", maps["kv"], kv_next)):
         rows = sp.unit_rows(P[name], umap, hd, nxt[name] if aki else None, mask)
         G[name] = sp.split_in(rows)
         b = P[name + ".b"]
@@ -490,7 +490,7 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
     regular = _regular_maps(plan)
     identity_maps = _new_block_maps(plan) if method == "lemon" else regular
     grown = []
-    for target, (src, kind) in enumerate(plan.layer_map):
+    for src, kind in plan.layer_map:
         P = layers[src]
         if kind == "new":
             maps = identity_maps or regular

@@ -36,7 +36,12 @@ from ..errors import UpcycleError
 from ..tasks import classification_loss
 from ..train import cosine_with_warmup
 from .common import (
-    SoupResult, average_buffers, ingredient_names, load_state, make_blocks, parameter_names,
+    SoupResult,
+    average_buffers,
+    ingredient_names,
+    load_state,
+    make_blocks,
+    parameter_names,
 )
 
 

@@ -79,7 +79,9 @@ def _read_text_rows(path: Path) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise UpcycleError(f"data file {path}, line {lineno}: not JSON: {exc}")
+                        raise UpcycleError(
+                            f"data file {path}, line {lineno}: not JSON: {exc}"
+                        ) from exc
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "text" not in row or "label" not in row:
             raise UpcycleError(f"data file {path}, row {i + 1}: expected 'text' and 'label' fields")

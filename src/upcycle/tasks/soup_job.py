@@ -17,7 +17,13 @@ from ..checkpoints import Ingredient, open_ingredients, validate_ingredients
 from ..errors import UpcycleError
 from ..memory import peak_rss_mb
 from ..soup import (
-    METHODS, LearnedConfig, MehlConfig, SoupResult, greedy_soup, learned_soup, mehl_soup,
+    METHODS,
+    LearnedConfig,
+    MehlConfig,
+    SoupResult,
+    greedy_soup,
+    learned_soup,
+    mehl_soup,
     uniform_soup,
 )
 from ..soup.common import load_state
