@@ -47,10 +47,17 @@ def run_worker(spec: dict) -> dict:
     import torch
 
     from upcycle.tasks.bbc import (
-        MAX_LENGTH, RECIPES, bbc_splits, default_cache, make_ingredients,
+        MAX_LENGTH,
+        RECIPES,
+        bbc_splits,
+        default_cache,
+        make_ingredients,
     )
     from upcycle.tasks.soup_job import (
-        best_ingredient_row, ingredient_rows, prepare_soup_job, run_method,
+        best_ingredient_row,
+        ingredient_rows,
+        prepare_soup_job,
+        run_method,
     )
 
     torch.manual_seed(0)
