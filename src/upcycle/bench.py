@@ -108,6 +108,7 @@ def main(
     table = format_table(rows, columns)
     print(table)
     if summarize is not None:
+        print()
         print(summarize(rows))
     if args.out:
         from .checkpoints import write_json
