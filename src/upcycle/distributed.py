@@ -17,17 +17,22 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env() -> bool:
+def init_from_env(device: torch.device | str | None = None) -> bool:
     """Initialise the default process group when launched by torchrun with WORLD_SIZE > 1.
 
-    Returns True when running distributed. Backend: NCCL when CUDA is available, else gloo.
+    Returns True when running distributed. Backend: NCCL when the job's ``device`` is CUDA
+    (default: when CUDA is available), else gloo; a CUDA rank uses ``cuda:LOCAL_RANK``.
     """
     if dist.is_available() and dist.is_initialized():
         return True
     if not launched_by_torchrun():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    if device is None:
+        use_cuda = torch.cuda.is_available()
+    else:
+        use_cuda = torch.device(device).type == "cuda"
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
