@@ -12,6 +12,15 @@ from ..errors import UpcycleError
 
 SUBCOMMANDS = ("soup", "tune", "grow", "demo")
 
+_interrupt_hint: str | None = None
+
+
+def on_interrupt(hint: str | None) -> None:
+    """Set what Ctrl-C should tell the user (what was saved and how to resume); None: nothing
+    was saved yet. A running command updates it as it makes progress."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -41,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except UpcycleError as exc:
         print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = _interrupt_hint or "nothing was written"
+        print(f"\nupcycle {args.command}: interrupted; {hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

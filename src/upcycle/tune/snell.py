@@ -357,7 +357,7 @@ class SnellLayer(nn.Module):
                          self.sparsify_mode, self.num_slices)
         return F.linear(x, delta.to(x.dtype))
 
-    def _apply(self, x: torch.Tensor, with_base: bool) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, with_base: bool) -> torch.Tensor:
         """``x @ (W0 + delta_W_s)^T + b`` (with_base) or ``x @ delta_W_s^T``."""
         params = (self.snell_A, self.snell_B, self.snell_coeffs)
         if not torch.is_grad_enabled() or self.recompute == "none":
@@ -376,9 +376,9 @@ class SnellLayer(nn.Module):
         regularised = self.training and (self.dropout_p > 0 or self.drop_path_p > 0)
         if not regularised:
             # One matmul with W0 + delta_W_s: also what the merged layer computes.
-            return self._apply(x, with_base=True)
+            return self._product(x, with_base=True)
         x_drop = F.dropout(x, self.dropout_p, training=True)
-        update = self._apply(x_drop, with_base=False)
+        update = self._product(x_drop, with_base=False)
         return self.base_layer(x) + _drop_path(update, self.drop_path_p, True)
 
     # merging ---------------------------------------------------------------------------
