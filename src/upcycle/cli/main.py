@@ -1,9 +1,15 @@
 """``upcycle`` entry point. Each subcommand lives in its own module of this package and
-exposes ``register(subparsers)``, which adds its parser and sets ``func`` to its handler."""
+exposes ``register(subparsers)``, which adds its parser and sets ``func`` to its handler.
+
+The help layer is shared here: every option shows its default once, required options say
+so, each subcommand ends with runnable examples, and an unknown option suggests the nearest
+valid one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -11,6 +17,27 @@ import sys
 from ..errors import UpcycleError
 
 SUBCOMMANDS = ("soup", "tune", "grow", "demo")
+
+EXAMPLES = {
+    "soup": """\
+examples:
+  upcycle soup runs/*/ --method uniform --out soups/uniform
+  upcycle soup runs/*/ --method mehl+ --held-out held.jsonl --test test.jsonl --out soups/mehl
+  upcycle soup --base base-model adapters/*/ --method uniform --out soups/lora-mean""",
+    "tune": """\
+examples:
+  upcycle tune --method snell --model base-model --data train.jsonl --epochs 3 --out runs/snell
+  upcycle tune --method sherl --model base-model --data train.jsonl --test test.jsonl --out runs/sherl
+  upcycle tune --method snell --model base-model --data train.jsonl --out runs/snell --resume""",
+    "grow": """\
+examples:
+  upcycle grow --model small-model --hidden-size 768 --layers 12 --out grown
+  upcycle grow --model small-model --layers 12 --out grown --train train.jsonl --steps 500""",
+    "demo": """\
+examples:
+  upcycle demo
+  upcycle demo --ingredients 6 --out demo-out""",
+}
 
 _interrupt_hint: str | None = None
 
@@ -22,13 +49,46 @@ def on_interrupt(hint: str | None) -> None:
     _interrupt_hint = hint
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default once (none for flags and unset options), marks required
+    options, and keeps descriptions' and examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return text + " (required)" if "required" not in text else text
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS
+        if ("default" in text.lower() or unset or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = HelpFormatter  # one help style for every command
+        super().__init__(*args, **kwargs)
+        if self.description:
+            self.description = self.description.replace("``", "")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="upcycle",
         description="Get more out of pretrained models on one GPU or a CPU: model soups "
                     "(uniform, greedy, learned, MEHL-Soup), SNELL and SHERL tuning, LEMON growth.",
+        epilog="Run 'upcycle COMMAND --help' for a command's options and examples.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"upcycle {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"upcycle.cli.{name}")
@@ -37,14 +97,36 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+        sub.choices[name].epilog = EXAMPLES.get(name)
     return parser
+
+
+def _suggestions(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]
+                 ) -> str:
+    """'unrecognized arguments' plus the nearest valid option for each unknown one."""
+    target = parser
+    if command:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                target = action.choices[command]
+    valid = [s for a in target._actions for s in a.option_strings]
+    parts = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, valid, n=1, cutoff=0.6) if flag.startswith("-") \
+            else []
+        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return target, "unrecognized arguments: " + " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        target, message = _suggestions(parser, getattr(args, "command", None), unknown)
+        target.error(message)
     try:
         return int(args.func(args) or 0)
     except UpcycleError as exc:
