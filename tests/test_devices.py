@@ -1,0 +1,70 @@
+"""Device and precision resolution: what --device/--dtype/--bf16/--fp16 turn into, and the
+errors a machine that cannot do it gives."""
+
+import pytest
+import torch
+
+from upcycle.devices import (
+    autocast,
+    available_devices,
+    check_precision,
+    resolve_device,
+    resolve_dtype,
+)
+from upcycle.errors import UpcycleError
+
+
+def test_cpu_and_auto():
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == available_devices()[1 if len(available_devices()) > 1 else 0]
+    assert resolve_device(None) == auto
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "CUDA:1"])
+def test_cuda_without_cuda_is_a_clear_error(spec):
+    with pytest.raises(UpcycleError, match=r"--device .*CUDA is not available.*use --device cpu"):
+        resolve_device(spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_out_of_range():
+    with pytest.raises(UpcycleError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
+def test_unknown_device_names_the_choices():
+    with pytest.raises(UpcycleError, match="expected one of auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(UpcycleError, match="--model-device 'gpu'"):
+        resolve_device("gpu", argument="--model-device")
+
+
+def test_dtypes():
+    assert resolve_dtype(None) is None
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(UpcycleError, match="--dtype 'int8'.*float32, bfloat16, float16"):
+        resolve_dtype("int8")
+
+
+def test_precision_checks():
+    cpu = torch.device("cpu")
+    assert check_precision(cpu) is None
+    assert check_precision(cpu, bf16=True) == "bf16"
+    with pytest.raises(UpcycleError, match="--fp16.*GPU"):
+        check_precision(cpu, fp16=True)
+    with pytest.raises(UpcycleError, match="--bf16 and --fp16"):
+        check_precision(cpu, bf16=True, fp16=True)
+
+
+def test_autocast_bf16_on_cpu():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ b).dtype is torch.bfloat16
+    with autocast(torch.device("cpu"), None):
+        assert (a @ b).dtype is torch.float32
