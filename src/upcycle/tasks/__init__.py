@@ -107,6 +107,8 @@ class ClassificationTask:
         suffix = "ForSequenceClassification" if kind == "text" else "ForImageClassification"
         self.has_head = any(a.endswith(suffix) for a in archs)
         self.num_labels = self.config.num_labels if self.has_head else num_labels
+        self.fixed_num_labels = num_labels is not None or self.has_head
+        """True when the class count was given (head or ``num_labels``): gaps are allowed."""
         self.label2id = {str(k): int(v) for k, v in (self.config.label2id or {}).items()} \
             if self.has_head else {}
         self._tokenizer = None
@@ -124,6 +126,9 @@ class ClassificationTask:
             raise UpcycleError(f"model {self.model_dir}: has no classification head and the number "
                                f"of classes is unknown (read the training data first)")
         kwargs = {} if self.has_head else {"num_labels": n}
+        if not self.has_head and self.label2id:  # class names from the data: keep them
+            kwargs["label2id"] = dict(self.label2id)
+            kwargs["id2label"] = {i: name for name, i in self.label2id.items()}
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
@@ -180,27 +185,56 @@ class ClassificationTask:
         return LabeledData(labels=labels, source=str(path), texts=texts, images=images)
 
     def _labels(self, raw: list, path: Path, split: str, fix_num_labels: bool) -> torch.Tensor:
+        """Integer class ids ``0..C-1`` or class names. Names come from the model's head
+        (``label2id``) or, for a new head, from the data that fixes the class count: the sorted
+        names get ids 0..C-1 and are saved into the model's ``id2label``/``label2id``. Integer
+        labels that skip a class (``{0,1,2,3,4,9}``) are refused unless the class count was
+        given (``num_labels``): a typo must not quietly build a bigger head."""
+        def is_int(v) -> bool:
+            return isinstance(v, (int, np.integer)) or (
+                isinstance(v, str) and v.strip().lstrip("-").isdigit())
+
+        if (fix_num_labels and self.num_labels is None and raw
+                and not any(is_int(v) for v in raw)):
+            names = sorted({str(v) for v in raw})
+            self.label2id = {name: i for i, name in enumerate(names)}
         ids = []
         for i, v in enumerate(raw):
-            if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()):
-                ids.append(int(v))
-            elif isinstance(v, str) and v in self.label2id:
+            if isinstance(v, str) and v in self.label2id:
                 ids.append(self.label2id[v])
+            elif is_int(v):
+                ids.append(int(v))
             else:
+                known = sorted(self.label2id) or "(none named)"
                 raise UpcycleError(f"{split} file {path}, example {i + 1}: label {v!r} is neither "
-                                   f"an integer nor one of the model's classes "
-                                   f"{sorted(self.label2id) or '(none named)'}")
+                                   f"an integer nor one of the model's classes {known}")
         labels = torch.tensor(ids, dtype=torch.long)
+        if bool((labels < 0).any()):
+            raise UpcycleError(f"{split} file {path}: negative label {int(labels.min())}; labels "
+                               f"must be 0..C-1 or class names")
         if self.num_labels is None and fix_num_labels:
-            self.num_labels = int(labels.max()) + 1
+            present = sorted(set(ids))
+            count = present[-1] + 1
+            missing = sorted(set(range(count)) - set(present))
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+                raise UpcycleError(
+                    f"{split} file {path}: the labels {{{', '.join(map(str, present[:12]))}"
+                    f"{', ...' if len(present) > 12 else ''}}} skip {shown}: labels must be "
+                    f"0..C-1 (or class names); if the gap is intended pass --num-labels {count}")
+            self.num_labels = count
         if self.num_labels is not None:
-            bad = labels[(labels < 0) | (labels >= self.num_labels)]
+            bad = labels[labels >= self.num_labels]
             if bad.numel():
                 raise UpcycleError(f"{split} file {path}: label {int(bad[0])} is outside the "
                                    f"model's {self.num_labels} classes (0..{self.num_labels - 1})")
-        elif bool((labels < 0).any()):
-            raise UpcycleError(f"{split} file {path}: negative label {int(labels.min())}")
         return labels
+
+    def label_info(self) -> dict:
+        """The class count and the label mapping, for printing and for report.json."""
+        names = ({str(i): name for name, i in sorted(self.label2id.items(), key=lambda kv: kv[1])}
+                 if self.label2id else None)
+        return {"num_labels": self.num_labels, "id2label": names}
 
     def _prepare_images(self, arr: np.ndarray, path: Path) -> torch.Tensor:
         channels = int(getattr(self.config, "num_channels", 3))
