@@ -447,3 +447,49 @@ def test_cli_train_needs_scratch_recipe(tmp_path, capsys):
     code, out = _grow(tmp_path, folder, "--train", str(data), "--steps", "2")
     assert code == 2 and not out.exists()
     assert "--scratch-lr: required with --train" in capsys.readouterr().err
+
+
+# -- more of the same machinery on the new families ----------------------------------------------
+
+@pytest.mark.parametrize("family, tied", [("llama", True), ("qwen2", False), ("gpt_neox", True),
+                                          ("phi3", True)])
+def test_causal_lm_heads_tied_or_not(family, tied, tmp_path):
+    torch.manual_seed(0)
+    model = getattr(T, MAIN[family])(_cfg(family, tie_word_embeddings=tied)).double().eval()
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert (head.weight is emb.weight) == tied
+    grown = expand(model, hidden_size=48, num_layers=3)
+    assert (grown.get_output_embeddings().weight is grown.get_input_embeddings().weight) == tied
+    _check(model, grown)
+    _reload(grown, tmp_path, model)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_every_grown_parameter_gets_a_gradient(family):
+    """No dead copy and no dead new block in any new family (fp32, one backward)."""
+    source = build(MAIN[family], family, torch.float32)
+    grown = expand(source, hidden_size=64, num_layers=4, seed=3)
+    inputs = example_inputs(source, batch=4, seed=4)
+    out = grown(**inputs, labels=inputs["input_ids"] if MAIN[family].endswith("CausalLM")
+                else torch.arange(4) % 3)
+    out.loss.backward()
+    dead = [n for n, p in grown.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not [n for n in dead if "token_type" not in n], dead
+
+
+def test_a_clone_that_computes_something_else_is_refused():
+    """Same tensors as Llama, but the embedding output is scaled (as Gemma's is): the grown
+    model (a plain Llama) would differ, so structural matching refuses it after checking."""
+    source = build("LlamaForCausalLM", "llama", torch.float32)
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    scaled = Scaled(50, 32)
+    scaled.weight = source.model.embed_tokens.weight
+    source.model.embed_tokens = scaled
+    source.config.model_type = "scaled-llama"
+    with pytest.raises(UpcycleError, match="'scaled-llama' has the tensor layout of llama but "
+                                           "computes something else"):
+        expand(source, hidden_size=64)
