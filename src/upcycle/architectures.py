@@ -109,9 +109,8 @@ class Dims:
     head_dim: str | None = None
     """An explicit head_dim field (Llama-style); otherwise head_dim = hidden / heads."""
     per_layer: tuple[str, ...] = ()
-    """Config lists with one entry per layer (Qwen2's ``layer_types``)."""
-    width_copies: tuple[str, ...] = ()
-    """Fields that equal the hidden size and grow with it (none so far)."""
+    """Config lists with one entry per layer (Qwen2's ``layer_types``): a grown layer takes
+    the entry of the layer it comes from."""
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,13 @@ def register(subparsers) -> None:
                         "with text,label or .npz with images,labels)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps: the reduced budget (LEMON: ~0.45-0.65 of the "
-                        "from-scratch steps); the cosine decays fully over them")
+                        "from-scratch steps); the decay ends at the last one")
     p.add_argument("--scratch-lr", "--lr", dest="scratch_lr", type=float, default=None,
+                   metavar="LR",
                    help="peak learning rate the large model would use from scratch (LEMON keeps "
                         "it; required with --train)")
     p.add_argument("--scratch-warmup", "--warmup-steps", dest="scratch_warmup", type=int,
-                   default=None,
+                   default=None, metavar="STEPS",
                    help="warm-up steps the large model would use from scratch (LEMON keeps them; "
                         "required with --train)")
     p.add_argument("--decay", choices=SCHEDULES, default="cosine",
@@ -152,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
                            f"(relative), above --tolerance {args.tolerance:g}; nothing written")
     if lossy_ok:
         print("(method aki is lossy by design: the tolerance is not enforced)")
-    report = {"plan": plan.describe(), "method": args.method, "seed": args.seed,
+    report = {"plan": plan.describe(), "family": plan.family,
+              "matched_by_structure": plan.by_structure, "method": args.method, "seed": args.seed,
               "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
               "source": str(src)}
     with atomic_dir(out, overwrite=args.overwrite) as tmp:

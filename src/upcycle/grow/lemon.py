@@ -470,8 +470,6 @@ def _grown_config(config, arch: Architecture, plan: GrowthPlan):
     setattr(new, dims.intermediate, plan.intermediate[1])
     if dims.head_dim:
         setattr(new, dims.head_dim, plan.head_dim)
-    for key in dims.width_copies:
-        setattr(new, key, plan.hidden[1])
     eps = eps_of(config, arch)
     if eps is not None:
         setattr(new, dims.eps, eps * plan.eta ** 2)
