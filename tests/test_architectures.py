@@ -16,6 +16,7 @@ from upcycle.architectures import (
     architecture_of,
     base_model,
     call_layer,
+    classification_logits,
     embed,
     final_norm_module,
     fused_layouts,
@@ -311,6 +312,42 @@ def test_map_runs_the_backbone_like_hf(family):
     real = token_mask.bool() if token_mask is not None else torch.ones(hidden.shape[:2],
                                                                         dtype=torch.bool)
     assert (hidden - want)[real].abs().max() <= 1e-10
+
+
+CLASSIFIERS = {"bert": "BertForSequenceClassification",
+               "roberta": "RobertaForSequenceClassification",
+               "distilbert": "DistilBertForSequenceClassification",
+               "vit": "ViTForImageClassification", "gpt2": "GPT2ForSequenceClassification",
+               "llama": "LlamaForSequenceClassification",
+               "mistral": "MistralForSequenceClassification",
+               "qwen2": "Qwen2ForSequenceClassification",
+               "phi3": "Phi3ForSequenceClassification",
+               "gpt_neox": "GPTNeoXForSequenceClassification"}
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_map_runs_the_classifier_like_hf(family):
+    """The whole piecewise route SHERL takes (embed, layers, final norm, classification head)
+    gives the HF classifier's logits, with a right-padded row for text models."""
+    model = build(CLASSIFIERS[family], family)
+    inputs = example_inputs(model, seed=6)
+    if "input_ids" in inputs:
+        inputs["attention_mask"][-1, 10:] = 0
+        inputs["input_ids"][-1, 10:] = model.config.pad_token_id or 0
+        inputs["input_ids"][:, :10].clamp_(min=3)
+    match = architecture_of(model)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        hidden = embed(model, inputs, match)
+        kwargs = layer_kwargs(model, hidden, layer_mask(model, hidden,
+                                                        inputs.get("attention_mask"), match),
+                              match=match)
+        for layer in layer_list(model, match):
+            hidden = call_layer(layer, hidden, kwargs)
+        norm = final_norm_module(model, match)
+        hidden = norm(hidden) if norm is not None else hidden
+        got = classification_logits(model, hidden, inputs, match)
+    assert (got - want).abs().max() <= 1e-10
 
 
 def test_llama_map_names_rotary_and_rmsnorm():

@@ -170,6 +170,13 @@ class Architecture:
     heads: tuple[Head, ...] = ()
     optional: tuple[str, ...] = ()
     """Base-relative modules a model may be built without (BERT's pooler)."""
+    classify: str = "last"
+    """How the family's *ForSequenceClassification head reads the final hidden states (see
+    :func:`classification_logits`): "pooler" (BERT: the base's pooler on token 0, dropout,
+    ``classifier``), "head" (RoBERTa: ``classifier`` reads the sequence), "first" (ViT:
+    ``classifier`` on token 0), "pre_classifier" (DistilBERT: ``pre_classifier``, ReLU,
+    dropout, ``classifier`` on token 0), "last" (decoders: ``score`` at the last token that is
+    not ``pad_token_id``)."""
     dims: Dims = field(default_factory=Dims)
     call: LayerCall = field(default_factory=LayerCall)
     conv1d: bool = False
@@ -214,11 +221,12 @@ BERT = Architecture(
            Head("cls.predictions.decoder", reads="cls.predictions.transform.dense"),
            Head("cls.seq_relationship", reads="pooler.dense"),
            Head("classifier", reads="pooler.dense"), Head("qa_outputs")),
-    optional=("pooler",), noise_scale=0.1,
+    optional=("pooler",), classify="pooler", noise_scale=0.1,
 )
 
 ROBERTA = replace(
     BERT, name="roberta", title="RoBERTa", model_types=("roberta", "xlm-roberta"),
+    classify="head",
     heads=(Head("pooler.dense", kind="dense", base=True),
            Head("classifier.dense", kind="dense"),
            Head("classifier.out_proj", reads="classifier.dense"),
@@ -246,7 +254,7 @@ DISTILBERT = Architecture(
     dims=Dims(hidden="dim", layers="n_layers", heads="n_heads", intermediate="hidden_dim",
               eps=None),
     call=LayerCall(mask="padding", mask_argument="attn_mask", token_mask_eager=True),
-    noise_scale=0.1,
+    classify="pre_classifier", noise_scale=0.1,
 )
 
 VIT = Architecture(
@@ -265,7 +273,7 @@ VIT = Architecture(
     final_norm="layernorm",
     # the pooler's output size is its own config field (pooler_output_size): it stays
     heads=(Head("pooler.dense", base=True), Head("classifier")),
-    optional=("pooler",),
+    optional=("pooler",), classify="first",
     call=LayerCall(mask=None, mask_argument=None),
 )
 
@@ -692,10 +700,36 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def classification_logits(model: nn.Module, hidden: torch.Tensor, inputs: dict,
+                          match: Match | None = None) -> torch.Tensor:
+    """The logits of the model's sequence (or image) classification head from the final
+    hidden states (after the final norm), as HF's *ForSequenceClassification computes them."""
+    match = match or architecture_of(model)
+    kind = match.arch.classify
+    if kind == "pooler":
+        return model.classifier(model.dropout(base_model(model, match).pooler(hidden)))
+    if kind == "head":
+        return model.classifier(hidden)
+    if kind == "first":
+        return model.classifier(hidden[:, 0, :])
+    if kind == "pre_classifier":
+        pooled = nn.functional.relu(model.pre_classifier(hidden[:, 0]))
+        return model.classifier(model.dropout(pooled))
+    logits = model.score(hidden)
+    batch, length = logits.shape[:2]
+    ids, pad = inputs.get("input_ids"), getattr(model.config, "pad_token_id", None)
+    if ids is not None and pad is not None:
+        positions = torch.arange(length, device=logits.device, dtype=torch.int32)
+        last = (positions * (ids != pad).to(logits.device, torch.int32)).argmax(-1)
+    else:
+        last = torch.full((batch,), length - 1, device=logits.device, dtype=torch.long)
+    return logits[torch.arange(batch, device=logits.device), last]
+
+
 __all__ = [
     "ARCHITECTURES", "Architecture", "Attention", "Dims", "Fused", "FusedLayout", "Head",
     "LayerCall", "MLP", "Match", "Sizes", "architecture_of", "base_model", "base_prefix",
-    "call_layer", "embed", "eps_of", "final_norm_module", "fused_layouts", "layer_kwargs",
+    "call_layer", "classification_logits", "embed", "eps_of", "final_norm_module", "fused_layouts", "layer_kwargs",
     "layer_list", "layer_mask", "model_fused_layouts", "register", "sizes_of",
     "snell_target_modules", "supported",
 ]
