@@ -67,7 +67,7 @@ def test_grow_then_train(tiny_vit, tmp_path, capsys):
     out = tmp_path / "big"
     code = main(["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--layers", "3",
                  "--out", str(out), "--train", str(data), "--steps", "3", "--batch-size", "8",
-                 "--quiet"])
+                 "--scratch-lr", "1e-4", "--scratch-warmup", "1", "--quiet"])
     assert code == 0
     assert "trained 3 steps" in capsys.readouterr().out
     model = transformers.ViTForImageClassification.from_pretrained(out)
@@ -90,9 +90,9 @@ def test_grow_bad_input_is_a_clear_error(tiny_gpt2, tmp_path, capsys, args, mess
 
 def test_grow_refuses_unsupported_family(tmp_path, capsys):
     T = transformers
-    path = tmp_path / "distil"
-    T.DistilBertModel(T.DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
-                                         hidden_dim=37)).save_pretrained(path)
+    path = tmp_path / "bloom"
+    T.BloomModel(T.BloomConfig(vocab_size=50, hidden_size=32, n_layer=1,
+                               n_head=4)).save_pretrained(path)
     code = main(["grow", "--model", str(path), "--hidden-size", "64", "--out",
                  str(tmp_path / "o")])
     assert code == 2

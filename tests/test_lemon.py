@@ -303,6 +303,7 @@ def test_lemon_schedule_keeps_peak_and_decays_fully():
     assert lrs[0] < lrs[9] and lrs[-1] < 1e-5
     config = lemon_train_config(1000, peak_lr=2e-3, warmup_steps=50, budget=0.55)
     assert (config.max_steps, config.lr, config.warmup_steps) == (550, 2e-3, 50)
+    assert config.train_config().max_steps == 550
     with pytest.raises(UpcycleError, match="budget"):
         lemon_train_config(1000, peak_lr=1e-3, warmup_steps=5, budget=1.5)
 
@@ -340,9 +341,8 @@ def test_post_ln_refuses_indivisible_width():
 
 def test_unsupported_family_names_supported_ones():
     T = transformers
-    model = T.DistilBertModel(T.DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
-                                                 hidden_dim=37))
-    with pytest.raises(UpcycleError, match="unsupported family 'distilbert'.*BERT.*ViT.*GPT-2.*Llama"):
+    model = T.BloomModel(T.BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(UpcycleError, match="unsupported family 'bloom'.*BERT.*ViT.*GPT-2.*Llama"):
         expand(model, hidden_size=64)
     with pytest.raises(UpcycleError, match="unsupported family"):
         expand(nn.Linear(3, 3), hidden_size=64)

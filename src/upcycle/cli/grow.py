@@ -2,7 +2,7 @@
 
     upcycle grow --model small/ --hidden-size 768 --layers 12 --out big/
     upcycle grow --model small/ --hidden-size 768 --layers 12 --out big/ \
-        --train train.jsonl --steps 500 --lr 1e-4
+        --train train.jsonl --steps 500 --scratch-lr 1e-4 --scratch-warmup 50
 
 The output folder loads with ``from_pretrained``. The maximum output difference against the
 source (fp32, a few seeded inputs) is printed and must be within ``--tolerance`` (relative to
@@ -17,16 +17,19 @@ from pathlib import Path
 
 import torch
 
+from ..architectures import supported
 from ..errors import UpcycleError
+from ..grow.lemon import METHODS, SCHEDULES
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "grow",
         help="LEMON: grow a model wider/deeper losslessly, then (optionally) train it",
-        description="Expand a HuggingFace BERT/MiniLM, ViT, GPT-2 or Llama folder to a wider "
-                    "and/or deeper model that computes the same function (LEMON), check that "
-                    "it does, write it, and optionally continue training it with the LEMON "
+        description="Expand a HuggingFace model folder (BERT/MiniLM, RoBERTa, DistilBERT, ViT, "
+                    "GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, with its task head) to a "
+                    "wider and/or deeper model that computes the same function (LEMON), check "
+                    "that it does, write it, and optionally continue training it with the LEMON "
                     "learning-rate recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -39,7 +42,7 @@ def register(subparsers) -> None:
                    help="target attention heads (default: hidden size / head_dim)")
     p.add_argument("--intermediate-size", type=int, default=None,
                    help="target MLP width (default: scaled with the hidden size)")
-    p.add_argument("--method", choices=("lemon", "net2net", "aki"), default="lemon",
+    p.add_argument("--method", choices=METHODS, default="lemon",
                    help="lemon, or a baseline: net2net (equal splits), aki (bert2BERT, lossy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
     p.add_argument("--tolerance", type=float, default=1e-5,
@@ -50,28 +53,57 @@ def register(subparsers) -> None:
                         "with text,label or .npz with images,labels)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps: the reduced budget (LEMON: ~0.45-0.65 of the "
-                        "from-scratch steps); the cosine decays fully over them")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="peak learning rate: keep the from-scratch peak")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="warm-up steps: keep the from-scratch warm-up (default 10%% of --steps)")
+                        "from-scratch steps); the decay ends at the last one")
+    p.add_argument("--scratch-lr", "--lr", dest="scratch_lr", type=float, default=None,
+                   metavar="LR",
+                   help="peak learning rate the large model would use from scratch (LEMON keeps "
+                        "it; required with --train)")
+    p.add_argument("--scratch-warmup", "--warmup-steps", dest="scratch_warmup", type=int,
+                   default=None, metavar="STEPS",
+                   help="warm-up steps the large model would use from scratch (LEMON keeps them; "
+                        "required with --train)")
+    p.add_argument("--decay", choices=SCHEDULES, default="cosine",
+                   help="learning-rate decay after the warm-up, reaching 0 at --steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def _load(model_dir: Path):
+    """The model of a HF folder, in its own class (from config.architectures), fp32, eval."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
     if not (model_dir / "config.json").is_file():
         raise UpcycleError(f"--model {model_dir}: not a HuggingFace model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as exc:
+        model_type = None
+        try:
+            model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise UpcycleError(f"--model {model_dir}: config.json has model_type {model_type!r}, "
+                           f"which transformers {transformers.__version__} does not know; "
+                           f"upcycle grow supports {supported()}") from exc
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise UpcycleError(f"--model {model_dir}: no weights (expected one of "
+                           f"{', '.join(WEIGHT_FILES)})")
     cls = AutoModel
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None) or AutoModel
         break
-    model = cls.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        model = cls.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UpcycleError(f"--model {model_dir}: cannot load it as {cls.__name__}: "
+                           f"{first}") from exc
     return model.eval()
 
 
@@ -83,6 +115,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.train is not None and (args.steps is None or args.steps < 1):
         raise UpcycleError("--steps: expected a positive number of training steps with --train")
+    if args.train is not None:
+        for flag, value in (("--scratch-lr", args.scratch_lr),
+                            ("--scratch-warmup", args.scratch_warmup)):
+            if value is None:
+                raise UpcycleError(f"{flag}: required with --train (LEMON keeps the large "
+                                   f"model's from-scratch peak learning rate and warm-up)")
+        if not args.scratch_lr > 0 or args.scratch_warmup < 0:
+            raise UpcycleError(f"--scratch-lr/--scratch-warmup: expected a positive learning "
+                               f"rate and warm-up steps >= 0, got {args.scratch_lr}, "
+                               f"{args.scratch_warmup}")
+        if args.decay != "cosine":  # upcycle.train's loop decays with a cosine only
+            raise UpcycleError(f"--decay {args.decay}: the --train loop decays with a cosine "
+                               f"for now; the linear decay is in upcycle.grow.lemon_schedule")
     if args.train is not None and not Path(args.train).is_file():
         raise UpcycleError(f"--train {args.train}: no such file")
     if out.exists() and not args.overwrite and any(out.iterdir() if out.is_dir() else [out]):
@@ -108,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
                            f"(relative), above --tolerance {args.tolerance:g}; nothing written")
     if lossy_ok:
         print("(method aki is lossy by design: the tolerance is not enforced)")
-    report = {"plan": plan.describe(), "method": args.method, "seed": args.seed,
+    report = {"plan": plan.describe(), "family": plan.family,
+              "matched_by_structure": plan.by_structure, "method": args.method, "seed": args.seed,
               "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
               "source": str(src)}
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
@@ -129,13 +175,13 @@ def _train(model_dir: Path, args: argparse.Namespace) -> dict:
     data = task.read(args.train, split="train", fix_num_labels=True)
     model = task.load_model()
     batches = task.batches(data, args.batch_size, shuffle=True, seed=args.seed)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
-    config = TrainConfig(max_steps=args.steps, lr=args.lr, warmup_steps=min(warmup, args.steps),
+    warmup = min(args.scratch_warmup, args.steps)
+    config = TrainConfig(max_steps=args.steps, lr=args.scratch_lr, warmup_steps=warmup,
                          seed=args.seed, progress=not args.quiet, desc="grow/train")
     torch.manual_seed(args.seed)
     result = train(model, batches, classification_loss, config)
     metrics = evaluate(model, batches[: max(1, min(len(batches), 8))])
-    print(f"trained {result.steps} steps (LEMON recipe: peak lr {args.lr:g}, warm-up {warmup}, "
+    print(f"trained {result.steps} steps (LEMON recipe: peak lr {args.scratch_lr:g}, warm-up {warmup}, "
           f"cosine to 0 at step {args.steps}): last loss {result.losses[-1]:.4f}, "
           f"train accuracy {metrics['accuracy']:.3f}")
     model.save_pretrained(model_dir, safe_serialization=True)

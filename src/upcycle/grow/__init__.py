@@ -1,11 +1,19 @@
-"""``upcycle.grow``: lossless model expansion (LEMON) and its baselines."""
+"""``upcycle.grow``: lossless model expansion (LEMON) and its baselines.
 
+The model families LEMON knows are those of :mod:`upcycle.architectures` (the one map every
+method reads); ``FAMILIES``/``Family``/``family_of`` are kept as names for it.
+"""
+
+from ..architectures import ARCHITECTURES as FAMILIES
+from ..architectures import Architecture as Family
+from ..architectures import architecture_of, supported
 from .baselines import expand_aki, expand_net2net
-from .families import FAMILIES, SUPPORTED, Family, family_of
 from .lemon import (
     METHODS,
     POST_LN_DEPTH_NOTE,
+    SCHEDULES,
     GrowthPlan,
+    LemonRecipe,
     example_inputs,
     expand,
     lemon_schedule,
@@ -14,8 +22,15 @@ from .lemon import (
     plan_expansion,
 )
 
+
+def family_of(model) -> Family:
+    """The family (an :class:`upcycle.architectures.Architecture`) of a HF model."""
+    return architecture_of(model, method="LEMON").arch
+
+
 __all__ = [
-    "FAMILIES", "METHODS", "POST_LN_DEPTH_NOTE", "SUPPORTED", "Family", "GrowthPlan",
+    "FAMILIES", "METHODS", "POST_LN_DEPTH_NOTE", "SCHEDULES", "Family", "GrowthPlan", "LemonRecipe",
     "example_inputs", "expand", "expand_aki", "expand_net2net", "family_of",
     "lemon_schedule", "lemon_train_config", "max_output_difference", "plan_expansion",
+    "supported",
 ]
