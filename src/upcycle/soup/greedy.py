@@ -8,17 +8,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import Ingredient
-from .common import SoupResult, ingredient_names
+from .common import SoupResult, ingredient_names, out_dtype
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
 
-def _mean_state(sums: dict[str, torch.Tensor], count: int, ref: Ingredient) -> dict[str, torch.Tensor]:
-    return {k: (v / count).to(ref.dtype(k)) if v.is_floating_point() else v for k, v in sums.items()}
+def _mean_state(sums: dict[str, torch.Tensor], count: int, ref: Ingredient,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return {k: (v / count).to(out_dtype(ref, k, dtype)) if v.is_floating_point() else v
+            for k, v in sums.items()}
 
 
 def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: bool = False,
-                ingredient_scores: Sequence[float] | None = None) -> SoupResult:
+                ingredient_scores: Sequence[float] | None = None,
+                dtype: torch.dtype | None = None) -> SoupResult:
     """Greedy soup with a user-supplied held-out ``score(state_dict) -> float`` (higher is better).
 
     1. Score every ingredient; sort descending. 2. Start from the best. 3. For each next
@@ -26,6 +29,8 @@ def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: 
     only if its score is strictly greater than the best so far. Each ingredient is
     considered once. Memory: the fp32 running sum, the candidate and one ingredient.
     ``ingredient_scores`` (optional) are step 1's scores when the caller already has them.
+    ``dtype``: the soup's dtype (None: the ingredients'). The states are CPU tensors; ``score``
+    puts them where it evaluates (the soup job loads them into its model on its device).
     """
     n = len(ingredients)
     bar = tqdm(total=2 * n - 1, desc="greedy soup", disable=not progress, leave=False)
@@ -62,7 +67,7 @@ def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: 
     coefficients = torch.zeros(n, 1, dtype=torch.float64)
     coefficients[accepted, 0] = 1.0 / len(accepted)
     return SoupResult(
-        "greedy", _mean_state(sums, len(accepted), ref), ingredient_names(ingredients),
+        "greedy", _mean_state(sums, len(accepted), ref, dtype), ingredient_names(ingredients),
         coefficients, ["<model>"],
         info={"ingredient_scores": scores, "order": order, "accepted": sorted(accepted),
               "best_score": best_score, "steps": steps},
