@@ -257,6 +257,42 @@ def test_mehl_peak_memory_does_not_grow_with_the_number_of_ingredients(tmp_path)
     assert mehl_large - mehl_small < model_mb
 
 
+GREEDY_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from upcycle.checkpoints import open_ingredients
+    from upcycle.memory import current_rss_mb, peak_rss_mb
+    from upcycle.soup import greedy_soup
+    torch.set_num_threads(1)
+    ings = open_ingredients([sys.argv[1]])
+    base = current_rss_mb()
+    scores = iter(range(100))  # every candidate improves: every ingredient is accepted
+    greedy_soup(ings, lambda state: float(next(scores)), ingredient_scores=[0.0] * len(ings))
+    print(json.dumps({"extra_mb": peak_rss_mb() - base}))
+""")
+
+
+def test_greedy_holds_two_states(tmp_path):
+    """Greedy's peak grows with the model size like two model states (the soup so far and
+    one candidate), not three: measured in fresh processes at two model sizes, so that
+    fixed costs cancel (same glibc mmap threshold as the MEHL memory test)."""
+    script = tmp_path / "greedy.py"
+    script.write_text(GREEDY_MEMORY_SCRIPT)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    peaks, sizes = [], []
+    for rows in (64, 256):
+        folder = tmp_path / str(rows)
+        folder.mkdir()
+        for i in range(4):
+            save_file({f"layer{j}": torch.randn(rows, 1024) for j in range(16)},
+                      str(folder / f"ing{i}.safetensors"))
+        sizes.append(16 * rows * 1024 * 4 / 2**20)
+        out = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True,
+                             text=True, check=True, env=env)
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"])
+    states = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    assert states < 2.5, states  # three fp32 states (the old greedy) measure 3.0
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from torch import nn
