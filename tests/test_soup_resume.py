@@ -211,3 +211,18 @@ def test_causal_lm_share_is_the_share_of_target_tokens(monkeypatch):
             assert total == pytest.approx(global_mean, rel=1e-6), world
     _fake_world(monkeypatch, 0, 2)
     assert local_share({"input_ids": ids, "labels": torch.full_like(ids, -100)}) == (None, 0.0)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_fp16_loss_scaling_is_undone_exactly(tmp_path, grad_clip):
+    """fp16 autocast multiplies the loss by the scaler's scale (65536): the coefficient
+    gradient and the clip norm must be unscaled, so the soup matches the fp32 one closely.
+    (Runs on the CPU through the API; the CLI allows --fp16 on GPUs only.)"""
+    ings = write_ingredients(tmp_path, 4)
+    cfg = MehlConfig(model_batch=2, epochs=2, lr=0.05, grad_clip=grad_clip)
+    fp32 = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn, config=cfg)
+    fp16 = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn, config=cfg, precision="fp16")
+    assert torch.allclose(fp16.coefficients, fp32.coefficients, atol=2e-3)
+    learned32 = learned_soup(ings, Net(), make_data(), loss_fn=loss_fn)
+    learned16 = learned_soup(ings, Net(), make_data(), loss_fn=loss_fn, precision="fp16")
+    assert torch.allclose(learned16.coefficients, learned32.coefficients, atol=2e-3)
