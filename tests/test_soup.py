@@ -317,7 +317,10 @@ DDP_SCRIPT = textwrap.dedent("""
     else:  # the last batch has 1 row: fewer rows than ranks
         x = torch.randn(49, 8, generator=g); y = (x[:, 0] > 0).long()
         data = [{"x": x[i:i + 16], "labels": y[i:i + 16]} for i in range(0, 49, 16)]
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        class Heads(nn.Module):  # reshapes like HF attention: fails on 0 rows
+            def forward(self, h):
+                return h.view(h.shape[0], -1, 4).flatten(1)
+        model = nn.Sequential(nn.Linear(8, 16), Heads(), nn.ReLU(), nn.Linear(16, 2))
         loss = lambda m, b: F.cross_entropy(m(b["x"]), b["labels"])
     ings = open_ingredients([folder])
     soup = mehl_soup(ings, model, data, loss_fn=loss,
@@ -337,8 +340,8 @@ def test_mehl_two_gloo_processes_match_one_process(tmp_path, mode):
     torch.manual_seed(0)
     if mode == "lm":
         model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
-    else:
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    else:  # the script's model, whose reshape (like HF attention's) fails on 0 rows
+        model = nn.Sequential(nn.Linear(8, 16), nn.Identity(), nn.ReLU(), nn.Linear(16, 2))
     folder = tmp_path / "ings"
     folder.mkdir()
     for i in range(4):
