@@ -142,3 +142,115 @@ def test_cli_bad_inputs(tiny_bert_ingredients, tmp_path, capsys):
     assert "ingredient 4" in err and "other" in err and "has shape" in err
     # nothing was written by any refused run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "o", "other"]
+
+
+def _interrupt_at_round(monkeypatch, round_no):
+    """Ctrl-C at the start of MEHL round ``round_no`` (when its schedule is built)."""
+    import upcycle.soup.mehl as mehl
+
+    real = mehl.cosine_with_warmup
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == round_no:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mehl, "cosine_with_warmup", fake)
+
+
+def test_ctrl_c_leaves_nothing_at_out_and_resume_gives_the_same_soup(
+        tiny_bert_ingredients, tmp_path, capsys, monkeypatch):
+    from upcycle.checkpoints import open_ingredients
+
+    root, folders = tiny_bert_ingredients
+    common = ["soup", "--method", "mehl+", *map(str, folders), "--quiet", "--epochs", "1",
+              "--model-batch", "1", "--batch-size", "16", "--held-out",
+              str(root / "held_out.jsonl"), "--seed", "3"]
+    whole = tmp_path / "whole"
+    assert main([*common, "--out", str(whole)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "soup"
+    with monkeypatch.context() as m:
+        _interrupt_at_round(m, 2)
+        assert main([*common, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "interrupted; MEHL round 1/3 is saved in" in lines[0] and "--resume" in lines[0]
+    assert not out.exists()
+    partial = tmp_path / ".soup.partial"
+    assert (partial / "mehl-checkpoint.safetensors").is_file()
+    # Ctrl-C before any round finished: nothing was written, and the hint says so.
+    with monkeypatch.context() as m:
+        _interrupt_at_round(m, 1)
+        assert main([*common, "--out", str(tmp_path / "early")]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted; nothing was written")
+    assert not (tmp_path / "early").exists() and not (tmp_path / ".early.partial").exists()
+
+    assert main([*common, "--out", str(out), "--resume"]) == 0
+    assert "resuming mehl+ after round 1/3" in capsys.readouterr().err
+    assert not partial.exists()  # the checkpoint goes once the soup is written
+    a, b = open_ingredients([whole])[0], open_ingredients([out])[0]
+    for name in a.keys():
+        assert torch.allclose(a.get(name), b.get(name), atol=1e-6), name
+    ca = json.loads((whole / "soup.json").read_text())["history"]
+    cb = json.loads((out / "soup.json").read_text())["history"]
+    assert [h["ingredients"] for h in ca] == [h["ingredients"] for h in cb]
+
+
+@pytest.mark.parametrize("method", ["uniform", "mehl+"])
+def test_dtype_bfloat16_writes_a_bf16_soup(tiny_bert_ingredients, tmp_path, method):
+    from upcycle.checkpoints import open_ingredients
+
+    root, folders = tiny_bert_ingredients
+    out = tmp_path / "bf16"
+    args = ["soup", "--method", method, *map(str, folders), "--out", str(out), "--quiet",
+            "--dtype", "bfloat16", "--device", "cpu"]
+    if method != "uniform":
+        args += ["--held-out", str(root / "held_out.jsonl"), "--epochs", "1",
+                 "--model-batch", "2", "--batch-size", "16"]
+    assert main(args) == 0
+    soup = open_ingredients([out])[0]
+    source = open_ingredients([folders[0]])[0]
+    for name in soup.keys():
+        expected = torch.bfloat16 if source.dtype(name).is_floating_point else source.dtype(name)
+        assert soup.dtype(name) == expected, name
+
+
+def test_device_precision_and_resume_errors(tiny_bert_ingredients, tmp_path, capsys,
+                                            monkeypatch):
+    root, folders = tiny_bert_ingredients
+    ings = list(map(str, folders))
+    held = str(root / "held_out.jsonl")
+    base = ["soup", "--method", "mehl+", *ings, "--held-out", held, "--quiet", "--epochs", "1",
+            "--model-batch", "2", "--batch-size", "16"]
+    out = str(tmp_path / "o")
+    if not torch.cuda.is_available():
+        assert main([*base, "--out", out, "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available on this machine" in _err(capsys)
+    assert main([*base, "--out", out, "--device", "tpu"]) == 2
+    assert "--device 'tpu': expected one of auto, cpu, cuda, cuda:N, mps" in _err(capsys)
+    assert main([*base, "--out", out, "--device", "cpu", "--fp16"]) == 2
+    assert "--fp16: float16 mixed precision needs a GPU" in _err(capsys)
+    assert main([*base, "--out", out, "--bf16", "--fp16"]) == 2
+    assert "--bf16 and --fp16 exclude each other" in _err(capsys)
+    assert main([*base, "--out", out, "--resume"]) == 2
+    assert "--resume: no checkpoint of an interrupted soup for" in _err(capsys)
+    assert main(["soup", *ings, "--out", out, "--resume", "--quiet"]) == 2
+    assert "--resume applies to --method mehl or mehl+" in _err(capsys)
+    # a checkpoint made with other settings, or from other ingredients
+    with monkeypatch.context() as m:
+        _interrupt_at_round(m, 2)
+        assert main([*base, "--out", out]) == 130
+    _err(capsys)
+    assert main([*base, "--out", out, "--resume", "--epochs", "2"]) == 2
+    assert "with other settings: epochs was 1, now 2" in _err(capsys)
+    assert main([*base[:3], *ings[:2], *base[6:], "--out", out, "--resume"]) == 2
+    assert "from other ingredients (3 ingredients then, 2 now)" in _err(capsys)
+    assert main([*base[:2], "mehl", *base[3:], "--out", out, "--resume"]) == 2
+    assert "by method mehl+, not mehl" in _err(capsys)
+    # nothing was written at --out by any refused or interrupted run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.partial"]

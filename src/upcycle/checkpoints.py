@@ -3,8 +3,11 @@
 An *ingredient* is one checkpoint: a ``.safetensors`` file, a HuggingFace model folder
 (``model.safetensors``, a sharded ``model.safetensors.index.json`` or ``pytorch_model.bin``),
 or a PyTorch ``.bin``/``.pt``/``.pth`` state dict (loaded with ``weights_only=True``).
-Tensors are read one at a time; safetensors files are memory-mapped, so reading N
-checkpoints never costs N models of memory unless the caller keeps the tensors.
+Tensors are read one at a time: safetensors files are opened per read, PyTorch zip files are
+indexed once (tensor -> byte offset, read with ``map_location="meta"``) and each tensor's bytes
+are read with a plain file read, so nothing stays mapped and reading N checkpoints never
+costs N models of memory unless the caller keeps the tensors. Legacy (non-zip) PyTorch
+pickles cannot be read that way: they are loaded whole, kept, and reported once.
 
 Writing goes to a temporary sibling first and is renamed into place only when complete:
 an interrupted run never leaves a half-written model where a good one was expected.
@@ -17,7 +20,9 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -41,6 +46,37 @@ _ST_DTYPES = {
 }
 
 
+_legacy_reported: set[str] = set()
+
+
+def _report_legacy(label: str, file: Path) -> None:
+    """Say once per process that legacy pickles are loaded whole, and how to convert them."""
+    if _legacy_reported:
+        _legacy_reported.add(str(file))
+        return
+    _legacy_reported.add(str(file))
+    print(f"upcycle: note: {label}: {_short(file)} is a legacy (non-zip) PyTorch file, which "
+          f"cannot be read one tensor at a time: it is loaded whole and kept in memory (so is "
+          f"any other such ingredient). Convert it once, e.g. torch.save(torch.load(f), f) or "
+          f"to .safetensors.", file=sys.stderr)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for s in reversed(shape):
+        strides.append(step)
+        step *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _zip_byteorder(file: Path) -> str | None:
+    with zipfile.ZipFile(file) as z:
+        for name in z.namelist():
+            if name.endswith("/byteorder"):
+                return z.read(name).decode().strip()
+    return None
+
+
 def _short(path: Path) -> str:
     try:
         return os.path.relpath(path)
@@ -60,7 +96,10 @@ class Ingredient:
         self.hf_dir: Path | None = None  # set when the ingredient is a HF model folder
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._torch_state: dict[str, torch.Tensor] | None = None
+        self._torch_state: dict[str, torch.Tensor] | None = None  # legacy pickles only
+        # zip-format .pt/.bin: name -> (storage byte offset in the file, dtype, shape, stride,
+        # storage offset in elements)
+        self._torch_index: dict[str, tuple] = {}
         self._open()
 
     @property
@@ -143,11 +182,15 @@ class Ingredient:
             )
 
     def _open_torch(self, file: Path) -> None:
+        legacy = not zipfile.is_zipfile(file)
+        # A zip written on a machine of the other byte order needs torch's byte swapping:
+        # load it whole like a legacy file.
+        whole = legacy or _zip_byteorder(file) not in (None, sys.byteorder)
         try:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                state = torch.load(file, map_location="cpu", weights_only=True)
+            # Zip format: only the pickle is read; tensors come back on the meta device with
+            # their storage's byte offset in the file (nothing mapped, no data read).
+            state = torch.load(file, map_location="cpu" if whole else "meta",
+                               weights_only=True)
         except Exception as exc:
             raise UpcycleError(
                 f"{self.label}: {_short(file)} is not a loadable PyTorch state dict "
@@ -163,10 +206,42 @@ class Ingredient:
             raise UpcycleError(
                 f"{self.label}: {_short(file)} does not hold a state dict of tensors"
             )
-        self._torch_state = dict(state)
-        for name, t in self._torch_state.items():
+        for name, t in state.items():
             self._meta[name] = (tuple(t.shape), t.dtype)
             self._files[name] = file
+            if not whole:
+                offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+                if offset is None:
+                    raise UpcycleError(f"{self.label}: cannot locate tensor {name!r} in "
+                                       f"{_short(file)} (torch {torch.__version__})")
+                self._torch_index[name] = (int(offset), t.dtype, tuple(t.shape), t.stride(),
+                                           t.storage_offset())
+        if whole:
+            self._torch_state = dict(state)
+            if legacy:
+                _report_legacy(self.label, file)
+
+    def _read_torch(self, name: str) -> torch.Tensor:
+        """One tensor of a zip-format PyTorch file, read with a plain file read (private
+        memory; the file is not mapped)."""
+        offset, dtype, shape, stride, start = self._torch_index[name]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        span = 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+        size = torch.empty((), dtype=dtype).element_size()
+        with open(self._files[name], "rb") as f:
+            f.seek(offset + start * size)
+            buf = bytearray(f.read(span * size))
+        if len(buf) != span * size:
+            raise UpcycleError(f"{self.label}: {_short(self._files[name])} is truncated "
+                               f"(tensor {name!r})")
+        flat = torch.frombuffer(buf, dtype=dtype)
+        if span == numel and tuple(stride) == _contiguous_strides(shape):
+            return flat.view(shape)
+        return flat.as_strided(shape, stride).clone()
 
     # -- reading ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -192,13 +267,22 @@ class Ingredient:
 
         Safetensors files are opened per read and closed again, so pages of the memory map
         do not stay resident once the caller drops the tensor: reading N ingredients one
-        tensor at a time never holds N models. ``.bin``/``.pt`` files stay memory-mapped
-        (torch's format), so their touched pages count as (reclaimable) file-backed memory.
+        tensor at a time never holds N models. Zip-format ``.bin``/``.pt`` tensors are read
+        from their byte offset with a plain read (nothing stays mapped); legacy pickles are
+        held whole since they were opened.
         """
         if name not in self._meta:
             raise UpcycleError(f"{self.label}: has no tensor {name!r}")
         if self._torch_state is not None:
             return self._torch_state[name]
+        if name in self._torch_index:
+            try:
+                return self._read_torch(name)
+            except UpcycleError:
+                raise
+            except Exception as exc:
+                raise UpcycleError(f"{self.label}: cannot read tensor {name!r} from "
+                                   f"{_short(self._files[name])}: {exc}") from exc
         try:
             with safe_open(str(self._files[name]), framework="pt") as handle:
                 return handle.get_tensor(name)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 from pathlib import Path
 
 from .. import distributed
 from ..bench import format_table
 from ..checkpoints import check_output, write_json
+from ..devices import add_device_arguments, check_precision, resolve_device
 from ..errors import UpcycleError
 from ..soup import METHODS
+from ..soup.resume import checkpoint_path
 
 REPORT_COLUMNS = [
     ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
@@ -59,6 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="coefficient learning rate (default: learned 0.05, mehl 0.01)")
     fit.add_argument("--grad-clip", type=float, default=None,
                      help="MEHL: clip the weight-gradient norm (reference: 1.0 for ViTs)")
+    fit.add_argument("--compact-directions", action="store_true",
+                     help="MEHL: keep the K directions in the ingredients' dtype (half the "
+                          "memory for bf16/fp16 checkpoints); coefficients stay fp32")
+    fit.add_argument("--resume", action="store_true",
+                     help="MEHL: continue an interrupted soup from its last finished round "
+                          "(checkpointed in .OUT.partial beside --out); same command otherwise")
+    run_group = p.add_argument_group("device and precision")
+    add_device_arguments(run_group)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="shard the output above this size (e.g. 2GB; default 5GB like HF)")
@@ -68,30 +80,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..tasks.soup_job import best_ingredient_row, ingredient_rows, prepare_soup_job, run_method
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished soup keeps its checkpoint: a fixed sibling of ``out``, so that a
+    rerun with --resume finds it; removed once the soup is written."""
+    return out.parent / f".{out.name}.partial"
 
-    distributed.init_from_env()
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli.main import on_interrupt
+    from ..tasks.soup_job import (
+        best_ingredient_row,
+        check_resume,
+        ingredient_rows,
+        prepare_soup_job,
+        run_method,
+    )
+
+    on_interrupt(None)
+    device = resolve_device(args.device)
+    precision = check_precision(device, bf16=args.bf16, fp16=args.fp16)
     out = Path(args.out)
     check_output(out, args.overwrite)
     if args.model_batch < 1:
         raise UpcycleError(f"--model-batch must be >= 1, got {args.model_batch}")
+    mehl = args.method.startswith("mehl")
+    partial = partial_dir(out)
+    if args.resume and not mehl:
+        raise UpcycleError(f"--resume applies to --method mehl or mehl+ (the other methods keep "
+                           f"no checkpoint), not {args.method}")
+    if args.resume and not checkpoint_path(partial).is_file():
+        raise UpcycleError(f"--resume: no checkpoint of an interrupted soup for {out} (looked "
+                           f"for {checkpoint_path(partial)}); run without --resume to start")
+    distributed.init_from_env(device)
     job = prepare_soup_job(
         args.ingredients, model_dir=args.model, held_out=args.held_out, data=args.data,
         held_out_fraction=args.held_out_fraction, test=args.test, seed=args.seed,
         max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
-        check_finite=not args.no_finite_check,
+        check_finite=not args.no_finite_check, device=device, dtype=args.dtype,
+        precision=precision,
     )
-    if args.method.startswith("mehl") and args.model_batch > len(job.ingredients):
+    if mehl and args.model_batch > len(job.ingredients):
         raise UpcycleError(f"--model-batch {args.model_batch} exceeds the number of ingredients "
                            f"({len(job.ingredients)})")
+    settings = dict(model_batch=args.model_batch, epochs=args.epochs, lr=args.lr,
+                    models_epochs=args.models_epochs, grad_clip=args.grad_clip, seed=args.seed,
+                    compact_directions=args.compact_directions)
+    if args.resume and job.task is not None:
+        state = check_resume(job, args.method, partial, **settings)
+        if distributed.is_main():
+            print(f"resuming {args.method} after round {state['rounds_done']}/"
+                  f"{state['rounds_total']} from {partial}", file=sys.stderr)
+    elif mehl and checkpoint_path(partial).is_file() and distributed.is_main():
+        print(f"note: {partial} holds a checkpoint of an interrupted soup; starting over "
+              f"(pass --resume to continue it instead)", file=sys.stderr)
+    resume_cmd = "rerun the same command with --resume to continue"
+
+    def saved(record: dict) -> None:
+        on_interrupt(f"MEHL round {record['rounds_done']}/{record['rounds_total']} is saved in "
+                     f"{partial}; {resume_cmd}")
+
+    if args.resume:
+        on_interrupt(f"the checkpoint in {partial} is kept; {resume_cmd}")
     rows = []
     if job.task is not None:
         ing_rows = ingredient_rows(job)
         rows.append(best_ingredient_row(job, ing_rows))
-    result, row = run_method(job, args.method, model_batch=args.model_batch, epochs=args.epochs,
-                             lr=args.lr, models_epochs=args.models_epochs,
-                             grad_clip=args.grad_clip, seed=args.seed)
+    mehl_args = dict(checkpoint_dir=partial, resume=args.resume, callback=saved) if mehl else {}
+    result, row = run_method(job, args.method, **settings, **mehl_args)
     rows.append(row)
     report = {"method": args.method, "ingredients": [str(i.path) for i in job.ingredients],
               "rows": rows, "soup": result.summary(), "args": vars(args) | {"func": None}}
@@ -104,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         if out.suffix == ".safetensors":
             write_json(out.with_name(out.name + ".report.json"), json.loads(
                 json.dumps(report, default=str)))
+        on_interrupt(f"the soup is written to {out}")
+        if mehl and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
         print(format_table(rows, REPORT_COLUMNS))
         print(f"soup written to {out}")
     distributed.barrier()

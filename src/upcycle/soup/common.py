@@ -11,8 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoints import Ingredient, atomic_file, save_model
 from ..errors import UpcycleError
+
+IGNORE_INDEX = -100
+"""Label value that no loss counts (PyTorch's and HuggingFace's ``ignore_index``)."""
 
 
 @dataclass
@@ -98,20 +102,109 @@ def parameter_names(model: nn.Module, ingredients: Sequence[Ingredient]) -> tupl
     return names, others
 
 
-def average_buffers(ingredients: Sequence[Ingredient], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Floating tensors: the mean over ingredients (fp32 accumulation, original dtype);
-    integer tensors (e.g. step counters, position ids): taken from the first ingredient."""
+def out_dtype(ingredient: Ingredient, name: str, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a soup writes ``name`` in: ``dtype`` when asked for (floating tensors only),
+    else the ingredients' own (a soup of bf16 checkpoints is bf16)."""
+    stored = ingredient.dtype(name)
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def average_buffers(ingredients: Sequence[Ingredient], names: Sequence[str], *,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Floating tensors: the mean over ingredients (fp32 accumulation, the ingredients' dtype
+    or ``dtype``); integer tensors (e.g. step counters, position ids): taken from the first
+    ingredient. CPU tensors, read one at a time."""
     out = {}
     for name in names:
         first = ingredients[0].get(name)
         if not first.is_floating_point():
             out[name] = first.clone()
             continue
-        acc = first.to(torch.float32).clone()
+        acc = first.to(torch.float32, copy=True)
         for ing in ingredients[1:]:
             acc += ing.get(name).to(torch.float32)
-        out[name] = (acc / len(ingredients)).to(first.dtype)
+        out[name] = (acc / len(ingredients)).to(out_dtype(ingredients[0], name, dtype))
     return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def place_model(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` to ``device`` (None: leave it where it is) and return its device."""
+    if device is None:
+        return model_device(model)
+    from ..devices import resolve_device
+
+    device = resolve_device(device, argument="device")
+    model.to(device)
+    return device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def check_precision_name(precision: str | None) -> None:
+    if precision not in (None, "bf16", "fp16"):
+        raise UpcycleError(f"precision {precision!r}: expected 'bf16', 'fp16' or None")
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """fp64 for the small K x L sums, except on MPS (which has no fp64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _targets_per_row(labels) -> torch.Tensor:
+    """How many loss targets each row of a batch holds: integer labels of shape (B, T) are
+    causal-LM token labels (targets: labels[:, 1:] != -100 after the next-token shift);
+    anything else counts one target per row whose label is not -100."""
+    if not isinstance(labels, torch.Tensor):
+        return torch.ones(len(labels), dtype=torch.float64)
+    labels = labels.detach().cpu()
+    if labels.ndim >= 2 and not labels.is_floating_point():
+        return (labels[:, 1:] != IGNORE_INDEX).reshape(len(labels), -1).sum(1).double()
+    if labels.ndim == 1 and not labels.is_floating_point():
+        return (labels != IGNORE_INDEX).double()
+    return torch.ones(len(labels), dtype=torch.float64)
+
+
+def local_share(batch: dict) -> tuple[dict | None, float]:
+    """This rank's shard of a global batch and its share of the batch's *loss targets*.
+
+    Rows are split contiguously over the ranks. The share is (targets on this rank) /
+    (targets in the global batch): rows for classification labels (B,), non-ignored next-token
+    labels for causal-LM labels (B, T). A ``loss_fn`` returning the mean over its own
+    targets, times this share, summed over ranks, is then the global mean over targets.
+
+    A rank left without targets (fewer rows than ranks, or only ignored labels) gets one
+    stand-in row that has targets and a share of 0: it runs the same forward, backward and
+    collectives as the others (every rank must take part in each all-reduce) and adds zero.
+    Returns (None, 0.0) when the whole global batch has no targets: every rank skips it.
+    """
+    labels = batch.get("labels")
+    size = len(labels) if labels is not None else len(next(iter(batch.values())))
+    if not distributed.is_distributed():
+        if labels is not None and float(_targets_per_row(labels).sum()) == 0:
+            return None, 0.0
+        return batch, 1.0
+    per_row = (_targets_per_row(labels) if labels is not None
+               else torch.ones(size, dtype=torch.float64))
+    total = float(per_row.sum())
+    if total == 0:
+        return None, 0.0
+    rank, world = distributed.rank(), distributed.world_size()
+    start, end = size * rank // world, size * (rank + 1) // world
+    local = float(per_row[start:end].sum())
+    if local == 0:
+        j = int(torch.nonzero(per_row)[0])
+        return {k: v[j:j + 1] for k, v in batch.items()}, 0.0
+    return {k: v[start:end] for k, v in batch.items()}, local / total
 
 
 def make_blocks(names: Sequence[str], blockwise: bool) -> tuple[list[str], list[int]]:
@@ -128,4 +221,4 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             if name in own:
-                own[name].copy_(value)
+                own[name].copy_(value)  # copy_ converts device and dtype

@@ -4,6 +4,10 @@ alpha = softmax(w) over ingredients (one row per block, w initialised to 0 = the
 soup), theta^l = sum_i alpha[l, i] theta_i^l. All N ingredients are kept resident and
 autograd runs through the weighted sum, exactly as the reference does, so the comparison
 with MEHL-Soup is honest: its memory grows with N.
+
+The N ingredients, the mixing logits and the weighted sums live on the model's device (read
+there one tensor at a time); under torch.distributed each rank fits on its share of every
+held-out batch and the logits' gradient is all-reduced.
 """
 
 from __future__ import annotations
@@ -17,17 +21,25 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..checkpoints import Ingredient
+from ..devices import autocast
 from ..errors import UpcycleError
 from ..tasks import classification_loss
 from ..train import cosine_with_warmup
 from .common import (
     SoupResult,
+    accumulator_dtype,
     average_buffers,
+    check_precision_name,
     ingredient_names,
     load_state,
+    local_share,
     make_blocks,
+    out_dtype,
     parameter_names,
+    place_model,
+    to_device,
 )
 
 
@@ -65,54 +77,80 @@ def learned_soup(
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = classification_loss,
     config: LearnedConfig | None = None,
     eval_fn: Callable[[nn.Module], dict] | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SoupResult:
-    """Learn softmax mixing coefficients on ``held_out`` batches with all ingredients resident."""
+    """Learn softmax mixing coefficients on ``held_out`` batches with all ingredients resident.
+
+    ``device`` (None: where ``model`` is), ``precision`` ("bf16"/"fp16" autocast) and
+    ``dtype`` (the soup's dtype; None: the ingredients') as for :func:`mehl_soup`.
+    """
     config = config or LearnedConfig()
+    check_precision_name(precision)
     if len(ingredients) < 2:
         raise UpcycleError(f"a learned soup needs at least 2 ingredients, got {len(ingredients)}")
     if not held_out:
         raise UpcycleError("the held-out set is empty: a learned soup needs data to fit on")
     torch.manual_seed(config.seed)
     names, others = parameter_names(model, ingredients)
+    device = place_model(model, device)
     load_state(model, average_buffers(ingredients, others))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    dtype = next(model.parameters()).dtype
-    # All N ingredients resident (the reference's memory profile).
-    thetas = [{n: ing.get(n).to(dtype, copy=True) for n in names} for ing in ingredients]
+    params = dict(model.named_parameters())
+    # All N ingredients resident on the device (the reference's memory profile), in the
+    # model's dtype, read one tensor at a time.
+    thetas = [{n: ing.get(n).to(device).to(params[n].dtype, copy=True) for n in names}
+              for ing in ingredients]
     block_names, block_of = make_blocks(names, config.blockwise)
     n_ing, n_blocks = len(ingredients), len(block_names)
-    w = torch.zeros(n_blocks, n_ing, requires_grad=True)
+    w = torch.zeros(n_blocks, n_ing, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([w], lr=config.lr, weight_decay=0.0)
     total = config.epochs * len(held_out)
     scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    acc_dtype = accumulator_dtype(device)
     fmodel = FunctionalModel(model)
     gen = torch.Generator().manual_seed(config.seed)
     history = []
-    bar = tqdm(total=total, desc="learned soup", disable=not config.progress, leave=False)
+    bar = tqdm(total=total, desc="learned soup",
+               disable=not config.progress or not distributed.is_main(), leave=False)
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        losses = []
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+        steps = 0
         for b in torch.randperm(len(held_out), generator=gen).tolist():
+            local, share = local_share(held_out[b])
+            if local is None:  # no loss targets in this batch on any rank
+                bar.update(1)
+                continue
             alpha = torch.softmax(w, dim=1)
-            params = {}
+            mixed = {}
             for n, l in zip(names, block_of):
                 acc = alpha[l, 0] * thetas[0][n]
                 for i in range(1, n_ing):
                     acc = acc + alpha[l, i] * thetas[i][n]
-                params[n] = acc
-            fmodel.params = params
-            loss = loss_fn(fmodel, held_out[b])
+                mixed[n] = acc
+            fmodel.params = mixed
+            with autocast(device, precision):
+                loss = loss_fn(fmodel, to_device(local, device))
+            loss = loss.float() * share
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            scaler.scale(loss).backward()
             fmodel.params = {}
-            losses.append(float(loss.detach()))
+            del mixed, alpha
+            distributed.all_reduce_sum(w.grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += distributed.all_reduce_sum(loss.detach().to(acc_dtype))
+            steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+            if not bar.disable:
+                bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
+        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, steps),
                   "seconds": time.perf_counter() - start}
         if eval_fn is not None:
             with torch.no_grad():
@@ -122,6 +160,7 @@ def learned_soup(
             record.update({f"held_out_{k}": v for k, v in eval_fn(model).items()})
         history.append(record)
     bar.close()
+    ref = ingredients[0]
     with torch.no_grad():
         alpha = torch.softmax(w, dim=1).detach()
         state = {}
@@ -129,9 +168,10 @@ def learned_soup(
             acc = torch.zeros_like(thetas[0][n], dtype=torch.float32)
             for i in range(n_ing):
                 acc += alpha[l, i] * thetas[i][n].float()
-            state[n] = acc.to(ingredients[0].dtype(n))
-    state.update(average_buffers(ingredients, others))
-    state = {k: state[k] for k in ingredients[0].keys()}
+            state[n] = acc.to(out_dtype(ref, n, dtype)).cpu()
+    state.update(average_buffers(ingredients, others, dtype=dtype))
+    state = {k: state[k] for k in ref.keys()}
     method = "learned+" if config.blockwise else "learned"
     return SoupResult(method, state, ingredient_names(ingredients),
-                      alpha.t().to(torch.float64).contiguous(), block_names, history)
+                      alpha.t().cpu().to(torch.float64).contiguous(), block_names, history,
+                      info={"device": str(device), "precision": precision})

@@ -9,6 +9,21 @@ Per round, over a model batch S of K ingredients (order shuffled once per pass):
   optimizer and a cosine schedule with 20% warm-up per round.
 The implied coefficients C (N x L) always sum to 1 per block and are tracked exactly.
 
+The first round is centred on the mean of its model batch, as in the reference; when that
+batch holds a single ingredient (K = 1) it is centred on the uniform soup of all N instead
+(streamed, C = 1/N), since centring on its only ingredient would skip every block and waste
+the round.
+
+Devices and precision: the anchor, the K directions, X, its optimizer state and the gradient
+accumulators live on the model's device (ingredients go there one tensor at a time); the
+forward/backward may run under bf16/fp16 autocast; X, its optimizer and the soup's
+accumulation stay fp32 (``compact_directions`` stores the directions in the ingredients'
+dtype instead, half the memory for bf16 checkpoints).
+
+Resume: with ``checkpoint_dir`` a small checkpoint is written after every round (see
+``resume.py``); ``resume=True`` continues from the last finished round and produces the same
+soup as an uninterrupted run with the same seed.
+
 Memory: the model (holding theta), the anchor c, K directions and X. The weight gradient is
 consumed parameter by parameter as backward produces it (a post-accumulate-grad hook folds
 it into dL/dX and frees it), so not even one full gradient is resident. Nothing grows with N.
@@ -24,7 +39,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,16 +48,24 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..checkpoints import Ingredient
+from ..devices import autocast
 from ..errors import UpcycleError
 from ..tasks import classification_loss
 from ..train import cosine_with_warmup
+from . import resume as ckpt
 from .common import (
     SoupResult,
+    accumulator_dtype,
     average_buffers,
+    check_precision_name,
     ingredient_names,
     load_state,
+    local_share,
     make_blocks,
+    out_dtype,
     parameter_names,
+    place_model,
+    to_device,
 )
 
 
@@ -64,7 +88,15 @@ class MehlConfig:
     """Clip the weight-gradient norm to this (the reference uses 1.0 for ViTs)."""
     seed: int = 0
     """Seeds the ingredient order and the order of held-out batches."""
+    compact_directions: bool = False
+    """Keep the K directions in the ingredients' dtype (half the memory for bf16/fp16
+    checkpoints) instead of fp32; X, its optimizer and the soup's accumulation stay fp32. The
+    coefficients C then reproduce the soup up to that dtype's rounding of theta_i - c."""
     progress: bool = False
+
+    def settings(self) -> dict:
+        """What the soup depends on (for resume fingerprints): everything but ``progress``."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
 
 
 def _check(ingredients: Sequence[Ingredient], held_out: Sequence[dict], config: MehlConfig) -> None:
@@ -81,47 +113,58 @@ def _check(ingredients: Sequence[Ingredient], held_out: Sequence[dict], config: 
         raise UpcycleError("the held-out set is empty: MEHL-Soup needs data to fit on")
 
 
-def _local_part(batch: dict) -> tuple[dict, float]:
-    """This rank's shard of a global batch and its share of the global example count."""
-    if not distributed.is_distributed():
-        return batch, 1.0
-    size = len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
-    rank, world = distributed.rank(), distributed.world_size()
-    start, end = size * rank // world, size * (rank + 1) // world
-    return {k: v[start:end] for k, v in batch.items()}, (end - start) / size
+def _local_part(batch: dict) -> tuple[dict | None, float]:
+    """This rank's shard of a global batch and its share of the loss targets (see
+    :func:`upcycle.soup.common.local_share`)."""
+    return local_share(batch)
 
 
 class _Round:
-    """One model batch: the directions, the coefficients X, and the gradient hooks."""
+    """One model batch: the directions, the coefficients X, and the gradient hooks.
+
+    Directions are stored unnormalised (D_i^l = theta_i^l - c^l, fp32 or the ingredients'
+    dtype) with their inverse norms kept apart: theta^l(X) = c^l + sum_i X[i,l] inv[i,l] D_i^l
+    and dL/dX[i,l] = inv[i,l] <D_i^l, g^l>, the same maths as unit directions.
+    """
 
     def __init__(self, names, block_of, n_blocks, params, anchor, members, ingredients,
-                 grad_clip):
+                 grad_clip, compact):
         self.names, self.block_of, self.params, self.anchor = names, block_of, params, anchor
+        device = anchor[names[0]].device
+        acc = accumulator_dtype(device)
+        self.acc_dtype = acc
         k = len(members)
-        sq = torch.zeros(k, n_blocks, dtype=torch.float64)
-        anchor_sq = torch.zeros(n_blocks, dtype=torch.float64)
+        sq = torch.zeros(k, n_blocks, dtype=acc, device=device)
+        anchor_sq = torch.zeros(n_blocks, dtype=acc, device=device)
         self.directions: dict[str, torch.Tensor] = {}
         for name, block in zip(names, block_of):
             c = anchor[name]
-            d = torch.empty(k, c.numel(), dtype=torch.float32)
+            store = ingredients[0].dtype(name) if compact else torch.float32
+            d = torch.empty(k, c.numel(), dtype=store, device=device)
             for row, i in enumerate(members):
-                torch.sub(ingredients[i].get(name).reshape(-1).to(torch.float32), c, out=d[row])
-            # Reductions without fp64 copies of the directions (that would cost 4x their size).
-            sq[:, block] += torch.linalg.vector_norm(d, dim=1).double().pow(2)
-            anchor_sq[block] += float(torch.linalg.vector_norm(c)) ** 2
+                theta = ingredients[i].get(name).reshape(-1).to(device).to(torch.float32)
+                if store == torch.float32:
+                    diff = torch.sub(theta, c, out=d[row])
+                else:
+                    diff = theta.sub_(c)
+                    d[row].copy_(diff)
+                # Reductions without fp64 copies of the directions (that would cost 4x).
+                sq[row, block] += torch.linalg.vector_norm(diff).to(acc).square()
+                del theta, diff
+            anchor_sq[block] += torch.linalg.vector_norm(c).to(acc).square()
             self.directions[name] = d
         norms = sq.sqrt()
         # A block whose difference to the anchor is zero (or at fp32 rounding level) has no
         # direction: skip it (the reference divides by zero and produces NaN there).
         tol = torch.clamp(1e-7 * anchor_sq.sqrt(), min=1e-30)
         valid = norms > tol
-        self.inv_norms = torch.where(valid, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        for name, block in zip(names, block_of):
-            self.directions[name].mul_(self.inv_norms[:, block].to(torch.float32).unsqueeze(1))
+        self.inv_norms = torch.where(valid, 1.0 / norms.clamp_min(torch.finfo(acc).tiny),
+                                     torch.zeros_like(norms))
+        self._inv32 = self.inv_norms.to(torch.float32)
         self.valid = valid
-        self.x = torch.zeros(k, n_blocks)
-        self.grad_x = torch.zeros(k, n_blocks, dtype=torch.float64)
-        self.grad_sq = torch.zeros((), dtype=torch.float64)
+        self.x = torch.zeros(k, n_blocks, device=device)
+        self.grad_x = torch.zeros(k, n_blocks, dtype=acc, device=device)
+        self.grad_sq = torch.zeros((), dtype=acc, device=device)
         self.grad_clip = grad_clip
         self._hooks = [params[name].register_post_accumulate_grad_hook(self._hook(name, block))
                        for name, block in zip(names, block_of)]
@@ -132,47 +175,92 @@ class _Round:
 
         def fold(param: torch.Tensor) -> None:
             g = param.grad
-            if need_global_grad:
+            if need_global_grad:  # every rank runs this hook for every parameter, in order
                 distributed.all_reduce_sum(g)
             g = g.reshape(-1).to(torch.float32)
-            self.grad_x[:, block] += (direction @ g).double()
+            if direction.dtype == torch.float32:
+                dots = direction @ g
+            else:  # one row at a time in fp32: no K x D fp32 copy of compact directions
+                dots = torch.stack([torch.dot(row.to(torch.float32), g) for row in direction])
+            self.grad_x[:, block] += dots.to(self.acc_dtype) * self.inv_norms[:, block]
             if self.grad_clip is not None:
-                self.grad_sq += float(torch.linalg.vector_norm(g)) ** 2
+                self.grad_sq += torch.linalg.vector_norm(g).to(self.acc_dtype).square()
             param.grad = None  # consumed: never hold a full weight gradient
 
         return fold
 
     @torch.no_grad()
+    def combine(self, name: str, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """theta^l(X) = c + sum_i X[i, l] inv[i, l] D_i^l in fp32 (into ``out`` when given)."""
+        coef = self.x[:, block] * self._inv32[:, block]
+        d = self.directions[name]
+        c = self.anchor[name]
+        if d.dtype == torch.float32:
+            if out is None:
+                return torch.addmm(c.unsqueeze(0), coef.unsqueeze(0), d).view(-1)
+            torch.addmm(c.unsqueeze(0), coef.unsqueeze(0), d, out=out.view(1, -1))
+            return out
+        acc = c.clone() if out is None else out.copy_(c)
+        for row in range(d.shape[0]):
+            acc.add_(d[row].to(torch.float32).mul_(coef[row]))
+        return acc
+
+    @torch.no_grad()
     def apply(self) -> None:
-        """Write theta(X) = c + sum_i X[i, l] d_i^l into the model's parameters (in place when
-        the parameter is fp32, so no model-sized temporary is made)."""
+        """Write theta(X) into the model's parameters (in place when the parameter is fp32,
+        so no model-sized temporary is made)."""
         for name, block in zip(self.names, self.block_of):
             param = self.params[name]
-            args = (self.anchor[name].unsqueeze(0), self.x[:, block].unsqueeze(0),
-                    self.directions[name])
             if param.dtype == torch.float32 and param.is_contiguous():
-                torch.addmm(*args, out=param.view(1, -1))
+                self.combine(name, block, out=param.view(-1))
             else:
-                param.copy_(torch.addmm(*args).view_as(param))
+                param.copy_(self.combine(name, block).view_as(param))
 
-    def take_grad(self) -> torch.Tensor:
-        """dL/dX for the last backward (clipped like clip_grad_norm_ would), then reset."""
+    @torch.no_grad()
+    def move_anchor(self) -> None:
+        """The round's end point theta(X) (fp32, even for a low-precision model) becomes the
+        anchor, in place."""
+        for name, block in zip(self.names, self.block_of):
+            param = self.params[name]
+            if param.dtype == torch.float32:
+                self.anchor[name].copy_(param.detach().reshape(-1))
+            else:
+                self.anchor[name].copy_(self.combine(name, block))
+
+    def take_grad(self, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dL/dX for the last backward (times ``loss_scale``, the fp16 loss scale; clipped as
+        clip_grad_norm_ would on the unscaled weight gradient), and the clip factor; then
+        reset."""
         grad = self.grad_x
+        factor = None
         if self.grad_clip is not None:
             # The hooks folded the global (all-reduced) weight gradient: grad is global.
-            scale = self.grad_clip / (math.sqrt(float(self.grad_sq)) + 1e-6)
-            if scale < 1:
-                grad = grad * scale
+            norm = self.grad_sq.sqrt() / loss_scale
+            factor = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            grad = grad * factor
         else:
             distributed.all_reduce_sum(grad)  # only K x L numbers cross the wire
         self.grad_x = torch.zeros_like(self.grad_x)
-        self.grad_sq = torch.zeros((), dtype=torch.float64)
-        return grad.to(torch.float32)
+        self.grad_sq = torch.zeros_like(self.grad_sq)
+        return grad.to(torch.float32), factor
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self.directions.clear()
+
+
+@torch.no_grad()
+def _mean_anchor(ingredients, members, names, device) -> dict[str, torch.Tensor]:
+    """The fp32 mean of ``members`` per parameter (flat, on ``device``), one tensor at a time."""
+    anchor = {}
+    for name in names:
+        acc = torch.zeros(math.prod(ingredients[0].shape(name)), dtype=torch.float32,
+                          device=device)
+        for i in members:
+            acc += ingredients[i].get(name).reshape(-1).to(device).to(torch.float32)
+        anchor[name] = acc.div_(len(members))
+    return anchor
 
 
 def mehl_soup(
@@ -183,93 +271,165 @@ def mehl_soup(
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = classification_loss,
     config: MehlConfig | None = None,
     eval_fn: Callable[[nn.Module], dict] | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    dtype: torch.dtype | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callback: Callable[[dict], None] | None = None,
 ) -> SoupResult:
     """Fit a MEHL-Soup(+) of ``ingredients`` for ``model`` on ``held_out`` batches.
 
-    ``held_out`` holds global batches (dicts with ``labels``); under torch.distributed each
-    rank uses its slice of every batch. ``eval_fn(model)`` (optional) is called after each
-    round on the current soup and its metrics are kept in the history.
+    ``held_out`` holds global batches (dicts with ``labels``, on any device); under
+    torch.distributed each rank uses its slice of every batch (:func:`local_share`: its share
+    of the loss targets). ``eval_fn(model)`` (optional) is called after each round on the
+    current soup and its metrics are kept in the history.
+
+    ``device``: where to run (None: where ``model`` is; else the model is moved there).
+    ``precision``: "bf16"/"fp16" autocast for the forward/backward (fp16 with loss scaling).
+    ``dtype``: the soup's dtype (None: the ingredients'). ``checkpoint_dir``: write a
+    checkpoint after every round there; ``resume``: continue from it (it must match these
+    ingredients, method, settings and held-out data). ``callback(record)`` runs after each
+    round's checkpoint with the round's history record.
     """
     config = config or MehlConfig()
+    check_precision_name(precision)
     _check(ingredients, held_out, config)
+    if resume and checkpoint_dir is None:
+        raise UpcycleError("resume=True needs checkpoint_dir (where the checkpoint is)")
     names, others = parameter_names(model, ingredients)
+    method = "mehl+" if config.blockwise else "mehl"
+    device = place_model(model, device)
+    params = dict(model.named_parameters())
+    settings = {**config.settings(), "precision": precision,
+                "model_dtype": str(params[names[0]].dtype)}
+    fingerprint = None
+    saved = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        fingerprint = ckpt.fingerprint(ingredients, held_out, method, settings)
+        if resume:
+            saved = ckpt.load_checkpoint(checkpoint_dir)
+            ckpt.check_fingerprint(saved.state["fingerprint"], fingerprint,
+                                   ckpt.checkpoint_path(checkpoint_dir))
     load_state(model, average_buffers(ingredients, others))
     model.eval()  # no dropout while fitting coefficients: the loss is a function of X only
-    params = dict(model.named_parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         params[name].requires_grad_(True)
     block_names, block_of = make_blocks(names, config.blockwise)
     n, n_blocks, k = len(ingredients), len(block_names), config.model_batch
-    coefficients = torch.zeros(n, n_blocks, dtype=torch.float64)
     gen = torch.Generator().manual_seed(config.seed)
-    anchor: dict[str, torch.Tensor] | None = None
-    history: list[dict] = []
     rounds_per_pass = math.ceil(n / k)
+    total_rounds = config.models_epochs * rounds_per_pass
     steps_per_round = config.epochs * len(held_out)
-    bar = tqdm(total=config.models_epochs * rounds_per_pass * steps_per_round, desc="MEHL soup",
-               disable=not config.progress or not distributed.is_main(), leave=False)
+    acc_dtype = accumulator_dtype(device)
+    if saved is not None:
+        coefficients = saved.coefficients.to(torch.float64)
+        anchor = {name: saved.anchor[name].to(device) for name in names}
+        gen.set_state(saved.rng_state)
+        history = list(saved.state["history"])
+        next_pass, next_round = saved.state["next_pass"], saved.state["next_round"]
+        order = saved.state["order"]
+        del saved
+    else:
+        coefficients = torch.zeros(n, n_blocks, dtype=torch.float64)
+        anchor = None
+        history = []
+        next_pass, next_round, order = 0, 0, None
+    done = len(history)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    bar = tqdm(total=total_rounds * steps_per_round, initial=done * steps_per_round,
+               desc="MEHL soup", disable=not config.progress or not distributed.is_main(),
+               leave=False)
+    offset = history[-1]["seconds"] if history else 0.0
     start = time.perf_counter()
-    for outer in range(config.models_epochs):
-        order = torch.randperm(n, generator=gen).tolist()
-        for r in range(rounds_per_pass):
+    for outer in range(next_pass, config.models_epochs):
+        if outer != next_pass or next_round == 0:
+            order = torch.randperm(n, generator=gen).tolist()
+        for r in range(next_round if outer == next_pass else 0, rounds_per_pass):
             members = order[r * k:(r + 1) * k]
-            if anchor is None:  # first round: centre on the mean of the model batch
-                anchor = {}
-                for name in names:
-                    acc = torch.zeros(ingredients[0].shape(name), dtype=torch.float32).reshape(-1)
-                    for i in members:
-                        acc += ingredients[i].get(name).reshape(-1).to(torch.float32)
-                    anchor[name] = acc / len(members)
-                coefficients[members] = 1.0 / len(members)
+            if anchor is None:
+                # First round: centre on the mean of the model batch (the reference); a batch
+                # of one would be centred on its only ingredient, where every block has no
+                # direction, so K = 1 starts from the uniform soup of all N instead.
+                centre = members if len(members) > 1 else list(range(n))
+                anchor = _mean_anchor(ingredients, centre, names, device)
+                coefficients[centre] = 1.0 / len(centre)
             rnd = _Round(names, block_of, n_blocks, params, anchor, members, ingredients,
-                         config.grad_clip)
+                         config.grad_clip, config.compact_directions)
             optimizer = torch.optim.AdamW([rnd.x], lr=config.lr, weight_decay=config.weight_decay)
             scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * steps_per_round),
                                            steps_per_round)
-            losses = []
+            loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+            steps = 0
             try:
                 for _ in range(config.epochs):
-                    losses = []
+                    loss_sum.zero_()
+                    steps = 0
                     for b in torch.randperm(len(held_out), generator=gen).tolist():
-                        rnd.apply()
                         local, share = _local_part(held_out[b])
-                        loss = loss_fn(model, local) * share
-                        loss.backward()
-                        rnd.x.grad = rnd.take_grad()
-                        optimizer.step()
+                        if local is None:  # no loss targets in this batch on any rank
+                            bar.update(1)
+                            continue
+                        rnd.apply()
+                        with autocast(device, precision):
+                            loss = loss_fn(model, to_device(local, device))
+                        loss = loss.float() * share
+                        scaler.scale(loss).backward()
+                        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+                        grad, _ = rnd.take_grad(scale)
+                        rnd.x.grad = grad
+                        if scaler.is_enabled():
+                            # grad still carries the loss scale: the scaler unscales it, checks
+                            # it for inf/NaN and skips the step (lowering the scale) if needed.
+                            scaler.step(optimizer)
+                            scaler.update()
+                        else:
+                            optimizer.step()
                         scheduler.step()
-                        total_loss = distributed.all_reduce_sum(loss.detach().double().reshape(1))
-                        losses.append(float(total_loss))
+                        loss_sum += distributed.all_reduce_sum(loss.detach().to(acc_dtype))
+                        steps += 1
                         bar.update(1)
-                        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                        if not bar.disable:
+                            bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
                 rnd.apply()
+                rnd.move_anchor()
             finally:
                 rnd.close()
             # Book-keeping: theta = (1 - sum_i X_i/n_i) c + sum_i (X_i/n_i) theta_i.
-            ratio = rnd.x.double() * rnd.inv_norms  # (K, L); zero on skipped blocks
+            ratio = rnd.x.detach().cpu().double() * rnd.inv_norms.cpu().double()  # (K, L)
             coefficients *= 1 - ratio.sum(dim=0, keepdim=True)
             coefficients[members] += ratio
-            with torch.no_grad():  # the round's end point is the next anchor (in place)
-                for name in names:
-                    anchor[name].copy_(params[name].detach().reshape(-1))
             skipped = int((~rnd.valid).sum())
-            del rnd
+            del rnd, optimizer
             record = {"pass": outer + 1, "round": r + 1, "ingredients": [i + 1 for i in members],
-                      "held_out_loss_train": sum(losses) / len(losses),
+                      "held_out_loss_train": float(loss_sum) / max(1, steps),
                       "skipped_blocks": skipped,
-                      "seconds": time.perf_counter() - start}
+                      "seconds": offset + time.perf_counter() - start}
             if eval_fn is not None:
                 record.update({f"held_out_{key}": v for key, v in eval_fn(model).items()})
             history.append(record)
+            if checkpoint_dir is not None and distributed.is_main():
+                nxt = (outer, r + 1) if r + 1 < rounds_per_pass else (outer + 1, 0)
+                path = ckpt.save_checkpoint(
+                    checkpoint_dir, anchor, coefficients, gen.get_state(),
+                    {"fingerprint": fingerprint, "next_pass": nxt[0], "next_round": nxt[1],
+                     "order": order, "history": history, "rounds_done": len(history),
+                     "rounds_total": total_rounds})
+                record = {**record, "checkpoint": str(path)}
+            if callback is not None:
+                callback({**record, "rounds_done": len(history), "rounds_total": total_rounds})
     bar.close()
     for p in model.parameters():
         p.requires_grad_(False)
-    state = {name: anchor[name].view(ingredients[0].shape(name)).to(ingredients[0].dtype(name))
+    ref = ingredients[0]
+    state = {name: anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
              for name in names}
-    state.update(average_buffers(ingredients, others))
-    state = {key: state[key] for key in ingredients[0].keys()}
-    method = "mehl+" if config.blockwise else "mehl"
+    state.update(average_buffers(ingredients, others, dtype=dtype))
+    state = {key: state[key] for key in ref.keys()}
     return SoupResult(method, state, ingredient_names(ingredients), coefficients, block_names,
-                      history, info={"model_batch": k, "rounds": len(history)})
+                      history, info={"model_batch": k, "rounds": len(history),
+                                     "device": str(device), "precision": precision,
+                                     "compact_directions": config.compact_directions})

@@ -8,12 +8,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import Ingredient
-from .common import SoupResult, ingredient_names
+from .common import SoupResult, ingredient_names, out_dtype
 
 
-def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False) -> SoupResult:
+def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False,
+                 dtype: torch.dtype | None = None) -> SoupResult:
     """theta = (1/N) sum_i theta_i, accumulated in fp64 and rounded once to each tensor's
-    dtype (the exact mean, bit for bit).
+    dtype, or to ``dtype`` when given (the exact mean, bit for bit). Runs on the CPU: it is
+    bound by reading the checkpoints, not by arithmetic.
 
     Peak memory: the output, one fp64 accumulator (one tensor, not one model) and one tensor of one ingredient; never N
     models. Integer tensors are taken from the first ingredient.
@@ -29,6 +31,6 @@ def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False) -
         for ing in ingredients[1:]:
             acc += ing.get(name).to(torch.float64)
         acc /= n
-        state[name] = acc.to(first.dtype)
+        state[name] = acc.to(out_dtype(ingredients[0], name, dtype))
     coefficients = torch.full((n, 1), 1.0 / n, dtype=torch.float64)
     return SoupResult("uniform", state, ingredient_names(ingredients), coefficients, ["<model>"])

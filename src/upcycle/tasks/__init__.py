@@ -309,7 +309,9 @@ def model_inputs(batch: dict) -> dict:
 
 
 def move_batch(batch: dict, device: torch.device | str) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch's tensors on ``device`` (other values unchanged)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -323,21 +325,27 @@ def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict]) -> dict:
-    """Mean loss and accuracy over batches (summed over ranks when distributed)."""
+def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = None) -> dict:
+    """Mean loss and accuracy over batches (summed over ranks when distributed), on the
+    model's device, under ``precision`` ("bf16"/"fp16") autocast when given. A rank with no
+    batches contributes zero (every rank takes part in the all-reduce)."""
     from .. import distributed
+    from ..devices import autocast
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64)
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    totals = torch.zeros(3, dtype=acc, device=device)
     for batch in batches:
         batch = move_batch(batch, device)
-        logits = logits_of(model, batch)
-        totals[0] += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-        totals[1] += float((logits.argmax(-1) == batch["labels"]).sum())
+        with autocast(device, precision):
+            logits = logits_of(model, batch)
+        totals[0] += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").to(acc)
+        totals[1] += (logits.argmax(-1) == batch["labels"]).sum().to(acc)
         totals[2] += len(batch["labels"])
     distributed.all_reduce_sum(totals)
+    totals = totals.cpu()
     model.train(was_training)
     n = max(1.0, float(totals[2]))
     return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n, "n": int(totals[2])}
