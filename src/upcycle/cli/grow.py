@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
+from ..devices import add_device_arguments
 from ..errors import UpcycleError
 
 
@@ -55,8 +57,13 @@ def register(subparsers) -> None:
                    help="peak learning rate: keep the from-scratch peak")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="warm-up steps: keep the from-scratch warm-up (default 10%% of --steps)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step (over all ranks and --grad-accum)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="gradient accumulation: N micro-batches per optimizer step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_device = p.add_argument_group("device and precision of --train")
+    add_device_arguments(train_device)
     p.set_defaults(func=run)
 
 
@@ -85,6 +92,16 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError("--steps: expected a positive number of training steps with --train")
     if args.train is not None and not Path(args.train).is_file():
         raise UpcycleError(f"--train {args.train}: no such file")
+    if args.train is not None:
+        from ..devices import check_precision, resolve_device, resolve_dtype
+        from ..training import TrainingConfig
+
+        if args.grad_accum < 1:
+            raise UpcycleError(f"--grad-accum must be >= 1, got {args.grad_accum}")
+        check_precision(resolve_device(args.device), bf16=args.bf16, fp16=args.fp16)
+        resolve_dtype(args.dtype)
+        TrainingConfig(batch_size=args.batch_size, grad_accum=args.grad_accum).micro_batch(
+            int(os.environ.get("WORLD_SIZE", "1")))
     if out.exists() and not args.overwrite and any(out.iterdir() if out.is_dir() else [out]):
         raise UpcycleError(f"--out {out}: already exists; pass --overwrite to replace it")
     source = _load(src)
@@ -122,21 +139,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(model_dir: Path, args: argparse.Namespace) -> dict:
-    from ..tasks import classification_loss, evaluate, load_task
-    from ..train import TrainConfig, train
+    """Train the grown model in ``model_dir`` on ``--train`` with LEMON's recipe (the
+    from-scratch peak lr and warm-up, the cosine decayed fully over ``--steps``) through
+    ``transformers.Trainer`` (:mod:`upcycle.training`)."""
+    from ..devices import resolve_device, resolve_dtype
+    from ..grow import lemon_schedule
+    from ..tasks import evaluate, load_task
+    from ..tasks.finetune import train_task
+    from ..training import TrainingConfig
 
+    device = resolve_device(args.device)
     task = load_task(model_dir, args.train)
     data = task.read(args.train, split="train", fix_num_labels=True)
-    model = task.load_model()
-    batches = task.batches(data, args.batch_size, shuffle=True, seed=args.seed)
+    model = task.load_model(dtype=resolve_dtype(args.dtype))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
-    config = TrainConfig(max_steps=args.steps, lr=args.lr, warmup_steps=min(warmup, args.steps),
-                         seed=args.seed, progress=not args.quiet, desc="grow/train")
+    warmup = min(warmup, args.steps)
+    config = TrainingConfig(max_steps=args.steps, lr=args.lr, warmup_steps=warmup,
+                            batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            seed=args.seed, device=device, bf16=args.bf16, fp16=args.fp16,
+                            progress=not args.quiet)
     torch.manual_seed(args.seed)
-    result = train(model, batches, classification_loss, config)
+    schedule = lambda optimizer, total: lemon_schedule(  # noqa: E731
+        optimizer, peak_lr=args.lr, warmup_steps=warmup, total_steps=total)
+    result = train_task(model, task, data, config, schedule=schedule)
+    batches = task.batches(data, args.batch_size)
     metrics = evaluate(model, batches[: max(1, min(len(batches), 8))])
-    print(f"trained {result.steps} steps (LEMON recipe: peak lr {args.lr:g}, warm-up {warmup}, "
-          f"cosine to 0 at step {args.steps}): last loss {result.losses[-1]:.4f}, "
-          f"train accuracy {metrics['accuracy']:.3f}")
+    print(f"trained {result.steps} steps on {device} (LEMON recipe: peak lr {args.lr:g}, "
+          f"warm-up {warmup}, cosine to 0 at step {args.steps}): last loss "
+          f"{result.last_loss:.4f}, train accuracy {metrics['accuracy']:.3f}")
     model.save_pretrained(model_dir, safe_serialization=True)
-    return {"steps": result.steps, "last_loss": result.losses[-1], **metrics}
+    return {"steps": result.steps, "last_loss": result.last_loss, "device": str(device),
+            "log_history": result.log_history, **metrics}

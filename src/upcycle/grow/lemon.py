@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError
-from ..train import TrainConfig, cosine_with_warmup
+from ..train import cosine_with_warmup
 from .families import (
     Family,
     base_prefix,
@@ -626,11 +626,13 @@ def lemon_schedule(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup_s
 
 
 def lemon_train_config(scratch_steps: int, *, peak_lr: float, warmup_steps: int,
-                       budget: float = 0.55, **kwargs) -> TrainConfig:
-    """A :class:`upcycle.train.TrainConfig` for the grown model: same peak and warm-up as
+                       budget: float = 0.55, **kwargs):
+    """A :class:`upcycle.training.TrainingConfig` for the grown model: same peak and warm-up as
     from scratch, ``budget`` x ``scratch_steps`` steps with the cosine decayed fully."""
     if not 0 < budget <= 1:
         raise UpcycleError(f"budget: expected a fraction in (0, 1], got {budget}")
+    from ..training import TrainingConfig
+
     steps = max(1, round(scratch_steps * budget))
-    return TrainConfig(max_steps=steps, lr=peak_lr, warmup_steps=min(warmup_steps, steps),
+    return TrainingConfig(max_steps=steps, lr=peak_lr, warmup_steps=min(warmup_steps, steps),
                        **kwargs)

@@ -113,8 +113,10 @@ class ClassificationTask:
         self._image_stats = None
 
     # -- model -----------------------------------------------------------------------------
-    def load_model(self, num_labels: int | None = None) -> nn.Module:
-        """The classification model, in eval mode, on CPU."""
+    def load_model(self, num_labels: int | None = None, *, dtype: torch.dtype | None = None
+                   ) -> nn.Module:
+        """The classification model, in eval mode, on CPU (weights in ``dtype`` when given,
+        else as stored)."""
         from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
         auto = AutoModelForSequenceClassification if self.kind == "text" else \
@@ -124,6 +126,8 @@ class ClassificationTask:
             raise UpcycleError(f"model {self.model_dir}: has no classification head and the number "
                                f"of classes is unknown (read the training data first)")
         kwargs = {} if self.has_head else {"num_labels": n}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
