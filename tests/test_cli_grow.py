@@ -67,12 +67,27 @@ def test_grow_then_train(tiny_vit, tmp_path, capsys):
     out = tmp_path / "big"
     code = main(["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--layers", "3",
                  "--out", str(out), "--train", str(data), "--steps", "3", "--batch-size", "8",
-                 "--quiet"])
+                 "--grad-accum", "2", "--device", "cpu", "--quiet"])
     assert code == 0
-    assert "trained 3 steps" in capsys.readouterr().out
+    assert "trained 3 steps on cpu" in capsys.readouterr().out
     model = transformers.ViTForImageClassification.from_pretrained(out)
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 3
     assert json.loads((out / "growth.json").read_text())["train"]["steps"] == 3
+
+
+def test_grow_train_bad_device_or_precision(tiny_vit, tmp_path, capsys):
+    data = tmp_path / "train.npz"
+    np.savez(data, images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
+    base = ["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--out",
+            str(tmp_path / "big"), "--train", str(data), "--steps", "2", "--quiet"]
+    assert main(base + ["--device", "cpu", "--fp16"]) == 2
+    assert "--fp16: float16 mixed precision needs a GPU" in capsys.readouterr().err
+    assert main(base + ["--batch-size", "6", "--grad-accum", "4"]) == 2
+    assert "batch size 6 does not split" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
 
 
 @pytest.mark.parametrize("args, message", [

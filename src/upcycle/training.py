@@ -34,8 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +43,6 @@ from torch import nn
 from . import distributed
 from .devices import check_precision, resolve_device
 from .errors import UpcycleError
-from .train import cosine_with_warmup, param_groups
 
 RUN_FILE = "run.json"
 """Beside the checkpoints: the fingerprint of the run they belong to."""
@@ -135,35 +133,6 @@ class TrainingConfig:
         return d
 
 
-# -- TrainingArguments that honour our --device -----------------------------------------------
-
-def _training_arguments_class():
-    from transformers import TrainingArguments
-
-    @dataclass
-    class UpcycleTrainingArguments(TrainingArguments):
-        """``TrainingArguments`` plus ``device_spec``: the device of a single-process run
-        (``cuda:N`` included; Trainer alone would take ``cuda:0`` or all GPUs with
-        DataParallel). Under torchrun each rank uses ``cuda:LOCAL_RANK`` as Trainer does."""
-
-        device_spec: str | None = field(default=None, metadata={"help": "cpu, cuda:N or mps"})
-
-        @cached_property
-        def _setup_devices(self) -> torch.device:
-            device = super()._setup_devices
-            if self.device_spec is None or self.parallel_mode.value == "distributed":
-                return device
-            device = torch.device(self.device_spec)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-                self._n_gpu = 1
-            elif device.type == "cpu":
-                self._n_gpu = 0
-            return device
-
-    return UpcycleTrainingArguments
-
-
 def _default_trackers() -> list[str]:
     try:
         import tensorboard  # noqa: F401
@@ -225,96 +194,9 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         log_level="warning",
     )
     kwargs.update(overrides)
-    return _training_arguments_class()(**kwargs)
+    from ._trainer import UpcycleTrainingArguments
 
-
-# -- the Trainer ------------------------------------------------------------------------------
-
-def _trainer_class():
-    from transformers import PreTrainedModel, Trainer, TrainerCallback
-
-    class StepLosses(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            trainer = self.trainer
-            trainer.step_losses.append(trainer._micro_loss)
-            trainer._micro_loss = 0.0
-
-    class UpcycleTrainer(Trainer):
-        """``Trainer`` with upcycle's optimizer and schedule, checkpoints of the trained part
-        only, and a stop on a non-finite loss."""
-
-        def __init__(self, *args, schedule=None, min_lr_ratio: float = 0.0,
-                     warmup_steps: int | None = None, warmup_ratio: float = 0.0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.schedule = schedule
-            self.min_lr_ratio = min_lr_ratio
-            self._warmup = (warmup_steps, warmup_ratio)
-            self.step_losses: list[float] = []
-            self._micro_loss = 0.0
-            recorder = StepLosses()
-            recorder.trainer = self
-            self.add_callback(recorder)
-
-        # optimizer and schedule ------------------------------------------------------------
-        def create_optimizer(self):
-            if self.optimizer is None:
-                groups = param_groups(self.model.named_parameters(), self.args.weight_decay)
-                if not groups:
-                    raise UpcycleError("the model has no trainable parameters")
-                self.optimizer = torch.optim.AdamW(
-                    groups, lr=self.args.learning_rate, eps=self.args.adam_epsilon,
-                    betas=(self.args.adam_beta1, self.args.adam_beta2))
-            return self.optimizer
-
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            if self.lr_scheduler is None:
-                optimizer = optimizer if optimizer is not None else self.optimizer
-                if self.schedule is not None:
-                    self.lr_scheduler = self.schedule(optimizer, num_training_steps)
-                else:
-                    steps, ratio = self._warmup
-                    warmup = steps if steps is not None else int(round(ratio * num_training_steps))
-                    self.lr_scheduler = cosine_with_warmup(optimizer, warmup, num_training_steps,
-                                                           self.min_lr_ratio)
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
-
-        # a non-finite loss stops the run -------------------------------------------------
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            bad = torch.tensor(0.0 if bool(torch.isfinite(loss).all()) else 1.0)
-            if distributed.is_distributed():
-                bad = distributed.all_reduce_sum(bad.to(self.args.device)).cpu()
-            if float(bad) > 0:
-                last = _last_checkpoint(Path(self.args.output_dir))
-                kept = (f"the last good checkpoint is {last} (step "
-                        f"{_checkpoint_step(last)})" if last is not None
-                        else "no checkpoint was saved before it")
-                raise NonFiniteLossError(
-                    f"the training loss became {float(loss):g} at step "
-                    f"{self.state.global_step + 1}; training stopped and nothing more was "
-                    f"written; {kept}. Lower the learning rate, or use bf16 instead of fp16 "
-                    f"(fp16 overflows above 65504)")
-            self._micro_loss += float(loss)
-            return loss
-
-        # checkpoints hold what training changes ----------------------------------------
-        def _save(self, output_dir=None, state_dict=None):
-            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            if isinstance(model, PreTrainedModel) or state_dict is not None:
-                return super()._save(output_dir, state_dict)
-            return super()._save(output_dir, trained_state_dict(model))
-
-        def _issue_warnings_after_load(self, load_result):
-            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            trained = set(trained_state_dict(model))
-            missing = [k for k in load_result.missing_keys if k in trained]
-            if missing or load_result.unexpected_keys:
-                what = (f"lacks {missing[0]!r}" if missing else
-                        f"holds {load_result.unexpected_keys[0]!r}, which the model does not have")
-                raise UpcycleError(f"checkpoint does not fit this model: it {what}")
-
-    return UpcycleTrainer
+    return UpcycleTrainingArguments(**kwargs)
 
 
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -335,19 +217,19 @@ def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # -- checkpoints of one run -------------------------------------------------------------------
 
-def _checkpoint_step(path: Path | None) -> int:
+def checkpoint_step(path: Path | None) -> int:
     try:
         return int(path.name.rsplit("-", 1)[1])
     except (AttributeError, IndexError, ValueError):
         return -1
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
+def last_checkpoint(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
              and (p / "trainer_state.json").is_file()]
-    return max(found, key=_checkpoint_step) if found else None
+    return max(found, key=checkpoint_step) if found else None
 
 
 def _describe(value) -> str:
@@ -367,7 +249,7 @@ def prepare_checkpoints(folder: str | os.PathLike, fingerprint: Mapping | None, 
     """
     folder = Path(folder)
     if not resume:
-        if _last_checkpoint(folder) is not None:
+        if last_checkpoint(folder) is not None:
             if not overwrite:
                 raise UpcycleError(
                     f"{folder} holds checkpoints of an earlier run (interrupted?); pass "
@@ -384,7 +266,7 @@ def prepare_checkpoints(folder: str | os.PathLike, fingerprint: Mapping | None, 
         distributed.barrier()
         return None
     if resume is True or str(resume) == "latest":
-        checkpoint = _last_checkpoint(folder)
+        checkpoint = last_checkpoint(folder)
         if checkpoint is None:
             raise UpcycleError(f"{argument}: no checkpoint to resume from in {folder} (a run "
                                f"saves one every save-steps steps)")
@@ -481,14 +363,16 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
             raise UpcycleError("resume needs the output_dir of the run to resume")
         output_dir = tempfile.mkdtemp(prefix="upcycle-train-")
     output_dir = Path(output_dir)
-    fresh = not resume and _last_checkpoint(output_dir) is None
+    fresh = not resume and last_checkpoint(output_dir) is None
     try:
         args = training_arguments(config, output_dir, has_eval=eval_dataset is not None,
                                   **trainer_arguments)
         checkpoint = prepare_checkpoints(output_dir, fingerprint, resume=resume,
                                          overwrite=overwrite or temporary)
         fresh = fresh or bool(overwrite)
-        trainer = _trainer_class()(
+        from ._trainer import UpcycleTrainer
+
+        trainer = UpcycleTrainer(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             data_collator=data_collator, compute_loss_func=compute_loss,
             compute_metrics=compute_metrics,
@@ -514,7 +398,7 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
     except BaseException:
         # a fresh run that fails before its first checkpoint leaves nothing behind
         if fresh and not temporary and distributed.is_main() \
-                and _last_checkpoint(output_dir) is None:
+                and last_checkpoint(output_dir) is None:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     finally:
@@ -551,6 +435,6 @@ def num_training_steps(config: TrainingConfig, examples: int, world: int = 1) ->
     return int(math.ceil(config.epochs * per_epoch))
 
 
-__all__ = ["FitResult", "ListDataset", "NonFiniteLossError", "TrainingConfig",
+__all__ = ["FitResult", "ListDataset", "NonFiniteLossError", "TrainingConfig", "checkpoint_step", "last_checkpoint",
            "accuracy_metrics", "fit", "num_training_steps", "prepare_checkpoints",
            "trained_state_dict", "training_arguments"]

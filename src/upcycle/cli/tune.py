@@ -351,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "precision": precision,
         "steps": result.steps,
+        "steps_this_run": len(result.step_losses),
         "resumed_from": result.resumed_from,
         "best_step": best_step,
         "lr": config.lr,
