@@ -121,3 +121,45 @@ def test_grow_missing_model_folder(tmp_path, capsys):
     assert code == 2
     assert "no config.json" in capsys.readouterr().err
     torch.manual_seed(0)
+
+
+def test_grow_train_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_vit, tmp_path, capsys,
+                                                                   monkeypatch):
+    from safetensors.torch import load_file
+
+    from upcycle._trainer import UpcycleTrainer
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "train.npz"
+    np.savez(data, images=rng.integers(0, 255, size=(24, 8, 8)).astype(np.uint8),
+             labels=rng.integers(0, 3, size=24))
+
+    def argv(out, *extra):
+        return ["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--out", str(out),
+                "--train", str(data), "--steps", "4", "--batch-size", "8", "--save-steps", "2",
+                "--device", "cpu", "--quiet", *extra]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    step = UpcycleTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(UpcycleTrainer, "training_step", interrupted)
+    capsys.readouterr()
+    assert main(argv(tmp_path / "parts")) == 130
+    assert "checkpoint of step 2 saved" in capsys.readouterr().err
+    assert not (tmp_path / "parts").exists()
+    monkeypatch.setattr(UpcycleTrainer, "training_step", step)
+    assert main(argv(tmp_path / "parts", "--resume", "--lr", "1e-3")) == 2
+    assert "lr: 0.0001 in the checkpoint, 0.001 now" in capsys.readouterr().err
+    assert main(argv(tmp_path / "parts", "--resume")) == 0
+    train = json.loads((tmp_path / "parts" / "growth.json").read_text())["train"]
+    assert train["steps"] == 4 and train["resumed_from"].endswith("checkpoint-2")
+    assert not (tmp_path / "parts.checkpoints").exists()
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "model.safetensors"))
+    for name, value in whole.items():
+        torch.testing.assert_close(parts[name], value, atol=1e-6, rtol=1e-5)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..devices import add_device_arguments
 from ..errors import UpcycleError
 
@@ -61,6 +63,12 @@ def register(subparsers) -> None:
                    help="examples per optimizer step (over all ranks and --grad-accum)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="gradient accumulation: N micro-batches per optimizer step")
+    p.add_argument("--save-steps", type=int, default=None, metavar="N",
+                   help="save a resumable checkpoint of --train every N steps in "
+                        "<out>.checkpoints/")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue an interrupted --train from its latest checkpoint (or CKPT); "
+                        "the other arguments must be those of the interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     train_device = p.add_argument_group("device and precision of --train")
     add_device_arguments(train_device)
@@ -95,9 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if args.train is not None:
         from ..devices import check_precision, resolve_device, resolve_dtype
         from ..training import TrainingConfig
+        from .tune import check_resume, checkpoints_folder
 
         if args.grad_accum < 1:
             raise UpcycleError(f"--grad-accum must be >= 1, got {args.grad_accum}")
+        if args.save_steps is not None and args.save_steps < 1:
+            raise UpcycleError(f"--save-steps must be >= 1, got {args.save_steps}")
+        check_resume(args.resume, checkpoints_folder(out))
         check_precision(resolve_device(args.device), bf16=args.bf16, fp16=args.fp16)
         resolve_dtype(args.dtype)
         TrainingConfig(batch_size=args.batch_size, grad_accum=args.grad_accum).micro_batch(
@@ -147,6 +159,7 @@ def _train(model_dir: Path, args: argparse.Namespace) -> dict:
     from ..tasks import evaluate, load_task
     from ..tasks.finetune import train_task
     from ..training import TrainingConfig
+    from .tune import checkpoints_folder, interrupt_callback, run_fingerprint
 
     device = resolve_device(args.device)
     task = load_task(model_dir, args.train)
@@ -156,17 +169,24 @@ def _train(model_dir: Path, args: argparse.Namespace) -> dict:
     warmup = min(warmup, args.steps)
     config = TrainingConfig(max_steps=args.steps, lr=args.lr, warmup_steps=warmup,
                             batch_size=args.batch_size, grad_accum=args.grad_accum,
-                            seed=args.seed, device=device, bf16=args.bf16, fp16=args.fp16,
+                            save_steps=args.save_steps, seed=args.seed, device=device, bf16=args.bf16, fp16=args.fp16,
                             progress=not args.quiet)
     torch.manual_seed(args.seed)
     schedule = lambda optimizer, total: lemon_schedule(  # noqa: E731
         optimizer, peak_lr=args.lr, warmup_steps=warmup, total_steps=total)
-    result = train_task(model, task, data, config, schedule=schedule)
+    out = Path(args.out)
+    folder = checkpoints_folder(out)
+    fingerprint = run_fingerprint(args, {"model": args.model, "train": args.train})
+    result = train_task(model, task, data, config, schedule=schedule, output_dir=folder,
+                        resume=args.resume, fingerprint=fingerprint, overwrite=args.overwrite,
+                        callbacks=[interrupt_callback(folder, f"upcycle grow --out {out} ...")])
     batches = task.batches(data, args.batch_size)
     metrics = evaluate(model, batches[: max(1, min(len(batches), 8))])
     print(f"trained {result.steps} steps on {device} (LEMON recipe: peak lr {args.lr:g}, "
           f"warm-up {warmup}, cosine to 0 at step {args.steps}): last loss "
           f"{result.last_loss:.4f}, train accuracy {metrics['accuracy']:.3f}")
     model.save_pretrained(model_dir, safe_serialization=True)
-    return {"steps": result.steps, "last_loss": result.last_loss, "device": str(device),
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
+    return {"steps": result.steps, "resumed_from": result.resumed_from, "last_loss": result.last_loss, "device": str(device),
             "log_history": result.log_history, **metrics}

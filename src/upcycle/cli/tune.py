@@ -216,26 +216,31 @@ def _sha256(path: Path) -> str:
 
 # Arguments that do not change what is trained: they may differ between a run and its --resume.
 _NOT_IN_FINGERPRINT = {"func", "command", "out", "overwrite", "resume", "quiet", "merge", "test",
-                       "device", "save_steps", "logging_steps", "model", "data", "held_out"}
+                       "device", "save_steps", "logging_steps"}
 
 
-def run_fingerprint(args: argparse.Namespace) -> dict:
+def run_fingerprint(args: argparse.Namespace, files: dict[str, str | None]) -> dict:
     """What a run is (model, data, method and settings): its checkpoints resume only a run
-    with the same fingerprint."""
-    model = Path(args.model)
-    config = model / "config.json"
-    weights = sorted((p.name, p.stat().st_size) for p in model.iterdir()
-                     if p.suffix in (".safetensors", ".bin", ".pt")) if model.is_dir() else []
-    fingerprint = {
-        "model": str(model.resolve()),
-        "model config.json sha256": _sha256(config) if config.is_file() else None,
-        "model weight files": weights,
-        "data": str(Path(args.data).resolve()),
-        "data sha256": _sha256(Path(args.data)),
-        "held-out data": str(Path(args.held_out).resolve()) if args.held_out else None,
-    }
+    with the same fingerprint. ``files``: argument name -> the model folder or data file it
+    names (hashed, so that a changed file is noticed)."""
+    fingerprint = {}
+    for name, value in files.items():
+        if value is None:
+            fingerprint[name] = None
+            continue
+        path = Path(value)
+        fingerprint[name] = str(path.resolve())
+        if path.is_dir():
+            config = path / "config.json"
+            fingerprint[f"{name} config.json sha256"] = (_sha256(config) if config.is_file()
+                                                         else None)
+            fingerprint[f"{name} weight files"] = sorted(
+                [p.name, p.stat().st_size] for p in path.iterdir()
+                if p.suffix in (".safetensors", ".bin", ".pt"))
+        elif path.is_file():
+            fingerprint[f"{name} sha256"] = _sha256(path)
     fingerprint.update({k: v for k, v in sorted(vars(args).items())
-                        if k not in _NOT_IN_FINGERPRINT})
+                        if k not in _NOT_IN_FINGERPRINT and k not in files})
     return fingerprint
 
 
@@ -244,7 +249,16 @@ def checkpoints_folder(out: Path) -> Path:
     return out.parent / f"{out.name}.checkpoints"
 
 
-def _interrupt_callback(folder: Path, argv_hint: str):
+def check_resume(resume: str | None, folder: Path) -> None:
+    """``--resume`` without a checkpoint to resume: an error before anything is loaded."""
+    from ..training import last_checkpoint
+
+    if resume == "latest" and last_checkpoint(folder) is None:
+        raise UpcycleError(f"--resume: no checkpoint to resume from in {folder} (a run saves "
+                           f"one every --save-steps steps)")
+
+
+def interrupt_callback(folder: Path, argv_hint: str):
     """A Trainer callback keeping the Ctrl-C line up to date: what is saved, how to resume."""
     from transformers import TrainerCallback
 
@@ -286,8 +300,7 @@ def run(args: argparse.Namespace) -> int:
     precision = check_precision(device, bf16=args.bf16, fp16=args.fp16)
     dtype = resolve_dtype(args.dtype)
     folder = checkpoints_folder(out)
-    if args.resume and args.resume == "latest" and not folder.is_dir():
-        raise UpcycleError(f"--resume: no checkpoint to resume from ({folder} does not exist)")
+    check_resume(args.resume, folder)
     distributed.init_from_env(device)
     world = distributed.world_size()
     main_rank = distributed.is_main()
@@ -325,9 +338,11 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     result = train_task(
         tuned, task, train_data, config, eval_data=held_out if args.eval_steps else None,
-        output_dir=folder, resume=args.resume, fingerprint=run_fingerprint(args),
+        output_dir=folder, resume=args.resume,
+        fingerprint=run_fingerprint(args, {"model": args.model, "data": args.data,
+                                           "held_out": args.held_out}),
         overwrite=args.overwrite,
-        callbacks=[_interrupt_callback(folder, f"upcycle tune --out {out} ...")])
+        callbacks=[interrupt_callback(folder, f"upcycle tune --out {out} ...")])
     peak_train = peak_rss_mb()
     tuned.eval()
     held_batches = distributed.shard(task.batches(held_out, args.batch_size))
