@@ -28,7 +28,6 @@ checkpoints and ``resume``, logging (console, TensorBoard when installed) and DD
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -84,6 +83,9 @@ class TrainingConfig:
     ``best_metric``); the best one is loaded at the end."""
     best_metric: str = "loss"
     """The evaluation metric that picks the best checkpoint (lower is better for 'loss')."""
+    load_best: bool = True
+    """With ``eval_steps``: keep the best checkpoint and load it at the end (False: only
+    evaluate; the model ends as the last step left it)."""
     save_steps: int | None = None
     """Save a resumable checkpoint every this many steps (default: ``eval_steps``)."""
     logging_steps: int = 10
@@ -114,7 +116,8 @@ class TrainingConfig:
             raise UpcycleError(f"epochs: expected a positive number, got {self.epochs!r}")
         if not self.lr > 0:
             raise UpcycleError(f"lr: expected a positive learning rate, got {self.lr!r}")
-        if self.eval_steps and self.save_steps and self.save_steps % self.eval_steps:
+        if self.eval_steps and self.save_steps and self.load_best \
+                and self.save_steps % self.eval_steps:
             raise UpcycleError(f"save_steps {self.save_steps} must be a multiple of eval_steps "
                                f"{self.eval_steps} (the best checkpoint is chosen at evaluations)")
 
@@ -151,7 +154,8 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro = config.micro_batch(world)
     evaluate = bool(has_eval and config.eval_steps)
-    save_steps = config.save_steps or (config.eval_steps if evaluate else None)
+    keep_best = evaluate and config.load_best
+    save_steps = config.save_steps or (config.eval_steps if keep_best else None)
     if config.eval_steps and not has_eval:
         raise UpcycleError("eval_steps: no evaluation data to evaluate on")
     best = config.best_metric
@@ -174,9 +178,9 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         save_total_limit=1,  # the latest (and, with evaluation, the best) checkpoint
-        load_best_model_at_end=evaluate,
-        metric_for_best_model=best if evaluate else None,
-        greater_is_better=(best not in ("loss", "eval_loss")) if evaluate else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=best if keep_best else None,
+        greater_is_better=(best not in ("loss", "eval_loss")) if keep_best else None,
         logging_steps=config.logging_steps,
         logging_first_step=True,
         seed=config.seed,
@@ -406,6 +410,12 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
             shutil.rmtree(output_dir, ignore_errors=True)
 
 
+def first_item(items: Sequence):
+    """The collator for a dataset whose items are ready-made batches (``batch_size=1`` per
+    rank and accumulation step): the batch itself."""
+    return items[0]
+
+
 def accuracy_metrics():
     """(compute_metrics, preprocess_logits_for_metrics) for classification: accuracy of the
     argmax, computed on the device so that only class ids are gathered."""
@@ -424,17 +434,6 @@ def accuracy_metrics():
     return compute, preprocess
 
 
-def num_training_steps(config: TrainingConfig, examples: int, world: int = 1) -> int:
-    """The optimizer steps ``config`` takes on ``examples`` training examples (Trainer's
-    count: ``ceil(examples / micro-batch per rank)`` micro-batches, whole steps per epoch)."""
-    if config.max_steps is not None:
-        return config.max_steps
-    micro = config.micro_batch(world)
-    batches = math.ceil(examples / (micro * world))
-    per_epoch = max(1, batches // config.grad_accum)
-    return int(math.ceil(config.epochs * per_epoch))
-
-
-__all__ = ["FitResult", "ListDataset", "NonFiniteLossError", "TrainingConfig", "checkpoint_step", "last_checkpoint",
-           "accuracy_metrics", "fit", "num_training_steps", "prepare_checkpoints",
-           "trained_state_dict", "training_arguments"]
+__all__ = ["FitResult", "ListDataset", "NonFiniteLossError", "TrainingConfig",
+           "accuracy_metrics", "checkpoint_step", "first_item", "fit", "last_checkpoint",
+           "prepare_checkpoints", "trained_state_dict", "training_arguments"]
