@@ -317,3 +317,36 @@ def test_bf16_autocast_trains_on_cpu():
     model = TUNERS["snell"](tiny("bert"))
     result = _fit(model, _features(_examples()), bf16=True, max_steps=2)
     assert result.steps == 2 and all(math.isfinite(v) for v in result.step_losses)
+
+
+def test_finetune_writes_a_loadable_folder(tmp_path):
+    """The demo's fine-tunes: full fine-tuning through the bridge, saved atomically."""
+    import json
+
+    import numpy as np
+
+    from upcycle.tasks import load_task
+    from upcycle.tasks.finetune import cached_record, finetune
+    from upcycle.training import TrainingConfig
+
+    T = transformers
+    model_dir = tmp_path / "vit"
+    T.ViTModel(T.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+               add_pooling_layer=False).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (12, 8, 8)).astype(np.uint8),
+             labels=rng.integers(0, 3, 12))
+    task = load_task(model_dir, tmp_path / "d.npz")
+    data = task.read(tmp_path / "d.npz", fix_num_labels=True)
+    config = TrainingConfig(max_steps=4, lr=1e-3, batch_size=4, eval_steps=2, device="cpu",
+                            progress=False, report_to=[])
+    record = finetune(task, data, tmp_path / "out", config=config, eval_data=data)
+    assert record["steps"] == 4 and [e["step"] for e in record["evals"]] == [2, 4]
+    assert all(0 <= e["eval_accuracy"] <= 1 for e in record["evals"])
+    saved = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert saved["steps"] == 4
+    assert cached_record(tmp_path / "out", {"lr": 1e-3, "seed": 0}) is not None
+    again = T.ViTForImageClassification.from_pretrained(tmp_path / "out")
+    assert again.config.num_labels == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "out", "vit"]

@@ -62,6 +62,11 @@ class UpcycleTrainer(Trainer):
         self._micro_loss = 0.0
         self.add_callback(_StepLosses(self))
 
+    def _plain_model(self):
+        """The model without DDP/accelerate wrappers or a torch.compile shell."""
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(model, "_orig_mod", model)
+
     # optimizer and schedule ----------------------------------------------------------------
     def create_optimizer(self):
         if self.optimizer is None:
@@ -106,7 +111,7 @@ class UpcycleTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """Never save non-finite weights: the last checkpoint stays a good one."""
-        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        unwrapped = self._plain_model()
         for name, p in unwrapped.named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p).all()):
                 last = last_checkpoint(Path(self.args.output_dir))
@@ -120,13 +125,13 @@ class UpcycleTrainer(Trainer):
 
     # checkpoints hold what training changes --------------------------------------------
     def _save(self, output_dir=None, state_dict=None):
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model = self._plain_model()
         if isinstance(model, PreTrainedModel) or state_dict is not None:
             return super()._save(output_dir, state_dict)
         return super()._save(output_dir, trained_state_dict(model))
 
     def _issue_warnings_after_load(self, load_result):
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model = self._plain_model()
         trained = set(trained_state_dict(model))
         missing = [k for k in load_result.missing_keys if k in trained]
         if missing or load_result.unexpected_keys:
