@@ -313,10 +313,16 @@ def test_fp16_refused_on_cpu():
         _fit(TUNERS["snell"](tiny("bert")), _features(_examples()), fp16=True)
 
 
-def test_bf16_autocast_trains_on_cpu():
+def test_bf16_autocast_trains_on_cpu_and_leaves_nothing_behind():
     model = TUNERS["snell"](tiny("bert"))
     result = _fit(model, _features(_examples()), bf16=True, max_steps=2)
     assert result.steps == 2 and all(math.isfinite(v) for v in result.step_losses)
+    # afterwards the model runs in float32 again, and a later float32 run is not autocast
+    assert "forward" not in model.__dict__
+    assert model(**inputs()).logits.dtype == torch.float32
+    later = TUNERS["snell"](tiny("bert"))
+    _fit(later, _features(_examples()), max_steps=1)
+    assert "forward" not in later.__dict__ and "_original_forward" not in later.__dict__
 
 
 def test_finetune_writes_a_loadable_folder(tmp_path):

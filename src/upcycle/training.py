@@ -45,6 +45,7 @@ from .errors import UpcycleError
 
 RUN_FILE = "run.json"
 """Beside the checkpoints: the fingerprint of the run they belong to."""
+_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
 
 
 class NonFiniteLossError(UpcycleError):
@@ -191,6 +192,7 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         device_spec=None if distributed.launched_by_torchrun() else str(device),
         disable_tqdm=not config.progress,
         report_to=config.report_to if config.report_to is not None else _default_trackers(),
+        logging_dir=str(Path(output_dir) / "runs"),
         remove_unused_columns=False,  # our collators choose the columns themselves
         label_names=["labels"],
         dataloader_num_workers=0,
@@ -361,6 +363,12 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
     if len(train_dataset) == 0:
         raise UpcycleError("the training data is empty")
     distributed.init_from_env(resolve_device(config.device))
+    if config.bf16 or config.fp16:
+        # mixed precision keeps float32 master weights: what trains is upcast (the frozen rest
+        # stays as loaded), as GradScaler requires and as peft does for adapters
+        for p in model.parameters():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
     temporary = output_dir is None
     if temporary:
         if resume:
@@ -368,6 +376,11 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
         output_dir = tempfile.mkdtemp(prefix="upcycle-train-")
     output_dir = Path(output_dir)
     fresh = not resume and last_checkpoint(output_dir) is None
+    # Trainer leaves its precision in this variable for every later Trainer of the process;
+    # ours is the config's, and the caller's value comes back afterwards
+    saved_precision = os.environ.get(_PRECISION_VARIABLE)
+    os.environ[_PRECISION_VARIABLE] = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+    own_forward = model.__dict__.get("forward")
     try:
         args = training_arguments(config, output_dir, has_eval=eval_dataset is not None,
                                   **trainer_arguments)
@@ -406,6 +419,16 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     finally:
+        if saved_precision is None:
+            os.environ.pop(_PRECISION_VARIABLE, None)
+        else:
+            os.environ[_PRECISION_VARIABLE] = saved_precision
+        # accelerate wraps forward in autocast for mixed precision: give the model back as it was
+        if model.__dict__.pop("_original_forward", None) is not None:
+            if own_forward is None:
+                model.__dict__.pop("forward", None)
+            else:
+                model.__dict__["forward"] = own_forward
         if temporary and distributed.is_main():
             shutil.rmtree(output_dir, ignore_errors=True)
 

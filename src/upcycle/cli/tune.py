@@ -8,7 +8,8 @@ Trains on ``--data`` (the task formats of ``upcycle soup``: CSV/JSONL text or NP
 with ``transformers.Trainer`` (:mod:`upcycle.training`), reports the held-out (and test)
 metric, training time and peak memory, and writes into ``--out``: ``adapter/`` (the method's
 adapter folder), ``merged/`` with ``--merge`` (a plain HF model folder that
-``from_pretrained`` loads) and ``report.json``. Checkpoints during the run go to
+``from_pretrained`` loads), ``report.json`` and ``runs/`` (TensorBoard logs, when it is
+installed). Checkpoints during the run go to
 ``<out>.checkpoints/`` (``--save-steps``; ``--resume`` continues from the latest); nothing
 appears at ``--out`` before the run is complete. Under ``torchrun`` it trains data-parallel
 (DDP; gloo on CPU, NCCL on GPU) and only rank 0 writes.
@@ -404,6 +405,8 @@ def run(args: argparse.Namespace) -> int:
                 report["merge_max_abs_logit_diff"] = float((after - before).abs().max())
                 _save_merged(merged, task, tmp / "merged")
                 report["merged"] = str(out / "merged")
+            if (folder / "runs").is_dir():  # TensorBoard logs, when it is installed
+                shutil.copytree(folder / "runs", tmp / "runs")
             write_json(tmp / "report.json", report)
         shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
         rows = [
