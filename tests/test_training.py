@@ -317,6 +317,12 @@ def test_bf16_autocast_trains_on_cpu_and_leaves_nothing_behind():
     model = TUNERS["snell"](tiny("bert"))
     result = _fit(model, _features(_examples()), bf16=True, max_steps=2)
     assert result.steps == 2 and all(math.isfinite(v) for v in result.step_losses)
+    half = TUNERS["sherl"](tiny("bert")).bfloat16()  # bfloat16 weights, float32 master copies
+    before = {n: p.detach().clone() for n, p in half.named_parameters() if p.requires_grad}
+    _fit(half, _features(_examples()), bf16=True, max_steps=2)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert any(not torch.equal(p, before[n]) for n, p in half.named_parameters() if n in before)
+    assert half(**inputs()).logits.dtype == torch.bfloat16
     # afterwards the model runs in float32 again, and a later float32 run is not autocast
     assert "forward" not in model.__dict__
     assert model(**inputs()).logits.dtype == torch.float32

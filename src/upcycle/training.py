@@ -363,11 +363,13 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
     if len(train_dataset) == 0:
         raise UpcycleError("the training data is empty")
     distributed.init_from_env(resolve_device(config.device))
+    upcast = []
     if config.bf16 or config.fp16:
-        # mixed precision keeps float32 master weights: what trains is upcast (the frozen rest
-        # stays as loaded), as GradScaler requires and as peft does for adapters
+        # mixed precision trains float32 master weights (as GradScaler requires): half
+        # precision parameters that train are upcast for the run and cast back at its end
         for p in model.parameters():
             if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                upcast.append((p, p.dtype))
                 p.data = p.data.float()
     temporary = output_dir is None
     if temporary:
@@ -419,6 +421,8 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     finally:
+        for p, dtype in upcast:  # the model keeps the dtypes it came with
+            p.data = p.data.to(dtype)
         if saved_precision is None:
             os.environ.pop(_PRECISION_VARIABLE, None)
         else:

@@ -263,16 +263,24 @@ def interrupt_callback(folder: Path, argv_hint: str):
     """A Trainer callback keeping the Ctrl-C line up to date: what is saved, how to resume."""
     from transformers import TrainerCallback
 
+    from ..training import checkpoint_step, last_checkpoint
     from .main import on_interrupt
+
+    def saved(step: int) -> None:
+        on_interrupt(f"checkpoint of step {step} saved in {folder}; nothing was written to "
+                     f"--out; to continue, rerun {argv_hint} with --resume")
 
     class InterruptHint(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            on_interrupt(f"no checkpoint saved yet (--save-steps N saves one every N steps in "
-                         f"{folder}); nothing was written")
+            last = last_checkpoint(folder)
+            if last is not None:  # a resumed run
+                saved(checkpoint_step(last))
+            else:
+                on_interrupt(f"no checkpoint saved yet (--save-steps N saves one every N "
+                             f"steps in {folder}); nothing was written")
 
         def on_save(self, args, state, control, **kwargs):
-            on_interrupt(f"checkpoint of step {state.global_step} saved in {folder}; nothing "
-                         f"was written to --out; to continue, rerun {argv_hint} with --resume")
+            saved(state.global_step)
 
     return InterruptHint()
 
