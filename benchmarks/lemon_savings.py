@@ -99,7 +99,7 @@ def _lm_loss(model, batch) -> torch.Tensor:
 
 
 def _train_run(model, st: dict, steps: int, seed: int, desc: str) -> dict:
-    from upcycle.train import TrainConfig, train
+    from upcycle.training import TrainingConfig, first_item, fit
 
     train_ids, held_ids, _ = _corpus()
     batches = _batches(train_ids, steps, st["batch"], st["context"], seed=seed)
@@ -111,12 +111,18 @@ def _train_run(model, st: dict, steps: int, seed: int, desc: str) -> dict:
         return {"loss": float(np.mean([float(_lm_loss(m, b)) for b in held]))}
 
     initial = eval_fn(model)["loss"]
-    config = TrainConfig(max_steps=steps, lr=st["lr"], warmup_steps=min(st["warmup"], steps),
-                         weight_decay=0.01, grad_clip=1.0, eval_every=st["eval_every"],
-                         seed=seed, progress=False, desc=desc)
+    config = TrainingConfig(max_steps=steps, lr=st["lr"], warmup_steps=min(st["warmup"], steps),
+                            weight_decay=0.01, grad_clip=1.0, eval_steps=st["eval_every"],
+                            load_best=False, batch_size=1, seed=seed, device="cpu",
+                            progress=False)
     torch.manual_seed(seed)
-    result = train(model, batches, _lm_loss, config, eval_fn=eval_fn)
-    curve = [(0, initial)] + [(e["step"], e["loss"]) for e in result.evals]
+    with_labels = lambda bs: [{"input_ids": b["input_ids"], "labels": b["input_ids"]}  # noqa: E731
+                              for b in bs]
+    result = fit(model, with_labels(batches), config, eval_dataset=with_labels(held),
+                 data_collator=first_item)
+    curve = [(0, initial)] + [(e["step"], e["eval_loss"]) for e in result.evals]
+    if curve[-1][0] != steps:  # always end with the final model's held-out loss
+        curve.append((steps, eval_fn(model)["loss"]))
     return {"curve": curve, "final_loss": curve[-1][1], "train_s": result.seconds,
             "steps": steps, "params": sum(p.numel() for p in model.parameters())}
 

@@ -4,7 +4,7 @@
     python benchmarks/sherl_memory.py --steps 10 --only "seq 128"
 
 Contenders, each in a fresh process (upcycle.bench), all trained for the same number of
-steps at batch 32 with AdamW + cosine schedule (upcycle.train.train):
+steps at batch 32 with AdamW + cosine schedule (upcycle.training.fit, transformers.Trainer):
 
 - real all-MiniLM-L6-v2 (6 layers, hidden 384) on BBC News (5 classes), inputs truncated /
   padded to 128 and to 256 tokens; accuracy on a fixed 160-article test subset;
@@ -207,10 +207,11 @@ def build(method: str, model, spec: dict):
 
 def run_worker(spec: dict) -> dict:
     import torch
+    from transformers import TrainerCallback
 
     from upcycle.memory import current_rss_mb
-    from upcycle.tasks import classification_loss, evaluate
-    from upcycle.train import TrainConfig, train
+    from upcycle.tasks import evaluate
+    from upcycle.training import TrainingConfig, first_item, fit
 
     torch.set_num_threads(THREADS)
     steps = spec["steps"]
@@ -221,16 +222,20 @@ def run_worker(spec: dict) -> dict:
     torch.manual_seed(0)
     tuned, trainable = build(spec["method"], model, spec)
     stamps = []
-    config = TrainConfig(max_steps=steps, lr=LR[spec["method"]], weight_decay=0.01,
-                         warmup_ratio=0.1, progress=False)
+    config = TrainingConfig(max_steps=steps, lr=LR[spec["method"]], weight_decay=0.01,
+                            warmup_ratio=0.1, batch_size=1, device="cpu", progress=False)
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+
     gc.collect()
     rss_before = current_rss_mb()
     from upcycle.memory import peak_rss_mb, reset_peak_rss
 
     exact = reset_peak_rss()
     start = time.perf_counter()
-    result = train(tuned, train_batches, classification_loss, config,
-                   on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    result = fit(tuned, train_batches, config, data_collator=first_item, callbacks=[Stamp()])
     train_peak = peak_rss_mb()
     times = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
     steady = times[1:] if len(times) > 1 else times  # the first step warms up kernels
@@ -242,8 +247,8 @@ def run_worker(spec: dict) -> dict:
         "peak_is_training_only": exact,
         "s_per_step": sum(steady) / len(steady),
         "train_seconds": result.seconds,
-        "first_loss": result.losses[0],
-        "final_loss": result.losses[-1],
+        "first_loss": result.step_losses[0],
+        "final_loss": result.last_loss,
         "test_accuracy": metrics["accuracy"],
         "test_n": metrics["n"],
         "trainable": trainable,

@@ -87,8 +87,7 @@ def _pretrain_vit(out: Path, steps: int) -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
     from upcycle.datasets import mnist
-    from upcycle.tasks import classification_loss
-    from upcycle.train import TrainConfig, train
+    from upcycle.training import TrainingConfig, first_item, fit
 
     print(f"[snell_memory] pretraining the small ViT on MNIST ({steps} steps) ...",
           file=sys.stderr, flush=True)
@@ -101,9 +100,10 @@ def _pretrain_vit(out: Path, steps: int) -> None:
     order = np.random.default_rng(0).permutation(len(labels))
     batches = [{"pixel_values": images[order[i:i + 64]], "labels": labels[order[i:i + 64]]}
                for i in range(0, len(order) - 63, 64)]
-    result = train(model, batches, classification_loss,
-                   TrainConfig(max_steps=steps, lr=1e-3, progress=False))
-    print(f"[snell_memory]   final MNIST training loss {result.losses[-1]:.3f}",
+    result = fit(model, batches, TrainingConfig(max_steps=steps, lr=1e-3, batch_size=1,
+                                                device="cpu", progress=False),
+                 data_collator=first_item)
+    print(f"[snell_memory]   final MNIST training loss {result.last_loss:.3f}",
           file=sys.stderr, flush=True)
     model.vit.save_pretrained(out)
 
@@ -111,9 +111,11 @@ def _pretrain_vit(out: Path, steps: int) -> None:
 # -- one contender (in a fresh process) --------------------------------------------------------
 
 def run_worker(spec: dict) -> dict:
+    from transformers import TrainerCallback
+
     from upcycle.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
-    from upcycle.tasks import classification_loss, evaluate, load_task
-    from upcycle.train import TrainConfig, train
+    from upcycle.tasks import evaluate, load_task
+    from upcycle.training import TrainingConfig, first_item, fit
     from upcycle.tune.common import count_parameters
 
     torch.set_num_threads(1)  # the CPU is shared: oversubscribed threads distort every timing
@@ -154,9 +156,14 @@ def run_worker(spec: dict) -> dict:
     loading_peak = peak_rss_mb()
     reset = reset_peak_rss()  # so the training peak is not hidden by a model-loading peak
     stamps = [time.perf_counter()]
-    result = train(model, batches, classification_loss,
-                   TrainConfig(max_steps=steps, lr=spec["lr"], progress=False),
-                   on_step=lambda step, loss: stamps.append(time.perf_counter()))
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+
+    result = fit(model, batches, TrainingConfig(max_steps=steps, lr=spec["lr"], batch_size=1,
+                                                device="cpu", progress=False),
+                 data_collator=first_item, callbacks=[Stamp()])
     training_peak = peak_rss_mb() if reset else None
     peak = max(loading_peak, peak_rss_mb())
     step_times = np.diff(stamps).tolist()
@@ -171,7 +178,7 @@ def run_worker(spec: dict) -> dict:
         "training_peak_above_start_mb": (training_peak - rss_before_training
                                          if training_peak is not None else None),
         "s_per_step": statistics.median(step_times[1:] if len(step_times) > 1 else step_times),
-        "final_loss": result.losses[-1],
+        "final_loss": result.last_loss,
         "test_accuracy": metrics["accuracy"],
         "test_n": metrics["n"],
     }

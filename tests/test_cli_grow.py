@@ -67,12 +67,29 @@ def test_grow_then_train(tiny_vit, tmp_path, capsys):
     out = tmp_path / "big"
     code = main(["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--layers", "3",
                  "--out", str(out), "--train", str(data), "--steps", "3", "--batch-size", "8",
-                 "--scratch-lr", "1e-4", "--scratch-warmup", "1", "--quiet"])
+                 "--scratch-lr", "1e-4", "--scratch-warmup", "1", "--grad-accum", "2",
+                 "--device", "cpu", "--quiet"])
     assert code == 0
-    assert "trained 3 steps" in capsys.readouterr().out
+    assert "trained 3 steps on cpu" in capsys.readouterr().out
     model = transformers.ViTForImageClassification.from_pretrained(out)
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 3
     assert json.loads((out / "growth.json").read_text())["train"]["steps"] == 3
+
+
+def test_grow_train_bad_device_or_precision(tiny_vit, tmp_path, capsys):
+    data = tmp_path / "train.npz"
+    np.savez(data, images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
+    base = ["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--out",
+            str(tmp_path / "big"), "--train", str(data), "--steps", "2", "--scratch-lr", "1e-4",
+            "--scratch-warmup", "1", "--quiet"]
+    assert main(base + ["--device", "cpu", "--fp16"]) == 2
+    assert "--fp16: float16 mixed precision needs a GPU" in capsys.readouterr().err
+    assert main(base + ["--batch-size", "6", "--grad-accum", "4"]) == 2
+    assert "batch size 6 does not split" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -106,3 +123,46 @@ def test_grow_missing_model_folder(tmp_path, capsys):
     assert code == 2
     assert "no config.json" in capsys.readouterr().err
     torch.manual_seed(0)
+
+
+def test_grow_train_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_vit, tmp_path, capsys,
+                                                                   monkeypatch):
+    from safetensors.torch import load_file
+
+    from upcycle._trainer import UpcycleTrainer
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "train.npz"
+    np.savez(data, images=rng.integers(0, 255, size=(24, 8, 8)).astype(np.uint8),
+             labels=rng.integers(0, 3, size=24))
+
+    def argv(out, *extra):
+        return ["grow", "--model", str(tiny_vit), "--hidden-size", "64", "--out", str(out),
+                "--train", str(data), "--steps", "4", "--batch-size", "8", "--save-steps", "2",
+                "--scratch-lr", "1e-4", "--scratch-warmup", "1", "--device", "cpu", "--quiet",
+                *extra]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    step = UpcycleTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(UpcycleTrainer, "training_step", interrupted)
+    capsys.readouterr()
+    assert main(argv(tmp_path / "parts")) == 130
+    assert "checkpoint of step 2 saved" in capsys.readouterr().err
+    assert not (tmp_path / "parts").exists()
+    monkeypatch.setattr(UpcycleTrainer, "training_step", step)
+    assert main(argv(tmp_path / "parts", "--resume", "--scratch-lr", "1e-3")) == 2
+    assert "scratch_lr: 0.0001 in the checkpoint, 0.001 now" in capsys.readouterr().err
+    assert main(argv(tmp_path / "parts", "--resume")) == 0
+    train = json.loads((tmp_path / "parts" / "growth.json").read_text())["train"]
+    assert train["steps"] == 4 and train["resumed_from"].endswith("checkpoint-2")
+    assert not (tmp_path / "parts.checkpoints").exists()
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "model.safetensors"))
+    for name, value in whole.items():
+        torch.testing.assert_close(parts[name], value, atol=1e-6, rtol=1e-5)

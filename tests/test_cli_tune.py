@@ -132,3 +132,128 @@ def test_tune_ddp_two_ranks_gloo(text_task, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 3
     assert report["test_metrics"]["n"] == 16  # every test example counted once over the ranks
+
+
+# -- Trainer: resume, Ctrl-C, evaluation, devices ----------------------------------------------
+
+def _tune_argv(model_dir, train_file, out, *extra):
+    return ["tune", "--method", "snell", "--model", str(model_dir), "--data", str(train_file),
+            "--r", "4", "--max-steps", "6", "--batch-size", "8", "--lr", "1e-2",
+            "--save-steps", "3", "--device", "cpu", "--out", str(out), "--quiet", *extra]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_tune_ctrl_c_then_resume_equals_an_uninterrupted_run(text_task, tmp_path, capsys,
+                                                             monkeypatch):
+    from upcycle._trainer import UpcycleTrainer
+
+    model_dir, train_file, _ = text_task
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(_tune_argv(model_dir, train_file, whole)) == 0
+    assert not (tmp_path / "whole.checkpoints").exists()  # a complete run keeps no checkpoints
+
+    step = UpcycleTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(UpcycleTrainer, "training_step", interrupted)
+    capsys.readouterr()
+    assert main(_tune_argv(model_dir, train_file, parts)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted; checkpoint of step 3 saved in" in err[0]
+    assert "--resume" in err[0]
+    assert not parts.exists()  # nothing half-written at --out
+    folder = tmp_path / "parts.checkpoints"
+    assert (folder / "checkpoint-3").is_dir()
+
+    # without --resume the checkpoints are not silently thrown away
+    assert main(_tune_argv(model_dir, train_file, parts)) == 2
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    # other settings: refused, naming what differs; nothing written
+    assert main(_tune_argv(model_dir, train_file, parts, "--resume", "--sparsity", "0.3")) == 2
+    err = capsys.readouterr().err
+    assert "was made by another run (sparsity: 0.5 in the checkpoint, 0.3 now" in err
+    assert not parts.exists()
+
+    monkeypatch.setattr(UpcycleTrainer, "training_step", step)
+    assert main(_tune_argv(model_dir, train_file, parts, "--resume")) == 0
+    report = json.loads((parts / "report.json").read_text())
+    assert report["steps"] == 6 and report["resumed_from"].endswith("checkpoint-3")
+    assert report["steps_this_run"] == 3  # it continued at step 3, not from the start
+    assert not folder.exists()
+    expected, got = _adapter(whole), _adapter(parts)
+    assert set(expected) == set(got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_tune_resume_without_checkpoint_is_an_error(text_task, tmp_path, capsys):
+    model_dir, train_file, _ = text_task
+    out = tmp_path / "o"
+    assert main(_tune_argv(model_dir, train_file, out, "--resume")) == 2
+    assert "--resume: no checkpoint to resume from" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "o.checkpoints").exists()
+
+
+def test_tune_eval_steps_keeps_the_best_checkpoint(text_task, tmp_path, capsys):
+    model_dir, train_file, _ = text_task
+    out = tmp_path / "o"
+    argv = _tune_argv(model_dir, train_file, out, "--eval-steps", "2", "--grad-accum", "2",
+                      "--held-out-fraction", "0.25")
+    argv[argv.index("--save-steps") + 1] = "2"
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    evals = [e for e in report["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert report["best_step"] == best["step"]
+    # the written adapter is the best checkpoint's: its held-out loss is the best one
+    assert report["held_out_metrics"]["loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    assert "best checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fp16"], "--fp16: float16 mixed precision needs a GPU"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+    (["--device", "tpu"], "--device 'tpu': expected one of"),
+    (["--batch-size", "6", "--grad-accum", "4"], "batch size 6 does not split"),
+    (["--eval-steps", "2", "--save-steps", "3"], "save_steps 3 must be a multiple of eval_steps"),
+])
+def test_tune_bad_device_and_precision(text_task, tmp_path, capsys, extra, message):
+    model_dir, train_file, _ = text_task
+    out = tmp_path / "o"
+    argv = [a for a in _tune_argv(model_dir, train_file, out) if a not in ("--save-steps", "3")]
+    assert main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "o.checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_tune_cuda_without_cuda_is_a_clear_error(text_task, tmp_path, capsys):
+    model_dir, train_file, _ = text_task
+    out = tmp_path / "o"
+    argv = _tune_argv(model_dir, train_file, out)
+    argv[argv.index("--device") + 1] = "cuda"
+    assert main(argv) == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "o.checkpoints").exists()
+
+
+def test_tune_bf16_weights_and_autocast_on_cpu(text_task, tmp_path):
+    model_dir, train_file, _ = text_task
+    out = tmp_path / "o"
+    assert main(_tune_argv(model_dir, train_file, out, "--dtype", "bfloat16", "--bf16")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["precision"] == "bf16" and report["dtype"] == "bfloat16"
+    assert report["steps"] == 6
+    adapter = _adapter(out)  # trained in float32 under autocast, saved as loaded
+    assert adapter["classifier.weight"].dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for k, t in adapter.items() if ".snell_" in k)

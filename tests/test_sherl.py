@@ -212,16 +212,18 @@ def test_padding_does_not_change_real_tokens(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiny_configs_train_with_the_shared_loop(family):
-    from upcycle.tasks import classification_loss, evaluate
-    from upcycle.train import TrainConfig, train
+    from upcycle.tasks import evaluate
+    from upcycle.training import TrainingConfig, fit
 
     make, batch_of = FAMILIES[family]
     model = get_sherl_model(make(layers=4), SherlConfig(late_layers=2, taps=[0, 2]))
     batch = batch_of(batch=6)
     batch["labels"] = torch.tensor([0, 1, 0, 1, 1, 0])
-    result = train(model, [batch], classification_loss,
-                   TrainConfig(max_steps=25, lr=1e-2, warmup_ratio=0.0, progress=False))
-    assert result.losses[-1] < result.losses[0]
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(6)]
+    result = fit(model, examples, TrainingConfig(max_steps=25, lr=1e-2, warmup_ratio=0.0,
+                                                 batch_size=6, device="cpu", progress=False))
+    assert result.steps == 25 and len(result.step_losses) == 25
+    assert result.step_losses[-1] < result.step_losses[0]
     metrics = evaluate(model, [batch])
     assert metrics["n"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
 

@@ -283,8 +283,7 @@ def test_merge_unmerge_restores_w0_and_merge_and_unload():
 
 
 def test_only_adapter_and_head_change_in_training_loop():
-    from upcycle.tasks import classification_loss
-    from upcycle.train import TrainConfig, train
+    from upcycle.training import TrainingConfig, fit
 
     base = tiny_bert()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
@@ -293,7 +292,9 @@ def test_only_adapter_and_head_change_in_training_loop():
     batches = [{"input_ids": torch.randint(1, 99, (4, 9), generator=g),
                 "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
     A0 = {n: m.snell_A.detach().clone() for n, m in model.snell_layers().items()}
-    train(model, batches, classification_loss, TrainConfig(max_steps=4, lr=1e-2, progress=False))
+    examples = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    fit(model, examples, TrainingConfig(max_steps=4, lr=1e-2, batch_size=4, device="cpu",
+                                        progress=False))
     for name, p in base.named_parameters():
         if ".snell_" in name:
             continue

@@ -3,6 +3,7 @@
 - ``upcycle.soup``: model soups from checkpoints on disk (uniform, greedy, learned, MEHL-Soup)
 - ``upcycle.tune``: memory-efficient tuning (SNELL, SHERL)
 - ``upcycle.grow``: lossless model expansion (LEMON)
+- ``upcycle.training``: training through ``transformers.Trainer`` (``fit``, ``TrainingConfig``)
 """
 
 from .checkpoints import open_ingredients, save_model, validate_ingredients
@@ -17,7 +18,7 @@ from .soup import (
     mehl_soup,
     uniform_soup,
 )
-from .train import TrainConfig, train
+from .training import FitResult, TrainingConfig, fit
 from .tune import (
     SherlConfig,
     SherlModel,
@@ -29,9 +30,9 @@ from .tune import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "LearnedConfig", "MehlConfig", "SherlConfig", "SherlModel", "SnellConfig", "SnellModel",
-    "SoupResult", "TrainConfig", "UpcycleError", "__version__", "expand", "expand_aki",
-    "expand_net2net", "get_sherl_model", "get_snell_model", "greedy_soup", "learned_soup",
-    "lemon_schedule", "max_output_difference", "mehl_soup", "open_ingredients", "save_model",
-    "train", "uniform_soup", "validate_ingredients",
+    "FitResult", "LearnedConfig", "MehlConfig", "SherlConfig", "SherlModel", "SnellConfig",
+    "SnellModel", "SoupResult", "TrainingConfig", "UpcycleError", "__version__", "expand",
+    "expand_aki", "expand_net2net", "fit", "get_sherl_model", "get_snell_model", "greedy_soup",
+    "learned_soup", "lemon_schedule", "max_output_difference", "mehl_soup", "open_ingredients",
+    "save_model", "uniform_soup", "validate_ingredients",
 ]

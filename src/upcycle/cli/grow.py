@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..architectures import supported
+from ..devices import add_device_arguments
 from ..errors import UpcycleError
 from ..grow.lemon import METHODS, SCHEDULES
 
@@ -64,8 +68,19 @@ def register(subparsers) -> None:
                         "required with --train)")
     p.add_argument("--decay", choices=SCHEDULES, default="cosine",
                    help="learning-rate decay after the warm-up, reaching 0 at --steps")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step (over all ranks and --grad-accum)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="gradient accumulation: N micro-batches per optimizer step")
+    p.add_argument("--save-steps", type=int, default=None, metavar="N",
+                   help="save a resumable checkpoint of --train every N steps in "
+                        "<out>.checkpoints/")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue an interrupted --train from its latest checkpoint (or CKPT); "
+                        "the other arguments must be those of the interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_device = p.add_argument_group("device and precision of --train")
+    add_device_arguments(train_device)
     p.set_defaults(func=run)
 
 
@@ -125,11 +140,22 @@ def run(args: argparse.Namespace) -> int:
             raise UpcycleError(f"--scratch-lr/--scratch-warmup: expected a positive learning "
                                f"rate and warm-up steps >= 0, got {args.scratch_lr}, "
                                f"{args.scratch_warmup}")
-        if args.decay != "cosine":  # upcycle.train's loop decays with a cosine only
-            raise UpcycleError(f"--decay {args.decay}: the --train loop decays with a cosine "
-                               f"for now; the linear decay is in upcycle.grow.lemon_schedule")
     if args.train is not None and not Path(args.train).is_file():
         raise UpcycleError(f"--train {args.train}: no such file")
+    if args.train is not None:
+        from ..devices import check_precision, resolve_device, resolve_dtype
+        from ..training import TrainingConfig
+        from .tune import check_resume, checkpoints_folder
+
+        if args.grad_accum < 1:
+            raise UpcycleError(f"--grad-accum must be >= 1, got {args.grad_accum}")
+        if args.save_steps is not None and args.save_steps < 1:
+            raise UpcycleError(f"--save-steps must be >= 1, got {args.save_steps}")
+        check_resume(args.resume, checkpoints_folder(out))
+        check_precision(resolve_device(args.device), bf16=args.bf16, fp16=args.fp16)
+        resolve_dtype(args.dtype)
+        TrainingConfig(batch_size=args.batch_size, grad_accum=args.grad_accum).micro_batch(
+            int(os.environ.get("WORLD_SIZE", "1")))
     if out.exists() and not args.overwrite and any(out.iterdir() if out.is_dir() else [out]):
         raise UpcycleError(f"--out {out}: already exists; pass --overwrite to replace it")
     source = _load(src)
@@ -168,21 +194,42 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(model_dir: Path, args: argparse.Namespace) -> dict:
-    from ..tasks import classification_loss, evaluate, load_task
-    from ..train import TrainConfig, train
+    """Train the grown model in ``model_dir`` on ``--train`` with LEMON's recipe (the
+    from-scratch peak lr and warm-up, the cosine decayed fully over ``--steps``) through
+    ``transformers.Trainer`` (:mod:`upcycle.training`)."""
+    from ..devices import resolve_device, resolve_dtype
+    from ..grow.lemon import LemonRecipe
+    from ..tasks import evaluate, load_task
+    from ..tasks.finetune import train_task
+    from ..training import TrainingConfig
+    from .tune import checkpoints_folder, interrupt_callback, run_fingerprint
 
+    device = resolve_device(args.device)
     task = load_task(model_dir, args.train)
     data = task.read(args.train, split="train", fix_num_labels=True)
-    model = task.load_model()
-    batches = task.batches(data, args.batch_size, shuffle=True, seed=args.seed)
-    warmup = min(args.scratch_warmup, args.steps)
-    config = TrainConfig(max_steps=args.steps, lr=args.scratch_lr, warmup_steps=warmup,
-                         seed=args.seed, progress=not args.quiet, desc="grow/train")
+    model = task.load_model(dtype=resolve_dtype(args.dtype))
+    recipe = LemonRecipe(max_steps=args.steps, lr=args.scratch_lr,
+                         warmup_steps=min(args.scratch_warmup, args.steps), decay=args.decay)
+    config = TrainingConfig(max_steps=recipe.max_steps, lr=recipe.lr,
+                            warmup_steps=recipe.warmup_steps, batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, save_steps=args.save_steps,
+                            seed=args.seed, device=device, bf16=args.bf16, fp16=args.fp16,
+                            progress=not args.quiet)
     torch.manual_seed(args.seed)
-    result = train(model, batches, classification_loss, config)
+    schedule = lambda optimizer, total: recipe.scheduler(optimizer)  # noqa: E731
+    out = Path(args.out)
+    folder = checkpoints_folder(out)
+    fingerprint = run_fingerprint(args, {"model": args.model, "train": args.train})
+    result = train_task(model, task, data, config, schedule=schedule, output_dir=folder,
+                        resume=args.resume, fingerprint=fingerprint, overwrite=args.overwrite,
+                        callbacks=[interrupt_callback(folder, f"upcycle grow --out {out} ...")])
+    batches = task.batches(data, args.batch_size)
     metrics = evaluate(model, batches[: max(1, min(len(batches), 8))])
-    print(f"trained {result.steps} steps (LEMON recipe: peak lr {args.scratch_lr:g}, warm-up {warmup}, "
-          f"cosine to 0 at step {args.steps}): last loss {result.losses[-1]:.4f}, "
-          f"train accuracy {metrics['accuracy']:.3f}")
+    print(f"trained {result.steps} steps on {device} (LEMON recipe: peak lr {recipe.lr:g}, "
+          f"warm-up {recipe.warmup_steps}, {recipe.decay} decay to 0 at step {args.steps}): "
+          f"last loss {result.last_loss:.4f}, train accuracy {metrics['accuracy']:.3f}")
     model.save_pretrained(model_dir, safe_serialization=True)
-    return {"steps": result.steps, "last_loss": result.losses[-1], **metrics}
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
+    return {"steps": result.steps, "resumed_from": result.resumed_from, "last_loss": result.last_loss, "device": str(device),
+            "log_history": result.log_history, **metrics}

@@ -1,13 +1,18 @@
 """``upcycle tune``: fine-tune a HF classification model with a memory-efficient method.
 
     upcycle tune --method snell --model HF_DIR --data train.jsonl --out runs/snell \\
-        [--r 8 --sparsity 0.5] [--held-out FILE | --held-out-fraction 0.1] [--test FILE] [--merge]
+        [--r 8 --sparsity 0.5] [--held-out FILE | --held-out-fraction 0.1] [--test FILE] \\
+        [--merge] [--device cuda --bf16 --grad-accum 4 --eval-steps 100 --save-steps 100]
 
-Trains on ``--data`` (the task formats of ``upcycle soup``: CSV/JSONL text or NPZ images),
-reports the held-out (and test) metric, training time and peak memory, and writes into
-``--out``: ``adapter/`` (the method's adapter folder), ``merged/`` with ``--merge`` (a plain
-HF model folder that ``from_pretrained`` loads) and ``report.json``. Under ``torchrun`` it
-trains data-parallel (DDP; gloo on CPU, NCCL on GPU) and only rank 0 writes.
+Trains on ``--data`` (the task formats of ``upcycle soup``: CSV/JSONL text or NPZ images)
+with ``transformers.Trainer`` (:mod:`upcycle.training`), reports the held-out (and test)
+metric, training time and peak memory, and writes into ``--out``: ``adapter/`` (the method's
+adapter folder), ``merged/`` with ``--merge`` (a plain HF model folder that
+``from_pretrained`` loads), ``report.json`` and ``runs/`` (TensorBoard logs, when it is
+installed). Checkpoints during the run go to
+``<out>.checkpoints/`` (``--save-steps``; ``--resume`` continues from the latest); nothing
+appears at ``--out`` before the run is complete. Under ``torchrun`` it trains data-parallel
+(DDP; gloo on CPU, NCCL on GPU) and only rank 0 writes.
 
 Each method is one entry of :data:`METHODS`: its argument group and a function that turns
 the loaded HF model into the tuned model (an ``nn.Module`` with the HF forward, plus
@@ -18,16 +23,17 @@ the loaded HF model into the tuned model (an ``nn.Module`` with the HF forward, 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import distributed
+from ..devices import add_device_arguments
 from ..errors import UpcycleError
 
 
@@ -139,7 +145,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the held-out split, the shuffling, a new head and the "
                              "adapter init")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over the training data")
+    parser.add_argument("--epochs", type=float, default=1, help="passes over the training data")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps (overrides --epochs)")
     parser.add_argument("--lr", type=float, default=None,
@@ -147,7 +153,22 @@ def register(subparsers) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01,
                         help="AdamW weight decay on matrices")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="global batch size (split over ranks under torchrun)")
+                        help="examples per optimizer step, over all ranks and --grad-accum "
+                             "micro-batches (must divide evenly)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                        help="gradient accumulation: N micro-batches per optimizer step")
+    parser.add_argument("--eval-steps", type=int, default=None, metavar="N",
+                        help="evaluate on the held-out data every N steps and keep the best "
+                             "checkpoint (lowest held-out loss), which is the one written")
+    parser.add_argument("--save-steps", type=int, default=None, metavar="N",
+                        help="save a resumable checkpoint every N steps in <out>.checkpoints/ "
+                             "(default: --eval-steps)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                        help="continue an interrupted run from its latest checkpoint (or CKPT); "
+                             "the other arguments must be those of the interrupted run")
+    parser.add_argument("--logging-steps", type=int, default=10, metavar="N",
+                        help="log the loss every N steps (console, report.json, TensorBoard "
+                             "when installed)")
     parser.add_argument("--max-length", type=int, default=128,
                         help="token limit for text tasks")
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -157,26 +178,10 @@ def register(subparsers) -> None:
                         help="also write merged/: a plain HF model folder with the update "
                              "folded in")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(parser)
     for name, method in sorted(METHODS.items()):
         method.add_arguments(parser.add_argument_group(f"{name} options", method.help))
     parser.set_defaults(func=run)
-
-
-def _global_batches(task, data, batch_size: int, seed: int, world: int) -> list[dict]:
-    """Shuffled global batches; each rank tokenises only its contiguous share of each batch,
-    so every rank takes the same number of steps."""
-    order = np.random.default_rng(seed).permutation(len(data))
-    batches = []
-    for start in range(0, len(data), batch_size):
-        index = order[start:start + batch_size]
-        if len(index) < world:  # too small to give every rank an example
-            continue
-        mine = distributed.shard(index)
-        batches.append(task.batches(data.subset(mine), len(mine))[0])
-    if not batches:
-        raise UpcycleError(f"training data {data.source}: {len(data)} examples give no batch of "
-                           f"at least {world} (one per rank)")
-    return batches
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -200,11 +205,93 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Arguments that do not change what is trained: they may differ between a run and its --resume.
+_NOT_IN_FINGERPRINT = {"func", "command", "out", "overwrite", "resume", "quiet", "merge", "test",
+                       "device", "save_steps", "logging_steps"}
+
+
+def run_fingerprint(args: argparse.Namespace, files: dict[str, str | None]) -> dict:
+    """What a run is (model, data, method and settings): its checkpoints resume only a run
+    with the same fingerprint. ``files``: argument name -> the model folder or data file it
+    names (hashed, so that a changed file is noticed)."""
+    fingerprint = {}
+    for name, value in files.items():
+        if value is None:
+            fingerprint[name] = None
+            continue
+        path = Path(value)
+        fingerprint[name] = str(path.resolve())
+        if path.is_dir():
+            config = path / "config.json"
+            fingerprint[f"{name} config.json sha256"] = (_sha256(config) if config.is_file()
+                                                         else None)
+            fingerprint[f"{name} weight files"] = sorted(
+                [p.name, p.stat().st_size] for p in path.iterdir()
+                if p.suffix in (".safetensors", ".bin", ".pt"))
+        elif path.is_file():
+            fingerprint[f"{name} sha256"] = _sha256(path)
+    fingerprint.update({k: v for k, v in sorted(vars(args).items())
+                        if k not in _NOT_IN_FINGERPRINT and k not in files})
+    return fingerprint
+
+
+def checkpoints_folder(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its checkpoints: ``<out>.checkpoints`` beside it."""
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def check_resume(resume: str | None, folder: Path) -> None:
+    """``--resume`` without a checkpoint to resume: an error before anything is loaded."""
+    from ..training import last_checkpoint
+
+    if resume == "latest" and last_checkpoint(folder) is None:
+        raise UpcycleError(f"--resume: no checkpoint to resume from in {folder} (a run saves "
+                           f"one every --save-steps steps)")
+
+
+def interrupt_callback(folder: Path, argv_hint: str):
+    """A Trainer callback keeping the Ctrl-C line up to date: what is saved, how to resume."""
+    from transformers import TrainerCallback
+
+    from ..training import checkpoint_step, last_checkpoint
+    from .main import on_interrupt
+
+    def saved(step: int) -> None:
+        on_interrupt(f"checkpoint of step {step} saved in {folder}; nothing was written to "
+                     f"--out; to continue, rerun {argv_hint} with --resume")
+
+    class InterruptHint(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            last = last_checkpoint(folder)
+            if last is not None:  # a resumed run
+                saved(checkpoint_step(last))
+            else:
+                on_interrupt(f"no checkpoint saved yet (--save-steps N saves one every N "
+                             f"steps in {folder}); nothing was written")
+
+        def on_save(self, args, state, control, **kwargs):
+            saved(state.global_step)
+
+    return InterruptHint()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import atomic_dir, write_json
+    from ..devices import check_precision, resolve_device, resolve_dtype
     from ..memory import current_rss_mb, peak_rss_mb
-    from ..tasks import classification_loss, evaluate, load_task, logits_of
-    from ..train import TrainConfig, train
+    from ..tasks import evaluate, load_task, logits_of
+    from ..tasks.finetune import train_task
+    from ..training import TrainingConfig
     from ..tune.common import count_parameters
 
     method = METHODS[args.method]
@@ -212,9 +299,18 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite)
     if args.max_steps is not None and args.max_steps < 1:
         raise UpcycleError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.epochs < 1:
-        raise UpcycleError(f"--epochs must be >= 1, got {args.epochs}")
-    is_distributed = distributed.init_from_env()
+    if not args.epochs > 0:
+        raise UpcycleError(f"--epochs must be > 0, got {args.epochs}")
+    for flag in ("grad_accum", "eval_steps", "save_steps", "logging_steps", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UpcycleError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    device = resolve_device(args.device)
+    precision = check_precision(device, bf16=args.bf16, fp16=args.fp16)
+    dtype = resolve_dtype(args.dtype)
+    folder = checkpoints_folder(out)
+    check_resume(args.resume, folder)
+    distributed.init_from_env(device)
     world = distributed.world_size()
     main_rank = distributed.is_main()
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main_rank and not args.quiet \
@@ -229,32 +325,42 @@ def run(args: argparse.Namespace) -> int:
     test = task.read(args.test, split="test") if args.test else None
 
     torch.manual_seed(args.seed)
-    model = task.load_model()
+    model = task.load_model(dtype=dtype)
     rss_after_load = current_rss_mb()
     tuned = method.build(model, args)
     trainable, total = count_parameters(tuned)
     if main_rank and not args.quiet:
         tuned.print_trainable_parameters()
 
-    batches = _global_batches(task, train_data, args.batch_size, args.seed, world)
-    held_batches = distributed.shard(task.batches(held_out, args.batch_size))
-    test_batches = distributed.shard(task.batches(test, args.batch_size)) if test else None
-    trained = tuned
-    if is_distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(tuned)
-    config = TrainConfig(epochs=args.epochs, max_steps=args.max_steps,
-                         lr=args.lr if args.lr is not None else method.default_lr,
-                         weight_decay=args.weight_decay, seed=args.seed,
-                         progress=not args.quiet, desc=f"tune {args.method}")
-    say(f"training {args.method} on {len(train_data)} examples ({world} rank(s)), held-out "
-        f"{len(held_out)}" + (f", test {len(test)}" if test else ""))
-    result = train(trained, batches, classification_loss, config)
+    config = TrainingConfig(
+        epochs=args.epochs, max_steps=args.max_steps,
+        lr=args.lr if args.lr is not None else method.default_lr,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        eval_steps=args.eval_steps, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, seed=args.seed, device=device, bf16=args.bf16,
+        fp16=args.fp16, progress=not args.quiet)
+    config.micro_batch(world)  # a batch size that does not split is an error before training
+    say(f"training {args.method} on {len(train_data)} examples ({world} rank(s), {device}"
+        + (f", {precision} autocast" if precision else "") + f"), held-out {len(held_out)}"
+        + (f", test {len(test)}" if test else ""))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = train_task(
+        tuned, task, train_data, config, eval_data=held_out if args.eval_steps else None,
+        output_dir=folder, resume=args.resume,
+        fingerprint=run_fingerprint(args, {"model": args.model, "data": args.data,
+                                           "held_out": args.held_out}),
+        overwrite=args.overwrite,
+        callbacks=[interrupt_callback(folder, f"upcycle tune --out {out} ...")])
     peak_train = peak_rss_mb()
     tuned.eval()
+    held_batches = distributed.shard(task.batches(held_out, args.batch_size))
+    test_batches = distributed.shard(task.batches(test, args.batch_size)) if test else None
     held_metrics = evaluate(tuned, held_batches)
     test_metrics = evaluate(tuned, test_batches) if test_batches is not None else None
+    best_step = None
+    if result.best_checkpoint:
+        best_step = int(Path(result.best_checkpoint).name.rsplit("-", 1)[-1])
 
     report = {
         "method": args.method,
@@ -265,18 +371,28 @@ def run(args: argparse.Namespace) -> int:
         "examples": {"train": len(train_data), "held_out": len(held_out),
                      "test": len(test) if test else None},
         "world_size": world,
+        "device": str(device),
+        "dtype": args.dtype,
+        "precision": precision,
         "steps": result.steps,
+        "steps_this_run": len(result.step_losses),
+        "resumed_from": result.resumed_from,
+        "best_step": best_step,
         "lr": config.lr,
         "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
         "train_seconds": result.seconds,
-        "seconds_per_step": result.seconds / max(1, result.steps),
-        "final_train_loss": result.losses[-1] if result.losses else None,
+        "seconds_per_step": result.seconds / max(1, len(result.step_losses)),
+        "final_train_loss": result.last_loss,
         "peak_rss_mb": peak_train,
         "peak_rss_above_model_mb": peak_train - rss_after_load,
+        "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                               if device.type == "cuda" else None),
         "trainable_params": trainable,
         "all_params": total,
         "held_out_metrics": held_metrics,
         "test_metrics": test_metrics,
+        "log_history": result.log_history,
         "method_config": {k: v for k, v in vars(args).items()
                           if k not in ("func", "command")},
     }
@@ -289,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
                     raise UpcycleError(f"--merge: the {args.method} model cannot be merged into "
                                        f"a plain model")
                 probe = held_batches[0] if held_batches else task.batches(held_out, 4)[0]
+                probe = {k: v.to(device) for k, v in probe.items()}
                 with torch.no_grad():
                     before = logits_of(tuned, probe)
                     merged = tuned.merge_and_unload()
@@ -296,17 +413,28 @@ def run(args: argparse.Namespace) -> int:
                 report["merge_max_abs_logit_diff"] = float((after - before).abs().max())
                 _save_merged(merged, task, tmp / "merged")
                 report["merged"] = str(out / "merged")
+            if (folder / "runs").is_dir():  # TensorBoard logs, when it is installed
+                shutil.copytree(folder / "runs", tmp / "runs")
             write_json(tmp / "report.json", report)
+        shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
         rows = [
             ("method", args.method),
             ("trainable params", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"),
-            ("steps", f"{result.steps} (batch {args.batch_size}, {world} rank(s))"),
+            ("steps", f"{result.steps} (batch {args.batch_size}, {world} rank(s))"
+             + (f", resumed from step {_step_of(result.resumed_from)}"
+                if result.resumed_from else "")),
             ("train time", f"{result.seconds:.1f} s ({report['seconds_per_step']:.3f} s/step)"),
             ("peak RSS", (f"{peak_train:.0f} MB ({report['peak_rss_above_model_mb']:.0f} MB "
                           f"above the loaded model)")),
-            ("held-out accuracy", (f"{held_metrics['accuracy']:.4f} (n={held_metrics['n']}, "
-                                   f"loss {held_metrics['loss']:.4f})")),
         ]
+        if report["peak_gpu_memory_mb"] is not None:
+            rows.append(("peak GPU memory", f"{report['peak_gpu_memory_mb']:.0f} MB"))
+        if best_step is not None:
+            rows.append(("best checkpoint", f"step {best_step} (held-out loss "
+                                            f"{result.best_metric:.4f})"))
+        rows.append(("held-out accuracy", (f"{held_metrics['accuracy']:.4f} "
+                                           f"(n={held_metrics['n']}, loss "
+                                           f"{held_metrics['loss']:.4f})")))
         if test_metrics is not None:
             rows.append(("test accuracy", (f"{test_metrics['accuracy']:.4f} "
                                            f"(n={test_metrics['n']}, loss "
@@ -315,3 +443,7 @@ def run(args: argparse.Namespace) -> int:
         print(_table(rows), flush=True)
     distributed.barrier()
     return 0
+
+
+def _step_of(checkpoint: str | None) -> str:
+    return Path(checkpoint).name.rsplit("-", 1)[-1] if checkpoint else "?"

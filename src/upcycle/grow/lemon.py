@@ -40,7 +40,6 @@ from ..architectures import (
     sizes_of,
 )
 from ..errors import UpcycleError
-from ..train import TrainConfig
 
 METHODS = ("lemon", "net2net", "aki")
 
@@ -834,13 +833,15 @@ class LemonRecipe:
             kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": self.min_lr_ratio}
         return kwargs
 
-    def train_config(self) -> TrainConfig:
-        """An :class:`upcycle.train.TrainConfig` (its loop decays with a cosine only)."""
-        if self.decay != "cosine":
-            raise UpcycleError(f"upcycle.train's loop decays with a cosine, not {self.decay!r}; "
-                               f"use training_arguments() or scheduler()")
-        return TrainConfig(max_steps=self.max_steps, lr=self.lr, warmup_steps=self.warmup_steps,
-                           min_lr_ratio=self.min_lr_ratio, **self.extra)
+    def train_config(self):
+        """An :class:`upcycle.training.TrainingConfig` with this budget, peak and warm-up (pass
+        ``schedule=lambda opt, total: recipe.scheduler(opt)`` to :func:`upcycle.training.fit`
+        for the decay; its default is the cosine)."""
+        from ..training import TrainingConfig
+
+        return TrainingConfig(max_steps=self.max_steps, lr=self.lr,
+                              warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+                              **self.extra)
 
 
 def lemon_train_config(scratch_steps: int, *, peak_lr: float, warmup_steps: int,

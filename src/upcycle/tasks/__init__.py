@@ -115,8 +115,10 @@ class ClassificationTask:
         self._image_stats = None
 
     # -- model -----------------------------------------------------------------------------
-    def load_model(self, num_labels: int | None = None) -> nn.Module:
-        """The classification model, in eval mode, on CPU."""
+    def load_model(self, num_labels: int | None = None, *, dtype: torch.dtype | None = None
+                   ) -> nn.Module:
+        """The classification model, in eval mode, on CPU (weights in ``dtype`` when given,
+        else as stored)."""
         from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
         auto = AutoModelForSequenceClassification if self.kind == "text" else \
@@ -129,6 +131,8 @@ class ClassificationTask:
         if not self.has_head and self.label2id:  # class names from the data: keep them
             kwargs["label2id"] = dict(self.label2id)
             kwargs["id2label"] = {i: name for name, i in self.label2id.items()}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()

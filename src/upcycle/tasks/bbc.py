@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..datasets import bbc_news, minilm_path, split_indices, write_jsonl
-from ..train import TrainConfig
+from ..training import TrainingConfig
 from . import load_task
 from .finetune import cached_record, finetune
 
@@ -59,8 +59,10 @@ def bbc_splits(cache: Path, sizes: dict[str, int] = SPLIT_SIZES, seed: int = 0) 
 
 
 def make_ingredients(cache: Path, recipes: list[dict], *, max_length: int = MAX_LENGTH,
-                     batch_size: int = 16, progress: bool = True) -> list[Path]:
-    """Fine-tune MiniLM on the BBC train split once per recipe (cached); return the folders."""
+                     batch_size: int = 16, progress: bool = True, device: str = "auto"
+                     ) -> list[Path]:
+    """Fine-tune MiniLM on the BBC train split once per recipe (cached); return the folders.
+    Training runs on ``transformers.Trainer`` (:mod:`upcycle.training`) on ``device``."""
     splits = bbc_splits(cache)
     task = load_task(minilm_path(), splits["train"], max_length=max_length, head_seed=0)
     train_data = task.read(splits["train"], split="train", fix_num_labels=True)
@@ -69,10 +71,10 @@ def make_ingredients(cache: Path, recipes: list[dict], *, max_length: int = MAX_
         name = "minilm-bbc-lr{lr:g}-ep{epochs}-wd{weight_decay:g}-s{seed}".format(**recipe)
         folder = Path(cache) / "ingredients" / f"len{max_length}" / name
         if cached_record(folder, recipe) is None:
-            config = TrainConfig(lr=recipe["lr"], epochs=recipe["epochs"],
-                                 weight_decay=recipe["weight_decay"], seed=recipe["seed"],
-                                 warmup_ratio=0.1, progress=progress, desc=name)
-            finetune(task, train_data, folder, config=config, batch_size=batch_size,
-                     overwrite=True)
+            config = TrainingConfig(lr=recipe["lr"], epochs=recipe["epochs"],
+                                    weight_decay=recipe["weight_decay"], seed=recipe["seed"],
+                                    warmup_ratio=0.1, batch_size=batch_size, device=device,
+                                    progress=progress)
+            finetune(task, train_data, folder, config=config, overwrite=True)
         out.append(folder)
     return out

@@ -94,7 +94,8 @@ class LadderSideModel(nn.Module):
         print(trainable_report(self))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                pixel_values=None, inputs_embeds=None, labels=None, **unused):
+                pixel_values=None, inputs_embeds=None, labels=None, num_items_in_batch=None,
+                **unused):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "token_type_ids": token_type_ids, "position_ids": position_ids,
                   "pixel_values": pixel_values, "inputs_embeds": inputs_embeds}
@@ -107,7 +108,7 @@ class LadderSideModel(nn.Module):
             mu = torch.sigmoid(self.ladder[i - 1] / LADDER_TEMPERATURE)
             side = block(mu * side + (1 - mu) * self.down[i](taps[i]), mask, causal)
         logits = b.finish(self.up(self.norm(side)), inputs)
-        return classifier_output(logits, labels, b.num_labels)
+        return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 
 
 def get_lst_model(model: nn.Module, config: LstConfig | None = None) -> LadderSideModel:

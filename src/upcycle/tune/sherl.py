@@ -40,6 +40,8 @@ GATE_TEMPERATURE = 0.1
 """The skip gate is ``tanh(gamma / GATE_TEMPERATURE)`` (spec: 0.1)."""
 WEIGHT_EPS = 1e-6
 """The L1 normaliser of the tap weights: ``alpha_i = a_i / (sum_k |a_k| + WEIGHT_EPS)``."""
+IGNORED_ARGUMENTS = frozenset({"use_cache"})
+"""Keyword arguments that change nothing for a classifier (no key/value cache is returned)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,16 +291,28 @@ class Backbone:
         return self.family.head(self.model, hidden, inputs)
 
 
-def classifier_output(logits: torch.Tensor, labels: torch.Tensor | None, num_labels: int):
-    """A HF-style output object with ``.logits`` (and ``.loss`` when labels are given)."""
+def classifier_output(logits: torch.Tensor, labels: torch.Tensor | None, num_labels: int,
+                      num_items_in_batch=None):
+    """A HF-style output object with ``.logits`` (and ``.loss`` when labels are given).
+
+    The loss is the mean over the batch, or, given ``num_items_in_batch`` (what
+    ``transformers.Trainer`` passes under gradient accumulation), the sum divided by it, as
+    HF models do, so that accumulated micro-batches add up to the mean of the whole batch.
+    """
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     loss = None
     if labels is not None:
+        labels = labels.to(logits.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
         if num_labels == 1 and labels.is_floating_point():
-            loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=reduction)
         else:
-            loss = F.cross_entropy(logits.float(), labels.long())
+            loss = F.cross_entropy(logits.float(), labels.long(), reduction=reduction)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
     return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
@@ -490,8 +504,11 @@ class SherlModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 pixel_values=None, inputs_embeds=None, labels=None, return_dict=None,
-                interpolate_pos_encoding=None, **unused):
-        rest = {k: v for k, v in unused.items() if v is not None and v is not False}
+                interpolate_pos_encoding=None, num_items_in_batch=None, **unused):
+        """The wrapped model's call: ``.logits`` (and ``.loss`` given ``labels``).
+        ``num_items_in_batch`` (passed by ``transformers.Trainer``) normalises the loss."""
+        rest = {k: v for k, v in unused.items()
+                if v is not None and v is not False and k not in IGNORED_ARGUMENTS}
         if rest:
             raise UpcycleError(f"SherlModel.forward: unsupported argument {min(rest)!r}")
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -505,7 +522,7 @@ class SherlModel(nn.Module):
         for i in range(self.num_early, b.num_layers):
             hidden = b.run_layer(i, hidden, mask)
         logits = b.finish(hidden, inputs)
-        return classifier_output(logits, labels, b.num_labels)
+        return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 
     # -- save / load --------------------------------------------------------------------------
     def save_pretrained(self, out, overwrite: bool = False) -> Path:

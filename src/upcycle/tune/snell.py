@@ -26,6 +26,7 @@ The interface follows HuggingFace peft::
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -433,8 +434,46 @@ def _matches(name: str, patterns) -> bool:
     return patterns is not None and module_name_matches(name, patterns)
 
 
+def _generic_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    """SnellModel.forward as seen on the class: the base model's forward, whose signature is
+    visible on each model (``inspect.signature(model.forward)``)."""
+    if input_ids is not None:
+        kwargs["input_ids"] = input_ids
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self.base_model(**kwargs)
+
+
+class _BaseModelForward:
+    """``SnellModel.forward``: a function calling the base model that carries the base
+    model's ``forward`` signature. Trainer reads that signature to choose dataset columns
+    (``remove_unused_columns``) and whether to pass ``num_items_in_batch``; a bare
+    ``forward(*args, **kwargs)`` would make it drop every column. Nothing is stored on the
+    instance, so copies, pickles, DDP and ``torch.compile`` see an ordinary module."""
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return _generic_forward
+        base = instance._modules["base_model"]
+
+        def forward(*args, **kwargs):
+            return base(*args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.signature(base.forward)
+        except (TypeError, ValueError):  # a forward without a readable signature
+            pass
+        forward.__doc__ = _generic_forward.__doc__
+        return forward
+
+
 class SnellModel(nn.Module):
-    """A base model with SNELL layers injected; forward is the base model's forward."""
+    """A base model with SNELL layers injected; forward is the base model's forward.
+
+    An ordinary module: ``.to()``/``.cuda()``/``.half()``, ``state_dict()``, DDP,
+    ``torch.compile`` and ``transformers.Trainer`` treat it as they treat the base model."""
 
     def __init__(self, model: nn.Module, config: SnellConfig):
         super().__init__()
@@ -475,8 +514,9 @@ class SnellModel(nn.Module):
         self.modules_to_save = [n for n, _ in saved]
 
     # forwarding ------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    forward = _BaseModelForward()
+    """Calls the base model; ``inspect.signature(model.forward)`` is the base model's, so
+    ``transformers.Trainer`` keeps the same dataset columns and loss arguments for it."""
 
     def __getattr__(self, name: str):
         try:
