@@ -35,9 +35,12 @@ def _chunks(values, sizes):
 
 # -- the exact threshold ------------------------------------------------------------------
 
+@pytest.mark.parametrize("window", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["random", "ties", "zeros"])
-def test_kthvalue_blocked_is_kthvalue_bit_for_bit(dtype, kind):
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "sorted"])
+def test_kthvalue_blocked_is_kthvalue_bit_for_bit(dtype, kind, window):
+    """Both the pure radix passes and the one-call candidate window (which falls back to
+    the passes when the first chunk misjudges the quantile: 'sorted', or ties: 'zeros')."""
     g = torch.Generator().manual_seed(0)
     n = 5003
     if kind == "random":
@@ -47,15 +50,31 @@ def test_kthvalue_blocked_is_kthvalue_bit_for_bit(dtype, kind):
         base = torch.tensor([0.0, 1e-30, 0.5, 1.0, 3.0], dtype=dtype)
         base = torch.cat([base, torch.nextafter(base[2:3], torch.tensor(1.0, dtype=dtype))])
         values = base[torch.randint(0, len(base), (n,), generator=g)]
-    else:
+    elif kind == "zeros":
         values = torch.zeros(n, dtype=dtype)
         values[::7] = 2.0
-    sizes = [1, 999, 2, 3000, 1001]
+    else:
+        values = torch.rand(n, generator=g, dtype=dtype).sort().values
+    sizes = [999, 1, 2, 3000, 1001]
     for k in (1, 2, n // 3, n // 2, n - 1, n):
         want = values.kthvalue(k).values
-        got = kthvalue_blocked(_chunks(values, sizes), k)
+        got = kthvalue_blocked(_chunks(values, sizes), k, n=n if window else None)
         assert got.dtype == dtype
         assert torch.equal(_bits(got), _bits(want)), (k, got, want)
+
+
+def test_kthvalue_blocked_window_saves_a_pass():
+    values = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    for data, passes in ((values, 1), (values.sort().values, 2)):
+        calls = []
+
+        def chunks(data=data, calls=calls):
+            calls.append(1)
+            yield from data.split(7000)
+
+        got = kthvalue_blocked(chunks, 50_000, n=data.numel())
+        assert torch.equal(got, data.kthvalue(50_000).values)
+        assert len(calls) == passes
 
 
 def test_kthvalue_blocked_bad_k():
@@ -202,6 +221,7 @@ def test_merge_unchanged_and_eval_matches_merged():
 def test_block_rows_follow_block_mb():
     layer = SnellLayer(nn.Linear(1024, 4096), SnellConfig(r=8, block_mb=2))
     assert layer.block_rows == 2 * 2**20 // (1024 * 4)
+    assert SnellLayer(nn.Linear(1024, 4096), SnellConfig(r=8)).block_rows == 1024  # 4 MiB
     layer = SnellLayer(nn.Linear(1024, 4096), SnellConfig(r=8, block_mb=1e-6))
     assert layer.block_rows == 64  # at least one tile
     with pytest.raises(UpcycleError, match="block_mb must be a positive number"):

@@ -126,9 +126,11 @@ class SnellConfig:
     against: 'checkpoint': the layer inside a non-reentrant torch.utils.checkpoint (recomputes
     delta_W and the layer's matmul in backward); 'none' (or False): plain autograd, which
     stores delta_W and the mask for backward. True = 'backward'."""
-    block_mb: float = 16.0
-    """Size in MiB of the block of delta_W's rows (r/P-independent: rows x d_in fp32 values)
-    built at once by the 'backward' path; a layer's transient memory is a few such blocks."""
+    block_mb: float = 4.0
+    """Size in MiB of the block of delta_W's rows (rows x d_in values, 4 bytes each, rounded
+    down to whole 64-row tiles, at least one) that the 'backward' path builds at once; a
+    layer's transient memory is about six such blocks (the kernel's per-piece distances, the
+    block, its mask term, its gradient)."""
 
     def __post_init__(self) -> None:
         self.piece_coeffs = tuple(float(c) for c in self.piece_coeffs)
@@ -197,8 +199,14 @@ def _check_regex(pattern: str, argument: str) -> None:
 # The kernel's distances are computed in tiles of this many rows of delta_W (output
 # features), aligned to row 0, whichever rows a caller asks for: every entry then comes from
 # the same matrix product whether the whole matrix or a block of rows is built, so the
-# blocked path and the dense reference agree bit for bit (and so do their masks).
+# blocked path and the dense reference agree bit for bit (and so do their masks). Larger
+# tiles off the CPU, where each product is a kernel launch.
 KERNEL_TILE_ROWS = 64
+KERNEL_TILE_ROWS_ACCELERATOR = 512
+
+
+def _tile_rows(device: torch.device) -> int:
+    return KERNEL_TILE_ROWS if device.type == "cpu" else KERNEL_TILE_ROWS_ACCELERATOR
 
 
 def _padded_factors(A: torch.Tensor, B: torch.Tensor):
@@ -219,7 +227,7 @@ def _distances(pad, o0: int, o1: int) -> torch.Tensor:
     """``||B_p[o] - A_p[i]||`` for the rows o0 <= o < o1 (o1 - o0 rows x d_in), computed tile
     by tile on the fixed row grid (see KERNEL_TILE_ROWS)."""
     b_pad, a_pad_t = pad
-    d_out, T = b_pad.shape[0], KERNEL_TILE_ROWS
+    d_out, T = b_pad.shape[0], _tile_rows(b_pad.device)
     t0, t1 = o0 - o0 % T, min(d_out, -(-o1 // T) * T)
     out = b_pad.new_empty((t1 - t0, a_pad_t.shape[1]))
     for j in range(t0, t1, T):
@@ -316,19 +324,29 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 
 @torch.no_grad()
-def kthvalue_blocked(chunks, k: int) -> torch.Tensor:
+def kthvalue_blocked(chunks, k: int, n: int | None = None, window: float = 0.01
+                     ) -> torch.Tensor:
     """The k-th smallest (1-based) of the non-negative floats yielded by ``chunks()``, bit
     for bit what ``torch.kthvalue`` returns on their concatenation, without holding them all.
 
     A radix select over the bit patterns (monotone in the value for non-negative floats):
-    ``chunks()`` is called once per 16-bit digit (twice for fp32), each time yielding the
-    same values in any blocking; each call counts the next digit of the entries that share
-    the digits found so far. Returns a 0-dim tensor of the chunks' dtype and device.
+    ``chunks()`` yields the same values (in any blocking) each time it is called; each call
+    counts one 16-bit digit of the entries that share the digits found so far.
+
+    With ``n`` (the number of values), the first call also collects the candidates near
+    the k/n quantile of the first chunk (about ``2 * window * n`` values, at most as many as
+    the largest chunk holds): when the k-th value is among them (it is unless the first
+    chunk misjudged the quantile, or ties crowd the window), ``kthvalue`` on the candidates
+    gives it in one call of ``chunks()`` instead of two (fp32). Returns a 0-dim tensor of the
+    chunks' dtype and device.
     """
     prefix = rank = None
     dtype = None
     nbits = 0
     shift = None
+    candidates: list | None = [] if n else None
+    window_bins = None
+    collected = cap = 0
     while shift is None or shift > 0:
         counts = None
         for chunk in chunks():
@@ -350,10 +368,37 @@ def kthvalue_blocked(chunks, k: int) -> torch.Tensor:
                 # those below go to bin 0 and those above to bin 65537.
                 digit = bits - (prefix << shift).to(bits.dtype)
                 digit = digit.clamp_(-1, 1 << shift).bitwise_right_shift_(shift - 16).add_(1)
-            counts += torch.bincount(digit, minlength=65538)
-            del bits, digit
+            here = torch.bincount(digit, minlength=65538)
+            counts += here
+            if candidates is not None:
+                cap = max(cap, digit.numel())
+                if window_bins is None:  # the bins around the first chunk's k/n quantile
+                    cum_here = here.cumsum(0)
+                    q = k / n
+                    ranks = torch.tensor([max(0.0, q - window), min(1.0, q + window)],
+                                         dtype=torch.float64, device=device) * digit.numel()
+                    window_bins = torch.searchsorted(cum_here, ranks.ceil().clamp_min(1).to(
+                        torch.int64))
+                inside = (digit >= window_bins[0]) & (digit <= window_bins[1])
+                found = chunk.reshape(-1)[inside]
+                collected += found.numel()
+                candidates.append(found)
+                if collected > cap:  # ties or a poor guess crowd the window: give up
+                    candidates = None
+                del inside, found
+            del bits, digit, here
         if counts is None:
             raise UpcycleError("kthvalue_blocked: chunks() yielded no values")
+        if shift == nbits and candidates is not None:
+            cum_full = counts.cumsum(0)
+            if int(cum_full[-1]) < k:
+                raise UpcycleError(f"kthvalue_blocked: k={k} but only {int(cum_full[-1])} "
+                                   f"values")
+            lo, hi = window_bins
+            below = int(cum_full[lo - 1])
+            if below < k <= int(cum_full[hi]):  # the k-th is a candidate
+                return torch.cat(candidates).kthvalue(k - below).values
+        candidates = None
         counts = counts[1:65537]
         cum = counts.cumsum(0)
         if shift == nbits and int(cum[-1]) < k:
@@ -398,7 +443,7 @@ def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, spa
             for t, o0, o1 in bounds:
                 if t == s:
                     yield _kernel_rows(pads, coeffs, o0, o1).abs_()
-        out[s] = kthvalue_blocked(chunks, k)
+        out[s] = kthvalue_blocked(chunks, k, n=d_out // num_slices * d_in)
     return out
 
 
@@ -562,11 +607,12 @@ class _SnellLinear(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None)
 
 
-def _block_rows(block_mb: float, d_in: int, element_size: int = 4) -> int:
-    """Rows of delta_W per block: ``block_mb`` MiB of them, a multiple of the kernel's tile
-    (so that blocks reuse whole tiles), at least one tile."""
-    rows = int(block_mb * 2**20) // max(1, d_in * element_size)
-    return max(KERNEL_TILE_ROWS, rows - rows % KERNEL_TILE_ROWS)
+def _block_rows(block_mb: float, d_in: int, device: torch.device | str = "cpu") -> int:
+    """Rows of delta_W per block: ``block_mb`` MiB of them (4-byte values), a multiple of
+    the kernel's tile on ``device`` (so that blocks use whole tiles), at least one tile."""
+    tile = _tile_rows(torch.device(device))
+    rows = int(block_mb * 2**20) // max(1, d_in * 4)
+    return max(tile, rows - rows % tile)
 
 
 class SnellLayer(nn.Module):
@@ -594,7 +640,8 @@ class SnellLayer(nn.Module):
         self.dropout_p = float(config.dropout)
         self.drop_path_p = float(config.drop_path)
         self.recompute = config.recompute
-        self.block_rows = _block_rows(config.block_mb, self.in_features)
+        self.block_mb = float(config.block_mb)
+        self._block_rows: int | None = None  # set to override block_mb (tests)
         self.merged = False
         P, q = config.num_pieces, config.r // config.num_pieces
         factory = {"device": weight.device,
@@ -610,6 +657,17 @@ class SnellLayer(nn.Module):
             self.snell_coeffs = nn.Parameter(coeffs)
         else:
             self.register_buffer("snell_coeffs", coeffs)
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of delta_W built at once (from block_mb and the layer's current device)."""
+        if self._block_rows is not None:
+            return self._block_rows
+        return _block_rows(self.block_mb, self.in_features, self.snell_A.device)
+
+    @block_rows.setter
+    def block_rows(self, rows: int) -> None:
+        self._block_rows = int(rows)
 
     # the update ------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
