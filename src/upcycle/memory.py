@@ -53,3 +53,57 @@ def peak_cuda_mb() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated() / (1024 * 1024)
+
+
+class LiveTensorBytes:
+    """Allocator-independent memory count: the bytes of the tensor storages created inside
+    ``with LiveTensorBytes() as m:`` that are still alive (``m.live``) and at most at once
+    (``m.peak``), on any device, whatever the allocator caches. Tensors that existed before
+    (the model's weights) are not counted. Slows every op a little (a Python hook per op)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._track(out, (args, kwargs))
+                return out
+
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._mode = _Mode()
+
+    def _track(self, out, inputs) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        # A view or an in-place result shares an input's storage: nothing new (and the
+        # storage of a tensor made before the count started must not be counted).
+        shared = {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._sizes or key in shared:
+                continue
+            self._sizes[key] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __enter__(self) -> LiveTensorBytes:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

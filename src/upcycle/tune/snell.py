@@ -9,10 +9,14 @@ kernel of them,
 which is generally full rank, sparsified afresh every forward pass by competition: the
 ``sparsity`` fraction of entries with the smallest ``|K|`` (per matrix; per q/k/v slice of
 a fused projection) is zeroed and the survivors are scaled by their own detached magnitude
-(``reference`` mode, the released code) or soft-thresholded (``paper`` mode, Eq. 5). The
-whole of ``delta_W`` is recomputed in backward (a custom autograd function by default, or a
-non-reentrant activation checkpoint), so nothing of size ``d_out x d_in`` is stored for
-backward or kept between steps.
+(``reference`` mode, the released code) or soft-thresholded (``paper`` mode, Eq. 5).
+
+By default ``delta_W`` is never whole: the kernel is separable by output rows, so the layer
+builds it a block of rows at a time (``SnellConfig.block_mb``), for the exact threshold (a
+radix select over the float bits, the same value as ``kthvalue``), for the product with the
+input, and again in backward, which rebuilds each block from A and B. Nothing of size
+``d_out x d_in`` is stored for backward or kept between steps, and no more than a block of
+it exists at any time.
 
 The interface follows HuggingFace peft::
 
@@ -115,11 +119,19 @@ class SnellConfig:
     drop_path: float = 0.1
     """DropPath (per-sample stochastic depth) on the adapter's output (reference: 0.1)."""
     recompute: str | bool = "backward"
-    """How delta_W avoids being stored for backward. 'backward' (default): a custom autograd
-    function saves only x, A and B and recomputes delta_W in backward (the big matmul is not
-    redone); 'checkpoint': the layer runs inside a non-reentrant torch.utils.checkpoint
-    (recomputes delta_W and the layer's matmul); 'none' (or False): plain autograd, which
-    stores delta_W and the kernel's intermediates (faster, more memory). True = 'backward'."""
+    """How delta_W is computed and kept out of memory. 'backward' (default): block by block
+    (``block_mb``), in forward and in a backward that rebuilds each block from A and B; saves
+    x, A, B and one threshold per slice, and never holds more than a block of delta_W, its
+    kernel, mask and gradient at once (also in eval). The two unblocked paths, which build the
+    whole delta_W at once (a transient of several times the weight) and are kept to compare
+    against: 'checkpoint': the layer inside a non-reentrant torch.utils.checkpoint (recomputes
+    delta_W and the layer's matmul in backward); 'none' (or False): plain autograd, which
+    stores delta_W and the mask for backward. True = 'backward'."""
+    block_mb: float = 4.0
+    """Size in MiB of the block of delta_W's rows (rows x d_in values, 4 bytes each, rounded
+    down to whole 64-row tiles, at least one) that the 'backward' path builds at once; a
+    layer's transient memory is about six such blocks (the kernel's per-piece distances, the
+    block, its mask term, its gradient)."""
 
     def __post_init__(self) -> None:
         self.piece_coeffs = tuple(float(c) for c in self.piece_coeffs)
@@ -154,6 +166,9 @@ class SnellConfig:
         if self.recompute not in RECOMPUTE_MODES:
             raise UpcycleError(f"SNELL recompute must be one of {RECOMPUTE_MODES}, got "
                                f"{self.recompute!r}")
+        if not (isinstance(self.block_mb, (int, float)) and self.block_mb > 0):
+            raise UpcycleError(f"SNELL block_mb must be a positive number of MiB, got "
+                               f"{self.block_mb!r}")
         if isinstance(self.target_modules, str):
             _check_regex(self.target_modules, "target_modules")
         if isinstance(self.fused_qkv, str):
@@ -182,17 +197,276 @@ def _check_regex(pattern: str, argument: str) -> None:
 
 # -- the kernel and the competition mask --------------------------------------------------
 
+# The kernel's distances are computed in tiles of this many rows of delta_W (output
+# features), aligned to row 0, whichever rows a caller asks for: every entry then comes from
+# the same matrix product whether the whole matrix or a block of rows is built, so the
+# blocked path and the dense reference agree bit for bit (and so do their masks). Larger
+# tiles off the CPU, where each product is a kernel launch.
+KERNEL_TILE_ROWS = 64
+KERNEL_TILE_ROWS_ACCELERATOR = 512
+
+
+def _tile_rows(device: torch.device) -> int:
+    return KERNEL_TILE_ROWS if device.type == "cpu" else KERNEL_TILE_ROWS_ACCELERATOR
+
+
+def _padded_factors(A: torch.Tensor, B: torch.Tensor):
+    """Per piece, the factors of ``||b - a||^2 = |b|^2 - 2 b.a + |a|^2`` as one product
+    (torch.cdist's matrix-product form): ``B_pad`` (d_out x r/P+2), ``A_pad^T`` (r/P+2 x d_in)."""
+    pads = []
+    for p in range(A.shape[0]):
+        a, b = A[p], B[p]
+        a_norm = a.pow(2).sum(-1, keepdim=True)
+        b_norm = b.pow(2).sum(-1, keepdim=True)
+        b_pad = torch.cat([b.mul(-2), b_norm, torch.ones_like(b_norm)], dim=-1)
+        a_pad = torch.cat([a, torch.ones_like(a_norm), a_norm], dim=-1)
+        pads.append((b_pad, a_pad.t().contiguous()))
+    return pads
+
+
+def _distances(pad, o0: int, o1: int) -> torch.Tensor:
+    """``||B_p[o] - A_p[i]||`` for the rows o0 <= o < o1 (o1 - o0 rows x d_in), computed tile
+    by tile on the fixed row grid (see KERNEL_TILE_ROWS)."""
+    b_pad, a_pad_t = pad
+    d_out, T = b_pad.shape[0], _tile_rows(b_pad.device)
+    t0, t1 = o0 - o0 % T, min(d_out, -(-o1 // T) * T)
+    out = b_pad.new_empty((t1 - t0, a_pad_t.shape[1]))
+    for j in range(t0, t1, T):
+        torch.mm(b_pad[j:j + T], a_pad_t, out=out[j - t0:j - t0 + T])
+    out = out[o0 - t0:o1 - t0] if (o0, o1) != (t0, t1) else out
+    return out.clamp_min_(1e-30).sqrt_()
+
+
+@torch.no_grad()
+def _kernel_rows(pads, coeffs: torch.Tensor, o0: int, o1: int, dists: list | None = None
+                 ) -> torch.Tensor:
+    """Rows o0:o1 of ``delta_W = K^T`` (sum_p c_p * dist_p). With ``dists`` (a list), the
+    per-piece distances are appended to it (for the backward); otherwise they are reused."""
+    K = None
+    for p, pad in enumerate(pads):
+        d = _distances(pad, o0, o1)
+        if dists is not None:
+            dists.append(d)
+            term = d * coeffs[p]
+        else:
+            term = d.mul_(coeffs[p])
+        if K is None:
+            K = term
+        else:
+            K.add_(term)  # the same two roundings as K + d * c, in every path
+        del term
+    return K
+
+
+@torch.no_grad()
+def _kernel_grads_rows(A, B, coeffs, dists, grad_K, o0: int, o1: int, grad_A, grad_B,
+                       grad_c) -> None:
+    """Accumulate the gradients of ``sum(grad_K * K[o0:o1])`` into grad_A (P x d_in x q),
+    grad_B (P x d_out x q) and grad_c (P,) (each may be None); consumes ``dists``.
+    d||b - a||/db = (b - a)/||b - a|| (torch.cdist's matrix-product backward)."""
+    for p in range(A.shape[0]):
+        d = dists[p]
+        dists[p] = None
+        if grad_c is not None:
+            grad_c[p] += torch.dot(grad_K.reshape(-1), d.reshape(-1))
+        if grad_A is None and grad_B is None:
+            continue
+        H = torch.div(grad_K, d, out=d)  # grad / dist, in place; c_p is applied below
+        del d
+        a, b = A[p], B[p, o0:o1]
+        ones = a.new_ones((1,))
+        if grad_B is not None:  # c_p (b * sum_i H - H @ a), the sum as one more column
+            HA = H @ torch.cat([a, ones.expand(a.shape[0], 1)], dim=1)
+            grad_B[p, o0:o1] += (b * HA[:, -1:] - HA[:, :-1]) * coeffs[p]
+        if grad_A is not None:
+            HB = H.t() @ torch.cat([b, ones.expand(b.shape[0], 1)], dim=1)
+            grad_A[p] += (a * HB[:, -1:] - HB[:, :-1]) * coeffs[p]
+        del H
+
+
+class _Kernel(torch.autograd.Function):
+    """The dense kernel ``K^T`` with the same arithmetic as the blocked path; its backward
+    recomputes the distances instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, A, B, coeffs):
+        ctx.save_for_backward(A, B, coeffs)
+        return _kernel_rows(_padded_factors(A, B), coeffs, 0, B.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_K):
+        A, B, coeffs = ctx.saved_tensors
+        need_a, need_b, need_c = ctx.needs_input_grad
+        dists: list = []
+        _kernel_rows(_padded_factors(A, B), coeffs, 0, B.shape[1], dists)
+        grads = (torch.zeros_like(A) if need_a else None, torch.zeros_like(B) if need_b else None,
+                 torch.zeros_like(coeffs) if need_c else None)
+        _kernel_grads_rows(A, B, coeffs, dists, grad_K.to(A.dtype), 0, B.shape[1], *grads)
+        return grads
+
+
 def snell_kernel(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """The dense update ``K^T`` (d_out x d_in) with K[i, j] = sum_p c_p ||A_p[i] - B_p[j]||_2.
 
-    ``A``: (P, d_in, r/P); ``B``: (P, d_out, r/P); ``coeffs``: (P,).
+    ``A``: (P, d_in, r/P); ``B``: (P, d_out, r/P); ``coeffs``: (P,). Differentiable in all
+    three. Entry for entry the same values as the blocked path of :class:`SnellLayer`.
     """
-    dist = torch.cdist(B, A, p=2.0)  # (P, d_out, d_in): distance of output j to input i
-    return torch.einsum("p,poi->oi", coeffs.to(dist.dtype), dist)
+    coeffs = coeffs.to(A.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (A, B, coeffs)):
+        return _Kernel.apply(A, B, coeffs)
+    return _kernel_rows(_padded_factors(A, B), coeffs, 0, B.shape[1])
 
 
 def _num_zeroed(sparsity: float, numel: int) -> int:
     return min(numel - 1, math.floor(sparsity * numel + 1e-9)) if numel else 0
+
+
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+@torch.no_grad()
+def kthvalue_blocked(chunks, k: int, n: int | None = None, window: float = 0.01
+                     ) -> torch.Tensor:
+    """The k-th smallest (1-based) of the non-negative floats yielded by ``chunks()``, bit
+    for bit what ``torch.kthvalue`` returns on their concatenation, without holding them all.
+
+    A radix select over the bit patterns (monotone in the value for non-negative floats):
+    ``chunks()`` yields the same values (in any blocking) each time it is called; each call
+    counts one 16-bit digit of the entries that share the digits found so far.
+
+    With ``n`` (the number of values), the first call also collects the candidates near
+    the k/n quantile of the first chunk (about ``2 * window * n`` values, at most as many as
+    the largest chunk holds): when the k-th value is among them (it is unless the first
+    chunk misjudged the quantile, or ties crowd the window), ``kthvalue`` on the candidates
+    gives it in one call of ``chunks()`` instead of two (fp32). Returns a 0-dim tensor of the
+    chunks' dtype and device.
+    """
+    prefix = rank = None
+    dtype = None
+    nbits = 0
+    shift = None
+    candidates: list | None = [] if n else None
+    window_bins = None
+    collected = cap = 0
+    while shift is None or shift > 0:
+        counts = None
+        for chunk in chunks():
+            if counts is None:
+                dtype, device = chunk.dtype, chunk.device
+                nbits = 8 * chunk.element_size()
+                if shift is None:
+                    shift = nbits
+                    prefix = torch.zeros((), dtype=torch.int64, device=device)
+                    rank = torch.full((), k, dtype=torch.int64, device=device)
+                counts = torch.zeros(65538, dtype=torch.int64, device=device)
+            bits = chunk.reshape(-1).view(_INT_VIEW[chunk.element_size()])
+            if bits.dtype == torch.int16:
+                bits = bits.to(torch.int32)
+            if shift == nbits:  # the top digit (the sign bit is 0): bins 1 .. 32768
+                digit = (bits >> (shift - 16)).add_(1)
+            else:
+                # Only the entries whose higher digits are the prefix count: bins 1 .. 65536;
+                # those below go to bin 0 and those above to bin 65537.
+                digit = bits - (prefix << shift).to(bits.dtype)
+                digit = digit.clamp_(-1, 1 << shift).bitwise_right_shift_(shift - 16).add_(1)
+            here = torch.bincount(digit, minlength=65538)
+            counts += here
+            if candidates is not None:
+                cap = max(cap, digit.numel())
+                if window_bins is None:  # the bins around the first chunk's k/n quantile
+                    cum_here = here.cumsum(0)
+                    q = k / n
+                    ranks = torch.tensor([max(0.0, q - window), min(1.0, q + window)],
+                                         dtype=torch.float64, device=device) * digit.numel()
+                    window_bins = torch.searchsorted(cum_here, ranks.ceil().clamp_min(1).to(
+                        torch.int64))
+                inside = (digit >= window_bins[0]) & (digit <= window_bins[1])
+                found = chunk.reshape(-1)[inside]
+                collected += found.numel()
+                candidates.append(found)
+                if collected > cap:  # ties or a poor guess crowd the window: give up
+                    candidates = None
+                del inside, found
+            del bits, digit, here
+        if counts is None:
+            raise UpcycleError("kthvalue_blocked: chunks() yielded no values")
+        if shift == nbits and candidates is not None:
+            cum_full = counts.cumsum(0)
+            if int(cum_full[-1]) < k:
+                raise UpcycleError(f"kthvalue_blocked: k={k} but only {int(cum_full[-1])} "
+                                   f"values")
+            lo, hi = window_bins
+            below = int(cum_full[lo - 1])
+            if below < k <= int(cum_full[hi]):  # the k-th is a candidate
+                return torch.cat(candidates).kthvalue(k - below).values
+        candidates = None
+        counts = counts[1:65537]
+        cum = counts.cumsum(0)
+        if shift == nbits and int(cum[-1]) < k:
+            raise UpcycleError(f"kthvalue_blocked: k={k} but only {int(cum[-1])} values")
+        value = torch.searchsorted(cum, rank.reshape(1)).reshape(())
+        rank = rank - (cum[value] - counts[value])
+        prefix = (prefix << 16) | value
+        shift -= 16
+    int_dtype = _INT_VIEW[torch.empty((), dtype=dtype).element_size()]
+    return prefix.to(int_dtype).reshape(1).view(dtype).reshape(())
+
+
+def _slice_bounds(d_out: int, num_slices: int, block_rows: int):
+    """(slice index, first row, end row) of each block: blocks never straddle a slice."""
+    if d_out % num_slices:
+        raise UpcycleError(f"cannot split an output dimension of {d_out} into {num_slices} "
+                           f"equal slices")
+    h = d_out // num_slices
+    for s in range(num_slices):
+        for o0 in range(s * h, (s + 1) * h, block_rows):
+            yield s, o0, min(o0 + block_rows, (s + 1) * h)
+
+
+@torch.no_grad()
+def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, sparsity: float,
+                     num_slices: int = 1, block_rows: int | None = None) -> torch.Tensor:
+    """Per slice of delta_W's rows, the threshold tau of the competition mask: the
+    ``floor(sparsity * n)``-th smallest ``|K|`` of the slice's n entries (-1 when none is
+    zeroed), exactly what :func:`sparsify` takes from ``kthvalue``, found block by block
+    (``block_rows`` rows of delta_W at a time; None: all at once). Shape (num_slices,)."""
+    d_out, d_in = B.shape[1], A.shape[1]
+    coeffs = coeffs.detach().to(A.dtype)
+    A, B = A.detach(), B.detach()
+    out = torch.full((num_slices,), -1.0, dtype=A.dtype, device=A.device)
+    k = _num_zeroed(sparsity, d_out // num_slices * d_in) if sparsity > 0 else 0
+    if k == 0:
+        return out
+    pads = _padded_factors(A, B)
+    bounds = list(_slice_bounds(d_out, num_slices, block_rows or d_out))
+    for s in range(num_slices):
+        def chunks(s=s):
+            for t, o0, o1 in bounds:
+                if t == s:
+                    yield _kernel_rows(pads, coeffs, o0, o1).abs_()
+        out[s] = kthvalue_blocked(chunks, k, n=d_out // num_slices * d_in)
+    return out
+
+
+def _sparsify_rows(K: torch.Tensor, tau: torch.Tensor | None, mode: str,
+                   keep_factor: bool = False):
+    """``(delta, factor)`` for rows of K given their slice's threshold, with the same
+    elementwise arithmetic as :func:`sparsify` (delta = K * factor; factor is the detached
+    magnitude term, returned only with keep_factor). ``tau`` None means sparsity 0
+    (delta = K, factor None). K's storage is reused for delta."""
+    if tau is None:
+        return K, None
+    magnitude = K.abs()
+    if mode == "reference":
+        # magnitude * (magnitude > tau) as in sparsify (the same products: m * 1.0, m * 0.0);
+        # a same-dtype multiply is several times faster than one with a bool operand
+        factor = magnitude.mul_((magnitude > tau).to(magnitude.dtype))
+    elif mode == "paper":
+        factor = magnitude.sub_(tau.clamp_min(0)).clamp_min_(0)
+    else:
+        raise UpcycleError(f"SNELL sparsify_mode must be one of {SPARSIFY_MODES}, got {mode!r}")
+    delta = K.mul_(factor)
+    return delta, (factor if keep_factor else None)
 
 
 def sparsify(delta: torch.Tensor, sparsity: float, mode: str = "reference",
@@ -253,47 +527,93 @@ def adaptable_types() -> tuple[type, ...]:
 
 
 class _SnellLinear(torch.autograd.Function):
-    """``y = x (W0 + delta_W_s)^T + b`` saving only x, A, B and the coefficients: delta_W_s is
-    recomputed from (A, B) in backward, never stored (W0 is a parameter, saved by reference).
-    ``weight``/``bias`` may be None (the update alone)."""
+    """``y = x (W0 + delta_W_s)^T + b`` with delta_W_s built ``block_rows`` rows at a time,
+    in forward and in backward, so no more than a block of it (and of its kernel, mask and
+    gradient) exists at once. Saves x, A, B, the coefficients and the thresholds (one scalar
+    per slice); W0 is a parameter, saved by reference. ``weight``/``bias`` may be None (the
+    update alone)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, coeffs, sparsity, mode, num_slices):
-        with torch.no_grad():
-            delta = sparsify(snell_kernel(A, B, coeffs), sparsity, mode, num_slices)
-            full = delta.to(x.dtype) if weight is None else weight + delta.to(weight.dtype)
-            y = F.linear(x, full, bias)
-        del delta, full
-        ctx.sparsify_args = (sparsity, mode, num_slices)
+    def forward(ctx, x, weight, bias, A, B, coeffs, sparsity, mode, num_slices, block_rows):
+        coeffs_c = coeffs.to(A.dtype)
+        tau = snell_thresholds(A, B, coeffs_c, sparsity, num_slices, block_rows)
+        x2d = x.reshape(-1, x.shape[-1])
+        y = None
+        pads = _padded_factors(A.detach(), B.detach())
+        for s, o0, o1 in _slice_bounds(B.shape[1], num_slices, block_rows):
+            K = _kernel_rows(pads, coeffs_c.detach(), o0, o1)
+            delta, _ = _sparsify_rows(K, tau[s] if sparsity > 0 else None, mode)
+            if weight is None:
+                w_block = delta.to(x.dtype)
+            else:
+                w_block = weight[o0:o1] + delta.to(weight.dtype)
+            del K, delta
+            y_block = F.linear(x2d, w_block, None if bias is None else bias[o0:o1])
+            del w_block
+            if y is None:
+                y = y_block.new_empty((x2d.shape[0], B.shape[1]))
+            y[:, o0:o1] = y_block
+            del y_block
+        ctx.args = (sparsity, mode, num_slices, block_rows)
         ctx.has_weight = weight is not None
-        ctx.save_for_backward(x, A, B, coeffs, *([weight] if weight is not None else []))
-        return y
+        ctx.save_for_backward(x, A, B, coeffs, tau, *([weight] if weight is not None else []))
+        return y.reshape(*x.shape[:-1], B.shape[1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, A, B, coeffs, *rest = ctx.saved_tensors
+        x, A, B, coeffs, tau, *rest = ctx.saved_tensors
         weight = rest[0] if ctx.has_weight else None
+        sparsity, mode, num_slices, block_rows = ctx.args
         need_x, need_w, need_b, need_a, need_bb, need_c = ctx.needs_input_grad[:6]
-        leaves = [t.detach().requires_grad_(need) for t, need in
-                  ((A, need_a), (B, need_bb), (coeffs, need_c))]
-        with torch.enable_grad():
-            delta = sparsify(snell_kernel(*leaves), *ctx.sparsify_args)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            full = delta.detach().to(grad_y.dtype)
-            if weight is not None:
-                full = full + weight.to(grad_y.dtype)
-            grad_x = grad_y @ full
-        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_delta = flat_grad.t().to(delta.dtype) @ x.reshape(-1, x.shape[-1]).to(delta.dtype)
-        if need_w:
-            grad_w = grad_delta.to(weight.dtype)
-        if need_b:
-            grad_b = flat_grad.sum(0)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(delta, wanted, grad_delta) if wanted else ())
-        grad_abc = [next(grads) if t.requires_grad else None for t in leaves]
-        return (grad_x, grad_w, grad_b, *grad_abc, None, None, None)
+        d_out, d_in = B.shape[1], A.shape[1]
+        gy = grad_y.reshape(-1, d_out)
+        x2d = x.reshape(-1, d_in)
+        gy_c, x_c = gy.to(A.dtype), x2d.to(A.dtype)
+        coeffs_c = coeffs.to(A.dtype)
+        grad_x = torch.zeros_like(x2d, dtype=grad_y.dtype) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_A = torch.zeros_like(A) if need_a else None
+        grad_B = torch.zeros_like(B) if need_bb else None
+        grad_c = torch.zeros_like(coeffs_c) if need_c else None
+        need_kernel_grad = need_a or need_bb or need_c
+        pads = _padded_factors(A, B)
+        for s, o0, o1 in _slice_bounds(d_out, num_slices, block_rows):
+            dists: list | None = [] if need_kernel_grad else None
+            K = _kernel_rows(pads, coeffs_c, o0, o1, dists)
+            delta, factor = _sparsify_rows(K, tau[s] if sparsity > 0 else None, mode,
+                                           keep_factor=True)
+            if need_x:
+                w_block = delta.to(grad_y.dtype)
+                if weight is not None:
+                    w_block = w_block + weight[o0:o1].to(grad_y.dtype)
+                grad_x.addmm_(gy[:, o0:o1], w_block)
+                del w_block
+            del K, delta
+            if need_w or need_kernel_grad:
+                grad_delta = gy_c[:, o0:o1].t() @ x_c  # (rows x d_in), this block only
+                if need_w:
+                    grad_w[o0:o1] = grad_delta
+                if need_kernel_grad:
+                    if factor is not None:
+                        grad_delta.mul_(factor)  # the magnitude term is detached
+                    del factor
+                    _kernel_grads_rows(A, B, coeffs_c, dists, grad_delta, o0, o1, grad_A,
+                                       grad_B, grad_c)
+                del grad_delta
+        grad_b = gy.sum(0) if need_b else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
+        if grad_c is not None:
+            grad_c = grad_c.to(coeffs.dtype)
+        return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None)
+
+
+def _block_rows(block_mb: float, d_in: int, device: torch.device | str = "cpu") -> int:
+    """Rows of delta_W per block: ``block_mb`` MiB of them (4-byte values), a multiple of
+    the kernel's tile on ``device`` (so that blocks use whole tiles), at least one tile."""
+    tile = _tile_rows(torch.device(device))
+    rows = int(block_mb * 2**20) // max(1, d_in * 4)
+    return max(tile, rows - rows % tile)
 
 
 class SnellLayer(nn.Module):
@@ -321,6 +641,8 @@ class SnellLayer(nn.Module):
         self.dropout_p = float(config.dropout)
         self.drop_path_p = float(config.drop_path)
         self.recompute = config.recompute
+        self.block_mb = float(config.block_mb)
+        self._block_rows: int | None = None  # set to override block_mb (tests)
         self.merged = False
         P, q = config.num_pieces, config.r // config.num_pieces
         factory = {"device": weight.device,
@@ -336,6 +658,17 @@ class SnellLayer(nn.Module):
             self.snell_coeffs = nn.Parameter(coeffs)
         else:
             self.register_buffer("snell_coeffs", coeffs)
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of delta_W built at once (from block_mb and the layer's current device)."""
+        if self._block_rows is not None:
+            return self._block_rows
+        return _block_rows(self.block_mb, self.in_features, self.snell_A.device)
+
+    @block_rows.setter
+    def block_rows(self, rows: int) -> None:
+        self._block_rows = int(rows)
 
     # the update ------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -361,7 +694,8 @@ class SnellLayer(nn.Module):
     def _product(self, x: torch.Tensor, with_base: bool) -> torch.Tensor:
         """``x @ (W0 + delta_W_s)^T + b`` (with_base) or ``x @ delta_W_s^T``."""
         params = (self.snell_A, self.snell_B, self.snell_coeffs)
-        if not torch.is_grad_enabled() or self.recompute == "none":
+        if self.recompute == "none" or (self.recompute == "checkpoint"
+                                        and not torch.is_grad_enabled()):
             return (self._fused if with_base else self._branch)(x, *params)
         if self.recompute == "checkpoint":
             return checkpoint(self._fused if with_base else self._branch, x, *params,
@@ -369,7 +703,20 @@ class SnellLayer(nn.Module):
         weight = self._weight_oi() if with_base else None
         bias = self.base_layer.bias if with_base else None
         return _SnellLinear.apply(x, weight, bias, *params, self.sparsity, self.sparsify_mode,
-                                  self.num_slices)
+                                  self.num_slices, self.block_rows)
+
+    @torch.no_grad()
+    def _delta_blocks(self):
+        """``(first row, end row, rows of delta_W_s)`` block by block (no autograd)."""
+        A, B = self.snell_A.detach(), self.snell_B.detach()
+        coeffs = self.snell_coeffs.detach().to(A.dtype)
+        tau = snell_thresholds(A, B, coeffs, self.sparsity, self.num_slices, self.block_rows)
+        pads = _padded_factors(A, B)
+        for s, o0, o1 in _slice_bounds(self.out_features, self.num_slices, self.block_rows):
+            K = _kernel_rows(pads, coeffs, o0, o1)
+            delta, _ = _sparsify_rows(K, tau[s] if self.sparsity > 0 else None,
+                                      self.sparsify_mode)
+            yield o0, o1, delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -385,18 +732,21 @@ class SnellLayer(nn.Module):
     # merging ---------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
+        """W0 += delta_W_s, a block of rows at a time."""
         if self.merged:
             return
-        delta = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight.add_(delta.t() if self.transposed else delta)
+        weight = self._weight_oi()
+        for o0, o1, delta in self._delta_blocks():
+            weight[o0:o1] += delta.to(weight.dtype)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        delta = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight.sub_(delta.t() if self.transposed else delta)
+        weight = self._weight_oi()
+        for o0, o1, delta in self._delta_blocks():
+            weight[o0:o1] -= delta.to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -631,6 +981,8 @@ __all__ = [
     "SnellModel",
     "default_target_modules",
     "get_snell_model",
+    "kthvalue_blocked",
     "snell_kernel",
+    "snell_thresholds",
     "sparsify",
 ]

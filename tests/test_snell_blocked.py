@@ -1,0 +1,252 @@
+"""SNELL's blocked path: delta_W built a block of rows at a time must give exactly the dense
+reference's threshold and mask, its outputs and gradients, and bounded transient memory."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from upcycle.errors import UpcycleError
+from upcycle.memory import LiveTensorBytes
+from upcycle.tune.snell import (
+    SnellConfig,
+    SnellLayer,
+    kthvalue_blocked,
+    snell_kernel,
+    snell_thresholds,
+    sparsify,
+)
+
+
+def _bits(t):
+    return t.reshape(1).view({4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _chunks(values, sizes):
+    def gen():
+        start = 0
+        for n in sizes:
+            yield values[start:start + n]
+            start += n
+        assert start == values.numel()
+    return gen
+
+
+# -- the exact threshold ------------------------------------------------------------------
+
+@pytest.mark.parametrize("window", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "sorted"])
+def test_kthvalue_blocked_is_kthvalue_bit_for_bit(dtype, kind, window):
+    """Both the pure radix passes and the one-call candidate window (which falls back to
+    the passes when the first chunk misjudges the quantile: 'sorted', or ties: 'zeros')."""
+    g = torch.Generator().manual_seed(0)
+    n = 5003
+    if kind == "random":
+        values = torch.randn(n, generator=g, dtype=dtype).abs() * 10 ** torch.randint(
+            -20, 20, (n,), generator=g).to(dtype)
+    elif kind == "ties":  # a few distinct values, many ties, neighbours one ulp apart
+        base = torch.tensor([0.0, 1e-30, 0.5, 1.0, 3.0], dtype=dtype)
+        base = torch.cat([base, torch.nextafter(base[2:3], torch.tensor(1.0, dtype=dtype))])
+        values = base[torch.randint(0, len(base), (n,), generator=g)]
+    elif kind == "zeros":
+        values = torch.zeros(n, dtype=dtype)
+        values[::7] = 2.0
+    else:
+        values = torch.rand(n, generator=g, dtype=dtype).sort().values
+    sizes = [999, 1, 2, 3000, 1001]
+    for k in (1, 2, n // 3, n // 2, n - 1, n):
+        want = values.kthvalue(k).values
+        got = kthvalue_blocked(_chunks(values, sizes), k, n=n if window else None)
+        assert got.dtype == dtype
+        assert torch.equal(_bits(got), _bits(want)), (k, got, want)
+
+
+def test_kthvalue_blocked_window_saves_a_pass():
+    values = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    for data, passes in ((values, 1), (values.sort().values, 2)):
+        calls = []
+
+        def chunks(data=data, calls=calls):
+            calls.append(1)
+            yield from data.split(7000)
+
+        got = kthvalue_blocked(chunks, 50_000, n=data.numel())
+        assert torch.equal(got, data.kthvalue(50_000).values)
+        assert len(calls) == passes
+
+
+def test_kthvalue_blocked_bad_k():
+    with pytest.raises(UpcycleError, match="k=11 but only 10 values"):
+        kthvalue_blocked(lambda: iter([torch.rand(10)]), 11)
+    with pytest.raises(UpcycleError, match="yielded no values"):
+        kthvalue_blocked(lambda: iter([]), 1)
+
+
+# -- the blocked layer against the dense reference -----------------------------------------
+
+def _layer(d_in, d_out, *, mode="reference", s=0.5, slices=1, block_rows=7, dtype=torch.float32,
+           transposed=False, scale_slices=False, seed=0):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    base = Conv1D(d_out, d_in) if transposed else nn.Linear(d_in, d_out)
+    base = base.to(dtype)
+    nn.init.normal_(base.bias)
+    cfg = SnellConfig(r=8, sparsity=s, sparsify_mode=mode, learnable_coeffs=True, dropout=0.0,
+                      drop_path=0.0)
+    layer = SnellLayer(base, cfg, num_slices=slices)
+    with torch.no_grad():
+        layer.snell_A.normal_(0, 1.0)
+        layer.snell_B.normal_(0, 1.0)
+        if scale_slices:  # q's kernel is ~100x k's and v's: one threshold would keep all of q
+            layer.snell_B[:, : d_out // 3] *= 100
+    layer.block_rows = block_rows
+    return layer
+
+
+def _dense_delta(layer):
+    return sparsify(snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs),
+                    layer.sparsity, layer.sparsify_mode, layer.num_slices)
+
+
+CASES = [
+    # d_in, d_out, mode, sparsity, slices, block_rows, scale_slices
+    (29, 150, "reference", 0.5, 1, 7, False),       # blocks straddle the 64-row tiles
+    (29, 150, "paper", 0.7, 1, 64, False),
+    (17, 3 * 37, "reference", 0.5, 3, 5, True),     # fused q/k/v, 100x apart
+    (17, 3 * 37, "paper", 0.3, 3, 200, True),
+    (23, 41, "reference", 0.0, 1, 6, False),        # sparsity 0: dense kernelized LoRA
+]
+
+
+@pytest.mark.parametrize("d_in,d_out,mode,s,slices,block_rows,scaled", CASES)
+def test_blocked_mask_is_the_dense_kthvalue_mask(d_in, d_out, mode, s, slices, block_rows,
+                                                 scaled):
+    layer = _layer(d_in, d_out, mode=mode, s=s, slices=slices, block_rows=block_rows,
+                   scale_slices=scaled)
+    with torch.no_grad():
+        dense = _dense_delta(layer)
+        blocked = torch.cat([delta for _, _, delta in layer._delta_blocks()])
+        tau = snell_thresholds(layer.snell_A, layer.snell_B, layer.snell_coeffs, s, slices,
+                               block_rows)
+    assert torch.equal(blocked, dense)  # same values, hence exactly the same mask
+    n = d_out // slices * d_in
+    zeroed = math.floor(s * n + 1e-9)
+    if s > 0:
+        K = snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs).detach()
+        want = K.abs().reshape(slices, -1).kthvalue(zeroed, dim=1).values
+        assert torch.equal(tau.view(torch.int32), want.view(torch.int32))
+    kept = (blocked != 0).reshape(slices, -1).sum(1)
+    assert kept.tolist() == [n - zeroed] * slices  # equal sparsity in every slice
+
+
+def _step(layer, x, recompute=None):
+    if recompute is not None:
+        layer.recompute = recompute
+    for p in (layer.snell_A, layer.snell_B, layer.snell_coeffs, layer.base_layer.weight,
+              layer.base_layer.bias):
+        p.grad = None
+    layer.base_layer.weight.requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    layer.train()
+    y = layer(x)
+    g = torch.Generator().manual_seed(3)
+    y.backward(torch.randn(y.shape, generator=g, dtype=y.dtype))
+    return [y.detach(), x.grad, layer.snell_A.grad, layer.snell_B.grad, layer.snell_coeffs.grad,
+            layer.base_layer.weight.grad, layer.base_layer.bias.grad]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("d_in,d_out,mode,s,slices,block_rows,scaled", CASES)
+def test_blocked_step_equals_dense_step(d_in, d_out, mode, s, slices, block_rows, scaled,
+                                        transposed):
+    """Outputs and gradients of x, A, B, the coefficients, W0 and b: blocked ('backward')
+    against the whole-matrix path ('none'), fp32."""
+    layer = _layer(d_in, d_out, mode=mode, s=s, slices=slices, block_rows=block_rows,
+                   scale_slices=scaled, transposed=transposed)
+    x = torch.randn(2, 5, d_in)
+    blocked = _step(layer, x, "backward")
+    dense = _step(layer, x, "none")
+    names = ["y", "x", "A", "B", "coeffs", "W0", "b"]
+    for name, got, want in zip(names, blocked, dense):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _independent_reference(layer, x):
+    """delta_W from the kernel's definition (explicit differences, float64 autograd)."""
+    A, B, c = (t.detach().clone().requires_grad_(True) for t in
+               (layer.snell_A, layer.snell_B, layer.snell_coeffs))
+    dist = ((B[:, :, None, :] - A[:, None, :, :]) ** 2).sum(-1).sqrt()  # (P, d_out, d_in)
+    K = (c[:, None, None] * dist).sum(0)
+    delta = sparsify(K, layer.sparsity, layer.sparsify_mode, layer.num_slices)
+    W = layer._weight_oi().detach()
+    x = x.clone().requires_grad_(True)
+    y = x @ (W + delta).t() + layer.base_layer.bias.detach()
+    g = torch.Generator().manual_seed(3)
+    y.backward(torch.randn(y.shape, generator=g, dtype=y.dtype))
+    return [y.detach(), x.grad, A.grad, B.grad, c.grad]
+
+
+@pytest.mark.parametrize("d_in,d_out,mode,s,slices,block_rows,scaled", CASES)
+def test_blocked_step_equals_kernel_definition_fp64(d_in, d_out, mode, s, slices, block_rows,
+                                                    scaled):
+    layer = _layer(d_in, d_out, mode=mode, s=s, slices=slices, block_rows=block_rows,
+                   scale_slices=scaled, dtype=torch.float64)
+    x = torch.randn(3, d_in, dtype=torch.float64)
+    got = _step(layer, x, "backward")[:5]
+    want = _independent_reference(layer, x)
+    for name, a, b in zip(["y", "x", "A", "B", "coeffs"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_merge_unchanged_and_eval_matches_merged():
+    layer = _layer(29, 150, block_rows=7)
+    layer.eval()
+    x = torch.randn(4, 29)
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        out = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer.base_layer.weight, w0 + _dense_delta(layer), rtol=0,
+                                   atol=0)
+        torch.testing.assert_close(layer(x), out, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_block_rows_follow_block_mb():
+    layer = SnellLayer(nn.Linear(1024, 4096), SnellConfig(r=8, block_mb=2))
+    assert layer.block_rows == 2 * 2**20 // (1024 * 4)
+    assert SnellLayer(nn.Linear(1024, 4096), SnellConfig(r=8)).block_rows == 1024  # 4 MiB
+    layer = SnellLayer(nn.Linear(1024, 4096), SnellConfig(r=8, block_mb=1e-6))
+    assert layer.block_rows == 64  # at least one tile
+    with pytest.raises(UpcycleError, match="block_mb must be a positive number"):
+        SnellConfig(block_mb=0)
+
+
+def test_transient_memory_is_bounded_by_the_block():
+    """Live tensor bytes during one step: the blocked path stays within a few blocks, while
+    the whole-matrix path holds several copies of delta_W."""
+    d_in, d_out = 512, 2048
+    weight_bytes = d_in * d_out * 4
+
+    def peak(recompute, block_rows):
+        torch.manual_seed(0)
+        layer = SnellLayer(nn.Linear(d_in, d_out), SnellConfig(
+            r=8, sparsity=0.5, dropout=0.0, drop_path=0.0, recompute=recompute))
+        layer.block_rows = block_rows
+        layer.base_layer.requires_grad_(False)  # frozen, as in a SnellModel
+        layer.train()
+        x = torch.randn(8, d_in, requires_grad=True)
+        with LiveTensorBytes() as m:
+            layer(x).sum().backward()
+        return m.peak
+
+    blocked = peak("backward", 128)  # blocks of 256 KiB, 1/16 of the weight
+    dense = peak("none", 128)
+    assert dense > 4 * weight_bytes
+    assert blocked < 0.75 * weight_bytes, (blocked / weight_bytes, dense / weight_bytes)
