@@ -28,6 +28,7 @@ from .common import (
     load_state,
     make_blocks,
     parameter_names,
+    tie_state,
 )
 
 
@@ -131,7 +132,7 @@ def learned_soup(
                 acc += alpha[l, i] * thetas[i][n].float()
             state[n] = acc.to(ingredients[0].dtype(n))
     state.update(average_buffers(ingredients, others))
-    state = {k: state[k] for k in ingredients[0].keys()}
+    state = tie_state(state, ingredients, model)
     method = "learned+" if config.blockwise else "learned"
     return SoupResult(method, state, ingredient_names(ingredients),
                       alpha.t().to(torch.float64).contiguous(), block_names, history)

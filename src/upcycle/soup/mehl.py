@@ -42,6 +42,7 @@ from .common import (
     load_state,
     make_blocks,
     parameter_names,
+    tie_state,
 )
 
 
@@ -195,7 +196,7 @@ def mehl_soup(
     names, others = parameter_names(model, ingredients)
     load_state(model, average_buffers(ingredients, others))
     model.eval()  # no dropout while fitting coefficients: the loss is a function of X only
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -269,7 +270,7 @@ def mehl_soup(
     state = {name: anchor[name].view(ingredients[0].shape(name)).to(ingredients[0].dtype(name))
              for name in names}
     state.update(average_buffers(ingredients, others))
-    state = {key: state[key] for key in ingredients[0].keys()}
+    state = tie_state(state, ingredients, model)
     method = "mehl+" if config.blockwise else "mehl"
     return SoupResult(method, state, ingredient_names(ingredients), coefficients, block_names,
                       history, info={"model_batch": k, "rounds": len(history)})
