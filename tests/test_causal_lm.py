@@ -148,3 +148,48 @@ def test_missing_tokenizer_is_looked_up_in_the_base(tmp_path, tokenizer):
         CausalLMTask(bare, base_dir=other)
     base = save_lm(tiny_lm("gpt2"), tmp_path / "base", tokenizer)
     assert CausalLMTask(bare, base_dir=base).tokenizer.eos_token_id == 0
+
+
+DDP_EVAL = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+from lm_models import tiny_lm
+from upcycle import distributed
+from upcycle.tasks.causal_lm import evaluate
+torch.set_num_threads(1)
+distributed.init_from_env()
+g = torch.Generator().manual_seed(0)
+batches = []
+for size, width in [(3, 12), (1, 5), (2, 9)]:  # unequal token counts per batch and rank
+    ids = torch.randint(0, 320, (size, width), generator=g)
+    labels = ids.clone()
+    labels[:, : width // 3] = -100
+    batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+metrics = evaluate(tiny_lm("gpt2"), distributed.shard(batches))
+if distributed.rank() == 0:
+    print(json.dumps(metrics))
+"""
+
+
+def test_evaluate_sums_tokens_over_ranks(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_EVAL)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), "x", tests_dir], check=True, env=env,
+                         capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          str(script), "x", tests_dir], check=True, env=env,
+                         capture_output=True, text=True)
+    a = json.loads(one.stdout.strip().splitlines()[-1])
+    b = json.loads(two.stdout.strip().splitlines()[-1])
+    assert a["tokens"] == b["tokens"] == 3 * 8 + 1 * 4 + 2 * 6  # targets after the shift
+    assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6)
