@@ -161,7 +161,7 @@ def make_base(cache: Path, sizes: Sizes, data: dict, log=print) -> Path:
     model = LlamaForCausalLM(cfg)
     tok.save_pretrained(tmp)
     model.save_pretrained(tmp)  # config + random weights, so the task can read the folder
-    blocks = _Blocks(_task(tmp, sizes).encode([("", t) for t in data["pretrain"][0]]))
+    blocks = _Blocks(_task(tmp, sizes).encode([(None, t) for t in data["pretrain"][0]]))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[setup] base: {n_params / 1e6:.2f}M parameters, {len(blocks)} blocks of {sizes.seq} "
         f"tokens, {sizes.pretrain_steps} steps")
@@ -211,7 +211,7 @@ def make_ingredients(cache: Path, sizes: Sizes, data: dict, base: Path, log=prin
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         task = _task(base, sizes)
-        blocks = _Blocks(task.encode([("", t) for t in _mix_texts(data, recipe["mix"],
+        blocks = _Blocks(task.encode([(None, t) for t in _mix_texts(data, recipe["mix"],
                                                                    recipe["seed"])]))
         torch.manual_seed(recipe["seed"])
         model = AutoModelForCausalLM.from_pretrained(base)

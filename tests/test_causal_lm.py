@@ -81,6 +81,18 @@ def test_prompt_and_padding_carry_no_loss(lm_dir, tmp_path, tokenizer):
     assert evaluate(model, [batch])["tokens"] == count == data.target_tokens()
 
 
+def test_paired_rows_are_never_packed_and_keep_the_completion(lm_dir, tmp_path, tokenizer):
+    path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": "", "completion": "the cat"}, {"prompt": "the dog " * 20, "completion": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = CausalLMTask(lm_dir, max_length=16).read(path)
+    assert len(data) == 2 and all(len(ids) <= 16 for ids in data.input_ids)
+    assert data.labels[0] == data.input_ids[0]  # empty prompt: every token is a target
+    completion = tokenizer("x", add_special_tokens=False)["input_ids"] + [0]
+    assert data.input_ids[1][-len(completion):] == completion  # the prompt was cut, not this
+    assert data.labels[1] == [IGNORE_INDEX] * (16 - len(completion)) + completion
+
+
 def test_evaluate_is_the_token_mean_not_a_mean_of_batch_means(lm_dir, tmp_path):
     task = CausalLMTask(lm_dir, max_length=16, pack=False)
     data = task.read(write_lines(tmp_path / "a.txt", ["the cat", *CORPUS[:5]]))

@@ -126,8 +126,8 @@ def _read_rows(path: Path, split: str) -> list[tuple[int, dict]]:
 
 
 def read_documents(path: str | os.PathLike, *, split: str = "data", chunk: bool = False
-                   ) -> list[tuple[str, str]]:
-    """The file's examples as (prompt, text) pairs; prompt is '' for plain text."""
+                   ) -> list[tuple[str | None, str]]:
+    """The file's examples as (prompt, text) pairs; prompt is None for plain text."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in LM_SUFFIXES:
@@ -138,8 +138,8 @@ def read_documents(path: str | os.PathLike, *, split: str = "data", chunk: bool 
     if suffix == ".txt":
         lines = _read_txt(path, split)
         if chunk:
-            return [("", "\n".join(line for _, line in lines))]
-        return [("", line) for _, line in lines if line.strip()]
+            return [(None, "\n".join(line for _, line in lines))]
+        return [(None, line) for _, line in lines if line.strip()]
     rows = _read_rows(path, split)
     first_line, first = rows[0]
     if not isinstance(first, dict):
@@ -162,7 +162,7 @@ def read_documents(path: str | os.PathLike, *, split: str = "data", chunk: bool 
             if row.get("text") is None:
                 raise UpcycleError(f"{split} file {path}, line {lineno}: no 'text' field "
                                    f"(expected 'text', or 'prompt' and 'completion')")
-            docs.append(("", str(row["text"])))
+            docs.append((None, str(row["text"])))
     return docs
 
 
@@ -257,13 +257,14 @@ class CausalLMTask:
             raise UpcycleError(f"{split} file {path}: holds no tokens to predict")
         return data
 
-    def encode(self, docs: list[tuple[str, str]], *, source: str = "<texts>") -> LMData:
-        """Tokenise (prompt, text) pairs: plain texts are packed or truncated, paired ones
-        keep their prompt unlabelled (cut from the left when too long)."""
+    def encode(self, docs: list[tuple[str | None, str]], *, source: str = "<texts>") -> LMData:
+        """Tokenise (prompt, text) pairs: plain texts (prompt None) are packed or truncated;
+        paired ones are one example each, the prompt unlabelled (cut from the left when too
+        long)."""
         tok, eos, n = self.tokenizer, self.tokenizer.eos_token_id, self.max_length
         ids_out: list[list[int]] = []
         labels_out: list[list[int]] = []
-        plain = [t for p, t in docs if not p]
+        plain = [t for p, t in docs if p is None]
         if plain:
             encoded = [ids + [eos] for ids in tok(plain, add_special_tokens=False)["input_ids"]]
             if self.pack:
@@ -277,7 +278,7 @@ class CausalLMTask:
                 for ids in encoded:
                     ids_out.append(ids[:n])
                     labels_out.append(list(ids[:n]))
-        paired = [(p, t) for p, t in docs if p]
+        paired = [(p, t) for p, t in docs if p is not None]
         if paired:
             prompts = tok([p for p, _ in paired], add_special_tokens=False)["input_ids"]
             comps = tok([t for _, t in paired], add_special_tokens=False)["input_ids"]
