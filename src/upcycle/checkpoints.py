@@ -298,15 +298,15 @@ class Ingredient:
 def _looks_like_checkpoint(path: Path) -> bool:
     if path.is_dir():
         return any((path / f).is_file() for f in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX,
-                                                   "pytorch_model.bin"))
+                                                   "pytorch_model.bin", "adapter_config.json"))
     return path.is_file() and path.suffix in WEIGHT_FILE_SUFFIXES
 
 
 def expand_ingredient_paths(specs: Sequence[str | os.PathLike]) -> list[Path]:
     """Turn CLI/API arguments into checkpoint paths.
 
-    Each spec is a checkpoint file, a HF model folder, a folder of checkpoints (files or HF
-    folders, taken in sorted order) or a shell glob.
+    Each spec is a checkpoint file, a HF model folder, a peft adapter folder, a folder of
+    checkpoints (files, HF or adapter folders, taken in sorted order) or a shell glob.
     """
     paths: list[Path] = []
     for spec in specs:
@@ -330,11 +330,20 @@ def expand_ingredient_paths(specs: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def open_ingredients(specs: Sequence[str | os.PathLike]) -> list[Ingredient]:
+def open_ingredients(specs: Sequence[str | os.PathLike], *,
+                     base: str | os.PathLike | Ingredient | None = None) -> list[Ingredient]:
+    """Open the ingredients ``specs`` name. peft LoRA adapter folders among them become
+    :class:`upcycle.adapters.LoraIngredient` on ``base`` (required for them), merged one
+    tensor at a time; full checkpoints and adapters may be mixed."""
+    from .adapters import is_adapter, open_adapter
+
     paths = expand_ingredient_paths(specs)
     if not paths:
         raise UpcycleError("no ingredients given")
-    return [Ingredient(p, index=i + 1) for i, p in enumerate(paths)]
+    if base is not None and not isinstance(base, Ingredient) and any(map(is_adapter, paths)):
+        base = Ingredient(base, index=0)
+    return [open_adapter(p, base, index=i + 1) if is_adapter(p) else Ingredient(p, index=i + 1)
+            for i, p in enumerate(paths)]
 
 
 def _shape_str(shape: tuple[int, ...]) -> str:

@@ -55,7 +55,9 @@ class SoupResult:
              extra_files: dict | None = None) -> Path:
         """Write the soup atomically: a HF folder (config/tokenizer copied from ``source_dir``)
         with ``soup.json`` and ``coefficients.safetensors`` beside the weights, or, for an
-        ``out`` ending in .safetensors, one file plus ``<out>.soup.json``."""
+        ``out`` ending in .safetensors, one file plus ``<out>.soup.json``. A tied parameter is
+        written once under the name ``from_pretrained`` re-ties (as ``save_pretrained``
+        does) when ``source_dir``'s config tells the model."""
         out = Path(out)
         summary = json.dumps(self.summary(), indent=2, default=float) + "\n"
         tensors = {}
@@ -63,11 +65,12 @@ class SoupResult:
             tensors["coefficients.safetensors"] = {"coefficients": self.coefficients.float()}
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         if out.suffix == ".safetensors":
-            save_model(out, self.state, overwrite=overwrite)
+            save_model(out, _untie_for_writing(self.state, None), overwrite=overwrite)
             with atomic_file(out.with_name(out.name + ".soup.json")) as tmp:
                 tmp.write_text(summary)
             return out
-        return save_model(out, self.state, source_dir=source_dir, overwrite=overwrite,
+        state = _untie_for_writing(self.state, source_dir)
+        return save_model(out, state, source_dir=source_dir, overwrite=overwrite,
                           extra_files={"soup.json": summary, **(extra_files or {})},
                           extra_tensors=tensors, **kwargs)
 
@@ -76,30 +79,120 @@ def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:
     return [str(ing.path) for ing in ingredients]
 
 
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """The model's parameters as groups of names sharing one tensor, the name
+    ``named_parameters()`` reports first (e.g. GPT-2 ``[transformer.wte.weight,
+    lm_head.weight]``; a group of one for an untied parameter)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return list(groups.values())
+
+
+def tied_aliases(model: nn.Module, keys: Sequence[str]) -> dict[str, str]:
+    """Tied duplicates among ``keys``: alias key -> the key of the same parameter that is
+    souped (the first name of its group present in ``keys``)."""
+    key_set = set(keys)
+    aliases = {}
+    for group in tied_groups(model):
+        present = [n for n in group if n in key_set]
+        for alias in present[1:]:
+            aliases[alias] = present[0]
+    return aliases
+
+
 def parameter_names(model: nn.Module, ingredients: Sequence[Ingredient]) -> tuple[list[str], list[str]]:
     """Split the ingredients' tensors into the model's learnable parameters and the rest.
 
-    Returns (parameter names, other names). Raises when the model's parameters are not all
-    in the ingredients or a shape differs.
+    Returns (parameter names, other names). A tied parameter (GPT-2 ``lm_head.weight`` is
+    ``transformer.wte.weight``) is ONE parameter: it is listed once, under the first of its
+    names the checkpoint stores, and its other stored names are in neither list (see
+    :func:`tie_state`). Raises when a model parameter is not in the ingredients or a shape
+    differs.
     """
     keys = ingredients[0].keys()
     key_set = set(keys)
-    params = dict(model.named_parameters())
-    missing = [n for n in params if n not in key_set]
-    if missing:
-        raise UpcycleError(
-            f"the model's parameter {missing[0]!r} is not in {ingredients[0].label} "
-            f"({len(missing)} missing): the ingredients are not checkpoints of this model"
-        )
-    for n, p in params.items():
-        if tuple(p.shape) != ingredients[0].shape(n):
+    chosen: dict[str, str] = {}  # key souped -> the model's name for it
+    for group in tied_groups(model):
+        present = [n for n in group if n in key_set]
+        if not present:
+            missing = [g[0] for g in tied_groups(model) if not any(n in key_set for n in g)]
             raise UpcycleError(
-                f"{ingredients[0].label}: {n!r} has shape {ingredients[0].shape(n)}, the model's "
-                f"parameter has {tuple(p.shape)}"
+                f"the model's parameter {group[0]!r} is not in {ingredients[0].label} "
+                f"({len(missing)} missing): the ingredients are not checkpoints of this model"
             )
-    names = [k for k in keys if k in params and ingredients[0].dtype(k).is_floating_point]
-    others = [k for k in keys if k not in set(names)]
+        chosen[present[0]] = group[0]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key in chosen:
+        if tuple(params[key].shape) != ingredients[0].shape(key):
+            raise UpcycleError(
+                f"{ingredients[0].label}: {key!r} has shape {ingredients[0].shape(key)}, the "
+                f"model's parameter has {tuple(params[key].shape)}"
+            )
+    aliases = tied_aliases(model, keys)
+    names = [k for k in keys if k in chosen and ingredients[0].dtype(k).is_floating_point]
+    others = [k for k in keys if k not in set(names) and k not in aliases]
     return names, others
+
+
+def tie_state(state: dict[str, torch.Tensor], ingredients: Sequence[Ingredient],
+              model: nn.Module) -> dict[str, torch.Tensor]:
+    """The soup's state in the ingredients' key order, every stored alias of a tied
+    parameter pointing at the souped tensor (so tied names never disagree)."""
+    keys = ingredients[0].keys()
+    for alias, key in tied_aliases(model, keys).items():
+        state[alias] = state[key]
+    return {key: state[key] for key in keys}
+
+
+def _tied_groups_of_folder(folder: Path) -> list[list[str]]:
+    """Tied groups of the model a HF folder's config describes (built on the meta device)."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return []
+        with torch.device("meta"):
+            model = cls._from_config(config)
+    except Exception:  # no usable config: keep every key (written as separate copies)
+        return []
+    return [g for g in tied_groups(model) if len(g) > 1]
+
+
+def _untie_for_writing(state: dict[str, torch.Tensor], source_dir) -> dict[str, torch.Tensor]:
+    """What to write: like ``save_pretrained``, a tied parameter is written once, under the
+    name ``from_pretrained`` loads and re-ties (``transformer.wte.weight``, not
+    ``lm_head.weight``), when ``source_dir``'s config describes the model; tensors still
+    sharing memory are copied (safetensors refuses shared tensors)."""
+    if source_dir is not None and (Path(source_dir) / "config.json").is_file():
+        rename: dict[str, str | None] = {}  # stored name -> name to write (None: drop)
+        for group in _tied_groups_of_folder(Path(source_dir)):
+            present = [n for n in group if n in state]
+            for other in present[1:]:
+                if not torch.equal(state[other], state[present[0]]):
+                    raise UpcycleError(
+                        f"tied tensors {present[0]!r} and {other!r} of the soup differ: a tied "
+                        f"parameter must be souped once"
+                    )
+            if present:
+                rename[present[0]] = group[0]
+                rename.update({n: None for n in present[1:]})
+        state = {rename.get(k, k): v for k, v in state.items() if rename.get(k, k) is not None}
+    else:
+        state = dict(state)
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            state[name] = t.clone()
+        else:
+            seen[ident] = name
+    return state
 
 
 def out_dtype(ingredient: Ingredient, name: str, dtype: torch.dtype | None) -> torch.dtype:

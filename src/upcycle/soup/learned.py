@@ -39,6 +39,7 @@ from .common import (
     out_dtype,
     parameter_names,
     place_model,
+    tie_state,
     to_device,
 )
 
@@ -99,7 +100,7 @@ def learned_soup(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too
     # All N ingredients resident on the device (the reference's memory profile), in the
     # model's dtype, read one tensor at a time.
     thetas = [{n: ing.get(n).to(device).to(params[n].dtype, copy=True) for n in names}
@@ -170,7 +171,7 @@ def learned_soup(
                 acc += alpha[l, i] * thetas[i][n].float()
             state[n] = acc.to(out_dtype(ref, n, dtype)).cpu()
     state.update(average_buffers(ingredients, others, dtype=dtype))
-    state = {k: state[k] for k in ref.keys()}
+    state = tie_state(state, ingredients, model)
     method = "learned+" if config.blockwise else "learned"
     return SoupResult(method, state, ingredient_names(ingredients),
                       alpha.t().cpu().to(torch.float64).contiguous(), block_names, history,

@@ -65,6 +65,7 @@ from .common import (
     out_dtype,
     parameter_names,
     place_model,
+    tie_state,
     to_device,
 )
 
@@ -300,7 +301,7 @@ def mehl_soup(
     names, others = parameter_names(model, ingredients)
     method = "mehl+" if config.blockwise else "mehl"
     device = place_model(model, device)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too
     settings = {**config.settings(), "precision": precision,
                 "model_dtype": str(params[names[0]].dtype)}
     fingerprint = None
@@ -428,7 +429,7 @@ def mehl_soup(
     state = {name: anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
              for name in names}
     state.update(average_buffers(ingredients, others, dtype=dtype))
-    state = {key: state[key] for key in ref.keys()}
+    state = tie_state(state, ingredients, model)
     return SoupResult(method, state, ingredient_names(ingredients), coefficients, block_names,
                       history, info={"model_batch": k, "rounds": len(history),
                                      "device": str(device), "precision": precision,

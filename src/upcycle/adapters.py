@@ -1,0 +1,286 @@
+"""peft LoRA adapters as soup ingredients: ``theta_i = theta_base + Delta W_i``, one tensor at a time.
+
+A LoRA adapter folder (``adapter_config.json`` with ``peft_type: LORA`` and
+``adapter_model.safetensors``/``.bin``) plus the base model it was trained from is an
+ingredient like any checkpoint: :class:`LoraIngredient` has the interface of
+:class:`upcycle.checkpoints.Ingredient` (``keys``, ``shape``, ``dtype``, ``get``,
+``state_dict``, ``label``, ``path``, ``index``, ``hf_dir``), so every soup method works on it
+unchanged. ``get(name)`` reads the base tensor and, when the adapter targets it, adds
+
+    Delta W = scale * B @ A,   scale = lora_alpha / r  (lora_alpha / sqrt(r) with use_rslora),
+
+transposed for ``fan_in_fan_out`` (GPT-2's ``Conv1D`` stores weights as (in, out)) and for
+embeddings, with ``rank_pattern``/``alpha_pattern`` applied per module as peft does. Tensors
+the adapter saved whole (``modules_to_save``, trained biases) replace the base's. Nothing
+merged is kept: N adapters never cost N models.
+
+The uniform soup of adapters is therefore the mean of the merged models, which is NOT the
+model with the mean of the A's and the mean of the B's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoints import Ingredient, _short
+from .errors import UpcycleError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                       r"(?:\.weight)?$")
+# config fields whose non-default values change what merging means: refused, not ignored
+_UNSUPPORTED = {"use_dora": "DoRA", "target_parameters": "LoRA on nn.Parameter targets",
+                "layer_replication": "layer replication", "use_qalora": "QALoRA",
+                "trainable_token_indices": "trainable tokens", "use_bdlora": "BD-LoRA"}
+# config.json fields that are bookkeeping, not architecture
+_CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                       "architectures", "_attn_implementation_autoset", "use_cache"}
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    """A peft adapter folder (``adapter_config.json``, and no full model weights)."""
+    path = Path(path)
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not any(
+        (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json",
+                                       "pytorch_model.bin"))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's ``get_pattern_key``: the first pattern matching the module name's end."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class LoraIngredient:
+    """A LoRA adapter on ``base`` (an :class:`Ingredient`), read lazily one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike, base: Ingredient, index: int = 1):
+        self.path = Path(path)
+        self.index = index
+        self.base = base
+        self.hf_dir = base.hf_dir
+        self._file: Path | None = None
+        self._torch_state: dict[str, torch.Tensor] | None = None
+        self._adapter_meta: dict[str, tuple[int, ...]] = {}
+        # base tensor name -> (A key, B key, scale, transpose)
+        self._lora: dict[str, tuple[str, str, float, bool]] = {}
+        self._replace: dict[str, str] = {}  # base tensor name -> adapter key
+        self._open()
+
+    @property
+    def label(self) -> str:
+        return f"ingredient {self.index} ({_short(self.path)}, LoRA adapter)"
+
+    def __repr__(self) -> str:
+        return f"LoraIngredient({str(self.path)!r}, base={str(self.base.path)!r}, index={self.index})"
+
+    # -- opening ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        cfg_file = self.path / ADAPTER_CONFIG
+        if not cfg_file.is_file():
+            raise UpcycleError(f"{self.label}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UpcycleError(f"{self.label}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+        if config.get("peft_type") != "LORA":
+            raise UpcycleError(f"{self.label}: peft_type {config.get('peft_type')}; only LoRA "
+                               f"adapters (peft_type LORA) can be souped")
+        for key, what in _UNSUPPORTED.items():
+            if config.get(key):
+                raise UpcycleError(f"{self.label}: uses {what} ({key} in {ADAPTER_CONFIG}), "
+                                   f"which cannot be merged as base + scale * B @ A")
+        self.config = config
+        self._check_recorded_base(config.get("base_model_name_or_path"))
+        self._open_weights()
+        lora_parts: dict[str, dict[str, str]] = {}
+        for key in self._adapter_meta:
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA-wrapped layer
+            m = _LORA_KEY.match(name)
+            if m:
+                lora_parts.setdefault(m["module"], {})[m["part"]] = key
+            else:
+                self._replace[self._base_name(name, key)] = key
+        if not lora_parts and not self._replace:
+            raise UpcycleError(f"{self.label}: the adapter holds no LoRA tensors")
+        for module, parts in lora_parts.items():
+            self._add_lora(module, parts, config)
+
+    def _check_recorded_base(self, recorded) -> None:
+        """When the adapter names its base as an existing folder, that folder must describe the
+        same model as the base given (config and weights)."""
+        if not recorded or self.base.hf_dir is None:
+            return
+        rec = Path(recorded)
+        if not (rec / "config.json").is_file() or not (self.base.hf_dir / "config.json").is_file():
+            return
+        if rec.resolve() == self.base.hf_dir.resolve():
+            return
+        a = json.loads((rec / "config.json").read_text())
+        b = json.loads((self.base.hf_dir / "config.json").read_text())
+        shape_words = ("hidden", "size", "layer", "head", "vocab", "position", "embd")
+        diff = sorted((k for k in set(a) | set(b)
+                       if k not in _CONFIG_BOOKKEEPING and a.get(k) != b.get(k)),
+                      key=lambda k: (not any(w in k for w in shape_words), k))
+        if diff:
+            shown = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:3])
+            raise UpcycleError(f"{self.label}: trained on {recorded}, whose config differs from "
+                               f"the base {_short(self.base.path)} ({shown}): an adapter for "
+                               f"another base")
+        try:
+            recorded_base = Ingredient(rec)
+        except UpcycleError:
+            return
+        for name in self.base.keys():
+            if name in recorded_base.keys() and self.base.dtype(name).is_floating_point:
+                x, y = recorded_base.get(name).float(), self.base.get(name).float()
+                if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-2, atol=1e-3):
+                    raise UpcycleError(
+                        f"{self.label}: trained on {recorded}, whose weights differ from the "
+                        f"base {_short(self.base.path)} (e.g. {name!r}): an adapter for "
+                        f"another base")
+                break
+
+    def _open_weights(self) -> None:
+        for fname in ADAPTER_WEIGHTS:
+            file = self.path / fname
+            if file.is_file():
+                self._file = file
+                break
+        else:
+            raise UpcycleError(f"{self.label}: no adapter weights (expected "
+                               f"{' or '.join(ADAPTER_WEIGHTS)})")
+        try:
+            if self._file.suffix == ".safetensors":
+                with safe_open(str(self._file), framework="pt") as handle:
+                    for key in handle.keys():
+                        self._adapter_meta[key] = tuple(handle.get_slice(key).get_shape())
+            else:
+                state = torch.load(self._file, map_location="cpu", weights_only=True, mmap=True)
+                self._torch_state = dict(state)
+                self._adapter_meta = {k: tuple(v.shape) for k, v in state.items()}
+        except Exception as exc:
+            raise UpcycleError(f"{self.label}: {_short(self._file)} is not readable: {exc}") from exc
+
+    def _base_name(self, name: str, adapter_key: str) -> str:
+        """The base's tensor name for a (prefix-stripped) adapter tensor name."""
+        keys = self.base.keys()
+        if name in keys:
+            return name
+        parts = name.split(".")
+        for k in range(1, len(parts) - 1):  # adapter saved from a wrapper: drop leading parts
+            if ".".join(parts[k:]) in keys:
+                return ".".join(parts[k:])
+        matches = [key for key in keys if key.endswith("." + name)]
+        if len(matches) == 1:
+            return matches[0]
+        raise UpcycleError(f"{self.label}: adapter tensor {adapter_key!r} targets {name!r}, "
+                           f"which base {_short(self.base.path)} lacks: an adapter for another "
+                           f"base?")
+
+    def _add_lora(self, module: str, parts: dict[str, str], config: dict) -> None:
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_key = parts.get("lora_embedding_A" if embedding else "lora_A")
+        b_key = parts.get("lora_embedding_B" if embedding else "lora_B")
+        if a_key is None or b_key is None:
+            raise UpcycleError(f"{self.label}: module {module!r} has only one of its LoRA "
+                               f"matrices A and B")
+        target = self._base_name(module + ".weight", a_key)
+        a_shape, b_shape = self._adapter_meta[a_key], self._adapter_meta[b_key]
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise UpcycleError(f"{self.label}: module {module!r}: only LoRA on linear and "
+                               f"embedding layers can be merged (A has shape {a_shape})")
+        r = a_shape[0]
+        if b_shape[1] != r:
+            raise UpcycleError(f"{self.label}: module {module!r}: A is {a_shape}, B is {b_shape}: "
+                               f"ranks differ")
+        expected_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", r))
+        if expected_r != r:
+            raise UpcycleError(f"{self.label}: module {module!r} has rank {r}, its config says "
+                               f"{expected_r}")
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        delta_shape = (b_shape[0], a_shape[1])  # (out, in)
+        base_shape = self.base.shape(target)
+        transpose = bool(embedding or config.get("fan_in_fan_out"))
+        shape = delta_shape[::-1] if transpose else delta_shape
+        if shape != base_shape:
+            if delta_shape[::-1] == base_shape and not transpose and delta_shape[0] != delta_shape[1]:
+                transpose = True  # a Conv1D target saved without fan_in_fan_out
+            else:
+                raise UpcycleError(f"{self.label}: module {module!r}: B @ A has shape "
+                                   f"{delta_shape}, the base's {target!r} has {base_shape}: an "
+                                   f"adapter for another base")
+        self._lora[target] = (a_key, b_key, float(scale), transpose)
+
+    # -- reading ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def numel(self) -> int:
+        return self.base.numel()
+
+    @property
+    def targets(self) -> list[str]:
+        """Base tensors this adapter changes (LoRA targets and replaced tensors)."""
+        return sorted(set(self._lora) | set(self._replace))
+
+    def _adapter_tensor(self, key: str) -> torch.Tensor:
+        if self._torch_state is not None:
+            return self._torch_state[key]
+        with safe_open(str(self._file), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The merged tensor ``name`` (base + scale * B @ A, fp32 arithmetic, base dtype),
+        formed now and not kept."""
+        if name in self._replace:  # saved whole (modules_to_save, a trained bias, or an
+            base = self._adapter_tensor(self._replace[name])  # embedding saved with its LoRA)
+            if tuple(base.shape) != self.base.shape(name):
+                raise UpcycleError(f"{self.label}: saved tensor {name!r} has shape "
+                                   f"{tuple(base.shape)}, the base's has {self.base.shape(name)}")
+            base = base.to(self.base.dtype(name))
+        else:
+            base = self.base.get(name)
+        if name not in self._lora:
+            return base
+        a_key, b_key, scale, transpose = self._lora[name]
+        a = self._adapter_tensor(a_key).to(torch.float32)
+        b = self._adapter_tensor(b_key).to(torch.float32)
+        delta = (b @ a) * scale
+        if transpose:
+            delta = delta.T
+        return (base.to(torch.float32) + delta).to(base.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in self.keys()}
+
+
+def open_adapter(path: str | os.PathLike, base: Ingredient | str | os.PathLike | None,
+                 index: int = 1) -> LoraIngredient:
+    """A LoRA adapter folder as an ingredient on ``base`` (a path or an opened Ingredient)."""
+    if base is None:
+        raise UpcycleError(f"ingredient {index} ({_short(Path(path))}): a LoRA adapter "
+                           f"({ADAPTER_CONFIG}): pass --base (base=) with the model it was "
+                           f"trained from")
+    if not isinstance(base, Ingredient):
+        base = Ingredient(base, index=0)
+    return LoraIngredient(path, base, index)

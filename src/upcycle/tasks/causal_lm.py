@@ -1,0 +1,381 @@
+"""A causal language-modelling job: a HF ``*ForCausalLM`` folder + text data + token loss.
+
+Data files:
+- ``.txt``: one document per line (blank lines skipped); with ``chunk=True`` the whole file is
+  one stream (lines joined by newlines), for long texts whose lines are not documents;
+- ``.jsonl`` / ``.csv`` with a ``text`` field, or with ``prompt`` and ``completion`` fields
+  (the loss is then taken on the completion tokens only).
+
+Documents are tokenised, closed with the EOS token and, for plain text, packed into blocks of
+``max_length`` tokens (``pack=False``: one document per example, truncated). Labels are the
+input ids with ``-100`` on padding and prompt tokens; the model shifts them (``labels[:, 1:]``
+are the targets). A tokenizer without a pad token gets EOS as its pad token (and the model's
+config its ``pad_token_id``).
+
+The loss is the mean over target tokens; :func:`evaluate` sums token losses and token counts
+over batches and ranks, so the held-out loss is the global mean over target tokens, never a
+mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UpcycleError
+
+LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
+IGNORE_INDEX = -100
+
+
+def is_causal_lm(model_dir: str | os.PathLike) -> bool:
+    """True when the folder's config names a ``*ForCausalLM`` (or ``*LMHeadModel``) class."""
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        archs = json.loads(cfg.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def position_limit(config) -> int | None:
+    """The model's maximum sequence length from its config, when it records one."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class LMData:
+    """Tokenised examples of one split: ``input_ids`` and ``labels`` per example."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, index, source: str | None = None) -> LMData:
+        index = [int(i) for i in np.asarray(index).reshape(-1)]
+        return LMData([self.input_ids[i] for i in index], [self.labels[i] for i in index],
+                      source or self.source)
+
+    def target_tokens(self) -> int:
+        """Tokens that carry a loss (after the shift)."""
+        return sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in self.labels)
+
+
+# -- reading files -------------------------------------------------------------------------------
+
+def _read_txt(path: Path, split: str) -> list[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; names the first undecodable line."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UpcycleError(f"{split} file {path}, line {lineno}: not UTF-8 text "
+                                   f"({exc.reason} at byte {exc.start})") from exc
+            lines.append((lineno, line.rstrip("\r\n")))
+    if not any(line.strip() for _, line in lines):
+        raise UpcycleError(f"{split} file {path}: is empty (expected one document per line)")
+    return lines
+
+
+def _read_rows(path: Path, split: str) -> list[tuple[int, dict]]:
+    """(line number, row) of a JSONL or CSV file."""
+    rows = []
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                for row in reader:
+                    rows.append((reader.line_num, row))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((lineno, json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise UpcycleError(f"{split} file {path}, line {lineno}: not JSON: "
+                                           f"{exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UpcycleError(f"{split} file {path}: not UTF-8 text ({exc.reason} at byte "
+                           f"{exc.start})") from exc
+    if not rows:
+        raise UpcycleError(f"{split} file {path}: is empty (expected rows with 'text', or with "
+                           f"'prompt' and 'completion')")
+    return rows
+
+
+def read_documents(path: str | os.PathLike, *, split: str = "data", chunk: bool = False
+                   ) -> list[tuple[str | None, str]]:
+    """The file's examples as (prompt, text) pairs; prompt is None for plain text."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in LM_SUFFIXES:
+        raise UpcycleError(f"{split} file {path}: unknown format {suffix!r} for a language model "
+                           f"(expected .txt, or .jsonl/.csv with 'text' or 'prompt'/'completion')")
+    if not path.is_file():
+        raise UpcycleError(f"{split} file {path}: no such file")
+    if suffix == ".txt":
+        lines = _read_txt(path, split)
+        if chunk:
+            return [(None, "\n".join(line for _, line in lines))]
+        return [(None, line) for _, line in lines if line.strip()]
+    rows = _read_rows(path, split)
+    first_line, first = rows[0]
+    if not isinstance(first, dict):
+        raise UpcycleError(f"{split} file {path}, line {first_line}: expected an object with "
+                           f"'text', or with 'prompt' and 'completion'")
+    paired = "text" not in first and ("prompt" in first or "completion" in first)
+    docs = []
+    for lineno, row in rows:
+        if not isinstance(row, dict):
+            raise UpcycleError(f"{split} file {path}, line {lineno}: expected an object, got "
+                               f"{type(row).__name__}")
+        if paired:
+            missing = [k for k in ("prompt", "completion") if row.get(k) is None]
+            if missing:
+                raise UpcycleError(f"{split} file {path}, line {lineno}: no {missing[0]!r} field "
+                                   f"(the file's first row has 'prompt'/'completion', so every "
+                                   f"row needs both)")
+            docs.append((str(row["prompt"]), str(row["completion"])))
+        else:
+            if row.get("text") is None:
+                raise UpcycleError(f"{split} file {path}, line {lineno}: no 'text' field "
+                                   f"(expected 'text', or 'prompt' and 'completion')")
+            docs.append((None, str(row["text"])))
+    return docs
+
+
+# -- the task ------------------------------------------------------------------------------------
+
+class CausalLMTask:
+    """A HF causal-LM folder plus its data handling, token loss and perplexity.
+
+    ``base_dir`` is where to look for the tokenizer when ``model_dir`` has none (e.g. a
+    fine-tune saved without it). ``max_length`` defaults to min(512, the model's position
+    limit) and may not exceed that limit.
+    """
+
+    kind = "causal_lm"
+
+    def __init__(self, model_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
+                 max_length: int | None = None, pack: bool = True, chunk: bool = False):
+        from transformers import AutoConfig
+
+        self.model_dir = Path(model_dir)
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        if not (self.model_dir / "config.json").is_file():
+            raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
+                               f"(no config.json)")
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        limit = position_limit(self.config)
+        if max_length is None:
+            max_length = min(512, limit) if limit else 512
+        if max_length < 2:
+            raise UpcycleError(f"max_length must be >= 2 tokens, got {max_length}")
+        if limit is not None and max_length > limit:
+            raise UpcycleError(f"max_length {max_length} exceeds the position limit of model "
+                               f"{self.model_dir} ({limit} tokens)")
+        self.max_length = max_length
+        self.pack = pack
+        self.chunk = chunk
+        self.tokenizer = self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tried = [d for d in (self.model_dir, self.base_dir) if d is not None]
+        tokenizer = None
+        for folder in tried:
+            if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                    "vocab.json", "tokenizer.model")):
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(folder)
+                    break
+                except Exception as exc:  # a broken tokenizer file: say which
+                    raise UpcycleError(f"tokenizer in {folder}: cannot be loaded: {exc}") from exc
+        if tokenizer is None:
+            where = " or ".join(str(d) for d in tried)
+            raise UpcycleError(f"no tokenizer in {where} (expected tokenizer.json or "
+                               f"tokenizer_config.json; save it with tokenizer.save_pretrained"
+                               f"{'' if self.base_dir else ', or pass the base model'})")
+        if tokenizer.eos_token_id is None:
+            raise UpcycleError(f"tokenizer of {self.model_dir}: has no EOS token (needed to end "
+                               f"documents)")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if len(tokenizer) > self.config.vocab_size:
+            raise UpcycleError(f"tokenizer of {self.model_dir}: {len(tokenizer)} tokens, the "
+                               f"model's vocabulary has {self.config.vocab_size}")
+        return tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    # -- model -----------------------------------------------------------------------------
+    def load_model(self, *, dtype: torch.dtype | None = None) -> nn.Module:
+        """The causal LM, in eval mode, on CPU, with ``config.pad_token_id`` set."""
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.pad_token_id
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and gen.pad_token_id is None:
+            gen.pad_token_id = self.pad_token_id
+        return model.eval()
+
+    # -- data ------------------------------------------------------------------------------
+    def read(self, path: str | os.PathLike, *, split: str = "data") -> LMData:
+        """Read, tokenise and pack (or truncate) one split."""
+        path = Path(path)
+        docs = read_documents(path, split=split, chunk=self.chunk)
+        data = self.encode(docs, source=str(path))
+        if not len(data) or not data.target_tokens():
+            raise UpcycleError(f"{split} file {path}: holds no tokens to predict")
+        return data
+
+    def encode(self, docs: list[tuple[str | None, str]], *, source: str = "<texts>") -> LMData:
+        """Tokenise (prompt, text) pairs: plain texts (prompt None) are packed or truncated;
+        paired ones are one example each, the prompt unlabelled (cut from the left when too
+        long)."""
+        tok, eos, n = self.tokenizer, self.tokenizer.eos_token_id, self.max_length
+        ids_out: list[list[int]] = []
+        labels_out: list[list[int]] = []
+        plain = [t for p, t in docs if p is None]
+        if plain:
+            encoded = [ids + [eos] for ids in tok(plain, add_special_tokens=False)["input_ids"]]
+            if self.pack:
+                stream = [t for ids in encoded for t in ids]
+                for start in range(0, len(stream), n):
+                    block = stream[start:start + n]
+                    if len(block) >= 2:
+                        ids_out.append(block)
+                        labels_out.append(list(block))
+            else:
+                for ids in encoded:
+                    ids_out.append(ids[:n])
+                    labels_out.append(list(ids[:n]))
+        paired = [(p, t) for p, t in docs if p is not None]
+        if paired:
+            prompts = tok([p for p, _ in paired], add_special_tokens=False)["input_ids"]
+            comps = tok([t for _, t in paired], add_special_tokens=False)["input_ids"]
+            for p_ids, c_ids in zip(prompts, comps):
+                c_ids = (c_ids + [eos])[:n - 1]
+                p_ids = p_ids[-(n - len(c_ids)):] if p_ids else []
+                ids_out.append(p_ids + c_ids)
+                labels_out.append([IGNORE_INDEX] * len(p_ids) + c_ids)
+        return LMData(ids_out, labels_out, source)
+
+    def split(self, data: LMData, fraction: float, seed: int = 0) -> tuple[LMData, LMData]:
+        """Carve ``fraction`` of ``data`` off (seeded): returns (rest, carved)."""
+        if not 0 < fraction < 1:
+            raise UpcycleError(f"split fraction must be in (0, 1), got {fraction}")
+        if len(data) < 2:
+            raise UpcycleError(f"{data.source}: {len(data)} example(s), too few to split off a "
+                               f"held-out part (use a longer file or a smaller max_length)")
+        order = np.random.default_rng(seed).permutation(len(data))
+        n = min(len(data) - 1, max(1, int(round(fraction * len(data)))))
+        return data.subset(order[n:]), data.subset(order[:n], source=f"{data.source} "
+                                                               f"(held-out {fraction:.0%})")
+
+    def batches(self, data: LMData, batch_size: int, *, shuffle: bool = False,
+                seed: int = 0) -> list[dict]:
+        """Right-padded batches: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on
+        padding and prompts)."""
+        if batch_size < 1:
+            raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
+        order = np.arange(len(data))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(data))
+        out = []
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(data.input_ids[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                k = len(data.input_ids[i])
+                ids[row, :k] = torch.tensor(data.input_ids[i])
+                labels[row, :k] = torch.tensor(data.labels[i])
+                mask[row, :k] = 1
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        return out
+
+
+# -- loss and evaluation -------------------------------------------------------------------------
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _token_losses(model: nn.Module, batch: dict, reduction: str) -> tuple[torch.Tensor, int]:
+    device = _model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    targets = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    count = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "mean":
+        loss = loss / max(count, 1)
+    return loss, count
+
+
+def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the batch's target tokens (``labels[:, 1:] != -100``)."""
+    return _token_losses(model, batch, "mean")[0]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict]) -> dict:
+    """Token-mean loss and perplexity over batches (token sums all-reduced over ranks)."""
+    from .. import distributed
+
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        loss, count = _token_losses(model, batch, "sum")
+        totals[0] += float(loss)
+        totals[1] += count
+    distributed.all_reduce_sum(totals)
+    model.train(was_training)
+    tokens = int(totals[1])
+    loss = float(totals[0]) / max(1, tokens)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def load_lm_task(model_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
+                 max_length: int | None = None, pack: bool = True,
+                 chunk: bool = False) -> CausalLMTask:
+    """The causal-LM task for a model folder (see :class:`CausalLMTask`)."""
+    return CausalLMTask(model_dir, base_dir=base_dir, max_length=max_length, pack=pack,
+                        chunk=chunk)
