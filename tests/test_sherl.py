@@ -1,5 +1,6 @@
-"""SHERL (upcycle.tune.sherl) and its LST baseline (upcycle.tune.lst): tiny BERT, ViT and GPT-2
-configs built here, plus one test on the real MiniLM."""
+"""SHERL (upcycle.tune.sherl) and its LST baseline (upcycle.tune.lst): tiny BERT, RoBERTa, ViT
+and GPT-2 configs built here, plus one test on the real MiniLM. Every other family of the
+architecture map: tests/test_sherl_families.py."""
 
 import pytest
 import torch
@@ -285,13 +286,15 @@ def test_bad_taps_and_reduction():
 
 
 def test_unsupported_backbone_names_the_supported_ones():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import BloomConfig, BloomForSequenceClassification
 
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64))
-    with pytest.raises(UpcycleError, match="unsupported backbone.*bert.*vit.*gpt2.*BackboneFamily"):
+    model = BloomForSequenceClassification(BloomConfig(vocab_size=VOCAB, hidden_size=32,
+                                                       n_layer=2, n_head=4))
+    with pytest.raises(UpcycleError, match="unsupported family 'bloom'; SHERL supports "
+                                           "BERT/MiniLM.*DistilBERT.*ViT.*GPT-2.*Llama.*"
+                                           "upcycle.architectures"):
         get_sherl_model(model)
-    with pytest.raises(UpcycleError, match="unsupported backbone"):
+    with pytest.raises(UpcycleError, match="unsupported family 'Linear'"):
         get_sherl_model(nn.Linear(3, 3))
 
 
