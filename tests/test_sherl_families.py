@@ -327,6 +327,17 @@ def test_a_model_without_a_classification_head_is_refused():
         get_sherl_model(T.BertModel(config_of("bert")))
 
 
+def test_a_decoder_without_pad_token_id_is_refused_for_batches():
+    """HF's rule (score the last token that is not pad_token_id) needs pad_token_id."""
+    model = get_sherl_model(classifier("llama"))
+    model.base.config.pad_token_id = None
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with pytest.raises(UpcycleError, match="config.pad_token_id is None and the batch has 2 "
+                                           "rows; set model.config.pad_token_id"):
+        model(input_ids=ids)
+    assert model(input_ids=ids[:1]).logits.shape == (1, 3)  # one row: its last token
+
+
 def test_flash_attention_is_refused_with_the_fix():
     model = classifier("llama")
     model.config._attn_implementation_internal = "flash_attention_2"

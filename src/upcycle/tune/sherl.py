@@ -120,6 +120,13 @@ class Backbone:
                 raise UpcycleError(f"a {self.arch.title} model needs pixel_values")
         elif inputs.get("input_ids") is None and inputs.get("inputs_embeds") is None:
             raise UpcycleError(f"a {self.arch.title} model needs input_ids (or inputs_embeds)")
+        ids = inputs.get("input_ids")
+        if self.arch.classify == "last" and ids is not None and ids.ndim == 2 \
+                and ids.shape[0] > 1 and getattr(self.model.config, "pad_token_id", None) is None:
+            raise UpcycleError(
+                f"model {type(self.model).__name__}: its head scores the last token that is not "
+                f"pad_token_id, but config.pad_token_id is None and the batch has {ids.shape[0]} "
+                f"rows; set model.config.pad_token_id to the tokenizer's pad token id")
 
     def token_mask(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor | None:
         """(B, T) bool, True at real tokens; None when every token is real."""
