@@ -1,5 +1,6 @@
-"""SHERL (upcycle.tune.sherl) and its LST baseline (upcycle.tune.lst): tiny BERT, ViT and GPT-2
-configs built here, plus one test on the real MiniLM."""
+"""SHERL (upcycle.tune.sherl) and its LST baseline (upcycle.tune.lst): tiny BERT, RoBERTa, ViT
+and GPT-2 configs built here, plus one test on the real MiniLM. Every other family of the
+architecture map: tests/test_sherl_families.py."""
 
 import pytest
 import torch
@@ -285,13 +286,15 @@ def test_bad_taps_and_reduction():
 
 
 def test_unsupported_backbone_names_the_supported_ones():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import BloomConfig, BloomForSequenceClassification
 
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64))
-    with pytest.raises(UpcycleError, match="unsupported backbone.*bert.*vit.*gpt2.*BackboneFamily"):
+    model = BloomForSequenceClassification(BloomConfig(vocab_size=VOCAB, hidden_size=32,
+                                                       n_layer=2, n_head=4))
+    with pytest.raises(UpcycleError, match="unsupported family 'bloom'; SHERL supports "
+                                           "BERT/MiniLM.*DistilBERT.*ViT.*GPT-2.*Llama.*"
+                                           "upcycle.architectures"):
         get_sherl_model(model)
-    with pytest.raises(UpcycleError, match="unsupported backbone"):
+    with pytest.raises(UpcycleError, match="unsupported family 'Linear'"):
         get_sherl_model(nn.Linear(3, 3))
 
 
@@ -400,6 +403,37 @@ def test_cli_tune_sherl_end_to_end(text_task, tmp_path, capsys):
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     loaded = SherlModel.from_pretrained(base, out / "adapter")
     assert loaded.num_early == 1 and loaded.tap_indices == [0, 1]
+
+
+def test_cli_tune_sherl_on_a_decoder(text_task, tmp_path, capsys):
+    """`upcycle tune --method sherl` on a Llama folder (rotary, RMSNorm, causal mask, the
+    last-non-pad-token head), with the BERT folder's tokenizer (its pad token is id 0)."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaModel
+
+    from upcycle.cli.main import main
+
+    bert_dir, train_file, test_file = text_task
+    model_dir = tmp_path / "tiny-llama"
+    shutil.copytree(bert_dir, model_dir)
+    for f in ("config.json", "model.safetensors"):
+        (model_dir / f).unlink()
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=15, hidden_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                           pad_token_id=0)).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    rc = main(["tune", "--method", "sherl", "--model", str(model_dir), "--data", str(train_file),
+               "--test", str(test_file), "--max-steps", "3", "--batch-size", "8",
+               "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["test_metrics"]["n"] == 16
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["base"]["family"] == "llama" and saved["taps"] == [0, 1, 2]
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    assert SherlModel.from_pretrained(base, out / "adapter").num_early == 2
 
 
 @pytest.mark.parametrize("extra,message", [

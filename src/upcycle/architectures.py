@@ -130,6 +130,10 @@ class LayerCall:
     rotary: str | None = None
     position_ids: bool = False
     token_mask_eager: bool = False
+    sliding_window: str | None = None
+    """The config field of the sliding-window width (Mistral, Phi-3, Qwen2): under eager/SDPA
+    attention HF applies the window through the mask alone, so :func:`layer_mask` must build
+    it (see :func:`layer_windows`; a config ``layer_types`` list picks the windowed layers)."""
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,8 @@ LLAMA = Architecture(
     heads=(Head("lm_head"), *_COMMON_READERS),
     dims=Dims(kv_heads="num_key_value_heads", eps="rms_norm_eps", head_dim="head_dim",
               per_layer=("layer_types",)),
-    call=LayerCall(mask="causal", rotary="rotary_emb", position_ids=True),
+    call=LayerCall(mask="causal", rotary="rotary_emb", position_ids=True,
+                   sliding_window="sliding_window"),
     clone_match=True,
 )
 
@@ -644,11 +649,28 @@ def embed(model: nn.Module, inputs: dict, match: Match | None = None) -> torch.T
     return embeds
 
 
+def layer_windows(model: nn.Module, match: Match | None = None) -> list[int | None]:
+    """The sliding-window width of each layer (None: full attention), as HF's own forward
+    applies it: ``config.<call.sliding_window>`` for every layer, or, when the config has a
+    ``layer_types`` list, only for its "sliding_attention" layers (Qwen2)."""
+    match = match or architecture_of(model)
+    count = len(layer_list(model, match))
+    field_name = match.arch.call.sliding_window
+    window = getattr(model.config, field_name, None) if field_name else None
+    if window is None:
+        return [None] * count
+    types = getattr(model.config, "layer_types", None)
+    if types is None:
+        return [int(window)] * count
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
 def layer_mask(model: nn.Module, hidden: torch.Tensor, token_mask: torch.Tensor | None,
-               match: Match | None = None):
+               match: Match | None = None, window: int | None = None):
     """The attention mask the family's layers take, built from the (B, T) token mask
     (1 = real token; None = all real). Causal families always get an explicit causal mask
-    (eager attention applies none by itself)."""
+    (eager attention applies none by itself); ``window`` (from :func:`layer_windows`) limits
+    it to the last ``window`` positions, as HF's sliding-window mask does."""
     match = match or architecture_of(model)
     call = match.arch.call
     if call.mask is None:
@@ -666,6 +688,8 @@ def layer_mask(model: nn.Module, hidden: torch.Tensor, token_mask: torch.Tensor 
         allowed = real[:, None, None, :]
     else:
         causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        if window is not None:  # HF: kv_idx > q_idx - sliding_window
+            causal = causal & ~torch.ones_like(causal).tril(-int(window))
         diag = torch.eye(length, dtype=torch.bool, device=hidden.device)
         allowed = ((causal[None] & real[:, None, :]) | diag[None])[:, None]
     neg = torch.finfo(hidden.dtype).min
@@ -700,6 +724,36 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+_CLASSIFIER_PARTS = {"pooler": ("classifier", "dropout", "{base}pooler"), "head": ("classifier",),
+                     "first": ("classifier",),
+                     "pre_classifier": ("pre_classifier", "dropout", "classifier"),
+                     "last": ("score",)}
+
+
+def classifier_modules(model: nn.Module, match: Match | None = None) -> list[str]:
+    """The dotted names of the modules :func:`classification_logits` reads; an UpcycleError
+    when ``model`` lacks one (it is not the family's *ForSequenceClassification /
+    *ForImageClassification model)."""
+    match = match or architecture_of(model)
+    names = [part.format(base=match.prefix) for part in _CLASSIFIER_PARTS[match.arch.classify]]
+    missing = [n for n in names if not isinstance(_get_or_none(model, n), nn.Module)]
+    if missing:
+        kind = "image" if match.arch.embed == "vit" else "sequence"
+        raise UpcycleError(
+            f"model {type(model).__name__}: a {match.arch.title} model without the module "
+            f"{missing[0]!r} that its {kind} classification head needs; load it with "
+            f"AutoModelFor{kind.title()}Classification (or upcycle.tasks.ClassificationTask"
+            f".load_model())")
+    return names
+
+
+def _get_or_none(root: nn.Module, path: str):
+    try:
+        return _get(root, path)
+    except AttributeError:
+        return None
+
+
 def classification_logits(model: nn.Module, hidden: torch.Tensor, inputs: dict,
                           match: Match | None = None) -> torch.Tensor:
     """The logits of the model's sequence (or image) classification head from the final
@@ -729,7 +783,7 @@ def classification_logits(model: nn.Module, hidden: torch.Tensor, inputs: dict,
 __all__ = [
     "ARCHITECTURES", "Architecture", "Attention", "Dims", "Fused", "FusedLayout", "Head",
     "LayerCall", "MLP", "Match", "Sizes", "architecture_of", "base_model", "base_prefix",
-    "call_layer", "classification_logits", "embed", "eps_of", "final_norm_module", "fused_layouts", "layer_kwargs",
-    "layer_list", "layer_mask", "model_fused_layouts", "register", "sizes_of",
+    "call_layer", "classification_logits", "classifier_modules", "embed", "eps_of", "final_norm_module", "fused_layouts", "layer_kwargs",
+    "layer_list", "layer_mask", "layer_windows", "model_fused_layouts", "register", "sizes_of",
     "snell_target_modules", "supported",
 ]

@@ -8,20 +8,22 @@ frozen backbone states (the whole backbone runs under ``no_grad``)::
 
 and no pretrained layer after it: ``W_up LN(s_L)`` goes to the backbone's final norm and its
 own classification head. Trainable: the side network and the head. Same call contract as
-:class:`upcycle.tune.sherl.SherlModel` (backbone families are shared with SHERL).
+:class:`upcycle.tune.sherl.SherlModel` (the backbone is run through the same
+:mod:`upcycle.architectures` map).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import layer_mask
 from ..errors import UpcycleError
 from .common import trainable_report
-from .sherl import Backbone, classifier_output, family_of
+from .sherl import Backbone, classifier_output
 
 LADDER_TEMPERATURE = 0.1
 
@@ -61,7 +63,7 @@ class LadderSideModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LstConfig):
         super().__init__()
-        backbone = Backbone(model, family_of(model))
+        backbone = Backbone(model, method="LST")
         d = backbone.hidden_size
         if config.reduction < 1 or d % config.reduction:
             raise UpcycleError(f"reduction {config.reduction} does not divide the hidden size {d}")
@@ -93,6 +95,14 @@ class LadderSideModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(trainable_report(self))
 
+    def side_mask(self, hidden: torch.Tensor, token_mask: torch.Tensor | None):
+        """The side blocks' additive mask: the backbone's padding or causal mask (the map's,
+        with the side width's dtype), never a (B, T) token mask nor a sliding window."""
+        match = self._backbone.match
+        call = replace(match.arch.call, token_mask_eager=False)
+        return layer_mask(self.base, hidden, token_mask,
+                          replace(match, arch=replace(match.arch, call=call)))
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 pixel_values=None, inputs_embeds=None, labels=None, num_items_in_batch=None,
                 **unused):
@@ -101,18 +111,19 @@ class LadderSideModel(nn.Module):
                   "pixel_values": pixel_values, "inputs_embeds": inputs_embeds}
         b = self._backbone
         b.check_inputs(inputs)
-        taps, _, _, mask = b.frozen_route(inputs, b.num_layers, range(b.num_layers + 1))
-        causal = b.family.mask == "causal"
+        taps, _, token_mask, _ = b.frozen_route(inputs, b.num_layers, range(b.num_layers + 1))
+        mask = self.side_mask(taps[0], token_mask)
         side = self.down[0](taps[0])
         for i, block in enumerate(self.blocks, start=1):
             mu = torch.sigmoid(self.ladder[i - 1] / LADDER_TEMPERATURE)
-            side = block(mu * side + (1 - mu) * self.down[i](taps[i]), mask, causal)
+            side = block(mu * side + (1 - mu) * self.down[i](taps[i]), mask, False)
         logits = b.finish(self.up(self.norm(side)), inputs)
         return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 
 
 def get_lst_model(model: nn.Module, config: LstConfig | None = None) -> LadderSideModel:
-    """Wrap a HF classification model (BERT/MiniLM, ViT, GPT-2) with a ladder side network."""
+    """Wrap a HF classification model of any family in :mod:`upcycle.architectures` with a
+    ladder side network."""
     return LadderSideModel(model, config or LstConfig())
 
 

@@ -16,15 +16,15 @@ Usage::
     model.save_pretrained("sherl-out")                          # trainable part only
     again = SherlModel.from_pretrained(fresh_hf_classifier, "sherl-out")
 
-Backbone families (BERT/MiniLM-style encoders, RoBERTa, ViT, GPT-2) are described declaratively by a
-:class:`BackboneFamily` (where the embeddings, the layer list, the final norm and the head
-live; how a layer takes its mask). One wrapper serves them all; :func:`register_family` adds
-another.
+Every family of :mod:`upcycle.architectures` is supported (BERT/MiniLM, RoBERTa, DistilBERT,
+ViT, GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, and models laid out exactly like Llama):
+the map says where the embeddings, layers, final norm and head live and how a layer is called
+(masks, rotary position embeddings, sliding windows). A new family is one entry there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -32,6 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import (
+    Architecture,
+    Match,
+    architecture_of,
+    call_layer,
+    classification_logits,
+    classifier_modules,
+    embed,
+    final_norm_module,
+    layer_kwargs,
+    layer_list,
+    layer_mask,
+    layer_windows,
+    sizes_of,
+    supported,
+)
 from ..errors import UpcycleError
 from .common import check_tensor_shapes, load_adapter, save_adapter, trainable_report
 
@@ -45,193 +61,76 @@ IGNORED_ARGUMENTS = frozenset({"use_cache"})
 
 
 # ---------------------------------------------------------------------------------------------
-# Backbone families: where things live in a HF classification model
+# The backbone, run piecewise through the architecture map
 # ---------------------------------------------------------------------------------------------
-def _get(model: nn.Module, path: str | None):
-    if path is None:
-        return None
-    obj = model
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _embed_bert(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """BERT-style encoders (BERT, RoBERTa): the backbone's ``embeddings`` module."""
-    return model.base_model.embeddings(input_ids=inputs.get("input_ids"),
-                                 token_type_ids=inputs.get("token_type_ids"),
-                                 position_ids=inputs.get("position_ids"),
-                                 inputs_embeds=inputs.get("inputs_embeds"))
-
-
-def _embed_vit(model: nn.Module, inputs: dict) -> torch.Tensor:
-    pixels = inputs["pixel_values"]
-    weight = model.vit.embeddings.patch_embeddings.projection.weight
-    return model.vit.embeddings(pixels.to(weight.dtype),
-                                interpolate_pos_encoding=bool(inputs.get("interpolate_pos_encoding")))
-
-
-def _embed_gpt2(model: nn.Module, inputs: dict) -> torch.Tensor:
-    tr = model.transformer
-    embeds = inputs.get("inputs_embeds")
-    if embeds is None:
-        embeds = tr.wte(inputs["input_ids"])
-    positions = inputs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
-    hidden = embeds + tr.wpe(positions)
-    if inputs.get("token_type_ids") is not None:
-        hidden = hidden + tr.wte(inputs["token_type_ids"])
-    return tr.drop(hidden)
-
-
-def _head_bert(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-    return model.classifier(model.dropout(model.bert.pooler(hidden)))
-
-
-def _head_sequence(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """Heads that take the whole sequence (RoBERTa's classification head pools <s> itself)."""
-    return model.classifier(hidden)
-
-
-def _head_cls(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-    return model.classifier(hidden[:, 0, :])
-
-
-def _head_last_token(model: nn.Module, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """GPT-2: the score of the last real token (by the attention mask, else by pad_token_id,
-    else the last position)."""
-    logits = model.score(hidden)
-    batch, length = logits.shape[:2]
-    positions = torch.arange(length, device=logits.device)
-    mask = inputs.get("attention_mask")
-    ids, pad = inputs.get("input_ids"), model.config.pad_token_id
-    if mask is not None:
-        last = (positions * mask.to(logits.device).long()).argmax(-1)
-    elif ids is not None and pad is not None:
-        last = (positions * (ids != pad).to(logits.device).long()).argmax(-1)
-    else:
-        last = torch.full((batch,), length - 1, device=logits.device, dtype=torch.long)
-    return logits[torch.arange(batch, device=logits.device), last]
-
-
-@dataclass(frozen=True)
-class BackboneFamily:
-    """Where a family's parts live inside its HF classification model.
-
-    Adding a family means filling one of these in and passing it to :func:`register_family`:
-    dotted attribute paths for the layer list, the final norm and the head modules, a function
-    that turns the model inputs into the embedding output, one that applies the head to the
-    final hidden states, and how a layer takes its attention mask.
-    """
-
-    name: str
-    """Human name used in messages and saved configs ('bert', 'vit', 'gpt2')."""
-    model_types: tuple[str, ...]
-    """``config.model_type`` values this description covers."""
-    inputs: str
-    """'text' (input_ids/attention_mask) or 'image' (pixel_values)."""
-    embed: Callable[[nn.Module, dict], torch.Tensor]
-    """``embed(model, inputs) -> hidden (B, T, d)``: the embedding output (tap 0)."""
-    layers: str
-    """Dotted path of the ``nn.ModuleList`` of Transformer layers."""
-    final_norm: str | None
-    """Dotted path of the norm applied after the last layer (None: post-LN models like BERT)."""
-    head_modules: tuple[str, ...]
-    """Dotted paths of the head's modules (trained with the MTSA)."""
-    head: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
-    """``head(model, hidden, inputs) -> logits`` on the final-normed hidden states."""
-    mask: str | None = "padding"
-    """The attention mask layers get: 'padding' (B,1,1,T), 'causal' (B,1,T,T), None (no mask)."""
-    mask_argument: str | None = "attention_mask"
-    """Keyword through which a layer takes its mask (None: the layer takes no mask)."""
-    hidden_size_attr: str = "hidden_size"
-    num_layers_attr: str = "num_hidden_layers"
-
-
-FAMILIES: dict[str, BackboneFamily] = {}
-
-
-def register_family(family: BackboneFamily) -> BackboneFamily:
-    """Make a backbone family available to SHERL (and LST) by its ``model_types``."""
-    FAMILIES[family.name] = family
-    return family
-
-
-register_family(BackboneFamily(
-    name="bert", model_types=("bert",), inputs="text", embed=_embed_bert,
-    layers="bert.encoder.layer", final_norm=None, head_modules=("bert.pooler", "classifier"),
-    head=_head_bert, mask="padding"))
-register_family(BackboneFamily(
-    name="roberta", model_types=("roberta", "xlm-roberta"), inputs="text", embed=_embed_bert,
-    layers="roberta.encoder.layer", final_norm=None, head_modules=("classifier",),
-    head=_head_sequence, mask="padding"))
-register_family(BackboneFamily(
-    name="vit", model_types=("vit",), inputs="image", embed=_embed_vit,
-    layers="vit.encoder.layer", final_norm="vit.layernorm", head_modules=("classifier",),
-    head=_head_cls, mask=None, mask_argument=None))
-register_family(BackboneFamily(
-    name="gpt2", model_types=("gpt2",), inputs="text", embed=_embed_gpt2,
-    layers="transformer.h", final_norm="transformer.ln_f", head_modules=("score",),
-    head=_head_last_token, mask="causal"))
-
-
-def family_of(model: nn.Module) -> BackboneFamily:
-    """The registered family of a HF classification model; a clear error when unsupported."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for family in FAMILIES.values():
-        if model_type in family.model_types:
-            try:
-                _get(model, family.layers)
-                for path in family.head_modules:
-                    _get(model, path)
-            except AttributeError as exc:
-                raise UpcycleError(
-                    f"model {type(model).__name__}: a {family.name} backbone, but not the "
-                    f"classification model expected ({exc}); load it with "
-                    f"upcycle.tasks.ClassificationTask.load_model() or AutoModelFor*Classification"
-                ) from exc
-            return family
-    supported = ", ".join(f"{f.name} (model_type {'/'.join(f.model_types)})"
-                          for f in FAMILIES.values())
-    raise UpcycleError(
-        f"model {type(model).__name__} (model_type {model_type!r}): unsupported backbone for "
-        f"SHERL; supported families: {supported}. To add one, describe it with "
-        f"upcycle.tune.sherl.BackboneFamily (where its embeddings, layer list, final norm and "
-        f"head live, and how a layer takes its mask) and call register_family()")
+EXACT_ATTENTION = ("eager", "sdpa")
+"""Attention implementations that take the explicit additive masks SHERL builds."""
 
 
 class Backbone:
-    """A HF classification model seen through its family description: embed, run one layer,
-    finish (final norm + head). Shared by SHERL and LST."""
+    """A HF classification model run piecewise as :mod:`upcycle.architectures` describes its
+    family: embed, run one layer, finish (final norm + the model's own classification head).
+    Shared by SHERL and LST; every family of the map is supported (see
+    :func:`upcycle.architectures.supported`), a new family is one entry there."""
 
-    def __init__(self, model: nn.Module, family: BackboneFamily | None = None):
+    def __init__(self, model: nn.Module, match: Match | None = None, method: str = "SHERL"):
         self.model = model
-        self.family = family or family_of(model)
-        self.layers: nn.ModuleList = _get(model, self.family.layers)
-        self.final_norm: nn.Module | None = _get(model, self.family.final_norm)
-        config = model.config
-        self.hidden_size = int(getattr(config, self.family.hidden_size_attr))
+        self.match = match or architecture_of(model, method=method)
+        self.arch = self.match.arch
+        self.classifier = classifier_modules(model, self.match)
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if self.arch.call.mask is not None and impl not in (None, *EXACT_ATTENTION):
+            raise UpcycleError(
+                f"model {type(model).__name__}: attention implementation {impl!r}; {method} "
+                f"runs the layers one by one with explicit attention masks, which needs "
+                f"{' or '.join(map(repr, EXACT_ATTENTION))} (load it with "
+                f"attn_implementation='sdpa')")
+        self.layers: nn.ModuleList = layer_list(model, self.match)
+        self.layers_path = f"{self.match.prefix}{self.arch.layers}"
+        self.final_norm: nn.Module | None = final_norm_module(model, self.match)
+        self.windows = layer_windows(model, self.match)
+        self.hidden_size = sizes_of(model.config, self.arch).hidden
         self.num_layers = len(self.layers)
-        self.num_labels = int(getattr(config, "num_labels", 0) or 0)
+        self.num_labels = int(getattr(model.config, "num_labels", 0) or 0)
+        self.image = self.arch.embed == "vit"
+        if self.match.by_structure:
+            self._verify_structure_match(method)
+
+    @property
+    def name(self) -> str:
+        """The family's name in the map ('bert', 'llama', ...)."""
+        return self.arch.name
+
+    def head_modules(self) -> list[str]:
+        """Dotted names of the family's head modules (``arch.heads``) present in the model."""
+        modules = dict(self.model.named_modules())
+        present = [f"{self.match.prefix}{h.path}" if h.base else h.path for h in self.arch.heads]
+        present = [n for n in dict.fromkeys(present) if n in modules]
+        # a head inside another (RoBERTa's classifier.dense in classifier): the outer one
+        return [n for n in present if not any(n.startswith(o + ".") for o in present)]
 
     def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        out = []
-        for path in self.family.head_modules:
-            for name, p in _get(self.model, path).named_parameters():
-                out.append((f"{path}.{name}", p))
-        return out
+        """(name in the model, parameter) of the head modules, each parameter once."""
+        prefixes = tuple(name + "." for name in self.head_modules())
+        return [(n, p) for n, p in self.model.named_parameters() if n.startswith(prefixes)]
 
     def check_inputs(self, inputs: dict) -> None:
-        if self.family.inputs == "image":
+        if self.image:
             if inputs.get("pixel_values") is None:
-                raise UpcycleError(f"a {self.family.name} model needs pixel_values")
+                raise UpcycleError(f"a {self.arch.title} model needs pixel_values")
         elif inputs.get("input_ids") is None and inputs.get("inputs_embeds") is None:
-            raise UpcycleError(f"a {self.family.name} model needs input_ids (or inputs_embeds)")
+            raise UpcycleError(f"a {self.arch.title} model needs input_ids (or inputs_embeds)")
+        ids = inputs.get("input_ids")
+        if self.arch.classify == "last" and ids is not None and ids.ndim == 2 \
+                and ids.shape[0] > 1 and getattr(self.model.config, "pad_token_id", None) is None:
+            raise UpcycleError(
+                f"model {type(self.model).__name__}: its head scores the last token that is not "
+                f"pad_token_id, but config.pad_token_id is None and the batch has {ids.shape[0]} "
+                f"rows; set model.config.pad_token_id to the tokenizer's pad token id")
 
     def token_mask(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor | None:
         """(B, T) bool, True at real tokens; None when every token is real."""
-        mask = inputs.get("attention_mask") if self.family.inputs == "text" else None
+        mask = None if self.image else inputs.get("attention_mask")
         if mask is None:
             return None
         if mask.shape != hidden.shape[:2]:
@@ -240,55 +139,81 @@ class Backbone:
         mask = mask.to(hidden.device).bool()
         return None if bool(mask.all()) else mask
 
-    def layer_mask(self, token_mask: torch.Tensor | None, hidden: torch.Tensor):
-        """The additive mask the family's layers expect (None: no masking needed)."""
-        kind = self.family.mask
-        if kind is None or token_mask is None:
-            return None  # causal models apply causality themselves when no mask is given
-        neg = torch.finfo(hidden.dtype).min
-        if kind == "padding":
-            allowed = token_mask[:, None, None, :]
-        elif kind == "causal":
-            length = hidden.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
-            diag = torch.eye(length, dtype=torch.bool, device=hidden.device)
-            # a token may always see itself, so rows of padded queries never go all -inf
-            allowed = (causal[None] & token_mask[:, None, :]) | diag[None]
-            allowed = allowed[:, None]
-        else:
-            raise UpcycleError(f"backbone family {self.family.name}: unknown mask kind {kind!r}")
-        return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-            ~allowed, neg)
+    def layer_arguments(self, hidden: torch.Tensor, token_mask: torch.Tensor | None,
+                        position_ids=None) -> list[dict]:
+        """The keyword arguments of every layer (its mask, rotary ``position_embeddings`` and
+        ``position_ids``), built once per forward; layers with the same sliding window share
+        one dict."""
+        m = self.match
+        kwargs = layer_kwargs(self.model, hidden, layer_mask(self.model, hidden, token_mask, m),
+                              position_ids, match=m)
+        argument = self.arch.call.mask_argument
+        by_window: dict[int | None, dict] = {None: kwargs}
+        for window in set(self.windows) - {None}:
+            by_window[window] = {**kwargs, argument: layer_mask(self.model, hidden, token_mask,
+                                                                m, window=window)}
+        return [by_window[w] for w in self.windows]
 
     def frozen_route(self, inputs: dict, num_layers: int, taps: Sequence[int]):
         """Embed and run the first ``num_layers`` layers under ``no_grad``.
 
         Returns (the hidden states at ``taps`` (0 = embedding output, i = output of layer i),
         detached; the output of layer ``num_layers``; the (B, T) token mask or None; the
-        layers' attention mask or None). No autograd graph is built.
+        per-layer keyword arguments of :meth:`layer_arguments`). No autograd graph is built.
         """
         wanted = set(taps)
         with torch.no_grad():
-            hidden = self.family.embed(self.model, inputs)
+            hidden = embed(self.model, inputs, self.match)
             token_mask = self.token_mask(inputs, hidden)
-            mask = self.layer_mask(token_mask, hidden)
+            arguments = self.layer_arguments(hidden, token_mask, inputs.get("position_ids"))
             kept = [hidden] if 0 in wanted else []
             for i in range(num_layers):
-                hidden = self.run_layer(i, hidden, mask)
+                hidden = self.run_layer(i, hidden, arguments)
                 if i + 1 in wanted:
                     kept.append(hidden)
-        return [t.detach() for t in kept], hidden.detach(), token_mask, mask
+        return [t.detach() for t in kept], hidden.detach(), token_mask, arguments
 
-    def run_layer(self, index: int, hidden: torch.Tensor, mask) -> torch.Tensor:
-        layer = self.layers[index]
-        arg = self.family.mask_argument
-        out = layer(hidden) if arg is None else layer(hidden, **{arg: mask})
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def run_layer(self, index: int, hidden: torch.Tensor, arguments: list[dict]) -> torch.Tensor:
+        return call_layer(self.layers[index], hidden, arguments[index])
 
     def finish(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The final norm (pre-LN families), then the model's classification head."""
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        return self.family.head(self.model, hidden, inputs)
+        return classification_logits(self.model, hidden, inputs, self.match)
+
+    def logits(self, inputs: dict) -> torch.Tensor:
+        """The whole model, piecewise (what SHERL computes with x = h_last)."""
+        _, hidden, _, _ = self.frozen_route(inputs, self.num_layers, ())
+        return self.finish(hidden, inputs)
+
+    @torch.no_grad()
+    def _verify_structure_match(self, method: str) -> None:
+        """A model of unknown type matched by tensor layout: its own forward must equal the
+        family's piecewise route on a small input, else it is refused."""
+        model, config = self.model, self.model.config
+        vocab = int(getattr(config, "vocab_size", 0) or 0)
+        if vocab < 2:
+            return
+        ids = torch.arange(1, 8, device=next(model.parameters()).device)[None] % vocab
+        pad = getattr(config, "pad_token_id", None)
+        if pad is not None:
+            ids = torch.where(ids == pad, (ids + 1) % vocab, ids)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        was_training = model.training
+        model.eval()
+        try:
+            want = model(**inputs).logits
+            got = self.logits(inputs)
+        finally:
+            model.train(was_training)
+        scale = max(1.0, float(want.abs().max()))
+        tolerance = 1e-4 if want.dtype in (torch.float32, torch.float64) else 5e-2
+        if float((got - want).abs().max()) > tolerance * scale:
+            raise UpcycleError(
+                f"model: model_type {config.model_type!r} has the tensor layout of "
+                f"{self.arch.title} but computes something else (max |difference| "
+                f"{float((got - want).abs().max()):.3g}); {method} supports {supported()}")
 
 
 def classifier_output(logits: torch.Tensor, labels: torch.Tensor | None, num_labels: int,
@@ -449,7 +374,7 @@ class SherlModel(nn.Module):
         super().__init__()
         if not isinstance(config, SherlConfig):
             raise UpcycleError(f"config: expected a SherlConfig, got {type(config).__name__}")
-        backbone = Backbone(model, family_of(model))
+        backbone = Backbone(model)
         if config.reduction is None or int(config.reduction) < 1 \
                 or backbone.hidden_size % int(config.reduction):
             raise UpcycleError(f"reduction {config.reduction!r} does not divide the hidden size "
@@ -470,8 +395,9 @@ class SherlModel(nn.Module):
 
     # -- structure ----------------------------------------------------------------------------
     @property
-    def family(self) -> BackboneFamily:
-        return self._backbone.family
+    def family(self) -> Architecture:
+        """The backbone's entry in :mod:`upcycle.architectures`."""
+        return self._backbone.arch
 
     def trainable_base_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name in ``self.base``, parameter) of the head and, if trained, the late layers."""
@@ -479,7 +405,7 @@ class SherlModel(nn.Module):
         if self.config.train_late_layers:
             for i in range(self.num_early, self._backbone.num_layers):
                 for name, p in self._backbone.layers[i].named_parameters():
-                    out.append((f"{self.family.layers}.{i}.{name}", p))
+                    out.append((f"{self._backbone.layers_path}.{i}.{name}", p))
         return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -493,13 +419,14 @@ class SherlModel(nn.Module):
 
     def describe(self) -> dict:
         b = self._backbone
-        return {"family": b.family.name, "model_type": b.model.config.model_type,
+        return {"family": b.name, "model_type": b.model.config.model_type,
                 "hidden_size": b.hidden_size, "num_layers": b.num_layers,
                 "num_labels": b.num_labels}
 
     # -- forward ------------------------------------------------------------------------------
     def early_route(self, inputs: dict):
-        """(taps, h_last, token_mask, layer_mask), all computed without autograd."""
+        """(taps, h_last, token_mask, per-layer keyword arguments), computed without
+        autograd."""
         return self._backbone.frozen_route(inputs, self.num_early, self.tap_indices)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -517,10 +444,10 @@ class SherlModel(nn.Module):
                   "interpolate_pos_encoding": interpolate_pos_encoding}
         b = self._backbone
         b.check_inputs(inputs)
-        taps, h_last, token_mask, mask = self.early_route(inputs)
+        taps, h_last, token_mask, arguments = self.early_route(inputs)
         hidden = self.mtsa(taps, h_last, token_mask)
         for i in range(self.num_early, b.num_layers):
-            hidden = b.run_layer(i, hidden, mask)
+            hidden = b.run_layer(i, hidden, arguments)
         logits = b.finish(hidden, inputs)
         return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 
@@ -537,11 +464,10 @@ class SherlModel(nn.Module):
         saved_base = raw.pop("base", None)
         source = f"SHERL weights in {folder}"
         config = SherlConfig.from_dict(raw, source=f"{folder}/adapter_config.json")
-        family = family_of(base_model)
-        here = Backbone(base_model, family)
+        here = Backbone(base_model)
         if saved_base is not None:
             mismatch = [(k, saved_base.get(k), v) for k, v in
-                        (("family", family.name), ("hidden_size", here.hidden_size),
+                        (("family", here.name), ("hidden_size", here.hidden_size),
                          ("num_layers", here.num_layers), ("num_labels", here.num_labels))
                         if saved_base.get(k) != v]
             if mismatch:
@@ -558,7 +484,8 @@ class SherlModel(nn.Module):
 
 
 def get_sherl_model(model: nn.Module, config: SherlConfig | None = None) -> SherlModel:
-    """Wrap a HF classification model (BERT/MiniLM, ViT, GPT-2) for SHERL training.
+    """Wrap a HF sequence/image classification model of any family in
+    :mod:`upcycle.architectures` for SHERL training.
 
     Freezes every backbone parameter except the head (and the late layers when
     ``config.train_late_layers``); the new MTSA is trainable.
@@ -572,15 +499,11 @@ def config_help() -> dict[str, str]:
 
 
 __all__ = [
-    "FAMILIES",
     "GATE_TEMPERATURE",
     "MTSA",
     "Backbone",
-    "BackboneFamily",
     "SherlConfig",
     "SherlModel",
     "config_help",
-    "family_of",
     "get_sherl_model",
-    "register_family",
 ]
