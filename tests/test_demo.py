@@ -66,6 +66,11 @@ def demo_run(tiny_world, tmp_path_factory):
                                          str(root / "cache"), "--device", "cpu", *argv])
             report = json.loads((root / "out" / "report.json").read_text())
             runs.append((code, stdout, stderr, report))
+        # as on a terminal: progress bars (here into a StringIO) over the cached fine-tunes
+        mp.setattr("upcycle.cli.demo.bars_wanted", lambda quiet: True)
+        runs.append((*_run(["demo", "--out", str(root / "out-bars"), "--cache",
+                            str(root / "cache"), "--device", "cpu", "--ingredients", "2",
+                            "--epochs", "1"]), None))
     return root, runs
 
 
@@ -129,7 +134,7 @@ def test_ends_with_one_sentence(demo_run):
 
 def test_no_escape_codes_when_not_a_terminal(demo_run):
     _, runs = demo_run
-    for code, stdout, stderr, _ in runs:
+    for code, stdout, stderr, _ in runs[:2]:
         assert code == 0
         for text in (stdout, stderr):
             assert "\x1b" not in text and "\r" not in text
@@ -168,3 +173,13 @@ def test_sentence_wording():
     assert "matching the best single fine-tune" in sentence({**row, "test_accuracy": 0.882},
                                                              best, "x")
     assert "0.7 points below" in sentence({**row, "test_accuracy": 0.875}, best, "x")
+
+
+def test_progress_bars_on_a_terminal(demo_run):
+    root, runs = demo_run
+    code, stdout, stderr, _ = runs[2]
+    assert code == 0
+    assert "fine-tuning ingredients" in stderr and "scoring ingredients" in stderr
+    assert "MEHL soup" in stderr
+    assert ": cached (" not in stdout  # the per-ingredient lines are for logs only
+    assert (root / "out-bars" / "results.png").is_file()

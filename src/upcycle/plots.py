@@ -63,31 +63,40 @@ def results_figure(path: str | os.PathLike, rows: Sequence[dict], *, best_method
             bar.set_edgecolor("white")
     best = next((100 * r["test_accuracy"] for r in shown if r["method"] == best_method), None)
     if best is not None:
-        ax.axvline(best, color="#d62728", linestyle="--", linewidth=1,
-                   label=f"best single fine-tune ({best:.1f}%)")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axvline(best, color="#d62728", linestyle="--", linewidth=1)
+        ax.text(best, -0.45, "best single fine-tune ", color="#d62728", fontsize=7,
+                ha="right", va="top", rotation=90)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
     ax.set_yticks(range(len(shown)), labels, fontsize=9)
-    ax.invert_yaxis()
+    ax.set_ylim(len(shown) - 0.5, -0.5)  # first row on top
     low = min(values, default=0.0)
     ax.set_xlim(max(0.0, low - 10), min(100.0, max(values, default=100.0) + 4))
     ax.set_xlabel("test accuracy (%)")
     ax.set_title("test accuracy per method", fontsize=10)
     if has_c:
         ax = axes[0][1]
-        c = coefficients.detach().float().cpu().numpy()
-        image = ax.imshow(c, aspect="auto", cmap="viridis", interpolation="nearest")
+        c = coefficients.detach().float().cpu()
+        # colours centred on 0 and clipped at the 98th percentile of |C|: a few blocks with
+        # large opposite coefficients (ingredients almost equal there) would wash out the rest
+        limit = float(torch.quantile(c.abs().flatten(), 0.98)) or 1.0
+        clipped = bool((c.abs() > limit).any())
+        image = ax.imshow(c.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                          interpolation="nearest")
         ax.set_yticks(range(c.shape[0]), list(ingredient_names) or range(1, c.shape[0] + 1),
                       fontsize=8)
         groups = block_groups(blocks) if len(blocks) == c.shape[1] else []
         if groups:
             ax.set_xticks([j for j, _ in groups], [label for _, label in groups], fontsize=7,
-                          rotation=45, ha="right")
+                          rotation=90)
         ax.set_xlabel(f"blocks ({c.shape[1]} parameter tensors)")
         ax.set_ylabel("ingredient")
         ax.set_title(coefficients_title, fontsize=10)
-        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
+                           extend="both" if clipped else "neither")
+        if clipped:
+            bar.set_label(f"clipped at ±{limit:.2g} (C from {float(c.min()):.3g} to "
+                          f"{float(c.max()):.3g})", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
