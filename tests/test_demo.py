@@ -119,7 +119,7 @@ def test_ingredients_are_named_by_recipe_in_fine_tune_order(demo_run):
     report_names = ["lr1.5e-4-ep1", "lr1e-4-ep1", "lr8e-5-ep1", "lr2e-4-ep1"]
     assert recipe_names(demo_recipes(4)) == report_names
     stdout = runs[0][1]
-    table = stdout[stdout.index("| method | held-out acc"):]
+    table = stdout[stdout.index("| ingredient | held-out acc"):]
     rows = [line.split("|")[1].strip() for line in table.splitlines()[2:6]]
     assert rows == report_names
     assert re.search(r"\| best ingredient \(lr[0-9.e-]+-ep1\) \|", stdout)

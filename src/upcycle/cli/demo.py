@@ -27,20 +27,21 @@ from .soup import REPORT_COLUMNS
 DEMO_METHODS = ("uniform", "greedy", "learned+", "mehl+")
 HEADLINE = "mehl+"
 DEFAULT_OUT = "demo-out"
+INGREDIENT_COLUMNS = [("method", "ingredient", ""), *REPORT_COLUMNS[1:3]]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="fine-tune MiniLM on BBC News a few times and soup the runs",
                        description=__doc__)
-    p.add_argument("--out", default=DEFAULT_OUT,
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help="folder for the soups, report.json, README.md and results.png "
                         "(replaced on each run)")
-    p.add_argument("--cache", default=None, help="cache folder for the data and the fine-tunes "
+    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder for the data and the fine-tunes "
                                                  "(default: $UPCYCLE_CACHE or ~/.cache/upcycle)")
-    p.add_argument("--ingredients", type=int, default=4, help="number of fine-tunes (2 to 12)")
-    p.add_argument("--model-batch", "-K", type=int, default=2,
+    p.add_argument("--ingredients", type=int, default=4, metavar="N", help="number of fine-tunes (2 to 12)")
+    p.add_argument("--model-batch", "-K", type=int, default=2, metavar="K",
                    help="MEHL model batch K (at most the number of ingredients)")
-    p.add_argument("--epochs", type=int, default=2,
+    p.add_argument("--epochs", type=int, default=2, metavar="E",
                    help="held-out epochs of Learned-Soup+ (and per MEHL round)")
     add_device_arguments(p, dtype=False, mixed_precision=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -77,7 +78,10 @@ def cpu_seconds() -> float:
 
 
 def say(line: str) -> None:
-    print(f"[demo] {line}", flush=True)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[demo] {line}", file=sys.stdout)  # above any progress bar on the terminal
+    sys.stdout.flush()
 
 
 def bars_wanted(quiet: bool) -> bool:
@@ -118,6 +122,8 @@ def check_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from ..devices import resolve_device
     from ..tasks.bbc import (
         MAX_LENGTH,
@@ -182,12 +188,15 @@ def run(args: argparse.Namespace) -> int:
 
     steps.begin("soup", "souping with " + ", ".join(DEMO_METHODS))
     soups = {}
-    for method in DEMO_METHODS:
+    bar = tqdm(DEMO_METHODS, desc="soups", disable=not bars, dynamic_ncols=True)
+    for method in bar:
+        bar.set_postfix_str(method)
         result, row = run_method(job, method, model_batch=k, epochs=args.epochs)
         rows.append(row)
         soups[method] = result
         say(f"    {method_title(method)}: test accuracy {100 * row['test_accuracy']:.1f}% "
             f"({row['seconds']:.0f} s)")
+    bar.close()
     steps.end()
 
     steps.begin("write", f"writing the soups to {out / 'soups'}")
@@ -228,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         tmp.write_text(summary_markdown(report, table_rows, ing_rows))
 
     print()
-    print(format_table(ing_rows, REPORT_COLUMNS[:3]))
+    print(format_table(ing_rows, INGREDIENT_COLUMNS))
     print()
     print(format_table(table_rows, REPORT_COLUMNS))
     print("\npeak RSS is this process's high-water mark so far (it only grows down the table); "
@@ -259,7 +268,7 @@ def draw_figure(path: Path, rows: list[dict], best_method: str, headline, names)
 
 def summary_markdown(report: dict, rows: list[dict], ing_rows: list[dict]) -> str:
     lines = ["# upcycle demo", "", report["sentence"], "", "```bash", report["command"], "```",
-             "", "## Ingredients (held-out split)", "", format_table(ing_rows, REPORT_COLUMNS[:3]),
+             "", "## Ingredients (held-out split)", "", format_table(ing_rows, INGREDIENT_COLUMNS),
              "", "Fine-tuned checkpoints: " + ", ".join(f"`{i['folder']}`"
                                                         for i in report["ingredients"]),
              "", "## Soups", "", format_table(rows, REPORT_COLUMNS), "",
