@@ -18,7 +18,7 @@ TOPICS = {
     "business": ["market", "shares", "bank", "profit", "deal"],
 }
 COMMON = ["the", "a", "new", "said", "year"]
-SPLITS = {"train": 48, "held_out": 24, "test": 24}
+SPLITS = {"train": 32, "held_out": 24, "test": 24}
 SENTENCE = re.compile(r"^MEHL-Soup\+ reached \d+\.\d% test accuracy, (\d+\.\d points (above|below) "
                       r"the best single fine-tune \(lr[^)]+\)|matching the best single "
                       r"fine-tune \(lr[^)]+\)), in \d+ s and \d+\.\d GiB\.$")
@@ -157,7 +157,8 @@ def test_bad_arguments(tmp_path, capsys):
     assert "not a demo output folder" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     for argv, message in ((["--ingredients", "1"], "--ingredients 1: expected 2 to 12"),
-                          (["-K", "0"], "--model-batch 0"), (["--epochs", "0"], "--epochs 0")):
+                          (["-K", "0"], "--model-batch 0"), (["--epochs", "0"], "--epochs 0"),
+                          (["--device", "tpu"], "--device 'tpu': expected one of")):
         assert main(["demo", "--out", str(tmp_path / "new"), *argv]) == 2
         assert message in capsys.readouterr().err
 
