@@ -29,11 +29,14 @@ $(VENV)/.demo: pyproject.toml constraints.txt $(VENV)/.torch
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
+# Writes ./demo-out/ (soups with model cards, report.json, README.md, results.png); the
+# fine-tunes are cached in $$UPCYCLE_CACHE (default ~/.cache/upcycle). DEMO_ARGS: more flags.
+DEMO_ARGS ?=
 demo: $(VENV)/.demo
-	$(BIN)/upcycle demo
+	$(BIN)/upcycle demo --out demo-out $(DEMO_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info demo-out

@@ -235,11 +235,17 @@ def _metrics(job: SoupJob, state: dict, *, test: bool = True,
     return row
 
 
-def ingredient_rows(job: SoupJob) -> list[dict]:
-    """Held-out metrics of every ingredient, in order (kept on the job for greedy)."""
+def ingredient_rows(job: SoupJob, *, names: list[str] | None = None,
+                    progress: bool = False) -> list[dict]:
+    """Held-out metrics of every ingredient, in order (kept on the job for greedy). Rows are
+    called ``names[i]`` when given, else "ingredient i"; ``progress``: a progress bar."""
+    from tqdm.auto import tqdm
+
     rows = []
-    for ing in job.ingredients:
-        rows.append({"method": f"ingredient {ing.index}", "path": str(ing.path),
+    for i, ing in enumerate(tqdm(job.ingredients, desc="scoring ingredients", leave=False,
+                                 disable=not progress or not distributed.is_main())):
+        name = names[i] if names is not None else f"ingredient {ing.index}"
+        rows.append({"method": name, "path": str(ing.path),
                      **_metrics(job, ing.state_dict(), test=False)})
     job.ingredient_metrics = [{"accuracy": r["held_out_accuracy"], "loss": r["held_out_loss"]}
                               for r in rows]
