@@ -172,7 +172,7 @@ def test_causal_lm_head_stays_frozen(family):
     assert classifier.modules_to_save == ["score"]
 
 
-# -- per-part thresholds on fused projections ------------------------------------------------------
+# -- per-part thresholds on fused projections -----------------------------------------------------
 
 FUSED = [("phi3", "self_attn.qkv_proj", (32, 16, 16)), ("phi3", "mlp.gate_up_proj", (37, 37)),
          ("gpt_neox", "attention.query_key_value", (32, 32, 32)),
@@ -260,7 +260,7 @@ def test_row_parts_refuses_a_bad_split():
     assert runs == (((0, 2), (4, 6)), ((2, 4),))
 
 
-# -- a NaN in A or B reaches the output and the loss ------------------------------------------------
+# -- a NaN in A or B reaches the output and the loss ----------------------------------------------
 
 @pytest.mark.parametrize("recompute", ["backward", "none", "checkpoint"])
 @pytest.mark.parametrize("mode", ["reference", "paper"])
@@ -309,7 +309,7 @@ def test_nan_in_snell_a_stops_training(tmp_path):
             output_dir=None, callbacks=[Poison()])
 
 
-# -- the CLI flag ------------------------------------------------------------------------------------
+# -- the CLI flag ---------------------------------------------------------------------------------
 
 def test_block_mb_flag():
     from upcycle.cli.tune import _build_snell, _snell_arguments

@@ -15,9 +15,9 @@ them) is zeroed and the survivors are scaled by their own detached magnitude
 By default ``delta_W`` is never whole: the kernel is separable by output rows, so the layer
 builds it a block of rows at a time (``SnellConfig.block_mb``), for the exact threshold (a
 radix select over the float bits, the same value as ``kthvalue``, one per part), for the
-product with the input, and again in backward, which rebuilds each block from A and B. Nothing of size
-``d_out x d_in`` is stored for backward or kept between steps, and no more than a block of
-it exists at any time.
+product with the input, and again in backward, which rebuilds each block from A and B.
+Nothing of size ``d_out x d_in`` is stored for backward or kept between steps, and no
+more than a block of it exists at any time.
 
 The interface follows HuggingFace peft::
 
@@ -119,7 +119,7 @@ class SnellConfig:
     recompute: str | bool = "backward"
     """How delta_W is computed and kept out of memory. 'backward' (default): block by block
     (``block_mb``), in forward and in a backward that rebuilds each block from A and B; saves
-    x, A, B and one threshold per slice, and never holds more than a block of delta_W, its
+    x, A, B and one threshold per part, and never holds more than a block of delta_W, its
     kernel, mask and gradient at once (also in eval). The two unblocked paths, which build the
     whole delta_W at once (a transient of several times the weight) and are kept to compare
     against: 'checkpoint': the layer inside a non-reentrant torch.utils.checkpoint (recomputes
@@ -529,10 +529,10 @@ def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, spa
 
 def _sparsify_rows(K: torch.Tensor, tau: torch.Tensor | None, mode: str,
                    keep_factor: bool = False):
-    """``(delta, factor)`` for rows of K given their slice's threshold, with the same
-    elementwise arithmetic as :func:`sparsify` (delta = K * factor; factor is the detached
-    magnitude term, returned only with keep_factor). ``tau`` None means sparsity 0
-    (delta = K, factor None). K's storage is reused for delta."""
+    """``(delta, factor)`` for rows of K given their part's threshold (0-dim, or (rows, 1):
+    one per row), with the same elementwise arithmetic as :func:`sparsify` (delta = K *
+    factor; factor is the detached magnitude term, returned only with keep_factor). ``tau``
+    None means sparsity 0 (delta = K, factor None). K's storage is reused for delta."""
     if tau is None:
         return K, None
     magnitude = K.abs()
