@@ -519,6 +519,10 @@ def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, spa
         if k == 0:
             continue
         bounds = list(split.blocks(s, block_rows or d_out))
+        if len(bounds) == 1:  # the part is one block: kthvalue itself
+            o0, o1 = bounds[0]
+            out[s] = _kernel_rows(pads, coeffs, o0, o1).abs_().reshape(-1).kthvalue(k).values
+            continue
 
         def chunks(bounds=bounds):
             for o0, o1 in bounds:
