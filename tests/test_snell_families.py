@@ -172,6 +172,12 @@ def test_causal_lm_head_stays_frozen(family):
     assert classifier.modules_to_save == ["score"]
 
 
+def test_masked_lm_head_holding_the_output_embedding_stays_frozen():
+    model = get_snell_model(build("roberta", "RobertaForMaskedLM"), cfg())
+    assert model.modules_to_save == []
+    assert not model.base_model.lm_head.decoder.weight.requires_grad
+
+
 # -- per-part thresholds on fused projections -----------------------------------------------------
 
 FUSED = [("phi3", "self_attn.qkv_proj", (32, 16, 16)), ("phi3", "mlp.gate_up_proj", (37, 37)),

@@ -907,14 +907,15 @@ def fused_parts(model: nn.Module, names, fused_qkv=None) -> dict[str, RowParts |
 
 def default_head_modules(model: nn.Module) -> list[str]:
     """Names of the model's task head among its direct children, if any. A language model's
-    head (the model's output embedding, often tied to its input embedding) is not one: it
-    stays frozen."""
+    head (the model's output embedding, often tied to its input embedding, or a module
+    holding it, as RoBERTa's MLM ``lm_head``) is not one: it stays frozen."""
     try:
         output_embedding = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         output_embedding = None
     return [name for name, module in model.named_children()
-            if name in HEAD_NAMES and module is not output_embedding]
+            if name in HEAD_NAMES and not (output_embedding is not None and any(
+                m is output_embedding for m in module.modules()))]
 
 
 def _matches(name: str, patterns) -> bool:
