@@ -140,13 +140,19 @@ def test_defaults_adapt_every_layer_projection_merge_and_reload(family, tmp_path
     torch.testing.assert_close(logits(plain, inputs), unmerged, atol=2e-5, rtol=1e-4)
 
 
-def test_electra_keeps_its_snell_only_defaults():
+def test_electra_and_deit_keep_their_snell_only_defaults():
     config = T.ElectraConfig(**TEXT, embedding_size=32, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=4, intermediate_size=37,
                              max_position_embeddings=32, num_labels=3)
-    model = get_snell_model(T.ElectraForSequenceClassification(config), cfg())
-    assert len(model.snell_layers()) == 12
-    assert all(".encoder.layer." in n for n in model.snell_layers())
+    deit = T.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, image_size=8, patch_size=4, num_channels=1,
+                        num_labels=3)
+    for base in (T.ElectraForSequenceClassification(config),
+                 T.DeiTForImageClassification(deit)):
+        model = get_snell_model(base, cfg())
+        assert len(model.snell_layers()) == 12
+        assert all(".encoder.layer." in n for n in model.snell_layers())
+        assert model.modules_to_save == ["classifier"]
 
 
 def test_unknown_family_asks_for_target_modules():
