@@ -66,13 +66,17 @@ def _snell_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--target-regex", default=None, metavar="REGEX",
                        help="modules to adapt, as one regex over full module names")
     group.add_argument("--modules-to-save", nargs="*", default=None, metavar="NAME",
-                       help="modules trained in full and saved (default: the classifier head)")
+                       help="modules trained in full and saved (default: the classifier head; "
+                            "none for a language model, whose head stays frozen)")
     group.add_argument("--dropout", type=float, default=0.1,
                        help="dropout on the adapter input (default 0.1)")
     group.add_argument("--drop-path", type=float, default=0.1,
                        help="DropPath on the adapter output (default 0.1)")
     group.add_argument("--no-recompute", action="store_true",
                        help="store delta_W for backward instead of recomputing it (more memory)")
+    group.add_argument("--block-mb", type=float, default=4.0, metavar="MIB",
+                       help="MiB of delta_W's rows built at once in forward, backward and "
+                            "merge (default 4; a layer's transient is about six blocks)")
 
 
 def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -85,7 +89,7 @@ def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         sparsify_mode=args.sparsify_mode, learnable_coeffs=args.learnable_coeffs,
         target_modules=args.target_regex or args.target_modules,
         modules_to_save=args.modules_to_save, dropout=args.dropout, drop_path=args.drop_path,
-        recompute=not args.no_recompute,
+        recompute=not args.no_recompute, block_mb=args.block_mb,
     )
     return get_snell_model(model, config)
 

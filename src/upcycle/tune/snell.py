@@ -7,16 +7,17 @@ kernel of them,
     K[i, j] = sum_p c_p * ||A_p[i] - B_p[j]||_2,      delta_W = K^T   (d_out x d_in),
 
 which is generally full rank, sparsified afresh every forward pass by competition: the
-``sparsity`` fraction of entries with the smallest ``|K|`` (per matrix; per q/k/v slice of
-a fused projection) is zeroed and the survivors are scaled by their own detached magnitude
+``sparsity`` fraction of entries with the smallest ``|K|`` (per matrix; per part of a fused
+projection: its q, k and v rows, or gate and up, where the architecture map's layout puts
+them) is zeroed and the survivors are scaled by their own detached magnitude
 (``reference`` mode, the released code) or soft-thresholded (``paper`` mode, Eq. 5).
 
 By default ``delta_W`` is never whole: the kernel is separable by output rows, so the layer
 builds it a block of rows at a time (``SnellConfig.block_mb``), for the exact threshold (a
-radix select over the float bits, the same value as ``kthvalue``), for the product with the
-input, and again in backward, which rebuilds each block from A and B. Nothing of size
-``d_out x d_in`` is stored for backward or kept between steps, and no more than a block of
-it exists at any time.
+radix select over the float bits, the same value as ``kthvalue``, one per part), for the
+product with the input, and again in backward, which rebuilds each block from A and B.
+Nothing of size ``d_out x d_in`` is stored for backward or kept between steps, and no
+more than a block of it exists at any time.
 
 The interface follows HuggingFace peft::
 
@@ -33,7 +34,8 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -54,32 +56,22 @@ METHOD = "snell"
 SPARSIFY_MODES = ("reference", "paper")
 RECOMPUTE_MODES = ("backward", "checkpoint", "none")
 
-# Default targets per model family (config.model_type): q, k, v, attention output and the
-# two MLP matrices of every block, as in the reference recipe. A list entry matches a module
-# whose dotted name ends with it.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+# Default targets and fused layouts come from the architecture map
+# (upcycle.architectures: snell_target_modules, model_fused_layouts). Families SNELL adapts
+# that the map does not describe (no other method supports them) keep their SNELL-only
+# defaults here: ELECTRA has BERT's layer layout, DeiT ViT's.
+UNMAPPED_TARGET_MODULES: dict[str, list[str]] = {
+    "electra": ["attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deit": ["attention.attention.query", "attention.attention.key",
+             "attention.attention.value", "attention.output.dense", "intermediate.dense",
              "output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense"],
-    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-                    "output.dense"],
-    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense"],
-    "vit": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-            "output.dense"],
-    "deit": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-             "output.dense"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
-# Fused q/k/v projections ([q; k; v] stacked along the output dimension): sparsified per
-# slice. GPT-2's ``c_attn`` and timm's ``qkv``.
-DEFAULT_FUSED_QKV = ["c_attn", "qkv"]
+# Fused [q; k; v] projections of models outside the map (timm's ``qkv``), split into equal
+# thirds when ``SnellConfig.fused_qkv`` is None. Mapped families take their layout (GQA
+# sizes, interleaving, gate/up) from the map.
+UNMAPPED_FUSED_QKV = ["c_attn", "qkv"]
 
 # Classification heads trained (and saved) with the adapter when modules_to_save is None.
 HEAD_NAMES = ("classifier", "score", "head", "lm_head")
@@ -110,10 +102,16 @@ class SnellConfig:
     regex matching whole names. None: the default set for the model family."""
     modules_to_save: list[str] | None = None
     """Other modules trained in full and saved with the adapter (the task head). None: the
-    classification head if the model has one ('classifier', 'score', 'head'); [] for none."""
-    fused_qkv: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_FUSED_QKV))
-    """Adapted modules that are fused [q; k; v] projections: their delta_W is sparsified per
-    third (a separate threshold for q, k and v). Same matching rule as target_modules."""
+    classification head if the model has one ('classifier', 'score', 'head'); a language
+    model's head (its output embedding, tied to the input embedding on GPT-2) stays frozen;
+    [] for none."""
+    fused_qkv: list[str] | str | None = None
+    """Fused projections are sparsified per part (a separate threshold for the q, k and v
+    rows, and for gate and up, wherever the layout puts them). The parts of a mapped
+    family's fused projections (GPT-2's c_attn, Phi-3's qkv_proj with its GQA sizes and
+    gate_up_proj, GPT-NeoX's interleaved query_key_value) come from the architecture map.
+    This field names further adapted modules, outside the map, that are [q; k; v] stacked in
+    equal thirds (same matching rule as target_modules); None: ``UNMAPPED_FUSED_QKV``."""
     dropout: float = 0.1
     """Dropout on the adapter's input (reference recipe: 0.1)."""
     drop_path: float = 0.1
@@ -121,7 +119,7 @@ class SnellConfig:
     recompute: str | bool = "backward"
     """How delta_W is computed and kept out of memory. 'backward' (default): block by block
     (``block_mb``), in forward and in a backward that rebuilds each block from A and B; saves
-    x, A, B and one threshold per slice, and never holds more than a block of delta_W, its
+    x, A, B and one threshold per part, and never holds more than a block of delta_W, its
     kernel, mask and gradient at once (also in eval). The two unblocked paths, which build the
     whole delta_W at once (a transient of several times the weight) and are kept to compare
     against: 'checkpoint': the layer inside a non-reentrant torch.utils.checkpoint (recomputes
@@ -412,48 +410,133 @@ def kthvalue_blocked(chunks, k: int, n: int | None = None, window: float = 0.01
     return prefix.to(int_dtype).reshape(1).view(dtype).reshape(())
 
 
-def _slice_bounds(d_out: int, num_slices: int, block_rows: int):
-    """(slice index, first row, end row) of each block: blocks never straddle a slice."""
-    if d_out % num_slices:
-        raise UpcycleError(f"cannot split an output dimension of {d_out} into {num_slices} "
-                           f"equal slices")
-    h = d_out // num_slices
-    for s in range(num_slices):
-        for o0 in range(s * h, (s + 1) * h, block_rows):
-            yield s, o0, min(o0 + block_rows, (s + 1) * h)
+@dataclass(frozen=True)
+class RowParts:
+    """The parts of a fused projection's output rows (nn.Linear orientation), each sparsified
+    with its own threshold: per part, its rows as contiguous runs ``(start, end)``. Built by
+    :func:`row_parts` from a number of equal stacked slices or from row indices per part
+    (``FusedLayout.indices()`` of the architecture map)."""
+
+    runs: tuple[tuple[tuple[int, int], ...], ...]
+    rows: int
+
+    @property
+    def count(self) -> int:
+        return len(self.runs)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(sum(e - s for s, e in runs) for runs in self.runs)
+
+    def indices(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """One LongTensor of row indices per part."""
+        return [torch.cat([torch.arange(s, e, device=device) for s, e in runs])
+                for runs in self.runs]
+
+    def row_part(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The part of every row, (rows,) int64."""
+        out = torch.empty(self.rows, dtype=torch.long)
+        for p, runs in enumerate(self.runs):
+            for s, e in runs:
+                out[s:e] = p
+        return out.to(device)
+
+    def blocks(self, part: int, block_rows: int):
+        """``(first row, end row)`` of the part's rows, at most ``block_rows`` at a time."""
+        for s, e in self.runs[part]:
+            for o0 in range(s, e, block_rows):
+                yield o0, min(o0 + block_rows, e)
+
+
+def row_parts(parts, rows: int, *, name: str = "delta_W") -> RowParts:
+    """:class:`RowParts` from ``parts``: an int (that many equal stacked slices), a sequence
+    of row-index tensors (or lists) covering ``0 .. rows-1`` once, or a RowParts."""
+    if isinstance(parts, RowParts):
+        if parts.rows != rows:
+            raise UpcycleError(f"{name}: its row parts cover {parts.rows} rows, it has {rows}")
+        return parts
+    if isinstance(parts, int):
+        if parts < 1 or rows % parts:
+            raise UpcycleError(f"{name}: cannot split an output dimension of {rows} into "
+                               f"{parts} equal slices")
+        h = rows // parts
+        return RowParts(tuple(((i * h, (i + 1) * h),) for i in range(parts)), rows)
+    if not isinstance(parts, Sequence) or not parts:
+        raise UpcycleError(f"{name}: parts must be a number of equal slices or a list of row "
+                           f"indices per part, got {parts!r}")
+    seen = torch.zeros(rows, dtype=torch.long)
+    runs = []
+    for p, idx in enumerate(parts):
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= rows:
+            raise UpcycleError(f"{name}: part {p} has no rows or rows outside 0..{rows - 1}")
+        seen.index_add_(0, idx, torch.ones_like(idx))
+        idx = idx.sort().values
+        breaks = (torch.nonzero(idx[1:] != idx[:-1] + 1).reshape(-1) + 1).tolist()
+        starts = [0, *breaks]
+        ends = [*breaks, idx.numel()]
+        runs.append(tuple((int(idx[a]), int(idx[e - 1]) + 1) for a, e in zip(starts, ends)))
+    if not bool((seen == 1).all()):
+        raise UpcycleError(f"{name}: its parts must hold each of its {rows} output rows once "
+                           f"(sizes {[len(torch.as_tensor(i).reshape(-1)) for i in parts]})")
+    return RowParts(tuple(runs), rows)
+
+
+def _row_blocks(rows: int, block_rows: int):
+    """``(first row, end row)`` of each block of delta_W's rows (blocks may cross parts: the
+    threshold is applied per row)."""
+    for o0 in range(0, rows, block_rows):
+        yield o0, min(o0 + block_rows, rows)
+
+
+def _block_tau(tau: torch.Tensor, row_part: torch.Tensor | None, o0: int, o1: int):
+    """The threshold of rows o0:o1: a 0-dim tensor (one part) or (rows, 1), per row's part."""
+    if row_part is None:
+        return tau[0]
+    return tau.index_select(0, row_part[o0:o1]).unsqueeze(1)
 
 
 @torch.no_grad()
 def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, sparsity: float,
-                     num_slices: int = 1, block_rows: int | None = None) -> torch.Tensor:
-    """Per slice of delta_W's rows, the threshold tau of the competition mask: the
-    ``floor(sparsity * n)``-th smallest ``|K|`` of the slice's n entries (-1 when none is
+                     parts=1, block_rows: int | None = None) -> torch.Tensor:
+    """Per part of delta_W's rows (``parts``: see :func:`row_parts`; an int gives equal
+    stacked slices), the threshold tau of the competition mask: the
+    ``floor(sparsity * n)``-th smallest ``|K|`` of the part's n entries (-1 when none is
     zeroed), exactly what :func:`sparsify` takes from ``kthvalue``, found block by block
-    (``block_rows`` rows of delta_W at a time; None: all at once). Shape (num_slices,)."""
+    (``block_rows`` rows of delta_W at a time, never crossing a part; None: a whole run of the
+    part at once). Shape (number of parts,)."""
     d_out, d_in = B.shape[1], A.shape[1]
+    split = row_parts(parts, d_out)
     coeffs = coeffs.detach().to(A.dtype)
     A, B = A.detach(), B.detach()
-    out = torch.full((num_slices,), -1.0, dtype=A.dtype, device=A.device)
-    k = _num_zeroed(sparsity, d_out // num_slices * d_in) if sparsity > 0 else 0
-    if k == 0:
+    out = torch.full((split.count,), -1.0, dtype=A.dtype, device=A.device)
+    if sparsity <= 0:
         return out
     pads = _padded_factors(A, B)
-    bounds = list(_slice_bounds(d_out, num_slices, block_rows or d_out))
-    for s in range(num_slices):
-        def chunks(s=s):
-            for t, o0, o1 in bounds:
-                if t == s:
-                    yield _kernel_rows(pads, coeffs, o0, o1).abs_()
-        out[s] = kthvalue_blocked(chunks, k, n=d_out // num_slices * d_in)
+    for s, size in enumerate(split.sizes):
+        n = size * d_in
+        k = _num_zeroed(sparsity, n)
+        if k == 0:
+            continue
+        bounds = list(split.blocks(s, block_rows or d_out))
+        if len(bounds) == 1:  # the part is one block: kthvalue itself
+            o0, o1 = bounds[0]
+            out[s] = _kernel_rows(pads, coeffs, o0, o1).abs_().reshape(-1).kthvalue(k).values
+            continue
+
+        def chunks(bounds=bounds):
+            for o0, o1 in bounds:
+                yield _kernel_rows(pads, coeffs, o0, o1).abs_()
+        out[s] = kthvalue_blocked(chunks, k, n=n)
     return out
 
 
 def _sparsify_rows(K: torch.Tensor, tau: torch.Tensor | None, mode: str,
                    keep_factor: bool = False):
-    """``(delta, factor)`` for rows of K given their slice's threshold, with the same
-    elementwise arithmetic as :func:`sparsify` (delta = K * factor; factor is the detached
-    magnitude term, returned only with keep_factor). ``tau`` None means sparsity 0
-    (delta = K, factor None). K's storage is reused for delta."""
+    """``(delta, factor)`` for rows of K given their part's threshold (0-dim, or (rows, 1):
+    one per row), with the same elementwise arithmetic as :func:`sparsify` (delta = K *
+    factor; factor is the detached magnitude term, returned only with keep_factor). ``tau``
+    None means sparsity 0 (delta = K, factor None). K's storage is reused for delta."""
     if tau is None:
         return K, None
     magnitude = K.abs()
@@ -470,37 +553,38 @@ def _sparsify_rows(K: torch.Tensor, tau: torch.Tensor | None, mode: str,
 
 
 def sparsify(delta: torch.Tensor, sparsity: float, mode: str = "reference",
-             num_slices: int = 1) -> torch.Tensor:
-    """Competition-based sparsification of ``delta`` (d_out x d_in), per output slice.
+             num_slices: int = 1, parts=None) -> torch.Tensor:
+    """Competition-based sparsification of ``delta`` (d_out x d_in), per part of its rows.
 
-    Zeroes the ``floor(sparsity * n)`` smallest-magnitude entries of each of ``num_slices``
-    equal slices along the output dimension (n entries each) and keeps the rest:
-    ``reference``: ``delta * |delta|`` (magnitude detached); ``paper``:
-    ``delta * max(|delta| - tau, 0)``. The threshold tau comes from ``kthvalue`` (no
+    Zeroes the ``floor(sparsity * n)`` smallest-magnitude entries of each part (n entries
+    each) and keeps the rest: ``reference``: ``delta * |delta|`` (magnitude detached);
+    ``paper``: ``delta * max(|delta| - tau, 0)``. The parts: ``parts`` (row indices per part,
+    or a :class:`RowParts`, see :func:`row_parts`), else ``num_slices`` equal stacked slices.
+    Each part's threshold tau comes from ``kthvalue`` on that part alone (no
     ``torch.quantile`` size limit) and is detached, so pruned entries get no gradient and a
     survivor's gradient scales with its magnitude. ``sparsity == 0`` returns ``delta``.
+    Non-finite entries are never masked out: a NaN stays NaN (NaN * 0 is NaN).
     """
     if sparsity == 0:
         return delta
-    d_out = delta.shape[0]
-    if d_out % num_slices:
-        raise UpcycleError(f"cannot split an output dimension of {d_out} into {num_slices} "
-                           f"equal slices")
-    slices = delta.reshape(num_slices, -1)
-    magnitude = slices.detach().abs()
-    k = _num_zeroed(sparsity, slices.shape[1])
-    if k == 0:
-        threshold = torch.full((num_slices, 1), -1.0, dtype=magnitude.dtype,
-                               device=magnitude.device)
+    d_out, d_in = delta.shape
+    split = row_parts(num_slices if parts is None else parts, d_out)
+    magnitude = delta.detach().abs()
+    if split.count == 1:
+        k = _num_zeroed(sparsity, magnitude.numel())
+        threshold = (magnitude.reshape(-1).kthvalue(k).values if k else
+                     magnitude.new_full((), -1.0))
     else:
-        threshold = magnitude.kthvalue(k, dim=1, keepdim=True).values
+        threshold = magnitude.new_empty((d_out, 1))
+        for idx, size in zip(split.indices(delta.device), split.sizes):
+            k = _num_zeroed(sparsity, size * d_in)
+            threshold[idx] = (magnitude.index_select(0, idx).reshape(-1).kthvalue(k).values
+                              if k else -1.0)
     if mode == "reference":
-        out = slices * (magnitude * (magnitude > threshold))
-    elif mode == "paper":
-        out = slices * (magnitude - threshold.clamp_min(0)).clamp_min(0)
-    else:
-        raise UpcycleError(f"SNELL sparsify_mode must be one of {SPARSIFY_MODES}, got {mode!r}")
-    return out.reshape(delta.shape)
+        return delta * (magnitude * (magnitude > threshold))
+    if mode == "paper":
+        return delta * (magnitude - threshold.clamp_min(0)).clamp_min(0)
+    raise UpcycleError(f"SNELL sparsify_mode must be one of {SPARSIFY_MODES}, got {mode!r}")
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -530,19 +614,22 @@ class _SnellLinear(torch.autograd.Function):
     """``y = x (W0 + delta_W_s)^T + b`` with delta_W_s built ``block_rows`` rows at a time,
     in forward and in backward, so no more than a block of it (and of its kernel, mask and
     gradient) exists at once. Saves x, A, B, the coefficients and the thresholds (one scalar
-    per slice); W0 is a parameter, saved by reference. ``weight``/``bias`` may be None (the
-    update alone)."""
+    per part of the rows, ``parts`` a :class:`RowParts`; ``row_part`` the part of each row,
+    None for one part); W0 is a parameter, saved by reference. ``weight``/``bias`` may be
+    None (the update alone)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, coeffs, sparsity, mode, num_slices, block_rows):
+    def forward(ctx, x, weight, bias, A, B, coeffs, sparsity, mode, parts, row_part,
+                block_rows):
         coeffs_c = coeffs.to(A.dtype)
-        tau = snell_thresholds(A, B, coeffs_c, sparsity, num_slices, block_rows)
+        tau = snell_thresholds(A, B, coeffs_c, sparsity, parts, block_rows)
         x2d = x.reshape(-1, x.shape[-1])
         y = None
         pads = _padded_factors(A.detach(), B.detach())
-        for s, o0, o1 in _slice_bounds(B.shape[1], num_slices, block_rows):
+        for o0, o1 in _row_blocks(B.shape[1], block_rows):
             K = _kernel_rows(pads, coeffs_c.detach(), o0, o1)
-            delta, _ = _sparsify_rows(K, tau[s] if sparsity > 0 else None, mode)
+            delta, _ = _sparsify_rows(
+                K, _block_tau(tau, row_part, o0, o1) if sparsity > 0 else None, mode)
             if weight is None:
                 w_block = delta.to(x.dtype)
             else:
@@ -554,7 +641,7 @@ class _SnellLinear(torch.autograd.Function):
                 y = y_block.new_empty((x2d.shape[0], B.shape[1]))
             y[:, o0:o1] = y_block
             del y_block
-        ctx.args = (sparsity, mode, num_slices, block_rows)
+        ctx.args = (sparsity, mode, row_part, block_rows)
         ctx.has_weight = weight is not None
         ctx.save_for_backward(x, A, B, coeffs, tau, *([weight] if weight is not None else []))
         return y.reshape(*x.shape[:-1], B.shape[1])
@@ -563,7 +650,7 @@ class _SnellLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, A, B, coeffs, tau, *rest = ctx.saved_tensors
         weight = rest[0] if ctx.has_weight else None
-        sparsity, mode, num_slices, block_rows = ctx.args
+        sparsity, mode, row_part, block_rows = ctx.args
         need_x, need_w, need_b, need_a, need_bb, need_c = ctx.needs_input_grad[:6]
         d_out, d_in = B.shape[1], A.shape[1]
         gy = grad_y.reshape(-1, d_out)
@@ -577,11 +664,12 @@ class _SnellLinear(torch.autograd.Function):
         grad_c = torch.zeros_like(coeffs_c) if need_c else None
         need_kernel_grad = need_a or need_bb or need_c
         pads = _padded_factors(A, B)
-        for s, o0, o1 in _slice_bounds(d_out, num_slices, block_rows):
+        for o0, o1 in _row_blocks(d_out, block_rows):
             dists: list | None = [] if need_kernel_grad else None
             K = _kernel_rows(pads, coeffs_c, o0, o1, dists)
-            delta, factor = _sparsify_rows(K, tau[s] if sparsity > 0 else None, mode,
-                                           keep_factor=True)
+            delta, factor = _sparsify_rows(
+                K, _block_tau(tau, row_part, o0, o1) if sparsity > 0 else None, mode,
+                keep_factor=True)
             if need_x:
                 w_block = delta.to(grad_y.dtype)
                 if weight is not None:
@@ -605,7 +693,7 @@ class _SnellLinear(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape)
         if grad_c is not None:
             grad_c = grad_c.to(coeffs.dtype)
-        return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None)
+        return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None, None)
 
 
 def _block_rows(block_mb: float, d_in: int, device: torch.device | str = "cpu") -> int:
@@ -618,10 +706,14 @@ def _block_rows(block_mb: float, d_in: int, device: torch.device | str = "cpu") 
 
 class SnellLayer(nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a SNELL branch:
-    ``y = W0 x + b + DropPath(delta_W_s @ Dropout(x))``."""
+    ``y = W0 x + b + DropPath(delta_W_s @ Dropout(x))``.
+
+    ``parts``: the parts of a fused projection's output rows, each sparsified with its own
+    threshold (row indices per part, as ``FusedLayout.indices()`` gives them; or a number of
+    equal stacked slices); ``num_slices`` is the older spelling of an int ``parts``."""
 
     def __init__(self, base_layer: nn.Module, config: SnellConfig, *, num_slices: int = 1,
-                 name: str = ""):
+                 parts=None, name: str = ""):
         super().__init__()
         conv1d = _conv1d_type()
         self.transposed = conv1d is not None and isinstance(base_layer, conv1d)
@@ -630,12 +722,14 @@ class SnellLayer(nn.Module):
                                f"only nn.Linear and GPT-2's Conv1D")
         weight = base_layer.weight
         d_out, d_in = (weight.shape[1], weight.shape[0]) if self.transposed else weight.shape
-        if d_out % num_slices:
-            raise UpcycleError(f"module {name!r}: fused q/k/v projection has {d_out} outputs, "
-                               f"not divisible into {num_slices} slices")
+        self.parts = row_parts(num_slices if parts is None else parts, int(d_out),
+                               name=f"module {name!r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = int(d_in), int(d_out)
-        self.num_slices = num_slices
+        self.num_slices = self.parts.count
+        # the part of each row, for the per-row threshold of a block (None: one part)
+        self.register_buffer("snell_row_part", self.parts.row_part(weight.device)
+                             if self.parts.count > 1 else None, persistent=False)
         self.sparsity = float(config.sparsity)
         self.sparsify_mode = config.sparsify_mode
         self.dropout_p = float(config.dropout)
@@ -674,7 +768,7 @@ class SnellLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The sparsified update delta_W_s, (d_out x d_in), in nn.Linear's orientation."""
         return sparsify(snell_kernel(self.snell_A, self.snell_B, self.snell_coeffs),
-                        self.sparsity, self.sparsify_mode, self.num_slices)
+                        self.sparsity, self.sparsify_mode, parts=self.parts)
 
     def _weight_oi(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -682,13 +776,13 @@ class SnellLayer(nn.Module):
 
     def _fused(self, x: torch.Tensor, A, B, coeffs) -> torch.Tensor:
         delta = sparsify(snell_kernel(A, B, coeffs), self.sparsity, self.sparsify_mode,
-                         self.num_slices)
+                         parts=self.parts)
         weight = self._weight_oi()
         return F.linear(x, weight + delta.to(weight.dtype), self.base_layer.bias)
 
     def _branch(self, x: torch.Tensor, A, B, coeffs) -> torch.Tensor:
         delta = sparsify(snell_kernel(A, B, coeffs), self.sparsity,
-                         self.sparsify_mode, self.num_slices)
+                         self.sparsify_mode, parts=self.parts)
         return F.linear(x, delta.to(x.dtype))
 
     def _product(self, x: torch.Tensor, with_base: bool) -> torch.Tensor:
@@ -703,19 +797,20 @@ class SnellLayer(nn.Module):
         weight = self._weight_oi() if with_base else None
         bias = self.base_layer.bias if with_base else None
         return _SnellLinear.apply(x, weight, bias, *params, self.sparsity, self.sparsify_mode,
-                                  self.num_slices, self.block_rows)
+                                  self.parts, self.snell_row_part, self.block_rows)
 
     @torch.no_grad()
     def _delta_blocks(self):
         """``(first row, end row, rows of delta_W_s)`` block by block (no autograd)."""
         A, B = self.snell_A.detach(), self.snell_B.detach()
         coeffs = self.snell_coeffs.detach().to(A.dtype)
-        tau = snell_thresholds(A, B, coeffs, self.sparsity, self.num_slices, self.block_rows)
+        tau = snell_thresholds(A, B, coeffs, self.sparsity, self.parts, self.block_rows)
         pads = _padded_factors(A, B)
-        for s, o0, o1 in _slice_bounds(self.out_features, self.num_slices, self.block_rows):
+        for o0, o1 in _row_blocks(self.out_features, self.block_rows):
             K = _kernel_rows(pads, coeffs, o0, o1)
-            delta, _ = _sparsify_rows(K, tau[s] if self.sparsity > 0 else None,
-                                      self.sparsify_mode)
+            delta, _ = _sparsify_rows(
+                K, _block_tau(tau, self.snell_row_part, o0, o1) if self.sparsity > 0 else None,
+                self.sparsify_mode)
             yield o0, o1, delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -753,7 +848,7 @@ class SnellLayer(nn.Module):
         rank = self.snell_A.shape[0] * self.snell_A.shape[2]
         return (f"in={self.in_features}, out={self.out_features}, r={rank}, "
                 f"sparsity={self.sparsity}, mode={self.sparsify_mode}, "
-                f"slices={self.num_slices}, merged={self.merged}")
+                f"parts={list(self.parts.sizes)}, merged={self.merged}")
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -763,19 +858,64 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def _architecture(model: nn.Module):
+    """The model's entry in the architecture map, or None when the map does not know it."""
+    from ..architectures import architecture_of
+
+    try:
+        return architecture_of(model, method="SNELL")
+    except UpcycleError:
+        return None
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
+    """The family's q, k, v (or fused qkv), attention output and MLP matrices of every layer,
+    from the architecture map (``snell_target_modules``): layer-relative paths that match a
+    module whose dotted name ends with them."""
+    from ..architectures import snell_target_modules, supported
+
     model_type = _model_type(model)
-    if model_type not in DEFAULT_TARGET_MODULES:
+    if model_type in UNMAPPED_TARGET_MODULES:
+        return list(UNMAPPED_TARGET_MODULES[model_type])
+    match = _architecture(model)
+    if match is None:
         raise UpcycleError(
             f"SNELL has no default target_modules for model type {model_type!r} (known: "
-            f"{', '.join(sorted(DEFAULT_TARGET_MODULES))}); pass target_modules"
-        )
-    return list(DEFAULT_TARGET_MODULES[model_type])
+            f"{supported()}, {', '.join(sorted(UNMAPPED_TARGET_MODULES))}); pass "
+            f"target_modules")
+    return snell_target_modules(match.arch)
+
+
+def fused_parts(model: nn.Module, names, fused_qkv=None) -> dict[str, RowParts | int]:
+    """For the modules ``names`` of ``model``, how each is split into parts: the layout of
+    the architecture map for a mapped fused projection (row indices per part), 3 equal
+    slices for a module matching ``fused_qkv`` (None: ``UNMAPPED_FUSED_QKV``) outside the
+    map, else 1."""
+    from ..architectures import model_fused_layouts
+
+    layouts = model_fused_layouts(model) if _architecture(model) is not None else {}
+    extra = UNMAPPED_FUSED_QKV if fused_qkv is None else fused_qkv
+    out: dict[str, RowParts | int] = {}
+    for name in names:
+        if name in layouts:
+            layout = layouts[name]
+            out[name] = row_parts(layout.indices(), layout.rows, name=f"module {name!r}")
+        else:
+            out[name] = 3 if _matches(name, extra) else 1
+    return out
 
 
 def default_head_modules(model: nn.Module) -> list[str]:
-    """Names of the model's classification head among its direct children, if any."""
-    return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+    """Names of the model's task head among its direct children, if any. A language model's
+    head (the model's output embedding, often tied to its input embedding, or a module
+    holding it, as RoBERTa's MLM ``lm_head``) is not one: it stays frozen."""
+    try:
+        output_embedding = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output_embedding = None
+    return [name for name, module in model.named_children()
+            if name in HEAD_NAMES and not (output_embedding is not None and any(
+                m is output_embedding for m in module.modules()))]
 
 
 def _matches(name: str, patterns) -> bool:
@@ -855,9 +995,10 @@ class SnellModel(nn.Module):
                                    f"modules_to_save")
         for p in model.parameters():
             p.requires_grad_(False)
+        splits = fused_parts(model, [n for n, _ in targets], config.fused_qkv)
         for name, module in targets:
-            slices = 3 if _matches(name, config.fused_qkv) else 1
-            _set_submodule(model, name, SnellLayer(module, config, num_slices=slices, name=name))
+            _set_submodule(model, name, SnellLayer(module, config, parts=splits[name],
+                                                   name=name))
         for _, module in saved:
             for p in module.parameters():
                 p.requires_grad_(True)
@@ -975,13 +1116,18 @@ def get_snell_model(model: nn.Module, config: SnellConfig | None = None, **overr
 
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES",
+    "UNMAPPED_FUSED_QKV",
+    "UNMAPPED_TARGET_MODULES",
+    "RowParts",
     "SnellConfig",
     "SnellLayer",
     "SnellModel",
+    "default_head_modules",
     "default_target_modules",
+    "fused_parts",
     "get_snell_model",
     "kthvalue_blocked",
+    "row_parts",
     "snell_kernel",
     "snell_thresholds",
     "sparsify",
