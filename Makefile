@@ -27,7 +27,7 @@ $(VENV)/.demo: pyproject.toml constraints.txt $(VENV)/.torch
 	touch $@
 
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # Writes ./demo-out/ (soups with model cards, report.json, README.md, results.png); the
 # fine-tunes are cached in $$UPCYCLE_CACHE (default ~/.cache/upcycle). DEMO_ARGS: more flags.
