@@ -419,6 +419,19 @@ def check_output(out: Path, overwrite: bool) -> None:
             )
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _user_permissions(path: Path, *, folder: bool) -> None:
+    """Give ``path`` the permissions a plain ``mkdir``/``open`` would: ``tempfile`` makes
+    owner-only (0700/0600) temporaries, which would otherwise end up as the output."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success, move it into place atomically.
@@ -431,6 +444,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        _user_permissions(tmp, folder=True)
         yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -455,6 +469,7 @@ def atomic_file(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     os.close(fd)
     tmp = Path(name)
     try:
+        _user_permissions(tmp, folder=False)
         yield tmp
         os.replace(tmp, out)
     finally:
