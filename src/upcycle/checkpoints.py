@@ -426,10 +426,18 @@ def _umask() -> int:
     return mask
 
 
-def _user_permissions(path: Path, *, folder: bool) -> None:
-    """Give ``path`` the permissions a plain ``mkdir``/``open`` would: ``tempfile`` makes
-    owner-only (0700/0600) temporaries, which would otherwise end up as the output."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+def _user_permissions(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions a plain
+    ``mkdir``/``open`` would under the user's umask: ``tempfile`` and safetensors make
+    owner-only (0700/0600) files, which would otherwise end up as the output. Executable
+    files stay executable."""
+    mask = _umask()
+    paths = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or os.stat(p).st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -444,8 +452,8 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _user_permissions(tmp, folder=True)
         yield tmp
+        _user_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "previous")
@@ -469,8 +477,8 @@ def atomic_file(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     os.close(fd)
     tmp = Path(name)
     try:
-        _user_permissions(tmp, folder=False)
         yield tmp
+        _user_permissions(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
