@@ -275,3 +275,48 @@ def test_grow_without_a_larger_target_warns(tmp_path, capsys):
     assert main(["grow", "--model", str(tmp_path / "small"), "--layers", "4",
                  "--out", str(tmp_path / "g4")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# -- --config at parse time ---------------------------------------------------------------------
+
+def _parse(argv):
+    from upcycle.cli.main import build_parser
+
+    args, unknown = build_parser().parse_known_args(argv)
+    assert unknown == []
+    return args
+
+
+def test_config_supplies_required_flags_and_positionals(tmp_path, capsys):
+    config = tmp_path / "tune.yaml"
+    config.write_text("method: sherl\nmodel: base\ndata: train.jsonl\nout: runs/x\n"
+                      "late_layers: 2\ntaps: [0, 1]\nlr: 1e-3\n")
+    args = _parse(["tune", "--config", str(config)])
+    assert (args.method, args.model, args.data, args.out) == ("sherl", "base", "train.jsonl",
+                                                              "runs/x")
+    assert args.late_layers == 2 and args.taps == [0, 1] and args.lr == 1e-3
+    assert args.config == str(config)
+    # the same flags typed give the same namespace (but for --config itself)
+    typed = _parse(["tune", "--method", "sherl", "--model", "base", "--data", "train.jsonl",
+                    "--out", "runs/x", "--late-layers", "2", "--taps", "0", "1", "--lr", "1e-3"])
+    assert vars(typed) | {"config": None} == vars(args) | {"config": None}
+    assert capsys.readouterr().err == ""  # nothing disagrees: no note
+
+    soup = tmp_path / "soup.yaml"
+    soup.write_text("ingredients: [a, b]\nout: s\nmax-shard-size: 2GB\n")
+    args = _parse(["soup", "--config", str(soup)])
+    assert args.ingredients == ["a", "b"] and args.max_shard_size == 2 * 10**9
+    # typed ingredients win, wherever they stand on the line
+    for argv in (["soup", "--config", str(soup), "c", "d"],
+                 ["soup", "--method", "greedy", "c", "d", "--config", str(soup)],
+                 ["soup", "c", "d", "--config", str(soup)]):
+        assert _parse(argv).ingredients == ["c", "d"], argv
+    assert capsys.readouterr().err.count("note: ingredients c d on the command line "
+                                         "overrides a b in") == 3
+
+
+def test_config_missing_file_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["soup", "--config", str(tmp_path / "nope.yaml")])
+    assert exc.value.code == 2
+    assert f"--config {tmp_path / 'nope.yaml'}: no such file" in capsys.readouterr().err

@@ -56,15 +56,30 @@ def _flag_name(action: argparse.Action) -> str:
 def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dict:
     """Read ``path`` (YAML, or a report.json holding ``"config"``) into dest -> value.
     Raises ValueError naming the file and the key at fault."""
-    import yaml
+    import json
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"--config {path}: not a readable YAML file: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it: {exc}") from None
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path}: not valid JSON: {exc}") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml, "
+                             f"or upcycle[hf])") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path}: not a readable YAML file: {exc}") from None
     if raw is None:
         raw = {}
     if isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "rows" in raw:
