@@ -157,6 +157,7 @@ def test_soup_writes_a_model_card(tiny, tmp_path):
     assert "held-out acc" in card and "test acc" in card and "(this model)" in card
     for run in tiny["runs"]:
         assert str(run) in card
+    assert 'BertForSequenceClassification.from_pretrained("path/to/this/folder")' in card
 
 
 def test_one_ingredient_soup_warns(tiny, tmp_path, capsys):

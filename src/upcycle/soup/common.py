@@ -81,7 +81,8 @@ class SoupResult:
                 tmp.write_text(summary)
             return out
         state = _untie_for_writing(self.state, source_dir)
-        files = {"soup.json": summary, "README.md": soup_card(self, rows, command),
+        card = soup_card(self, rows, command, architecture=_architecture(source_dir))
+        files = {"soup.json": summary, "README.md": card,
                  **(extra_files or {})}
         return save_model(out, state, source_dir=source_dir, overwrite=overwrite,
                           extra_files=files, extra_tensors=tensors, **kwargs)
@@ -107,11 +108,22 @@ def _fmt(value, pct: bool = False) -> str:
     return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
 
 
-def soup_card(result: SoupResult, rows: Sequence[dict] = (), command: str | None = None) -> str:
+def _architecture(source_dir) -> str | None:
+    """The transformers class named in ``source_dir``'s config.json, if any."""
+    try:
+        config = json.loads((Path(source_dir) / "config.json").read_text())
+        return (config.get("architectures") or [None])[0]
+    except (TypeError, OSError, ValueError, AttributeError):
+        return None
+
+
+def soup_card(result: SoupResult, rows: Sequence[dict] = (), command: str | None = None, *,
+              architecture: str | None = None) -> str:
     """The model card (``README.md``, Markdown) of a soup: method, ingredients, a summary of
     the coefficients C, the held-out/test metrics of ``rows`` (each a dict with ``method``
     and ``held_out_accuracy``/``held_out_loss``/``test_accuracy``/``test_loss``; the row of
-    the soup's own method is marked) and the command that made it."""
+    the soup's own method is marked), the command that made it and how to load it
+    (``architecture``: the transformers class, e.g. ``BertForSequenceClassification``)."""
     method = result.method
     n = len(result.ingredients)
     lines = ["---", "library_name: transformers", "tags:", "- model-soup", "- upcycle",
@@ -151,9 +163,9 @@ def soup_card(result: SoupResult, rows: Sequence[dict] = (), command: str | None
                          f"| {_fmt(r.get('test_loss'))} |")
         lines += ["", "The coefficients were fitted (or chosen) on the held-out split only; "
                       "the test split was used for nothing but these figures."]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModel  # or the "
-              "model's own class, e.g. AutoModelForSequenceClassification",
-              'model = AutoModel.from_pretrained("path/to/this/folder")', "```", ""]
+    cls = architecture or "AutoModel"
+    lines += ["", "## Use", "", "```python", f"from transformers import {cls}",
+              f'model = {cls}.from_pretrained("path/to/this/folder")', "```", ""]
     return "\n".join(lines)
 
 

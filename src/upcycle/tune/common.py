@@ -258,5 +258,6 @@ def adapter_card(report: Mapping, command: str | None = None) -> str:
     lines += ["## Use", "", "```python", "import upcycle.tune",
               'model = upcycle.tune.load("path/to/adapter")   # base model + adapter, eval mode',
               "```", "", "The `merged/` folder (with `--merge`) is a plain HF model folder: "
-              "`AutoModelForSequenceClassification.from_pretrained(\"path/to/merged\")`.", ""]
+              "`from_pretrained` of the class its config.json names (`architectures`) loads "
+              "it.", ""]
     return "\n".join(lines)
