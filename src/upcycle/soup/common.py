@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..cards import soup_card
 from ..checkpoints import Ingredient, atomic_file, save_model
 from ..errors import UpcycleError
 
@@ -56,7 +57,7 @@ class SoupResult:
              command: str | None = None) -> Path:
         """Write the soup atomically: a HF folder (config/tokenizer copied from ``source_dir``)
         with ``soup.json``, ``coefficients.safetensors`` and a ``README.md`` model card
-        (:func:`soup_card`: ``rows`` are metric rows such as ``{"method": ...,
+        (:func:`upcycle.cards.soup_card`: ``rows`` are metric rows such as ``{"method": ...,
         "held_out_accuracy": ...}``, ``command`` the command that made it) beside the
         weights, or, for an ``out`` ending in .safetensors, one file plus
         ``<out>.soup.json``. A tied parameter is written once under the name
@@ -81,92 +82,11 @@ class SoupResult:
                 tmp.write_text(summary)
             return out
         state = _untie_for_writing(self.state, source_dir)
-        card = soup_card(self, rows, command, architecture=_architecture(source_dir))
+        card = soup_card(self, list(rows), command or "# made in Python with upcycle.soup")
         files = {"soup.json": summary, "README.md": card,
                  **(extra_files or {})}
         return save_model(out, state, source_dir=source_dir, overwrite=overwrite,
                           extra_files=files, extra_tensors=tensors, **kwargs)
-
-
-METHOD_NOTES = {
-    "uniform": "the plain average of all ingredients",
-    "greedy": "ingredients added in order of held-out accuracy, each kept only if the "
-              "held-out accuracy of the average does not drop",
-    "learned": "one mixing coefficient per ingredient, learned on the held-out split",
-    "learned+": "one mixing coefficient per ingredient and parameter tensor, learned on the "
-                "held-out split",
-    "mehl": "one mixing coefficient per ingredient, learned on the held-out split K "
-            "ingredients at a time (MEHL-Soup)",
-    "mehl+": "one mixing coefficient per ingredient and parameter tensor, learned on the "
-             "held-out split K ingredients at a time (MEHL-Soup+)",
-}
-
-
-def _fmt(value, pct: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
-
-
-def _architecture(source_dir) -> str | None:
-    """The transformers class named in ``source_dir``'s config.json, if any."""
-    try:
-        config = json.loads((Path(source_dir) / "config.json").read_text())
-        return (config.get("architectures") or [None])[0]
-    except (TypeError, OSError, ValueError, AttributeError):
-        return None
-
-
-def soup_card(result: SoupResult, rows: Sequence[dict] = (), command: str | None = None, *,
-              architecture: str | None = None) -> str:
-    """The model card (``README.md``, Markdown) of a soup: method, ingredients, a summary of
-    the coefficients C, the held-out/test metrics of ``rows`` (each a dict with ``method``
-    and ``held_out_accuracy``/``held_out_loss``/``test_accuracy``/``test_loss``; the row of
-    the soup's own method is marked), the command that made it and how to load it
-    (``architecture``: the transformers class, e.g. ``BertForSequenceClassification``)."""
-    method = result.method
-    n = len(result.ingredients)
-    lines = ["---", "library_name: transformers", "tags:", "- model-soup", "- upcycle",
-             f"- {method}", "---", "", f"# {method} soup of {n} ingredient(s)", "",
-             f"Made with upcycle soup, method `{method}`: "
-             f"{METHOD_NOTES.get(method, method)}. Each tensor of the soup is "
-             f"sum_i C[i, block] * ingredient_i (C in `coefficients.safetensors` when "
-             f"learned; the full record in `soup.json`).", ""]
-    if command:
-        lines += ["Command:", "", "```bash", command, "```", "",
-                  "`report.json` holds the full resolved configuration: `upcycle soup "
-                  "--config report.json` repeats the run.", ""]
-    lines += ["## Ingredients and coefficients", ""]
-    c = result.coefficients
-    if c is not None:
-        c = c.float()
-        lines += [f"C: {c.shape[0]} ingredients x {c.shape[1]} block(s) "
-                  f"({'one per parameter tensor' if c.shape[1] > 1 else 'the whole model'}), "
-                  f"values {float(c.min()):.3f} to {float(c.max()):.3f}.", "",
-                  "| # | ingredient | mean C | min C | max C |", "|---|---|---|---|---|"]
-        lines += [f"| {i + 1} | `{name}` | {float(c[i].mean()):.3f} | {float(c[i].min()):.3f} | "
-                  f"{float(c[i].max()):.3f} |" for i, name in enumerate(result.ingredients)]
-    else:
-        weight = f"{1 / n:.3f}" if method == "uniform" and n else "-"
-        lines += ["| # | ingredient | C |", "|---|---|---|"]
-        lines += [f"| {i + 1} | `{name}` | {weight} |" for i, name in enumerate(result.ingredients)]
-    if rows:
-        lines += ["", "## Metrics", "",
-                  "| | held-out acc | held-out loss | test acc | test loss |",
-                  "|---|---|---|---|---|"]
-        for r in rows:
-            label = str(r.get("method"))
-            if label == method:
-                label = f"**{label} (this model)**"
-            lines.append(f"| {label} | {_fmt(r.get('held_out_accuracy'), True)} | "
-                         f"{_fmt(r.get('held_out_loss'))} | {_fmt(r.get('test_accuracy'), True)} "
-                         f"| {_fmt(r.get('test_loss'))} |")
-        lines += ["", "The coefficients were fitted (or chosen) on the held-out split only; "
-                      "the test split was used for nothing but these figures."]
-    cls = architecture or "AutoModel"
-    lines += ["", "## Use", "", "```python", f"from transformers import {cls}",
-              f'model = {cls}.from_pretrained("path/to/this/folder")', "```", ""]
-    return "\n".join(lines)
 
 
 def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:
