@@ -63,7 +63,7 @@ def test_tune_snell_text_end_to_end(text_task, tmp_path, capsys):
     assert 0 <= report["test_metrics"]["accuracy"] <= 1 and report["peak_rss_mb"] > 0
     assert report["merge_max_abs_logit_diff"] < 1e-5
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
     # the merged folder is a plain HF model; it equals the base + adapter
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)

@@ -419,6 +419,27 @@ def check_output(out: Path, overwrite: bool) -> None:
             )
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _user_permissions(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions a plain
+    ``mkdir``/``open`` would under the user's umask: ``tempfile`` and safetensors make
+    owner-only (0700/0600) files, which would otherwise end up as the output. Executable
+    files stay executable."""
+    mask = _umask()
+    paths = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or os.stat(p).st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success, move it into place atomically.
@@ -432,6 +453,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _user_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "previous")
@@ -456,6 +478,7 @@ def atomic_file(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     tmp = Path(name)
     try:
         yield tmp
+        _user_permissions(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -164,8 +164,14 @@ def run(args: argparse.Namespace) -> int:
                    seed=args.seed, method=args.method)
     plan = grown.growth_plan
     print(f"grown {plan.describe()}")
-    print(f"parameters: {sum(p.numel() for p in source.parameters()):,} -> "
-          f"{sum(p.numel() for p in grown.parameters()):,}")
+    n_source, n_grown = (sum(p.numel() for p in m.parameters()) for m in (source, grown))
+    print(f"parameters: {n_source:,} -> {n_grown:,}")
+    if n_grown == n_source:
+        import sys
+
+        print("upcycle grow: warning: the target size equals --model's (pass --hidden-size, "
+              "--layers, --heads or --intermediate-size larger than the source's): the output "
+              "is a copy of it", file=sys.stderr)
     diffs = [max_output_difference(source, grown, example_inputs(source, seed=s))
              for s in range(3)]
     worst = max(diffs, key=lambda r: r["max_rel"])

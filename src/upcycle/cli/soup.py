@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import distributed
 from ..bench import format_table
 from ..checkpoints import check_output, write_json
+from ..configfile import add_config_option, command_line, resolved_config
 from ..devices import add_device_arguments, check_precision, resolve_device
 from ..errors import UpcycleError
 from ..soup import METHODS
@@ -77,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-finite-check", action="store_true",
                    help="skip the NaN/Inf scan of every ingredient tensor")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_option(p, command="soup")
     p.set_defaults(func=run)
 
 
@@ -119,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         check_finite=not args.no_finite_check, device=device, dtype=args.dtype,
         precision=precision,
     )
+    if len(job.ingredients) == 1 and distributed.is_main():
+        print(f"upcycle soup: warning: only one ingredient ({job.ingredients[0].path}): the "
+              f"soup is a copy of it", file=sys.stderr)
     if mehl and args.model_batch > len(job.ingredients):
         raise UpcycleError(f"--model-batch {args.model_batch} exceeds the number of ingredients "
                            f"({len(job.ingredients)})")
@@ -149,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
     result, row = run_method(job, args.method, **settings, **mehl_args)
     rows.append(row)
     report = {"method": args.method, "ingredients": [str(i.path) for i in job.ingredients],
-              "rows": rows, "soup": result.summary(), "args": vars(args) | {"func": None}}
+              "rows": rows, "soup": result.summary(),
+              "config": resolved_config(args), "command": command_line("soup")}
     if job.task is not None:
         report["ingredient_rows"] = ing_rows
     if distributed.is_main():
         result.save(out, source_dir=job.source_dir, overwrite=args.overwrite,
-                    max_shard_bytes=args.max_shard_size,
+                    max_shard_bytes=args.max_shard_size, rows=rows, command=command_line("soup"),
                     extra_files={"report.json": json.dumps(report, indent=2, default=str)})
         if out.suffix == ".safetensors":
             write_json(out.with_name(out.name + ".report.json"), json.loads(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..configfile import add_config_option, command_line, resolved_config
 from ..devices import add_device_arguments
 from ..errors import UpcycleError
 
@@ -185,6 +186,7 @@ def register(subparsers) -> None:
     add_device_arguments(parser)
     for name, method in sorted(METHODS.items()):
         method.add_arguments(parser.add_argument_group(f"{name} options", method.help))
+    add_config_option(parser, command="tune")
     parser.set_defaults(func=run)
 
 
@@ -220,7 +222,7 @@ def _sha256(path: Path) -> str:
 
 
 # Arguments that do not change what is trained: they may differ between a run and its --resume.
-_NOT_IN_FINGERPRINT = {"func", "command", "out", "overwrite", "resume", "quiet", "merge", "test",
+_NOT_IN_FINGERPRINT = {"func", "command", "config", "out", "overwrite", "resume", "quiet", "merge", "test",
                        "device", "save_steps", "logging_steps"}
 
 
@@ -296,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import evaluate, load_task, logits_of
     from ..tasks.finetune import train_task
     from ..training import TrainingConfig
-    from ..tune.common import count_parameters
+    from ..tune.common import adapter_card, count_parameters
 
     method = METHODS[args.method]
     out = Path(args.out)
@@ -332,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
     model = task.load_model(dtype=dtype)
     rss_after_load = current_rss_mb()
     tuned = method.build(model, args)
+    if args.merge and not hasattr(tuned, "merge_and_unload"):  # refuse before training
+        raise UpcycleError(f"--merge: a {args.method} model cannot be merged into a plain model "
+                           f"(it is not a weight update); drop --merge")
     trainable, total = count_parameters(tuned)
     if main_rank and not args.quiet:
         tuned.print_trainable_parameters()
@@ -399,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
         "log_history": result.log_history,
         "method_config": {k: v for k, v in vars(args).items()
                           if k not in ("func", "command")},
+        "config": resolved_config(args), "command": command_line("tune"),
     }
     if main_rank:
         with atomic_dir(out, overwrite=args.overwrite) as tmp:
@@ -420,6 +426,10 @@ def run(args: argparse.Namespace) -> int:
             if (folder / "runs").is_dir():  # TensorBoard logs, when it is installed
                 shutil.copytree(folder / "runs", tmp / "runs")
             write_json(tmp / "report.json", report)
+            for folder_name in ("adapter", "merged"):
+                if (tmp / folder_name).is_dir():
+                    (tmp / folder_name / "README.md").write_text(
+                        adapter_card(report, report["command"]))
         shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
         rows = [
             ("method", args.method),

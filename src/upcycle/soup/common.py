@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..cards import soup_card
 from ..checkpoints import Ingredient, atomic_file, save_model
 from ..errors import UpcycleError
 
@@ -52,13 +53,24 @@ class SoupResult:
 
     def save(self, out: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
              overwrite: bool = False, max_shard_bytes: int | None = None,
-             extra_files: dict | None = None) -> Path:
+             extra_files: dict | None = None, rows: Sequence[dict] = (),
+             command: str | None = None) -> Path:
         """Write the soup atomically: a HF folder (config/tokenizer copied from ``source_dir``)
-        with ``soup.json`` and ``coefficients.safetensors`` beside the weights, or, for an
-        ``out`` ending in .safetensors, one file plus ``<out>.soup.json``. A tied parameter is
-        written once under the name ``from_pretrained`` re-ties (as ``save_pretrained``
-        does) when ``source_dir``'s config tells the model."""
+        with ``soup.json``, ``coefficients.safetensors`` and a ``README.md`` model card
+        (:func:`upcycle.cards.soup_card`: ``rows`` are metric rows such as ``{"method": ...,
+        "held_out_accuracy": ...}``, ``command`` the command that made it) beside the
+        weights, or, for an ``out`` ending in .safetensors, one file plus
+        ``<out>.soup.json``. A tied parameter is written once under the name
+        ``from_pretrained`` re-ties (as ``save_pretrained`` does) when ``source_dir``'s config
+        tells the model. Paths are checked before anything is written: on an error the soup
+        is still in this object, to save again."""
         out = Path(out)
+        if source_dir is not None and not Path(source_dir).is_dir():
+            raise UpcycleError(
+                f"source_dir {source_dir}: no such folder (expected the HF model folder whose "
+                f"config and tokenizer go beside the soup, e.g. one ingredient's folder); "
+                f"nothing was written and the soup is still in this SoupResult: call "
+                f".save() again with an existing folder, or source_dir=None")
         summary = json.dumps(self.summary(), indent=2, default=float) + "\n"
         tensors = {}
         if self.coefficients is not None:
@@ -70,9 +82,11 @@ class SoupResult:
                 tmp.write_text(summary)
             return out
         state = _untie_for_writing(self.state, source_dir)
+        card = soup_card(self, list(rows), command or "# made in Python with upcycle.soup")
+        files = {"soup.json": summary, "README.md": card,
+                 **(extra_files or {})}
         return save_model(out, state, source_dir=source_dir, overwrite=overwrite,
-                          extra_files={"soup.json": summary, **(extra_files or {})},
-                          extra_tensors=tensors, **kwargs)
+                          extra_files=files, extra_tensors=tensors, **kwargs)
 
 
 def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:

@@ -1,7 +1,9 @@
 """What the tuning methods share: the trainable-parameter report and adapter save/load.
 
-An adapter folder holds ``adapter_config.json`` (the method name and its config) and
-``adapter_model.safetensors`` (only the trained tensors), written atomically.
+An adapter folder holds ``adapter_config.json`` (the method name, its config and, as peft
+does, the base model it was trained on: ``base_model_name_or_path``, plus the model class
+and its label mapping) and ``adapter_model.safetensors`` (only the trained tensors),
+written atomically. :func:`load` rebuilds base + adapter from the folder alone.
 """
 
 from __future__ import annotations
@@ -43,11 +45,32 @@ def trainable_report(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
 
 
+BASE_MODEL_KEYS = ("base_model_name_or_path", "base_model_class", "base_model_labels")
+
+
+def base_model_record(model: nn.Module | None) -> dict:
+    """What an adapter records about its base model (peft's ``base_model_name_or_path``,
+    the transformers class, and the label mapping of a classification head) so that
+    :func:`load` can rebuild it."""
+    config = getattr(model, "config", None)
+    if model is None or config is None:
+        return {}
+    record = {"base_model_name_or_path": getattr(config, "_name_or_path", None) or None}
+    cls = type(model)
+    if cls.__module__.startswith("transformers"):
+        record["base_model_class"] = cls.__name__
+    if "Classification" in cls.__name__ and getattr(config, "id2label", None):
+        record["base_model_labels"] = {str(i): name for i, name in config.id2label.items()}
+    return record
+
+
 def save_adapter(out: str | os.PathLike, method: str, config: Mapping, tensors: Mapping[str, torch.Tensor],
-                 *, overwrite: bool = False) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``out``."""
+                 *, overwrite: bool = False, base_model: nn.Module | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``out``;
+    ``base_model`` (the HF model the adapter was trained on) is recorded for :func:`load`."""
+    record = {"method": method, **base_model_record(base_model), **config}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps({"method": method, **config}, indent=2) + "\n")
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "method": method})
     return Path(out)
@@ -69,6 +92,8 @@ def load_adapter(folder: str | os.PathLike, method: str) -> tuple[dict, dict[str
         raise UpcycleError(f"{folder / ADAPTER_CONFIG}: holds a {config.get('method')!r} adapter, "
                            f"expected {method!r}")
     config.pop("method")
+    for key in BASE_MODEL_KEYS:
+        config.pop(key, None)
     try:
         with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -76,6 +101,85 @@ def load_adapter(folder: str | os.PathLike, method: str) -> tuple[dict, dict[str
         raise UpcycleError(f"{folder / ADAPTER_WEIGHTS}: not a readable safetensors file "
                            f"(truncated?): {exc}") from exc
     return config, tensors
+
+
+def load(adapter_dir: str | os.PathLike, base_model: str | os.PathLike | nn.Module | None = None,
+         *, dtype: torch.dtype | None = None, is_trainable: bool = False) -> nn.Module:
+    """Base model + adapter in one line: ``model = upcycle.tune.load("runs/snell/adapter")``.
+
+    The base model is the one the adapter recorded (``base_model_name_or_path`` in
+    ``adapter_config.json``, loaded with the recorded transformers class and label mapping),
+    or ``base_model``: a HF model folder, or an already loaded model. Returns the SNELL or
+    SHERL model in eval mode with nothing trainable (``is_trainable=True``: the adapter
+    trains on)."""
+    folder = Path(adapter_dir)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise UpcycleError(f"adapter folder {folder}: no {ADAPTER_CONFIG} (expected a folder "
+                           f"written by upcycle tune or save_pretrained, e.g. runs/snell/adapter)")
+    try:
+        record = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise UpcycleError(f"{folder / ADAPTER_CONFIG}: not valid JSON: {exc}") from exc
+    method = record.get("method")
+    if method not in ("snell", "sherl"):
+        raise UpcycleError(f"{folder / ADAPTER_CONFIG}: method {method!r} is not an upcycle "
+                           f"tuner (snell, sherl); a peft adapter loads with peft's "
+                           f"AutoPeftModel.from_pretrained")
+    if not isinstance(base_model, nn.Module):
+        base_model = _load_base(folder, record, base_model, dtype)
+    elif dtype is not None:
+        base_model = base_model.to(dtype)
+    if method == "snell":
+        from .snell import SnellModel
+
+        model = SnellModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
+    else:
+        from .sherl import SherlModel
+
+        model = SherlModel.from_pretrained(base_model, folder)
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _load_base(folder: Path, record: dict, given, dtype) -> nn.Module:
+    import transformers
+
+    path = given if given is not None else record.get("base_model_name_or_path")
+    hint = (f"pass the base model's HF folder: upcycle.tune.load({str(folder)!r}, "
+            f"base_model='path/to/base-model')")
+    if path is None:
+        raise UpcycleError(f"{folder / ADAPTER_CONFIG} records no base model "
+                           f"(base_model_name_or_path); {hint}")
+    path = str(path)
+    if not (Path(path) / "config.json").is_file():
+        where = "given" if given is not None else f"recorded in {folder / ADAPTER_CONFIG}"
+        raise UpcycleError(f"base model {path!r} ({where}) is not a HF model folder here (no "
+                           f"config.json); {hint}")
+    name = record.get("base_model_class")
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        cls = transformers.AutoModel
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    labels = record.get("base_model_labels")
+    if labels:
+        id2label = {int(i): v for i, v in labels.items()}
+        kwargs.update(id2label=id2label, label2id={v: i for i, v in id2label.items()})
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a head the adapter holds is not "newly initialized"
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UpcycleError(f"base model {path!r}: cannot load it as {cls.__name__}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+                           f"; {hint}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval()
 
 
 def check_tensor_shapes(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor],
@@ -122,3 +226,38 @@ def find_modules(model: nn.Module, patterns, *, argument: str = "target_modules"
             + (" ..." if len(leaves) > 40 else "")
         )
     return matched
+
+
+def adapter_card(report: Mapping, command: str | None = None) -> str:
+    """The model card (``README.md``) of a tuning run's adapter/ and merged/ folders: the
+    method, the base model, the held-out and test metrics and the command (``report``: the
+    run's report.json)."""
+    method = report.get("method", "?")
+    base = report.get("model", "?")
+    lines = ["---", "library_name: transformers", f"base_model: {base}", "tags:", "- upcycle",
+             f"- {method}", "---", "", f"# {method.upper()} fine-tune of `{base}`", "",
+             f"Made with `upcycle tune --method {method}` on `{report.get('data', '?')}` "
+             f"({report.get('steps', '?')} steps, lr {report.get('lr', '?')}, batch "
+             f"{report.get('batch_size', '?')}); {report.get('trainable_params', 0):,} of "
+             f"{report.get('all_params', 0):,} parameters trained.", ""]
+    if command:
+        lines += ["Command:", "", "```bash", command, "```", "",
+                  "`report.json` (one folder up) holds the full resolved configuration: "
+                  "`upcycle tune --config report.json` repeats the run.", ""]
+    rows = [("held-out", report.get("held_out_metrics")), ("test", report.get("test_metrics"))]
+    rows = [(split, m) for split, m in rows if m]
+    if rows:
+        lines += ["## Metrics", "", "| split | examples | accuracy | loss |", "|---|---|---|---|"]
+        for split, m in rows:
+            acc = m.get("accuracy")
+            lines.append(f"| {split} | {m.get('n', '-')} | "
+                         f"{'-' if acc is None else f'{100 * acc:.2f}%'} | "
+                         f"{m.get('loss', float('nan')):.4f} |")
+        lines += ["", "The held-out split chose nothing but the best checkpoint (with "
+                      "--eval-steps); the test split was used for these figures only.", ""]
+    lines += ["## Use", "", "```python", "import upcycle.tune",
+              'model = upcycle.tune.load("path/to/adapter")   # base model + adapter, eval mode',
+              "```", "", "The `merged/` folder (with `--merge`) is a plain HF model folder: "
+              "`from_pretrained` of the class its config.json names (`architectures`) loads "
+              "it.", ""]
+    return "\n".join(lines)

@@ -455,7 +455,8 @@ class SherlModel(nn.Module):
     def save_pretrained(self, out, overwrite: bool = False) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (trainable part only)."""
         config = {**asdict(self.config), "taps": list(self.tap_indices), "base": self.describe()}
-        return save_adapter(out, METHOD, config, self.trainable_state_dict(), overwrite=overwrite)
+        return save_adapter(out, METHOD, config, self.trainable_state_dict(), overwrite=overwrite,
+                            base_model=self.base)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, folder) -> SherlModel:

@@ -1074,7 +1074,8 @@ class SnellModel(nn.Module):
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically."""
         config = self.snell_config.to_dict()
         config["base_model_type"] = _model_type(self.base_model)
-        return save_adapter(out, METHOD, config, self.adapter_state_dict(), overwrite=overwrite)
+        return save_adapter(out, METHOD, config, self.adapter_state_dict(), overwrite=overwrite,
+                            base_model=self.base_model)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder: str | Path, *,
