@@ -129,7 +129,7 @@ METHODS: dict[str, TuneMethod] = {
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "tune", help="fine-tune a classifier with little memory (SNELL, SHERL)",
+        "tune", help="fine-tune a classifier or causal LM with little memory (SNELL, SHERL)",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--method", required=True, choices=sorted(METHODS),
