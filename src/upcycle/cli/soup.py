@@ -110,20 +110,15 @@ def _tokenizer_files(job) -> dict[str, bytes]:
     """A causal LM's tokenizer files when they come from another folder than the one whose
     config is copied (e.g. the base of LoRA adapters, or one ingredient), so that the soup
     folder has its tokenizer too."""
-    from ..checkpoints import _is_weight_file
     from ..tasks.soup_job import TOKENIZER_FILES, find_tokenizer_dir
 
     source, tok = job.source_dir, job.tokenizer_dir
     if tok is None or source is None or find_tokenizer_dir([source]) is not None:
         return {}
-    files = {}
-    for item in sorted(Path(tok).iterdir()):
-        if (item.is_file() and not _is_weight_file(item.name) and not item.name.startswith(".")
-                and (item.name in TOKENIZER_FILES or item.name in (
-                    "special_tokens_map.json", "merges.txt", "added_tokens.json",
-                    "tokenizer.model", "chat_template.jinja"))):
-            files[item.name] = item.read_bytes()
-    return files
+    names = {*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja"}
+    return {item.name: item.read_bytes() for item in sorted(Path(tok).iterdir())
+            if item.is_file() and item.name in names}
 
 
 def partial_dir(out: Path) -> Path:
