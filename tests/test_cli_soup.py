@@ -254,3 +254,19 @@ def test_device_precision_and_resume_errors(tiny_bert_ingredients, tmp_path, cap
     assert "by method mehl+, not mehl" in _err(capsys)
     # nothing was written at --out by any refused or interrupted run
     assert sorted(p.name for p in tmp_path.iterdir()) == [".o.partial"]
+
+
+def test_mehl_model_batch_defaults_to_at_most_the_number_of_ingredients(
+        tiny_bert_ingredients, tmp_path, capsys):
+    """K defaults to min(18, N): three ingredients run as one model batch of 3; an explicit K
+    above N is still an error."""
+    root, folders = tiny_bert_ingredients
+    base = ["soup", "--method", "mehl+", *map(str, folders), "--held-out",
+            str(root / "held_out.jsonl"), "--quiet", "--epochs", "1", "--batch-size", "16"]
+    assert main(base + ["--out", str(tmp_path / "soup")]) == 0
+    report = json.loads((tmp_path / "soup" / "report.json").read_text())
+    assert report["config"]["model-batch"] == 3
+    assert report["soup"]["info"]["model_batch"] == 3
+    assert main(base + ["--out", str(tmp_path / "k4"), "--model-batch", "4"]) == 2
+    assert "--model-batch 4 exceeds the number of ingredients (3)" in capsys.readouterr().err
+    assert not (tmp_path / "k4").exists()

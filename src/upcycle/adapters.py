@@ -143,8 +143,9 @@ class LoraIngredient:
             recorded_base = Ingredient(rec)
         except UpcycleError:
             return
-        for name in self.base.keys():
-            if name in recorded_base.keys() and self.base.dtype(name).is_floating_point:
+        for name in self.base.keys():  # one weight matrix (biases and norms often start equal)
+            if (name in recorded_base.keys() and self.base.dtype(name).is_floating_point
+                    and len(self.base.shape(name)) >= 2):
                 x, y = recorded_base.get(name).float(), self.base.get(name).float()
                 if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-2, atol=1e-3):
                     raise UpcycleError(

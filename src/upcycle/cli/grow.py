@@ -211,7 +211,7 @@ def _train(model_dir: Path, args: argparse.Namespace) -> dict:
     from .tune import checkpoints_folder, interrupt_callback, run_fingerprint
 
     device = resolve_device(args.device)
-    task = load_task(model_dir, args.train)
+    task = load_task(model_dir, args.train, task="classification")  # --train: classifiers
     data = task.read(args.train, split="train", fix_num_labels=True)
     model = task.load_model(dtype=resolve_dtype(args.dtype))
     recipe = LemonRecipe(max_steps=args.steps, lr=args.scratch_lr,

@@ -1,4 +1,8 @@
-"""``upcycle soup``: combine fine-tuned checkpoints of one model into one model."""
+"""``upcycle soup``: combine fine-tuned checkpoints of one model into one model.
+
+Classification models (held-out accuracy) or causal LMs (held-out token loss and
+perplexity; chosen from the model's config, or ``--task causal-lm``); full checkpoints and
+peft LoRA adapter folders (on ``--base``) may be mixed."""
 
 from __future__ import annotations
 
@@ -14,13 +18,22 @@ from ..checkpoints import check_output, write_json
 from ..configfile import add_config_option, command_line, resolved_config
 from ..devices import add_device_arguments, check_precision, resolve_device
 from ..errors import UpcycleError
-from ..soup import METHODS
+from ..soup import METHODS, MehlConfig
 from ..soup.resume import checkpoint_path
+from ..tasks import TASKS
+
+DEFAULT_MODEL_BATCH = MehlConfig.model_batch  # the reference K: 18
 
 REPORT_COLUMNS = [
     ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
     ("held_out_loss", "held-out loss", ".4f"), ("test_accuracy", "test acc", ".4f"),
     ("seconds", "time (s)", ".1f"), ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+]
+LM_REPORT_COLUMNS = [
+    ("method", "method", ""), ("held_out_loss", "held-out loss", ".4f"),
+    ("held_out_perplexity", "held-out ppl", ".3f"), ("test_loss", "test loss", ".4f"),
+    ("test_perplexity", "test ppl", ".3f"), ("seconds", "time (s)", ".1f"),
+    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
 ]
 
 
@@ -38,26 +51,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "soup", help="combine N fine-tuned checkpoints of one model",
         description="Combine fine-tuned checkpoints of one model (uniform, greedy, learned, "
                     "learned+, mehl, mehl+). Ingredients: .safetensors/.bin/.pt files, HF model "
-                    "folders, folders of checkpoints, or globs.",
+                    "folders, peft LoRA adapter folders (with --base), folders of checkpoints, "
+                    "or globs. Classification models or causal LMs (chosen from the model's "
+                    "config).",
     )
     p.add_argument("ingredients", nargs="+", metavar="INGREDIENT")
     p.add_argument("--method", choices=METHODS, default="uniform")
     p.add_argument("--out", required=True, help="output: a folder (HF layout) or a .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--base", metavar="HF_DIR", default=None,
+                   help="the base model of peft LoRA adapter ingredients (each enters the soup "
+                        "as base + scale * B @ A); also searched for a causal LM's tokenizer")
     data = p.add_argument_group("data (needed by greedy, learned and mehl)")
-    data.add_argument("--held-out", help="held-out split the soup is fitted on (CSV/JSONL or .npz)")
-    data.add_argument("--data", help="a labelled file to carve the held-out split from")
+    data.add_argument("--held-out", help="held-out split the soup is fitted on: CSV/JSONL with "
+                                         "text,label or .npz (classification); .txt, or "
+                                         "CSV/JSONL with text or prompt,completion (causal LM)")
+    data.add_argument("--data", help="a data file to carve the held-out split from")
     data.add_argument("--held-out-fraction", type=float, default=None,
                       help="fraction of --data used as held-out (the rest is reported as test "
                            "unless --test is given)")
     data.add_argument("--test", help="test split: only reported, never fitted")
     data.add_argument("--model", help="HF model folder with the config/tokenizer (default: the "
                                       "first ingredient, when it is a HF folder)")
-    data.add_argument("--max-length", type=int, default=128, help="token limit for text tasks")
+    data.add_argument("--task", choices=TASKS, default="auto",
+                      help="auto (default): causal-lm when the model's config names a "
+                           "*ForCausalLM, else classification")
+    data.add_argument("--max-length", type=int, default=None,
+                      help="token limit (default 128 for classification; causal LM: min(512, "
+                           "the model's position limit), texts packed into blocks of it)")
+    data.add_argument("--chunk", action="store_true",
+                      help="causal LM: read a .txt file as one stream cut into blocks (for long "
+                           "texts), not one document per line")
     data.add_argument("--batch-size", type=int, default=128, help="held-out batch size")
     fit = p.add_argument_group("learned / MEHL options")
-    fit.add_argument("--model-batch", "-K", type=int, default=18,
-                     help="MEHL: ingredients loaded per round (K)")
+    fit.add_argument("--model-batch", "-K", type=int, default=None,
+                     help=f"MEHL: ingredients loaded per round (K) (default: "
+                          f"min({DEFAULT_MODEL_BATCH}, the number of ingredients))")
     fit.add_argument("--epochs", type=int, default=5, help="epochs over held-out (per MEHL round)")
     fit.add_argument("--models-epochs", type=int, default=1, help="MEHL: passes over all ingredients")
     fit.add_argument("--lr", type=float, default=None,
@@ -82,6 +111,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _tokenizer_files(job) -> dict[str, bytes]:
+    """A causal LM's tokenizer files when they come from another folder than the one whose
+    config is copied (e.g. the base of LoRA adapters, or one ingredient), so that the soup
+    folder has its tokenizer too."""
+    from ..tasks.soup_job import TOKENIZER_FILES, find_tokenizer_dir
+
+    source, tok = job.source_dir, job.tokenizer_dir
+    if tok is None or source is None or find_tokenizer_dir([source]) is not None:
+        return {}
+    names = {*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja"}
+    return {item.name: item.read_bytes() for item in sorted(Path(tok).iterdir())
+            if item.is_file() and item.name in names}
+
+
 def partial_dir(out: Path) -> Path:
     """Where an unfinished soup keeps its checkpoint: a fixed sibling of ``out``, so that a
     rerun with --resume finds it; removed once the soup is written."""
@@ -103,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     precision = check_precision(device, bf16=args.bf16, fp16=args.fp16)
     out = Path(args.out)
     check_output(out, args.overwrite)
-    if args.model_batch < 1:
+    if args.model_batch is not None and args.model_batch < 1:
         raise UpcycleError(f"--model-batch must be >= 1, got {args.model_batch}")
     mehl = args.method.startswith("mehl")
     partial = partial_dir(out)
@@ -119,11 +163,13 @@ def run(args: argparse.Namespace) -> int:
         held_out_fraction=args.held_out_fraction, test=args.test, seed=args.seed,
         max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
         check_finite=not args.no_finite_check, device=device, dtype=args.dtype,
-        precision=precision,
+        precision=precision, base=args.base, task=args.task, chunk=args.chunk,
     )
     if len(job.ingredients) == 1 and distributed.is_main():
         print(f"upcycle soup: warning: only one ingredient ({job.ingredients[0].path}): the "
               f"soup is a copy of it", file=sys.stderr)
+    if args.model_batch is None:  # resolved here, so report.json records the value used
+        args.model_batch = min(DEFAULT_MODEL_BATCH, len(job.ingredients))
     if mehl and args.model_batch > len(job.ingredients):
         raise UpcycleError(f"--model-batch {args.model_batch} exceeds the number of ingredients "
                            f"({len(job.ingredients)})")
@@ -161,14 +207,15 @@ def run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         result.save(out, source_dir=job.source_dir, overwrite=args.overwrite,
                     max_shard_bytes=args.max_shard_size, rows=rows, command=command_line("soup"),
-                    extra_files={"report.json": json.dumps(report, indent=2, default=str)})
+                    extra_files={**_tokenizer_files(job),
+                                 "report.json": json.dumps(report, indent=2, default=str)})
         if out.suffix == ".safetensors":
             write_json(out.with_name(out.name + ".report.json"), json.loads(
                 json.dumps(report, default=str)))
         on_interrupt(f"the soup is written to {out}")
         if mehl and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
-        print(format_table(rows, REPORT_COLUMNS))
+        print(format_table(rows, LM_REPORT_COLUMNS if job.is_lm else REPORT_COLUMNS))
         print(f"soup written to {out}")
     distributed.barrier()
     return 0

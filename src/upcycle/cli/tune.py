@@ -1,12 +1,15 @@
-"""``upcycle tune``: fine-tune a HF classification model with a memory-efficient method.
+"""``upcycle tune``: fine-tune a HF classifier or causal LM with a memory-efficient method.
 
     upcycle tune --method snell --model HF_DIR --data train.jsonl --out runs/snell \\
         [--r 8 --sparsity 0.5] [--held-out FILE | --held-out-fraction 0.1] [--test FILE] \\
         [--merge] [--device cuda --bf16 --grad-accum 4 --eval-steps 100 --save-steps 100]
 
-Trains on ``--data`` (the task formats of ``upcycle soup``: CSV/JSONL text or NPZ images)
-with ``transformers.Trainer`` (:mod:`upcycle.training`), reports the held-out (and test)
-metric, training time and peak memory, and writes into ``--out``: ``adapter/`` (the method's
+Trains on ``--data`` (the task formats of ``upcycle soup``: CSV/JSONL text or NPZ images for
+classification; for a causal LM, chosen from the model's config or ``--task causal-lm``:
+.txt, or CSV/JSONL with text or prompt,completion, trained on the token loss) with
+``transformers.Trainer`` (:mod:`upcycle.training`), reports the held-out (and test)
+metric (accuracy, or loss and perplexity), training time and peak memory, and writes into
+``--out``: ``adapter/`` (the method's
 adapter folder), ``merged/`` with ``--merge`` (a plain HF model folder that
 ``from_pretrained`` loads), ``report.json`` and ``runs/`` (TensorBoard logs, when it is
 installed). Checkpoints during the run go to
@@ -36,6 +39,7 @@ from .. import distributed
 from ..configfile import add_config_option, command_line, resolved_config
 from ..devices import add_device_arguments
 from ..errors import UpcycleError
+from ..tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ METHODS: dict[str, TuneMethod] = {
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "tune", help="fine-tune a classifier with little memory (SNELL, SHERL)",
+        "tune", help="fine-tune a classifier or causal LM with little memory (SNELL, SHERL)",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--method", required=True, choices=sorted(METHODS),
@@ -139,7 +143,11 @@ def register(subparsers) -> None:
                         help="HuggingFace model folder (with or without a classification head)")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="training data: .csv/.jsonl with text,label or .npz with "
-                             "images,labels")
+                             "images,labels (classification); .txt, or .csv/.jsonl with text "
+                             "or prompt,completion (causal LM: loss on the completion only)")
+    parser.add_argument("--task", choices=TASKS, default="auto",
+                        help="auto (default): causal-lm when the model's config names a "
+                             "*ForCausalLM, else classification")
     held = parser.add_mutually_exclusive_group()
     held.add_argument("--held-out", metavar="FILE", default=None,
                       help="held-out data for the reported metric")
@@ -174,8 +182,12 @@ def register(subparsers) -> None:
     parser.add_argument("--logging-steps", type=int, default=10, metavar="N",
                         help="log the loss every N steps (console, report.json, TensorBoard "
                              "when installed)")
-    parser.add_argument("--max-length", type=int, default=128,
-                        help="token limit for text tasks")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="token limit (default 128 for classification; causal LM: min(512, "
+                             "the model's position limit), texts packed into blocks of it)")
+    parser.add_argument("--chunk", action="store_true",
+                        help="causal LM: read a .txt file as one stream cut into blocks (for "
+                             "long texts), not one document per line")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: adapter/, merged/ (with --merge), report.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -198,10 +210,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _save_merged(merged: nn.Module, task, folder: Path) -> None:
     from ..checkpoints import copy_model_files
+    from ..tasks import is_lm_task
 
     folder.mkdir(parents=True)
     copy_model_files(task.model_dir, folder)  # tokenizer / preprocessor files
     merged.save_pretrained(folder, safe_serialization=True)
+    if is_lm_task(task):  # with its pad token (EOS when it had none), as config.pad_token_id
+        task.tokenizer.save_pretrained(folder)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -295,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import atomic_dir, write_json
     from ..devices import check_precision, resolve_device, resolve_dtype
     from ..memory import current_rss_mb, peak_rss_mb
-    from ..tasks import evaluate, load_task, logits_of
+    from ..tasks import evaluate_task, is_lm_task, load_task, logits_of
     from ..tasks.finetune import train_task
     from ..training import TrainingConfig
     from ..tune.common import adapter_card, count_parameters
@@ -322,8 +337,14 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main_rank and not args.quiet \
         else (lambda *a: None)
 
-    task = load_task(args.model, args.data, max_length=args.max_length, head_seed=args.seed)
-    train_data = task.read(args.data, split="training", fix_num_labels=True)
+    task = load_task(args.model, args.data, max_length=args.max_length, head_seed=args.seed,
+                     task=args.task, chunk=args.chunk)
+    lm = is_lm_task(task)
+    if lm and args.method == "sherl":
+        raise UpcycleError(f"--method sherl tunes classifiers; {args.model} is a causal LM "
+                           f"(use --method snell, or --task classification for a new head)")
+    train_data = (task.read(args.data, split="training") if lm else
+                  task.read(args.data, split="training", fix_num_labels=True))
     if args.held_out:
         held_out = task.read(args.held_out, split="held-out")
     else:
@@ -365,14 +386,16 @@ def run(args: argparse.Namespace) -> int:
     tuned.eval()
     held_batches = distributed.shard(task.batches(held_out, args.batch_size))
     test_batches = distributed.shard(task.batches(test, args.batch_size)) if test else None
-    held_metrics = evaluate(tuned, held_batches)
-    test_metrics = evaluate(tuned, test_batches) if test_batches is not None else None
+    held_metrics = evaluate_task(task, tuned, held_batches)
+    test_metrics = (evaluate_task(task, tuned, test_batches) if test_batches is not None
+                    else None)
     best_step = None
     if result.best_checkpoint:
         best_step = int(Path(result.best_checkpoint).name.rsplit("-", 1)[-1])
 
     report = {
         "method": args.method,
+        "task": "causal-lm" if lm else "classification",
         "model": str(args.model),
         "data": str(args.data),
         "held_out": held_out.source,
@@ -446,13 +469,17 @@ def run(args: argparse.Namespace) -> int:
         if best_step is not None:
             rows.append(("best checkpoint", f"step {best_step} (held-out loss "
                                             f"{result.best_metric:.4f})"))
-        rows.append(("held-out accuracy", (f"{held_metrics['accuracy']:.4f} "
-                                           f"(n={held_metrics['n']}, loss "
-                                           f"{held_metrics['loss']:.4f})")))
-        if test_metrics is not None:
-            rows.append(("test accuracy", (f"{test_metrics['accuracy']:.4f} "
-                                           f"(n={test_metrics['n']}, loss "
-                                           f"{test_metrics['loss']:.4f})")))
+        for split, metrics in (("held-out", held_metrics), ("test", test_metrics)):
+            if metrics is None:
+                continue
+            if lm:
+                rows.append((f"{split} perplexity", (f"{metrics['perplexity']:.3f} (loss "
+                                                     f"{metrics['loss']:.4f}, "
+                                                     f"{metrics['tokens']} tokens)")))
+            else:
+                rows.append((f"{split} accuracy", (f"{metrics['accuracy']:.4f} "
+                                                   f"(n={metrics['n']}, loss "
+                                                   f"{metrics['loss']:.4f})")))
         rows.append(("output", str(out)))
         print(_table(rows), flush=True)
     distributed.barrier()

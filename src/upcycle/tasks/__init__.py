@@ -10,6 +10,12 @@ Labels are integers ``0..num_labels-1`` or class names found in the model's ``la
 When the model folder has no classification head yet (e.g. a plain MiniLM), the number of
 classes comes from the training data and a new head is initialised from ``head_seed`` (the
 same head for every run with that seed, which is what makes soups of such runs work).
+A decoder (GPT-2, Llama...) without a pad token gets EOS as its pad token (tokenizer and
+``config.pad_token_id``), so it batches.
+
+Beside classification, a causal-LM task (:mod:`upcycle.tasks.causal_lm`): :func:`load_task`
+picks it for a ``*ForCausalLM`` model folder (or ``task="causal-lm"``); :func:`task_loss` and
+:func:`evaluate_task` give each kind's loss and metrics (accuracy, or perplexity).
 """
 
 from __future__ import annotations
@@ -133,6 +139,8 @@ class ClassificationTask:
             kwargs["id2label"] = {i: name for name, i in self.label2id.items()}
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if self.kind == "text" and getattr(self.config, "pad_token_id", None) is None:
+            kwargs["pad_token_id"] = self.tokenizer.pad_token_id  # decoders: pad = EOS
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
@@ -151,7 +159,10 @@ class ClassificationTask:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token  # a decoder's tokenizer (GPT-2, Llama)
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     # -- data ------------------------------------------------------------------------------
@@ -355,8 +366,66 @@ def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = N
     return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n, "n": int(totals[2])}
 
 
+TASKS = ("auto", "classification", "causal-lm")
+"""``task`` values of :func:`load_task` (and ``--task`` of the CLI)."""
+
+
 def load_task(model_dir: str | os.PathLike, data_path: str | os.PathLike, *,
-              max_length: int = 128, head_seed: int = 0) -> ClassificationTask:
-    """The task for a model folder and a data file (its suffix picks text or image)."""
-    return ClassificationTask(model_dir, task_kind(data_path), max_length=max_length,
+              max_length: int | None = None, head_seed: int = 0, task: str | None = "auto",
+              base_dir: str | os.PathLike | None = None, chunk: bool = False):
+    """The task for a model folder and a data file.
+
+    ``task`` "auto" (default): a causal-LM task (:class:`~upcycle.tasks.causal_lm.CausalLMTask`)
+    when the folder's config names a ``*ForCausalLM``/``*LMHeadModel`` and the data is text,
+    else classification (the data file's suffix picks text or image). "causal-lm" or
+    "classification" force the kind. ``max_length``: default 128 tokens for classification,
+    min(512, the position limit) for a causal LM. ``base_dir`` (causal LM: where to look for
+    the tokenizer when ``model_dir`` has none) and ``chunk`` (causal LM: a .txt file is one
+    stream, not one document per line) apply to causal-LM tasks only.
+    """
+    from .causal_lm import is_causal_lm, load_lm_task
+
+    task = task or "auto"
+    if task not in TASKS:
+        raise UpcycleError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if task == "auto":
+        lm = is_causal_lm(model_dir) and Path(data_path).suffix.lower() not in IMAGE_SUFFIXES
+        task = "causal-lm" if lm else "classification"
+    if task == "causal-lm":
+        return load_lm_task(model_dir, base_dir=base_dir, max_length=max_length, chunk=chunk)
+    if chunk:
+        raise UpcycleError("--chunk applies to causal-LM tasks (.txt files read as one stream), "
+                           f"not to classification with {model_dir}")
+    return ClassificationTask(model_dir, task_kind(data_path),
+                              max_length=max_length if max_length is not None else 128,
                               head_seed=head_seed)
+
+
+def is_lm_task(task) -> bool:
+    """True for a causal-LM task (token loss, perplexity), False for classification."""
+    return getattr(task, "kind", None) == "causal_lm"
+
+
+def task_loss(task):
+    """The training loss ``loss_fn(model, batch)`` of the task: the token mean of a causal LM,
+    or the classification cross-entropy."""
+    if is_lm_task(task):
+        from .causal_lm import causal_lm_loss
+
+        return causal_lm_loss
+    return classification_loss
+
+
+def evaluate_task(task, model: nn.Module, batches: list[dict], *,
+                  precision: str | None = None) -> dict:
+    """The task's metrics over ``batches`` (summed over ranks): loss and accuracy for
+    classification; token-mean loss, perplexity and token count for a causal LM. Under
+    ``precision`` ("bf16"/"fp16") autocast when given."""
+    if not is_lm_task(task):
+        return evaluate(model, batches, precision=precision)
+    from ..devices import autocast
+    from .causal_lm import evaluate as lm_evaluate
+
+    device = next(iter(model.parameters())).device
+    with autocast(device, precision):
+        return lm_evaluate(model, batches)

@@ -1,7 +1,13 @@
-"""Training a classification task through :mod:`upcycle.training` (``transformers.Trainer``):
-the task's examples as a dataset plus a collator, and full fine-tuning saved as a HF folder
+"""Training a task through :mod:`upcycle.training` (``transformers.Trainer``): the task's
+examples as a dataset plus a collator, and full fine-tuning saved as a HF folder
 (atomically). The demo and the soup benchmarks make their ingredients with it; ``upcycle
-tune`` and ``upcycle grow --train`` train through :func:`task_datasets` too."""
+tune`` and ``upcycle grow --train`` train through :func:`task_datasets` too.
+
+Classification and causal-LM tasks (:mod:`upcycle.tasks.causal_lm`). A causal LM trains on
+the model's own token loss: the collator marks the first position of every row as ignored
+(it is never a target after the next-token shift), so that Trainer's count of label tokens
+is the count of target tokens, and the loss is the mean over the target tokens of the whole
+optimizer step: over accumulation steps and, under torchrun, over all ranks."""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import torch
 
 from ..checkpoints import atomic_dir
 from ..training import TrainingConfig, accuracy_metrics, fit
-from . import ClassificationTask, LabeledData
+from . import ClassificationTask, LabeledData, is_lm_task
+from .causal_lm import IGNORE_INDEX, CausalLMTask, LMData
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -52,17 +59,60 @@ class ClassificationCollator:
         return batch
 
 
-def task_datasets(task: ClassificationTask, *splits: LabeledData | None):
+class LMExampleDataset(torch.utils.data.Dataset):
+    """One split of a causal-LM task, block by block: ``{"input_ids", "labels"}`` (lists)."""
+
+    def __init__(self, data: LMData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.data.input_ids[index], "labels": self.data.labels[index]}
+
+
+class CausalLMCollator:
+    """Examples -> a right-padded batch as :meth:`CausalLMTask.batches` makes it
+    (``input_ids``, ``attention_mask``, ``labels`` with -100 on padding and prompts), with the
+    first label of each row set to -100 too: it is never a target (the model predicts
+    ``labels[:, 1:]``), and Trainer counts label tokens to average the loss over."""
+
+    def __init__(self, task: CausalLMTask):
+        self.task = task
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.task.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            k = len(e["input_ids"])
+            ids[row, :k] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            labels[row, :k] = torch.as_tensor(e["labels"], dtype=torch.long)
+            mask[row, :k] = 1
+        labels[:, 0] = IGNORE_INDEX
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def task_datasets(task: ClassificationTask | CausalLMTask, *splits: LabeledData | LMData | None):
     """(collator, dataset per split) for :func:`upcycle.training.fit` (None stays None)."""
+    if is_lm_task(task):
+        return CausalLMCollator(task), *[
+            LMExampleDataset(s) if s is not None else None for s in splits]
     return ClassificationCollator(task), *[
         ExampleDataset(s) if s is not None else None for s in splits]
 
 
-def train_task(model, task: ClassificationTask, train_data: LabeledData,
-               config: TrainingConfig, *, eval_data: LabeledData | None = None, **fit_kwargs):
-    """Train ``model`` on a classification task with :func:`upcycle.training.fit` (accuracy
-    reported at evaluations)."""
+def train_task(model, task: ClassificationTask | CausalLMTask,
+               train_data: LabeledData | LMData, config: TrainingConfig, *,
+               eval_data: LabeledData | LMData | None = None, **fit_kwargs):
+    """Train ``model`` on a task with :func:`upcycle.training.fit` (classification: accuracy
+    reported at evaluations; a causal LM: the token loss)."""
     collate, train_set, eval_set = task_datasets(task, train_data, eval_data)
+    if is_lm_task(task):
+        return fit(model, train_set, config, eval_dataset=eval_set, data_collator=collate,
+                   **fit_kwargs)
     compute, preprocess = accuracy_metrics()
     return fit(model, train_set, config, eval_dataset=eval_set, data_collator=collate,
                compute_metrics=compute if eval_set is not None else None,
@@ -88,7 +138,7 @@ def finetune(task: ClassificationTask, train_data: LabeledData, out: str | os.Pa
               "evals": result.evals, "base_model": str(task.model_dir)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if task.kind == "text":
+        if task.kind in ("text", "causal_lm"):
             task.tokenizer.save_pretrained(tmp)
         (tmp / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
