@@ -28,11 +28,13 @@ examples:
 examples:
   upcycle tune --method snell --model base-model --data train.jsonl --epochs 3 --out runs/snell
   upcycle tune --method sherl --model base-model --data train.jsonl --test test.jsonl --out runs/sherl
+  upcycle tune --method snell --model llama-base --data train.txt --held-out held.txt --merge --out runs/snell-lm
   upcycle tune --method snell --model base-model --data train.jsonl --out runs/snell --resume""",
     "grow": """\
 examples:
   upcycle grow --model small-model --hidden-size 768 --layers 12 --out grown
-  upcycle grow --model small-model --layers 12 --out grown --train train.jsonl --steps 500""",
+  upcycle grow --model small-model --layers 12 --out grown --train train.jsonl --steps 500 \\
+      --scratch-lr 1e-4 --scratch-warmup 50""",
     "demo": """\
 examples:
   upcycle demo
