@@ -166,12 +166,10 @@ class LiveTensors:
         self.overhead += time.perf_counter() - start
         return t
 
-    def _pre(self, module, args):
-        self.saved = {}
-
-    def _post(self, module, args, output):
-        start = time.perf_counter()
-        reachable = {}
+    def _reachable(self) -> dict[int, int]:
+        """Storage -> bytes of every tensor reachable from Python (this includes tensors
+        saved for backward: the pack hook hands them to autograd as Python objects)."""
+        out = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for obj in gc.get_objects():
@@ -181,10 +179,21 @@ class LiveTensors:
                     except RuntimeError:
                         continue
                     if size:
-                        reachable[ptr] = size
-        # saved tensors that Python does not reach (not weights): the activations
-        activations = sum(v for k, v in self.saved.items() if k not in reachable)
-        self.peak_live = max(self.peak_live, sum(reachable.values()) + activations)
+                        out[ptr] = size
+        return out
+
+    def _pre(self, module, args):
+        start = time.perf_counter()
+        self.saved = {}
+        self.before = set(self._reachable())  # weights, ingredients, directions, inputs
+        self.overhead += time.perf_counter() - start
+
+    def _post(self, module, args, output):
+        start = time.perf_counter()
+        reachable = self._reachable()
+        # tensors saved for backward that did not exist before the forward: the activations
+        activations = sum(v for k, v in self.saved.items() if k not in self.before)
+        self.peak_live = max(self.peak_live, sum(reachable.values()))
         self.peak_saved = max(self.peak_saved, sum(self.saved.values()))
         self.peak_activations = max(self.peak_activations, activations)
         self.overhead += time.perf_counter() - start
