@@ -96,6 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--compact-directions", action="store_true",
                      help="MEHL: keep the K directions in the ingredients' dtype (half the "
                           "memory for bf16/fp16 checkpoints); coefficients stay fp32")
+    fit.add_argument("--shard-directions", action="store_true",
+                     help="MEHL under torchrun with W processes: each keeps K/W of the round's "
+                          "directions (for K larger than one device holds); per step the "
+                          "combined weights and the weight gradient are all-reduced. Needs "
+                          "K >= W")
     fit.add_argument("--resume", action="store_true",
                      help="MEHL: continue an interrupted soup from its last finished round "
                           "(checkpointed in .OUT.partial beside --out); same command otherwise")
@@ -157,7 +162,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not checkpoint_path(partial).is_file():
         raise UpcycleError(f"--resume: no checkpoint of an interrupted soup for {out} (looked "
                            f"for {checkpoint_path(partial)}); run without --resume to start")
+    if args.shard_directions and not mehl:
+        raise UpcycleError(f"--shard-directions applies to --method mehl or mehl+, not "
+                           f"{args.method}")
     distributed.init_from_env(device)
+    if args.shard_directions:
+        from ..soup.mehl import check_shard_directions
+
+        check_shard_directions(True, args.model_batch)
     job = prepare_soup_job(
         args.ingredients, model_dir=args.model, held_out=args.held_out, data=args.data,
         held_out_fraction=args.held_out_fraction, test=args.test, seed=args.seed,
@@ -175,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
                            f"({len(job.ingredients)})")
     settings = dict(model_batch=args.model_batch, epochs=args.epochs, lr=args.lr,
                     models_epochs=args.models_epochs, grad_clip=args.grad_clip, seed=args.seed,
-                    compact_directions=args.compact_directions)
+                    compact_directions=args.compact_directions,
+                    shard_directions=args.shard_directions)
     if args.resume and job.task is not None:
         state = check_resume(job, args.method, partial, **settings)
         if distributed.is_main():

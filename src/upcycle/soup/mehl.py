@@ -89,6 +89,12 @@ class MehlConfig:
     """Clip the weight-gradient norm to this (the reference uses 1.0 for ViTs)."""
     seed: int = 0
     """Seeds the ingredient order and the order of held-out batches."""
+    shard_directions: bool = False
+    """Under torch.distributed with W ranks: each rank keeps only its K/W directions of the
+    round (contiguous rows). Per step the combined weights and the weight gradient are
+    all-reduced (2 x D numbers) and each rank folds the gradient into its own directions'
+    coefficients; the K x L coefficient gradient is then all-reduced so every rank steps the
+    same X. The soup is the unsharded one up to summation order. Needs K >= W."""
     compact_directions: bool = False
     """Keep the K directions in the ingredients' dtype (half the memory for bf16/fp16
     checkpoints) instead of fp32; X, its optimizer and the soup's accumulation stay fp32. The
@@ -112,6 +118,23 @@ def _check(ingredients: Sequence[Ingredient], held_out: Sequence[dict], config: 
                            f"{config.models_epochs}")
     if not held_out:
         raise UpcycleError("the held-out set is empty: MEHL-Soup needs data to fit on")
+    check_shard_directions(config.shard_directions, config.model_batch)
+
+
+def check_shard_directions(shard: bool, model_batch: int) -> None:
+    """``shard_directions`` needs torch.distributed (torchrun) and at least one direction per
+    rank (K >= W)."""
+    if not shard:
+        return
+    if not distributed.is_distributed():
+        raise UpcycleError("--shard-directions splits the K directions across the processes of "
+                           "a torchrun launch (WORLD_SIZE > 1); this is a single process: launch "
+                           "with torchrun --nproc_per_node W, or drop --shard-directions")
+    world = distributed.world_size()
+    if model_batch < world:
+        raise UpcycleError(f"--shard-directions needs --model-batch (K) >= the number of "
+                           f"processes (W = {world}) so every rank holds a direction, got "
+                           f"K = {model_batch}")
 
 
 def _local_part(batch: dict) -> tuple[dict | None, float]:
@@ -129,31 +152,40 @@ class _Round:
     """
 
     def __init__(self, names, block_of, n_blocks, params, anchor, members, ingredients,
-                 grad_clip, compact):
+                 grad_clip, compact, shard=False):
         self.names, self.block_of, self.params, self.anchor = names, block_of, params, anchor
         device = anchor[names[0]].device
         acc = accumulator_dtype(device)
         self.acc_dtype = acc
         k = len(members)
+        # Sharded: this rank holds the directions of rows [lo, hi) only (possibly none in a
+        # short last round); everything K x L (norms, X, dL/dX) stays whole on every rank.
+        self.shard = shard
+        self.lo, self.hi = ((k * distributed.rank()) // distributed.world_size(),
+                            (k * (distributed.rank() + 1)) // distributed.world_size()) \
+            if shard else (0, k)
         sq = torch.zeros(k, n_blocks, dtype=acc, device=device)
         anchor_sq = torch.zeros(n_blocks, dtype=acc, device=device)
         self.directions: dict[str, torch.Tensor] = {}
         for name, block in zip(names, block_of):
             c = anchor[name]
             store = ingredients[0].dtype(name) if compact else torch.float32
-            d = torch.empty(k, c.numel(), dtype=store, device=device)
-            for row, i in enumerate(members):
-                theta = ingredients[i].get(name).reshape(-1).to(device).to(torch.float32)
+            d = torch.empty(self.hi - self.lo, c.numel(), dtype=store, device=device)
+            for row in range(self.lo, self.hi):
+                theta = ingredients[members[row]].get(name).reshape(-1).to(device).to(
+                    torch.float32)
                 if store == torch.float32:
-                    diff = torch.sub(theta, c, out=d[row])
+                    diff = torch.sub(theta, c, out=d[row - self.lo])
                 else:
                     diff = theta.sub_(c)
-                    d[row].copy_(diff)
+                    d[row - self.lo].copy_(diff)
                 # Reductions without fp64 copies of the directions (that would cost 4x).
                 sq[row, block] += torch.linalg.vector_norm(diff).to(acc).square()
                 del theta, diff
             anchor_sq[block] += torch.linalg.vector_norm(c).to(acc).square()
             self.directions[name] = d
+        if shard:
+            distributed.all_reduce_sum(sq)  # each rank filled its own rows
         norms = sq.sqrt()
         # A block whose difference to the anchor is zero (or at fp32 rounding level) has no
         # direction: skip it (the reference divides by zero and produces NaN there).
@@ -172,18 +204,24 @@ class _Round:
 
     def _hook(self, name: str, block: int):
         direction = self.directions[name]
-        need_global_grad = self.grad_clip is not None and distributed.is_distributed()
+        # Sharded, every rank folds the global gradient into its own directions; else only
+        # clipping needs it (the global norm).
+        need_global_grad = self.shard or (self.grad_clip is not None
+                                          and distributed.is_distributed())
+        lo, hi = self.lo, self.hi
 
         def fold(param: torch.Tensor) -> None:
             g = param.grad
             if need_global_grad:  # every rank runs this hook for every parameter, in order
                 distributed.all_reduce_sum(g)
             g = g.reshape(-1).to(torch.float32)
-            if direction.dtype == torch.float32:
-                dots = direction @ g
+            if direction.dtype == torch.float32 or hi == lo:
+                dots = direction.to(torch.float32) @ g
             else:  # one row at a time in fp32: no K x D fp32 copy of compact directions
                 dots = torch.stack([torch.dot(row.to(torch.float32), g) for row in direction])
-            self.grad_x[:, block] += dots.to(self.acc_dtype) * self.inv_norms[:, block]
+            if hi > lo:
+                self.grad_x[lo:hi, block] += (dots.to(self.acc_dtype)
+                                              * self.inv_norms[lo:hi, block])
             if self.grad_clip is not None:
                 self.grad_sq += torch.linalg.vector_norm(g).to(self.acc_dtype).square()
             param.grad = None  # consumed: never hold a full weight gradient
@@ -192,10 +230,21 @@ class _Round:
 
     @torch.no_grad()
     def combine(self, name: str, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """theta^l(X) = c + sum_i X[i, l] inv[i, l] D_i^l in fp32 (into ``out`` when given)."""
+        """theta^l(X) = c + sum_i X[i, l] inv[i, l] D_i^l in fp32 (into ``out`` when given).
+        Sharded: every rank sums its own rows, the sum is all-reduced, then c is added (every
+        rank must call this for the same tensors in the same order)."""
         coef = self.x[:, block] * self._inv32[:, block]
         d = self.directions[name]
         c = self.anchor[name]
+        if self.shard:
+            coef = coef[self.lo:self.hi]
+            acc = torch.zeros_like(c) if out is None else out.zero_()
+            if d.dtype == torch.float32 and len(d):
+                acc.view(1, -1).addmm_(coef.unsqueeze(0), d)
+            else:
+                for row in range(d.shape[0]):
+                    acc.add_(d[row].to(torch.float32).mul_(coef[row]))
+            return distributed.all_reduce_sum(acc).add_(c)
         if d.dtype == torch.float32:
             if out is None:
                 return torch.addmm(c.unsqueeze(0), coef.unsqueeze(0), d).view(-1)
@@ -239,7 +288,9 @@ class _Round:
             norm = self.grad_sq.sqrt() / loss_scale
             factor = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             grad = grad * factor
-        else:
+        if self.shard or self.grad_clip is None:
+            # Unsharded without clipping: the local weight gradient was folded, sum the K x L
+            # partial dL/dX. Sharded: each rank filled only its own rows of the (global) dL/dX.
             distributed.all_reduce_sum(grad)  # only K x L numbers cross the wire
         self.grad_x = torch.zeros_like(self.grad_x)
         self.grad_sq = torch.zeros_like(self.grad_sq)
@@ -359,7 +410,7 @@ def mehl_soup(
                 anchor = _mean_anchor(ingredients, centre, names, device)
                 coefficients[centre] = 1.0 / len(centre)
             rnd = _Round(names, block_of, n_blocks, params, anchor, members, ingredients,
-                         config.grad_clip, config.compact_directions)
+                         config.grad_clip, config.compact_directions, config.shard_directions)
             optimizer = torch.optim.AdamW([rnd.x], lr=config.lr, weight_decay=config.weight_decay)
             scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * steps_per_round),
                                            steps_per_round)
@@ -404,10 +455,11 @@ def mehl_soup(
             coefficients *= 1 - ratio.sum(dim=0, keepdim=True)
             coefficients[members] += ratio
             skipped = int((~rnd.valid).sum())
+            resident = rnd.hi - rnd.lo
             del rnd, optimizer
             record = {"pass": outer + 1, "round": r + 1, "ingredients": [i + 1 for i in members],
                       "held_out_loss_train": float(loss_sum) / max(1, steps),
-                      "skipped_blocks": skipped,
+                      "skipped_blocks": skipped, "resident_directions": resident,
                       "seconds": offset + time.perf_counter() - start}
             if eval_fn is not None:
                 record.update({f"held_out_{key}": v for key, v in eval_fn(model).items()})

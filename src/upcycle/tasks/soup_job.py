@@ -198,17 +198,18 @@ def prepare_soup_job(
 
 def _mehl_config(method: str, *, model_batch: int, epochs: int, lr: float | None,
                  models_epochs: int, grad_clip: float | None, seed: int, progress: bool,
-                 compact_directions: bool) -> MehlConfig:
+                 compact_directions: bool, shard_directions: bool = False) -> MehlConfig:
     return MehlConfig(model_batch=model_batch, blockwise=method.endswith("+"), epochs=epochs,
                       models_epochs=models_epochs, grad_clip=grad_clip, seed=seed,
                       progress=progress, compact_directions=compact_directions,
+                      shard_directions=shard_directions,
                       **({"lr": lr} if lr else {}))
 
 
 def check_resume(job: SoupJob, method: str, checkpoint_dir, *, model_batch: int = 18,
                  epochs: int = 5, lr: float | None = None, models_epochs: int = 1,
                  grad_clip: float | None = None, seed: int = 0,
-                 compact_directions: bool = False) -> dict:
+                 compact_directions: bool = False, shard_directions: bool = False) -> dict:
     """Before any work: the MEHL checkpoint in ``checkpoint_dir`` exists and was made from
     these ingredients, this method, these settings and this held-out data (raises saying
     which differs). Returns the checkpoint's state (rounds done, history...)."""
@@ -217,7 +218,8 @@ def check_resume(job: SoupJob, method: str, checkpoint_dir, *, model_batch: int 
                            f"methods keep no checkpoint")
     config = _mehl_config(method, model_batch=model_batch, epochs=epochs, lr=lr,
                           models_epochs=models_epochs, grad_clip=grad_clip, seed=seed,
-                          progress=False, compact_directions=compact_directions)
+                          progress=False, compact_directions=compact_directions,
+                          shard_directions=shard_directions)
     saved = soup_resume.load_checkpoint(checkpoint_dir)
     model = job.model()
     first = next(n for n, _ in model.named_parameters())
@@ -232,7 +234,8 @@ def check_resume(job: SoupJob, method: str, checkpoint_dir, *, model_batch: int 
 
 def run_method(job: SoupJob, method: str, *, model_batch: int = 18, epochs: int = 5,
                lr: float | None = None, models_epochs: int = 1, grad_clip: float | None = None,
-               seed: int = 0, compact_directions: bool = False, checkpoint_dir=None,
+               seed: int = 0, compact_directions: bool = False,
+               shard_directions: bool = False, checkpoint_dir=None,
                resume: bool = False, callback=None) -> tuple[SoupResult, dict]:
     """Run one soup method on the job's device and precision; returns the soup and a report
     row (metrics, time, peak memory). MEHL only: ``checkpoint_dir`` (a checkpoint after
@@ -264,7 +267,8 @@ def run_method(job: SoupJob, method: str, *, model_batch: int = 18, epochs: int 
     else:
         config = _mehl_config(method, model_batch=model_batch, epochs=epochs, lr=lr,
                               models_epochs=models_epochs, grad_clip=grad_clip, seed=seed,
-                              progress=job.progress, compact_directions=compact_directions)
+                              progress=job.progress, compact_directions=compact_directions,
+                              shard_directions=shard_directions)
         result = mehl_soup(job.ingredients, job.model(), job.batches("held_out", fit=True),
                            loss_fn=task_loss(job.task), config=config,
                            eval_fn=lambda m: evaluate_task(job.task, m, job.batches("held_out"),
