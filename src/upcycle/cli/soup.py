@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"--shard-directions applies to --method mehl or mehl+, not "
                            f"{args.method}")
     distributed.init_from_env(device)
-    if args.shard_directions:
+    if args.shard_directions:  # before any data is read (K is checked once resolved)
         from ..soup.mehl import check_shard_directions
 
         check_shard_directions(True, args.model_batch)
@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
               f"soup is a copy of it", file=sys.stderr)
     if args.model_batch is None:  # resolved here, so report.json records the value used
         args.model_batch = min(DEFAULT_MODEL_BATCH, len(job.ingredients))
+    if args.shard_directions:
+        check_shard_directions(True, args.model_batch)
     if mehl and args.model_batch > len(job.ingredients):
         raise UpcycleError(f"--model-batch {args.model_batch} exceeds the number of ingredients "
                            f"({len(job.ingredients)})")

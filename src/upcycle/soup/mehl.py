@@ -121,9 +121,9 @@ def _check(ingredients: Sequence[Ingredient], held_out: Sequence[dict], config: 
     check_shard_directions(config.shard_directions, config.model_batch)
 
 
-def check_shard_directions(shard: bool, model_batch: int) -> None:
+def check_shard_directions(shard: bool, model_batch: int | None) -> None:
     """``shard_directions`` needs torch.distributed (torchrun) and at least one direction per
-    rank (K >= W)."""
+    rank (K >= W; not checked while K is None, i.e. not resolved yet)."""
     if not shard:
         return
     if not distributed.is_distributed():
@@ -131,7 +131,7 @@ def check_shard_directions(shard: bool, model_batch: int) -> None:
                            "a torchrun launch (WORLD_SIZE > 1); this is a single process: launch "
                            "with torchrun --nproc_per_node W, or drop --shard-directions")
     world = distributed.world_size()
-    if model_batch < world:
+    if model_batch is not None and model_batch < world:
         raise UpcycleError(f"--shard-directions needs --model-batch (K) >= the number of "
                            f"processes (W = {world}) so every rank holds a direction, got "
                            f"K = {model_batch}")
