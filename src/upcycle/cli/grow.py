@@ -24,6 +24,7 @@ from ..architectures import supported
 from ..devices import add_device_arguments
 from ..errors import UpcycleError
 from ..grow.lemon import METHODS, SCHEDULES
+from .arguments import add_checkpoint_arguments
 
 
 def register(subparsers) -> None:
@@ -72,12 +73,7 @@ def register(subparsers) -> None:
                    help="examples per optimizer step (over all ranks and --grad-accum)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="gradient accumulation: N micro-batches per optimizer step")
-    p.add_argument("--save-steps", type=int, default=None, metavar="N",
-                   help="save a resumable checkpoint of --train every N steps in "
-                        "<out>.checkpoints/")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="continue an interrupted --train from its latest checkpoint (or CKPT); "
-                        "the other arguments must be those of the interrupted run")
+    add_checkpoint_arguments(p, run="--train run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     train_device = p.add_argument_group("device and precision of --train")
     add_device_arguments(train_device)

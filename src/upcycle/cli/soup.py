@@ -20,7 +20,7 @@ from ..devices import add_device_arguments, check_precision, resolve_device
 from ..errors import UpcycleError
 from ..soup import METHODS, MehlConfig
 from ..soup.resume import checkpoint_path
-from ..tasks import TASKS
+from .arguments import add_task_arguments
 
 DEFAULT_MODEL_BATCH = MehlConfig.model_batch  # the reference K: 18
 
@@ -73,15 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--test", help="test split: only reported, never fitted")
     data.add_argument("--model", help="HF model folder with the config/tokenizer (default: the "
                                       "first ingredient, when it is a HF folder)")
-    data.add_argument("--task", choices=TASKS, default="auto",
-                      help="auto (default): causal-lm when the model's config names a "
-                           "*ForCausalLM, else classification")
-    data.add_argument("--max-length", type=int, default=None,
-                      help="token limit (default 128 for classification; causal LM: min(512, "
-                           "the model's position limit), texts packed into blocks of it)")
-    data.add_argument("--chunk", action="store_true",
-                      help="causal LM: read a .txt file as one stream cut into blocks (for long "
-                           "texts), not one document per line")
+    add_task_arguments(data)
     data.add_argument("--batch-size", type=int, default=128, help="held-out batch size")
     fit = p.add_argument_group("learned / MEHL options")
     fit.add_argument("--model-batch", "-K", type=int, default=None,

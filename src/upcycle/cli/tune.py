@@ -39,7 +39,7 @@ from .. import distributed
 from ..configfile import add_config_option, command_line, resolved_config
 from ..devices import add_device_arguments
 from ..errors import UpcycleError
-from ..tasks import TASKS
+from .arguments import add_checkpoint_arguments, add_task_arguments
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,6 @@ def register(subparsers) -> None:
                         help="training data: .csv/.jsonl with text,label or .npz with "
                              "images,labels (classification); .txt, or .csv/.jsonl with text "
                              "or prompt,completion (causal LM: loss on the completion only)")
-    parser.add_argument("--task", choices=TASKS, default="auto",
-                        help="auto (default): causal-lm when the model's config names a "
-                             "*ForCausalLM, else classification")
     held = parser.add_mutually_exclusive_group()
     held.add_argument("--held-out", metavar="FILE", default=None,
                       help="held-out data for the reported metric")
@@ -173,21 +170,11 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-steps", type=int, default=None, metavar="N",
                         help="evaluate on the held-out data every N steps and keep the best "
                              "checkpoint (lowest held-out loss), which is the one written")
-    parser.add_argument("--save-steps", type=int, default=None, metavar="N",
-                        help="save a resumable checkpoint every N steps in <out>.checkpoints/ "
-                             "(default: --eval-steps)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                        help="continue an interrupted run from its latest checkpoint (or CKPT); "
-                             "the other arguments must be those of the interrupted run")
+    add_checkpoint_arguments(parser, save_default=" (default: --eval-steps)")
     parser.add_argument("--logging-steps", type=int, default=10, metavar="N",
                         help="log the loss every N steps (console, report.json, TensorBoard "
                              "when installed)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="token limit (default 128 for classification; causal LM: min(512, "
-                             "the model's position limit), texts packed into blocks of it)")
-    parser.add_argument("--chunk", action="store_true",
-                        help="causal LM: read a .txt file as one stream cut into blocks (for "
-                             "long texts), not one document per line")
+    add_task_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: adapter/, merged/ (with --merge), report.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
