@@ -318,8 +318,9 @@ def contenders(args) -> list[dict]:
                                 f"{LEARNED_FACTOR} + {RUNTIME_GIB} GiB) > budget "
                                 f"{args.memory_budget} GiB: out of memory")
             out.append(spec)
-            out.append({"name": f"{regime}: mehl+ N={n} K={K}", "regime": regime,
-                        "method": "mehl+", "n": n, "k": K, "budget_gib": args.memory_budget})
+            out.append({"name": f"{regime}: mehl+ N={n} K={args.model_batch}", "regime": regime,
+                        "method": "mehl+", "n": n, "k": args.model_batch,
+                        "budget_gib": args.memory_budget})
     return out
 
 
@@ -352,6 +353,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="the two smallest N of each regime")
     p.add_argument("--regime", choices=["both", *REGIMES], default="both")
     p.add_argument("--sizes", default=None, help="comma-separated N to run (overrides)")
+    p.add_argument("--model-batch", "-K", type=int, default=K,
+                   help=f"MEHL's K, ingredients per round (default {K}); its floor is K + 1 models")
     p.add_argument("--memory-budget", type=float, default=12.0, metavar="GIB",
                    help="address-space limit of each contender process, GiB (default 12: the "
                         "machine is shared); a learned+ predicted above it is not started")
