@@ -28,7 +28,7 @@ from .tune import (
     get_snell_model,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "FitResult", "LearnedConfig", "MehlConfig", "SherlConfig", "SherlModel", "SnellConfig",
     "SnellModel", "SoupResult", "TrainingConfig", "UpcycleError", "__version__", "expand",
