@@ -1,0 +1,364 @@
+"""Accuracy of the tuning methods on the real MiniLM and BBC News (issue #13).
+
+Contenders: full fine-tuning, peft LoRA (r = 8 on query/value, and on all linear layers),
+SNELL (r = 8, s = 0.5, its paper's settings), SHERL (M = 1 and M = 2) and LST. Two
+settings: ``--setting 256`` (full articles, 256 tokens) and ``--setting 32`` (the harder
+one, 32 tokens). The split is fixed (BBC News shuffled with seed 0, cut 60/20/20 into
+train / held-out / test; ``--train-size`` etc. keep only the first N of each part).
+
+For every (method, learning rate, seed) a fresh subprocess trains with AdamW (batch 16,
+weight decay 0.01, constant lr), evaluates on held-out after every epoch, keeps the best
+epoch and stops after ``--patience`` epochs without improvement or at ``--max-epochs``.
+The test accuracy reported is that of the best-held-out epoch (the test split is scored
+at each improving epoch, equivalent to reloading the best state, and never used to choose).
+Every method gets a learning-rate grid of the same size; the lr chosen per method is the
+one with the best held-out accuracy (mean over seeds). The table gives, at that lr, test
+accuracy mean +- std over seeds, a bootstrap 95% interval (1000 resamples of the test
+examples, each example's correctness averaged over seeds), trainable parameters, peak RSS
+during training (Linux VmHWM reset at the first step) and median seconds per epoch.
+
+Runs are cached in ``--cache`` (one JSON per (setting, method, lr, seed, sizes, epoch cap,
+patience)); a rerun reports from the cache without retraining. torch runs with one thread.
+
+    .venv/bin/python benchmarks/tune_accuracy.py --setting 32 --seeds 0,1,2
+    .venv/bin/python benchmarks/tune_accuracy.py --setting 32 --seeds 0 --train-size 600 \\
+        --held-out-size 200 --test-size 400 --max-epochs 4 --patience 1   # reduced run
+
+Writes benchmarks/results/tune_accuracy_<setting>[_<tag>].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+BATCH = 16
+EVAL_BATCH = 32
+SPLIT = (0.6, 0.2, 0.2)
+METHODS = {  # name -> (family, build options)
+    "full": ("full", {}),
+    "lora-qv": ("lora", {"targets": ["query", "value"]}),
+    "lora-all": ("lora", {"targets": "all-linear"}),
+    "snell": ("snell", {}),
+    "sherl-m1": ("sherl", {"late_layers": 1}),
+    "sherl-m2": ("sherl", {"late_layers": 2}),
+    "lst": ("lst", {}),
+}
+DEFAULT_LRS = {
+    "full": "2e-5,5e-5,1e-4",
+    "lora": "3e-4,1e-3,3e-3",
+    "snell": "3e-4,1e-3,3e-3",
+    "sherl": "3e-4,1e-3,3e-3",
+    "lst": "3e-4,1e-3,3e-3",
+}
+
+
+# -- data and contenders ----------------------------------------------------------------------
+def fixed_splits(sizes: dict):
+    """(texts, labels) of train / held_out / test: a fixed shuffle (seed 0) cut 60/20/20, each
+    part truncated to its size (None = all)."""
+    from upcycle.datasets import bbc_news, split_indices
+
+    texts, labels, _ = bbc_news()
+    parts = split_indices(len(texts), SPLIT, seed=0)
+    out = {}
+    for name, idx in zip(("train", "held_out", "test"), parts):
+        n = sizes.get(name)
+        idx = idx[:n] if n else idx
+        out[name] = ([texts[i] for i in idx], [labels[i] for i in idx])
+    return out
+
+
+def build(spec: dict, model):
+    from upcycle.tune.common import count_parameters
+
+    family, opts = METHODS[spec["method"]]
+    head = ["classifier"]
+    if family == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        tuned = model
+    elif family == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        tuned = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=opts["targets"],
+                                                 modules_to_save=head))
+    elif family == "snell":
+        from upcycle.tune.snell import SnellConfig, get_snell_model
+
+        tuned = get_snell_model(model, SnellConfig(r=8, sparsity=0.5))
+    elif family == "sherl":
+        from upcycle.tune.sherl import SherlConfig, get_sherl_model
+
+        tuned = get_sherl_model(model, SherlConfig(late_layers=opts["late_layers"]))
+    elif family == "lst":
+        from upcycle.tune.lst import LstConfig, get_lst_model
+
+        tuned = get_lst_model(model, LstConfig())
+    else:  # pragma: no cover
+        raise ValueError(family)
+    return tuned, count_parameters(tuned)[0]
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    from upcycle.datasets import minilm_path
+    from upcycle.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
+    from upcycle.tasks import (
+        ClassificationTask,
+        LabeledData,
+        classification_loss,
+        evaluate,
+        logits_of,
+        move_batch,
+    )
+
+    torch.set_num_threads(1)
+    seed = spec["seed"]
+    device = torch.device(spec.get("device", "cpu"))
+    task = ClassificationTask(minilm_path(), "text", num_labels=5, max_length=spec["setting"],
+                              head_seed=seed)
+    data = {name: LabeledData(labels=torch.tensor(y), source=f"bbc:{name}", texts=x)
+            for name, (x, y) in fixed_splits(spec["sizes"]).items()}
+    model = task.load_model()
+    torch.manual_seed(seed)
+    tuned, trainable = build(spec, model)
+    tuned.to(device)
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
+    held_batches = task.batches(data["held_out"], EVAL_BATCH)
+    test_batches = task.batches(data["test"], EVAL_BATCH)
+
+    def test_correct() -> list[int]:
+        tuned.eval()
+        out = []
+        with torch.no_grad():
+            for batch in test_batches:
+                batch = move_batch(batch, device)
+                out += (logits_of(tuned, batch).argmax(-1) == batch["labels"]).int().tolist()
+        return out
+
+    exact = reset_peak_rss()
+    curve, losses, epoch_s = [], [], []
+    best, best_epoch, bad, correct = -1.0, -1, 0, None
+    for epoch in range(spec["max_epochs"]):
+        tuned.train()
+        start = time.perf_counter()
+        total, steps = 0.0, 0
+        for batch in task.batches(data["train"], BATCH, shuffle=True, seed=seed * 1000 + epoch):
+            loss = classification_loss(tuned, move_batch(batch, device))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total += float(loss)
+            steps += 1
+        epoch_s.append(time.perf_counter() - start)
+        losses.append(total / max(1, steps))
+        acc = evaluate(tuned, held_batches)["accuracy"]
+        curve.append(acc)
+        print(f"[worker] {spec['method']} lr={spec['lr']} seed={seed} epoch {epoch + 1}: "
+              f"loss {losses[-1]:.4f} held-out {acc:.4f} ({epoch_s[-1]:.1f}s)",
+              file=sys.stderr, flush=True)
+        if acc > best:
+            best, best_epoch, bad = acc, epoch, 0
+            correct = test_correct()
+        else:
+            bad += 1
+            if bad >= spec["patience"]:
+                break
+    result = {
+        "held_out_curve": curve,
+        "train_loss_curve": losses,
+        "best_epoch": best_epoch + 1,
+        "epochs_run": len(curve),
+        "held_out_accuracy": best,
+        "test_accuracy": sum(correct) / len(correct),
+        "test_correct": correct,
+        "trainable": trainable,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_is_training_only": exact,
+        "s_per_epoch": statistics.median(epoch_s),
+        "epoch_seconds": epoch_s,
+        "threads": torch.get_num_threads(),
+    }
+    cuda = peak_cuda_mb()
+    if cuda is not None:
+        result["peak_cuda_mb"] = cuda
+    return result
+
+
+# -- orchestration ----------------------------------------------------------------------------
+def cache_path(cache: Path, spec: dict) -> Path:
+    key = {k: spec[k] for k in ("setting", "method", "lr", "seed", "sizes", "max_epochs",
+                                "patience")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache / f"{spec['setting']}-{spec['method']}-lr{spec['lr']:g}-s{spec['seed']}-{digest}.json"
+
+
+def parse_lrs(args) -> dict[str, list[float]]:
+    grids = {fam: [float(v) for v in getattr(args, f"lr_{fam}").split(",") if v.strip()]
+             for fam in DEFAULT_LRS}
+    sizes = {len(g) for g in grids.values()}
+    if len(sizes) != 1:
+        raise SystemExit("tune_accuracy: error: every --lr-* grid must have the same size "
+                         f"(got {({f: len(g) for f, g in grids.items()})})")
+    return grids
+
+
+def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], str]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows, lines = [], []
+    for method in methods:
+        mine = [r for r in records if r["method"] == method and "error" not in r]
+        if not mine:
+            continue
+        by_lr: dict[float, list[dict]] = {}
+        for r in mine:
+            by_lr.setdefault(r["lr"], []).append(r)
+        held = {lr: statistics.mean(r["held_out_accuracy"] for r in rs) for lr, rs in by_lr.items()}
+        lr = max(held, key=lambda k: (held[k], -k))
+        rs = by_lr[lr]
+        tests = [r["test_accuracy"] for r in rs]
+        c = np.mean([np.asarray(r["test_correct"], dtype=float) for r in rs], axis=0)
+        boot = c[rng.integers(0, len(c), size=(1000, len(c)))].mean(axis=1)
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        rows.append({
+            "method": method, "lr": lr, "seeds": len(rs),
+            "lrs_tried": {f"{k:g}": round(v, 4) for k, v in sorted(held.items())},
+            "held_out": held[lr], "test_mean": statistics.mean(tests),
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "ci95": [float(lo), float(hi)], "trainable": rs[0]["trainable"],
+            "peak_rss_mb": statistics.mean(r["peak_rss_mb"] for r in rs),
+            "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rs),
+            "epochs": [r["epochs_run"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
+        })
+    lines.append("| method | lr (held-out pick) | held-out acc | test acc (mean ± std) | "
+                 "bootstrap 95% CI | trainable params | peak RSS (MiB) | s / epoch | "
+                 "epochs run (best) | held-out per lr |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['held_out']:.4f} | {r['test_mean']:.4f} ± "
+            f"{r['test_std']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
+            f"{r['trainable']:,} | {r['peak_rss_mb']:.0f} | {r['s_per_epoch']:.1f} | "
+            f"{','.join(map(str, r['epochs']))} ({','.join(map(str, r['best_epoch']))}) | "
+            f"{' '.join(f'{k}: {v:.3f}' for k, v in r['lrs_tried'].items())} |")
+    return rows, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", type=int, choices=(32, 256), default=256)
+    parser.add_argument("--seeds", default="0,1,2")
+    for fam, default in DEFAULT_LRS.items():
+        parser.add_argument(f"--lr-{fam}", default=default,
+                            help=f"learning-rate grid of {fam} (comma-separated)")
+    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--held-out-size", type=int, default=None)
+    parser.add_argument("--test-size", type=int, default=None)
+    parser.add_argument("--only", default=None, help="comma-separated method names to run")
+    parser.add_argument("--cache", default=str(HERE / "results" / "tune_accuracy_cache"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--no-train", action="store_true",
+                        help="report from the cache only (missing runs are left out)")
+    args = parser.parse_args()
+    if args.worker:
+        from upcycle.bench import worker_entry
+
+        worker_entry(run_worker, args.worker)
+        return
+    from upcycle.bench import run_contender
+    from upcycle.checkpoints import write_json
+
+    grids = parse_lrs(args)
+    methods = list(METHODS)
+    if args.only:
+        wanted = [m.strip() for m in args.only.split(",")]
+        unknown = [m for m in wanted if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"tune_accuracy: error: --only: unknown method {unknown[0]!r} "
+                             f"(known: {', '.join(METHODS)})")
+        methods = [m for m in methods if m in wanted]
+    sizes = {"train": args.train_size, "held_out": args.held_out_size, "test": args.test_size}
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    records = []
+    for method in methods:
+        for lr in grids[METHODS[method][0]]:
+            for seed in seeds:
+                spec = {"setting": args.setting, "method": method, "lr": lr, "seed": seed,
+                        "sizes": sizes, "max_epochs": args.max_epochs,
+                        "patience": args.patience, "device": args.device}
+                path = cache_path(cache, spec)
+                if path.is_file():
+                    records.append(json.loads(path.read_text()))
+                    continue
+                if args.no_train:
+                    continue
+                print(f"[bench] {method} lr={lr:g} seed={seed} ...", file=sys.stderr, flush=True)
+                result = run_contender(Path(__file__).resolve(), spec)
+                record = {**spec, **{k: v for k, v in result.items() if k != "spec"}}
+                if "error" in record:
+                    print(f"[bench]   failed: {record['error']}", file=sys.stderr, flush=True)
+                else:
+                    write_json(path, record)
+                    print(f"[bench]   held-out {record['held_out_accuracy']:.4f} test "
+                          f"{record['test_accuracy']:.4f} ({record['wall_s']:.0f}s)",
+                          file=sys.stderr, flush=True)
+                records.append(record)
+                # the table so far, so that an interrupted run still leaves a report
+                _report(args, sizes, seeds, grids, records, methods)
+    _report(args, sizes, seeds, grids, records, methods, final=True)
+
+
+def _report(args, sizes, seeds, grids, records, methods, final: bool = False) -> None:
+    from upcycle.checkpoints import atomic_file, write_json
+
+    rows, table = summarize(records, methods)
+    stem = f"tune_accuracy_{args.setting}" + (f"_{args.tag}" if args.tag else "")
+    protocol = (f"setting {args.setting} tokens; sizes {sizes} (None = the whole 60/20/20 part); "
+                f"seeds {seeds}; lr grids {json.dumps(grids)}; max epochs {args.max_epochs}, "
+                f"patience {args.patience}; batch {BATCH}, AdamW wd 0.01, constant lr; "
+                f"device {args.device}, 1 torch thread")
+    done = sum(1 for r in records if "error" not in r)
+    expected = len(seeds) * sum(len(grids[METHODS[m][0]]) for m in methods)
+    md = (f"# tune_accuracy, setting {args.setting}\n\n{protocol}\n\n"
+          f"runs done: {done} of {expected}{'' if final else ' (in progress)'}\n\n{table}\n")
+    if final:
+        print(md)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    with atomic_file(results / f"{stem}.md") as tmp:
+        Path(tmp).write_text(md)
+    slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in records]
+    write_json(results / f"{stem}.json", {"protocol": protocol, "argv": sys.argv, "rows": rows,
+                                          "runs": slim, "table": table})
+
+
+if __name__ == "__main__":
+    main()
