@@ -161,8 +161,11 @@ def run_worker(spec: dict) -> dict:
         def on_step_end(self, *args, **kwargs):
             stamps.append(time.perf_counter())
 
+    device = spec.get("device", "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     result = fit(model, batches, TrainingConfig(max_steps=steps, lr=spec["lr"], batch_size=1,
-                                                device="cpu", progress=False),
+                                                device=device, progress=False),
                  data_collator=first_item, callbacks=[Stamp()])
     training_peak = peak_rss_mb() if reset else None
     peak = max(loading_peak, peak_rss_mb())
@@ -192,7 +195,7 @@ def contenders(args) -> list[dict]:
     specs = []
     for task, label, steps in (("text", "MiniLM/BBC", st["text_steps"]),
                                ("image", "ViT/digits", st["image_steps"])):
-        base = {"task": task, "steps": steps, "paths": paths}
+        base = {"task": task, "steps": steps, "paths": paths, "device": args.device}
         specs.append({**base, "name": f"{label} full fine-tuning", "method": "full",
                       "lr": 1e-4})
         for r in (8, 32):
@@ -214,7 +217,8 @@ COLUMNS = [
     ("peak_rss_mb", "peak RSS (MB)", ".0f"),
     ("training_peak_mb", "peak RSS in training (MB)", ".0f"),
     ("training_peak_above_start_mb", "training peak - start (MB)", ".0f"),
-    ("s_per_step", "s/step (median)", ".2f"),
+    ("peak_cuda_mb", "CUDA max allocated in training (MB)", ".0f"),
+    ("s_per_step", "s/step (median)", ".3f"),
     ("test_accuracy", "test acc", ".3f"),
 ]
 
@@ -233,11 +237,14 @@ def _summarize(rows: list[dict]) -> str:
                 if not snell:
                     continue
                 key = "training_peak_mb" if snell.get("training_peak_mb") else "peak_rss_mb"
+                if snell.get("peak_cuda_mb"):
+                    key = "peak_cuda_mb"
                 own = ("training_peak_above_start_mb" if snell.get("training_peak_mb")
                        else "peak_above_model_mb")
                 ratio = snell[own] / max(1e-9, lora[own])
                 peak_ratio = snell[key] / lora[key]
-                parts = [(f"{label} SNELL r={r} s={s}: peak RSS in training "
+                what = "CUDA max allocated" if key == "peak_cuda_mb" else "peak RSS in training"
+                parts = [(f"{label} SNELL r={r} s={s}: {what} "
                           f"{100 * (peak_ratio - 1):+.1f}% vs LoRA-{r} (what training adds "
                           f"{100 * (ratio - 1):+.1f}%)")]
                 if full:
@@ -252,6 +259,15 @@ def _summarize(rows: list[dict]) -> str:
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run (few steps)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda[:N] (on CUDA the table adds torch.cuda.max_memory_"
+                             "allocated during training, and the summary compares that)")
+
+
+def _device_name(cuda: bool) -> str:
+    if cuda and torch.cuda.is_available():
+        return f"CUDA ({torch.cuda.get_device_name()})"
+    return "CPU"
 
 
 def main() -> None:
@@ -259,7 +275,9 @@ def main() -> None:
     from upcycle.checkpoints import atomic_file
 
     quick = "--quick" in sys.argv
-    out_json = RESULTS / ("snell_memory_quick.json" if quick else "snell_memory.json")
+    cuda = any("cuda" in a for a in sys.argv[1:])
+    out_json = RESULTS / (("snell_memory_quick" if quick else "snell_memory")
+                          + ("_cuda" if cuda else "") + ".json")
     rows = bench_main(__file__, contenders, run_worker, COLUMNS,
                       description=__doc__.split("\n\n")[0], out_json=out_json,
                       add_arguments=_add_arguments, summarize=_summarize)
@@ -275,8 +293,8 @@ def main() -> None:
             f"MiniLM/BBC: batch 32, sequence 128, {st['text_steps']} steps, test on "
             f"{st['text_test']} articles. ViT/digits: batch 32, {st['image_steps']} steps, test "
             f"on {st['image_test']} digits (ViT pretrained here on MNIST for "
-            f"{st['pretrain_steps']} steps; no pretrained ViT offline). CPU, torch "
-            f"{torch.__version__}.\n\n"
+            f"{st['pretrain_steps']} steps; no pretrained ViT offline). {_device_name(cuda)}, "
+            f"torch {torch.__version__}.\n\n"
             + format_table(rows, COLUMNS) + "\n\n" + _summarize(rows) + "\n")
     with atomic_file(out_json.with_suffix(".md")) as tmp:
         tmp.write_text(text)

@@ -7,8 +7,10 @@ for the exact threshold, the product with the input and the backward. Target: SN
 above peft LoRA's <= 1x the weight's bytes (180 MB), at <= 1.5x LoRA's step time.
 
 Contenders, each in a fresh subprocess (upcycle.bench): the frozen layer alone (no adapter,
-the floor), peft LoRA r = 8, SNELL r = 8, s = 0.5 blocked (block_mb 1, 4 = default, 16, 64),
-and SNELL's two whole-matrix paths (recompute 'checkpoint' and 'none'). A step is forward,
+the floor), peft LoRA r = 8, SNELL r = 8, s = 0.5 blocked (block_mb 1, 4, 16, 64; the default is 4 on a CPU, 16 on CUDA),
+the default block with SnellConfig.compile (the kernel as one torch.compiled loop; its
+one-time compile runs in an extra step before the measured ones), and SNELL's two
+whole-matrix paths (recompute 'checkpoint' and 'none'). A step is forward,
 loss = mean(y^2), backward and an AdamW step on the adapter, on x of shape (1, tokens, 4096).
 
 Memory per contender, both as what the step adds above the RSS before it:
@@ -22,6 +24,7 @@ in alternating order and the best round counts (load from other jobs only slows 
 
     python benchmarks/snell_spike.py                 # ~10 min on a shared 2-core CPU
     python benchmarks/snell_spike.py --tokens 1024 --tag tokens1024
+    python benchmarks/snell_spike.py --input-grad --tag input_grad   # x.requires_grad
 
 Writes benchmarks/results/snell_spike.{json,md}.
 """
@@ -65,7 +68,8 @@ def _build(spec: dict, device: torch.device) -> nn.Module:
 
         model = get_snell_model(model, SnellConfig(
             r=8, sparsity=0.5, target_modules=["lin"], modules_to_save=[], dropout=0.0,
-            drop_path=0.0, recompute=spec["recompute"], block_mb=spec.get("block_mb", 4.0)))
+            drop_path=0.0, recompute=spec["recompute"], block_mb=spec.get("block_mb"),
+            compile=bool(spec.get("compile"))))
     return model.train()
 
 
@@ -91,6 +95,8 @@ def run_worker(spec: dict) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-3) if params else None
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, spec["tokens"], D_IN, generator=g).to(device)
+    if spec.get("input_grad"):  # a layer inside a network: its input needs a gradient too
+        x.requires_grad_(True)
 
     def step():
         y = model(x)
@@ -103,6 +109,11 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     weight_mb = D_IN * D_OUT * 4 / 2**20
+    compile_s = None
+    if spec.get("compile"):  # the one-time torch.compile, outside the step's figures
+        start = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - start
     _malloc_trim()  # give freed heap back, so the start RSS is what is alive
     rss_start = current_rss_mb()
     reset = reset_peak_rss()
@@ -123,6 +134,7 @@ def run_worker(spec: dict) -> dict:
         "rss_added_mb": step_peak - rss_start if step_peak is not None else None,
         "s_per_step": statistics.median(times[1:]),
         "first_step_s": times[0],
+        "compile_step_s": compile_s,
     }
     if device.type == "cuda":
         result["cuda_added_mb"] = (torch.cuda.max_memory_allocated() - cuda_start) / 2**20
@@ -140,25 +152,37 @@ def run_worker(spec: dict) -> dict:
 
 
 def contenders(args) -> list[dict]:
-    base = {"device": args.device, "tokens": args.tokens, "steps": args.steps}
+    base = {"device": args.device, "tokens": args.tokens, "steps": args.steps,
+            "input_grad": args.input_grad}
     specs = [{**base, "name": "frozen layer, no adapter", "method": "none"},
              {**base, "name": "peft LoRA r=8", "method": "lora"}]
+    from upcycle.devices import resolve_device
+    from upcycle.tune.snell import DEFAULT_BLOCK_MB
+
+    default_mb = DEFAULT_BLOCK_MB.get(resolve_device(args.device).type, DEFAULT_BLOCK_MB["cpu"])
     for mb in (1.0, 4.0, 16.0, 64.0):
         specs.append({**base, "name": f"SNELL blocked, block_mb={mb:g}"
-                      + (" (default)" if mb == 4.0 else ""), "method": "snell",
+                      + (" (default)" if mb == default_mb else ""), "method": "snell",
                       "recompute": "backward", "block_mb": mb})
+    specs.append({**base, "name": f"SNELL blocked, block_mb={default_mb:g}, compiled kernel",
+                  "method": "snell", "recompute": "backward", "block_mb": default_mb,
+                  "compile": True})
     for mode in ("checkpoint", "none"):
         specs.append({**base, "name": f"SNELL whole delta_W, recompute={mode}",
                       "method": "snell", "recompute": mode})
     return specs
 
 
+_SPEC_KEYS = ("device", "tokens", "steps", "input_grad", "recompute", "block_mb", "compile")
+
 COLUMNS = [
     ("name", "contender", ""),
     ("rss_added_mb", "step peak RSS - start (MB)", ".0f"),
+    ("cuda_added_mb", "CUDA max allocated - start (MB)", ".0f"),
     ("live_added_mb", "peak live tensors (MB)", ".0f"),
-    ("above_lora_x_weight", "above LoRA, x weight (RSS / live)", ""),
-    ("s_per_step", "s/step (best round)", ".2f"),
+    ("above_lora_x_weight", "above LoRA, x weight (RSS or, on CUDA, max allocated / live)",
+     ""),
+    ("s_per_step", "s/step (best round)", ".4f"),
     ("time_vs_lora", "time / LoRA", ".2f"),
 ]
 
@@ -187,8 +211,11 @@ def _annotate(rows: list[dict]) -> None:
         if "error" in r:
             continue
         w = r["weight_mb"]
-        rss = ((r["rss_added_mb"] - lora["rss_added_mb"]) / w
-               if r.get("rss_added_mb") is not None else None)
+        # on a GPU the process's RSS is host memory (CUDA libraries loading lazily): the
+        # device figure there is CUDA max allocated
+        key = "cuda_added_mb" if r.get("cuda_added_mb") is not None else "rss_added_mb"
+        rss = ((r[key] - lora[key]) / w
+               if r.get(key) is not None and lora.get(key) is not None else None)
         live = (r["live_added_mb"] - lora["live_added_mb"]) / w
         r["above_lora_rss_x"] = rss
         r["above_lora_live_x"] = live
@@ -227,18 +254,35 @@ def main() -> None:
                         help="run every contender this many times, alternating the order")
     parser.add_argument("--only", default=None, help="only contenders whose name has this")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--input-grad", action="store_true",
+                        help="x requires a gradient (a layer inside a network: one more "
+                             "weight-sized product in backward for every contender)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each contender (torch.profiler)")
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="render the table of a saved run (its JSON) again; runs nothing")
     args = parser.parse_args()
     if args.worker:
         worker_entry(run_worker, args.worker)
         return
-    specs = [s for s in contenders(args) if not args.only or args.only in s["name"]
-             or s["method"] == "lora"]
-    for spec in specs:
-        spec["profile"] = args.profile
-    runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
-    for i in range(args.rounds):
+    argv = sys.argv
+    if args.from_json:
+        import json
+
+        saved = json.loads(Path(args.from_json).read_text())
+        argv, runs = saved["argv"], saved["runs"]
+        args = parser.parse_args(argv[1:])
+        specs = [{k: v for k, v in r.items() if k in ("name", "method") or k in _SPEC_KEYS}
+                 for r in saved["rows"]]
+        rounds = 0
+    else:
+        specs = [s for s in contenders(args) if not args.only or args.only in s["name"]
+                 or s["method"] == "lora"]
+        for spec in specs:
+            spec["profile"] = args.profile
+        runs = {s["name"]: [] for s in specs}
+        rounds = args.rounds
+    for i in range(rounds):
         for spec in (specs if i % 2 == 0 else specs[::-1]):
             print(f"[bench] round {i + 1}: {spec['name']} ...", file=sys.stderr, flush=True)
             result = run_contender(__file__, spec)
@@ -251,12 +295,13 @@ def main() -> None:
     summary = _summarize(rows)
     print(table + "\n\n" + summary)
     out_json = RESULTS / f"snell_spike{'_' + args.tag if args.tag else ''}.json"
-    write_json(out_json, {"rows": rows, "runs": runs, "table": table, "argv": sys.argv})
-    command = "python benchmarks/snell_spike.py " + " ".join(sys.argv[1:])
+    write_json(out_json, {"rows": rows, "runs": runs, "table": table, "argv": argv})
+    command = "python benchmarks/snell_spike.py " + " ".join(argv[1:])
     text = (f"Command: `{command.strip()}`\n\n"
             f"One step of a single fp32 Linear({D_IN} -> {D_OUT}) (weight "
             f"{D_IN * D_OUT * 4 / 2**20:.0f} MiB), x of shape (1, {args.tokens}, {D_IN}), "
-            f"device {args.device}, torch {torch.__version__}, one thread, {args.rounds} "
+            f"device {args.device}, torch {torch.__version__}, one thread, "
+            f"{'x requires grad, ' if args.input_grad else ''}{args.rounds} "
             f"rounds (memory: the largest; time: the best round's median of {args.steps} "
             f"steps). Memory is what the step adds above the start (MiB); 'above LoRA' is "
             f"(SNELL - LoRA) / weight bytes.\n\n" + table + "\n\n" + summary + "\n")

@@ -4,6 +4,7 @@ in two regimes.
     .venv/bin/python benchmarks/soup_memory.py                     # both regimes
     .venv/bin/python benchmarks/soup_memory.py --regime base       # weights dominate only
     .venv/bin/python benchmarks/soup_memory.py --regime minilm --quick
+    python benchmarks/soup_memory.py --device cuda --memory-budget 70 --out ...  # on a GPU
 
 Regimes:
 
@@ -226,7 +227,9 @@ def _out_of_memory(exc: BaseException) -> bool:
 def run_worker(spec: dict) -> dict:
     if "skip" in spec:  # predicted over budget: not started
         return {"status": "out of memory (predicted; not run)", "why": spec["skip"]}
-    _limit_address_space(int(spec["budget_gib"] * GIB))
+    device = spec.get("device", "cpu")
+    if device == "cpu":  # CUDA reserves far more address space than it uses: no RLIMIT_AS there
+        _limit_address_space(int(spec["budget_gib"] * GIB))
     import torch
 
     from upcycle.checkpoints import open_ingredients
@@ -240,7 +243,7 @@ def run_worker(spec: dict) -> dict:
     ingredients = open_ingredients(ingredient_paths(spec["regime"], spec["n"]))
     task = ClassificationTask(model_dir(spec["regime"]), "text", num_labels=5,
                               max_length=regime["max_length"])
-    model = task.load_model()
+    model = task.load_model().to(device)
     with torch.no_grad():  # materialise the weights in private memory before "start"
         for p in model.parameters():
             p.data = p.data.clone()
@@ -252,16 +255,21 @@ def run_worker(spec: dict) -> dict:
     batches = task.batches(data, regime["batch"])
     gc.collect()
     rss_before = current_rss_mb()
-    out = {"rss_before_mb": rss_before, "model_mb": model_bytes / 2**20}
+    out = {"rss_before_mb": rss_before, "model_mb": model_bytes / 2**20, "device": device}
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        out["cuda_before_mb"] = torch.cuda.memory_allocated() / 2**20
     start = time.perf_counter()
     try:
         with LiveTensors(model) as live:
             if spec["method"] == "learned+":
-                learned_soup(ingredients, model, batches, config=LearnedConfig(epochs=1))
+                learned_soup(ingredients, model, batches, config=LearnedConfig(epochs=1),
+                             device=device)
                 epochs = 1
             else:
                 result = mehl_soup(ingredients, model, batches,
-                                   config=MehlConfig(model_batch=spec["k"], epochs=1))
+                                   config=MehlConfig(model_batch=spec["k"], epochs=1),
+                                   device=device)
                 epochs = len(result.history)
     except Exception as exc:  # over the address-space budget: record it, don't crash
         if not _out_of_memory(exc):
@@ -269,6 +277,8 @@ def run_worker(spec: dict) -> dict:
         return {**out, "status": "out of memory", "why": f"{type(exc).__name__}: {exc}"[:300],
                 "peak_rss_mb": peak_rss_mb(), "soup_peak_mb": peak_rss_mb() - rss_before,
                 "seconds": time.perf_counter() - start}
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start - live.overhead
     out.update({"status": "ok", "peak_rss_mb": peak_rss_mb(),
                 "soup_peak_mb": peak_rss_mb() - rss_before, "seconds": seconds,
@@ -276,6 +286,9 @@ def run_worker(spec: dict) -> dict:
                 "live_mb": live.peak_live / 2**20, "saved_mb": live.peak_saved / 2**20,
                 "activations_mb": live.peak_activations / 2**20,
                 "hook_seconds": live.overhead})
+    if torch.device(device).type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["soup_peak_mb"] = out["peak_cuda_mb"] - out["cuda_before_mb"]
     if spec["method"] == "mehl+":
         floor = (spec["k"] + 1) * model_bytes + live.peak_activations
         out["floor_mb"] = floor / 2**20
@@ -312,7 +325,8 @@ def contenders(args) -> list[dict]:
         for n in sorted(sizes):  # cheapest N first
             need = (LEARNED_FACTOR * (n + 2) * model + RUNTIME_GIB * GIB) / GIB
             spec = {"name": f"{regime}: learned+ N={n}", "regime": regime, "method": "learned+",
-                    "n": n, "budget_gib": args.memory_budget, "predicted_gib": round(need, 1)}
+                    "n": n, "budget_gib": args.memory_budget, "predicted_gib": round(need, 1),
+                    "device": args.device}
             if need > args.memory_budget:
                 spec["skip"] = (f"predicted {need:.1f} GiB ((N + 2) x {model / GIB:.2f} GiB x "
                                 f"{LEARNED_FACTOR} + {RUNTIME_GIB} GiB) > budget "
@@ -320,7 +334,7 @@ def contenders(args) -> list[dict]:
             out.append(spec)
             out.append({"name": f"{regime}: mehl+ N={n} K={args.model_batch}", "regime": regime,
                         "method": "mehl+", "n": n, "k": args.model_batch,
-                        "budget_gib": args.memory_budget})
+                        "budget_gib": args.memory_budget, "device": args.device})
     return out
 
 
@@ -340,12 +354,16 @@ def summarize(rows: list[dict]) -> str:
                 lines.append(f"  N={n}: learned+ {why}; mehl+ peak RSS {b['peak_rss_mb']:.0f} MiB"
                              + floor)
                 continue
+            cuda = ""
+            if a.get("peak_cuda_mb") and b.get("peak_cuda_mb"):
+                cuda = (f", CUDA max allocated {a['peak_cuda_mb']:.0f} vs "
+                        f"{b['peak_cuda_mb']:.0f} MiB ({a['peak_cuda_mb'] / b['peak_cuda_mb']:.1f}x)")
             lines.append(
                 f"  N={n}: learned+ / mehl+ peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.1f}x"
                 f" (above start {a['soup_peak_mb'] / max(1, b['soup_peak_mb']):.1f}x, live "
                 f"tensors {a['live_mb'] / b['live_mb']:.1f}x), time per held-out epoch "
                 f"{a['s_per_epoch']:.1f} s vs {b['s_per_epoch']:.1f} s "
-                f"({a['s_per_epoch'] / b['s_per_epoch']:.1f}x)" + floor)
+                f"({a['s_per_epoch'] / b['s_per_epoch']:.1f}x)" + cuda + floor)
     return "\n".join(lines)
 
 
@@ -358,6 +376,9 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-budget", type=float, default=12.0, metavar="GIB",
                    help="address-space limit of each contender process, GiB (default 12: the "
                         "machine is shared); a learned+ predicted above it is not started")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N]; on CUDA the figures add torch.cuda.max_memory_allocated "
+                        "and 'peak above start' is taken from it (no address-space limit there)")
 
 
 if __name__ == "__main__":
@@ -366,6 +387,7 @@ if __name__ == "__main__":
         columns=[("name", "contender", ""), ("status", "status", ""),
                  ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
                  ("soup_peak_mb", "peak above start (MiB)", ".0f"),
+                 ("peak_cuda_mb", "CUDA max allocated (MiB)", ".0f"),
                  ("live_mb", "live tensors (MiB)", ".0f"),
                  ("activations_mb", "activations (MiB)", ".0f"),
                  ("floor_mb", "MEHL floor (MiB)", ".0f"),

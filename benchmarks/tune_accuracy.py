@@ -35,7 +35,9 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,6 +143,8 @@ def run_worker(spec: dict) -> dict:
     torch.manual_seed(seed)
     tuned, trainable = build(spec, model)
     tuned.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in tuned.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
     held_batches = task.batches(data["held_out"], EVAL_BATCH)
@@ -208,6 +212,8 @@ def run_worker(spec: dict) -> dict:
 def cache_path(cache: Path, spec: dict) -> Path:
     key = {k: spec[k] for k in ("setting", "method", "lr", "seed", "sizes", "max_epochs",
                                 "patience")}
+    if spec.get("device", "cpu") != "cpu":  # CPU runs keep their old keys
+        key["device"] = spec["device"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache / f"{spec['setting']}-{spec['method']}-lr{spec['lr']:g}-s{spec['seed']}-{digest}.json"
 
@@ -248,21 +254,50 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], str]
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "ci95": [float(lo), float(hi)], "trainable": rs[0]["trainable"],
             "peak_rss_mb": statistics.mean(r["peak_rss_mb"] for r in rs),
+            "peak_cuda_mb": (statistics.mean(r["peak_cuda_mb"] for r in rs)
+                             if all(r.get("peak_cuda_mb") for r in rs) else None),
             "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rs),
             "epochs": [r["epochs_run"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
         })
+    cuda = bool(rows) and all(r["peak_cuda_mb"] for r in rows)
+    key, what = ("peak_cuda_mb", "CUDA max allocated") if cuda else ("peak_rss_mb", "peak RSS")
     lines.append("| method | lr (held-out pick) | held-out acc | test acc (mean ± std) | "
-                 "bootstrap 95% CI | trainable params | peak RSS (MiB) | s / epoch | "
+                 f"bootstrap 95% CI | trainable params | {what} (MiB) | s / epoch | "
                  "epochs run (best) | held-out per lr |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {r['held_out']:.4f} | {r['test_mean']:.4f} ± "
             f"{r['test_std']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
-            f"{r['trainable']:,} | {r['peak_rss_mb']:.0f} | {r['s_per_epoch']:.1f} | "
+            f"{r['trainable']:,} | {r[key]:.0f} | {r['s_per_epoch']:.2f} | "
             f"{','.join(map(str, r['epochs']))} ({','.join(map(str, r['best_epoch']))}) | "
             f"{' '.join(f'{k}: {v:.3f}' for k, v in r['lrs_tried'].items())} |")
+    lines += [""] + verdicts(rows, key, what)
     return rows, "\n".join(lines)
+
+
+def verdicts(rows: list[dict], key: str, what: str) -> list[str]:
+    """The issue's targets, against each LoRA: SNELL test acc >= LoRA's at <= 1.05x its
+    memory; SHERL within 1 point of LoRA at <= 0.5x its memory."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for lora in ("lora-qv", "lora-all"):
+        ref = by.get(lora)
+        if ref is None:
+            continue
+        for name, gap, mem in (("snell", 0.0, 1.05), ("sherl-m1", 0.01, 0.5),
+                               ("sherl-m2", 0.01, 0.5)):
+            r = by.get(name)
+            if r is None:
+                continue
+            d = r["test_mean"] - ref["test_mean"]
+            ratio = r[key] / ref[key]
+            acc_ok, mem_ok = d >= -gap - 1e-9, ratio <= mem
+            want = "≥ LoRA's" if gap == 0 else "within 1 point of LoRA's"
+            out.append(f"- {name} vs {lora}: test accuracy {d * 100:+.2f} points (target {want}: "
+                       f"{'met' if acc_ok else 'missed'}); {what} {ratio:.2f}x (target ≤ {mem}x: "
+                       f"{'met' if mem_ok else 'missed'})")
+    return out
 
 
 def main() -> None:
@@ -282,6 +317,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated method names to run")
     parser.add_argument("--cache", default=str(HERE / "results" / "tune_accuracy_cache"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (each its own process; on one GPU they share it, "
+                             "so s / epoch is then only comparable within the table)")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--no-train", action="store_true",
                         help="report from the cache only (missing runs are left out)")
@@ -307,7 +345,7 @@ def main() -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    records = []
+    records, todo = [], []
     for method in methods:
         for lr in grids[METHODS[method][0]]:
             for seed in seeds:
@@ -317,22 +355,30 @@ def main() -> None:
                 path = cache_path(cache, spec)
                 if path.is_file():
                     records.append(json.loads(path.read_text()))
-                    continue
-                if args.no_train:
-                    continue
-                print(f"[bench] {method} lr={lr:g} seed={seed} ...", file=sys.stderr, flush=True)
-                result = run_contender(Path(__file__).resolve(), spec)
-                record = {**spec, **{k: v for k, v in result.items() if k != "spec"}}
-                if "error" in record:
-                    print(f"[bench]   failed: {record['error']}", file=sys.stderr, flush=True)
-                else:
-                    write_json(path, record)
-                    print(f"[bench]   held-out {record['held_out_accuracy']:.4f} test "
-                          f"{record['test_accuracy']:.4f} ({record['wall_s']:.0f}s)",
-                          file=sys.stderr, flush=True)
-                records.append(record)
-                # the table so far, so that an interrupted run still leaves a report
-                _report(args, sizes, seeds, grids, records, methods)
+                elif not args.no_train:
+                    todo.append((spec, path))
+    lock = threading.Lock()
+
+    def one(spec: dict, path: Path) -> None:
+        print(f"[bench] {spec['method']} lr={spec['lr']:g} seed={spec['seed']} ...",
+              file=sys.stderr, flush=True)
+        result = run_contender(Path(__file__).resolve(), spec)
+        record = {**spec, "jobs": args.jobs, **{k: v for k, v in result.items() if k != "spec"}}
+        if "error" in record:
+            print(f"[bench]   failed: {record['error']}", file=sys.stderr, flush=True)
+        else:
+            write_json(path, record)
+            print(f"[bench]   {spec['method']} lr={spec['lr']:g} seed={spec['seed']}: held-out "
+                  f"{record['held_out_accuracy']:.4f} test {record['test_accuracy']:.4f} "
+                  f"({record['wall_s']:.0f}s)", file=sys.stderr, flush=True)
+        with lock:
+            records.append(record)
+            # the table so far, so that an interrupted run still leaves a report
+            _report(args, sizes, seeds, grids, records, methods)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for future in [pool.submit(one, spec, path) for spec, path in todo]:
+            future.result()
     _report(args, sizes, seeds, grids, records, methods, final=True)
 
 
@@ -345,6 +391,10 @@ def _report(args, sizes, seeds, grids, records, methods, final: bool = False) ->
                 f"seeds {seeds}; lr grids {json.dumps(grids)}; max epochs {args.max_epochs}, "
                 f"patience {args.patience}; batch {BATCH}, AdamW wd 0.01, constant lr; "
                 f"device {args.device}, 1 torch thread")
+    jobs = max((r.get("jobs", 1) for r in records), default=1)
+    if jobs > 1:
+        protocol += (f"; up to {jobs} runs at a time on the device, so s / epoch compares "
+                     f"methods within this table only")
     done = sum(1 for r in records if "error" not in r)
     expected = len(seeds) * sum(len(grids[METHODS[m][0]]) for m in methods)
     md = (f"# tune_accuracy, setting {args.setting}\n\n{protocol}\n\n"

@@ -33,3 +33,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(args, env=None, *, check=True, nproc=2):
+    """``torchrun --nproc_per_node 2 ARGS`` on a free localhost port, OMP_NUM_THREADS=1.
+
+    Returns the CompletedProcess (text output). With ``check`` a non-zero exit fails the test
+    with the tail of the ranks' stderr, so a CI log shows why a rank died.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)],
+        capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc

@@ -169,7 +169,7 @@ from lm_models import tiny_lm
 from upcycle import distributed
 from upcycle.tasks.causal_lm import evaluate
 torch.set_num_threads(1)
-distributed.init_from_env()
+distributed.init_from_env("cpu")  # gloo, also on a machine with one GPU
 g = torch.Generator().manual_seed(0)
 batches = []
 for size, width in [(3, 12), (1, 5), (2, 9)]:  # unequal token counts per batch and rank
@@ -189,7 +189,7 @@ def test_evaluate_sums_tokens_over_ranks(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import free_port
+    from conftest import torchrun
 
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_EVAL)
@@ -197,10 +197,7 @@ def test_evaluate_sums_tokens_over_ranks(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script), "x", tests_dir], check=True, env=env,
                          capture_output=True, text=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                          str(script), "x", tests_dir], check=True, env=env,
-                         capture_output=True, text=True)
+    two = torchrun([script, "x", tests_dir])
     a = json.loads(one.stdout.strip().splitlines()[-1])
     b = json.loads(two.stdout.strip().splitlines()[-1])
     assert a["tokens"] == b["tokens"] == 3 * 8 + 1 * 4 + 2 * 6  # targets after the shift

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import torchrun
 from lm_models import CORPUS, save_lm, tiny_lm, tiny_tokenizer, write_lines
 from safetensors import safe_open
 
@@ -415,10 +416,7 @@ def test_tune_lm_loss_is_the_global_token_mean_under_torchrun(lm_runs, tmp_path)
     one = subprocess.run([sys.executable, "-m", "upcycle.cli.main", *args, "--out",
                           str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "upcycle.cli.main", *args, "--out",
-                          str(tmp_path / "two")], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun(["-m", "upcycle.cli.main", *args, "--out", tmp_path / "two"])
     first = [json.loads((tmp_path / name / "report.json").read_text())["log_history"][0]["loss"]
              for name in ("one", "two")]
     assert first[0] == pytest.approx(first[1], abs=2e-4)  # Trainer logs 4 decimals

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun
 
 from upcycle.cli.main import main
 
@@ -120,15 +120,10 @@ def test_tune_snell_image(tmp_path, capsys):
 def test_tune_ddp_two_ranks_gloo(text_task, tmp_path):
     model_dir, train_file, test_file = text_task
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "upcycle.cli.main", "tune", "--method", "snell",
-         "--model", str(model_dir), "--data", str(train_file), "--test", str(test_file),
-         "--max-steps", "3", "--batch-size", "8", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(["-m", "upcycle.cli.main", "tune", "--method", "snell",
+              "--model", model_dir, "--data", train_file, "--test", test_file,
+              "--max-steps", "3", "--batch-size", "8", "--out", out, "--quiet",
+              "--device", "cpu"])  # gloo, also on a machine with one GPU
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 3
     assert report["test_metrics"]["n"] == 16  # every test example counted once over the ranks
@@ -140,6 +135,31 @@ def _tune_argv(model_dir, train_file, out, *extra):
     return ["tune", "--method", "snell", "--model", str(model_dir), "--data", str(train_file),
             "--r", "4", "--max-steps", "6", "--batch-size", "8", "--lr", "1e-2",
             "--save-steps", "3", "--device", "cpu", "--out", str(out), "--quiet", *extra]
+
+
+@pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++")
+                         or shutil.which("clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_tune_snell_compile_is_saved_with_the_adapter(text_task, tmp_path):
+    """--snell-compile trains with the compiled kernel, saves compile=true in the adapter's
+    config, and the reloaded adapter (compiled again) gives the merged model's outputs."""
+    from transformers import AutoModelForSequenceClassification
+
+    from upcycle.tune.snell import SnellModel
+
+    model_dir, train_file, _ = text_task
+    out = tmp_path / "run"
+    assert main(_tune_argv(model_dir, train_file, out, "--snell-compile", "--merge")) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["compile"] is True
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    adapted = SnellModel.from_pretrained(base, out / "adapter").eval()
+    assert all(layer.compile for layer in adapted.snell_layers().values())
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    ids = torch.tensor([[2, 13, 14, 15, 5, 6, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
 
 
 def _adapter(out):

@@ -68,3 +68,32 @@ def test_autocast_bf16_on_cpu():
         assert (a @ b).dtype is torch.bfloat16
     with autocast(torch.device("cpu"), None):
         assert (a @ b).dtype is torch.float32
+
+
+def test_torchrun_rank_without_a_gpu_is_a_clear_error(monkeypatch):
+    """Two processes per node on a one-GPU machine: NCCL needs a GPU per rank, so the second
+    rank is told what to do instead of failing inside CUDA."""
+    from upcycle import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(UpcycleError, match=r"local rank 1 needs CUDA device 1.*--device cpu"):
+        distributed.init_from_env("cuda")
+
+
+def test_torchrun_ranks_destroy_their_process_group_at_exit(tmp_path):
+    """A rank that exits with its gloo group alive can abort in the group's destructor
+    ("terminate called without an active exception", seen 1 run in 15 on CI): the group that
+    init_from_env opens is destroyed at exit, before interpreter teardown."""
+    from conftest import torchrun
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "from upcycle import distributed\n"
+        "atexit.register(lambda: print('at exit, initialized =', dist.is_initialized()))\n"
+        "assert distributed.init_from_env('cpu') and distributed.world_size() == 2\n")
+    out = torchrun([script]).stdout
+    assert out.count("at exit, initialized = False") == 2, out

@@ -2,6 +2,8 @@
 reference's threshold and mask, its outputs and gradients, and bounded transient memory."""
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -228,6 +230,20 @@ def test_block_rows_follow_block_mb():
         SnellConfig(block_mb=0)
 
 
+def test_default_block_size_follows_the_device():
+    """block_mb=None: 4 MiB of rows on a CPU, 16 MiB on CUDA (where a step is bound by the
+    number of small kernels), whole tiles of each device."""
+    from upcycle.tune.snell import DEFAULT_BLOCK_MB, _block_rows, _tile_rows
+
+    assert SnellConfig().block_mb is None
+    for device, mb in (("cpu", 4.0), ("cuda", 16.0), ("mps", 4.0)):
+        rows = _block_rows(None, 1024, device)
+        assert rows == _block_rows(mb, 1024, device)
+        assert rows % _tile_rows(torch.device(device)) == 0
+    assert DEFAULT_BLOCK_MB == {"cpu": 4.0, "cuda": 16.0}
+    assert _block_rows(None, 1024, "cuda") == 4 * _block_rows(None, 1024, "cpu")
+
+
 def test_transient_memory_is_bounded_by_the_block():
     """Live tensor bytes during one step: the blocked path stays within a few blocks, while
     the whole-matrix path holds several copies of delta_W."""
@@ -250,3 +266,134 @@ def test_transient_memory_is_bounded_by_the_block():
     dense = peak("none", 128)
     assert dense > 4 * weight_bytes
     assert blocked < 0.75 * weight_bytes, (blocked / weight_bytes, dense / weight_bytes)
+
+
+def test_kernel_blocks_identical_in_every_pass():
+    """The threshold and forward passes (kernel built in place in reused buffers) and the
+    backward (distances kept, kernel in its own buffer) build bit-identical blocks, the
+    same as the dense kernel's rows: the backward's mask is the forward's."""
+    from upcycle.tune.snell import _kernel_rows, _padded_factors, _Scratch
+
+    layer = _layer(29, 150, block_rows=64)
+    A, B = layer.snell_A.detach(), layer.snell_B.detach()
+    c = layer.snell_coeffs.detach()
+    pads = _padded_factors(A, B)
+    dense = snell_kernel(A, B, c)
+    fwd, bwd = _Scratch(), _Scratch()
+    for o0, o1 in [(0, 64), (64, 128), (128, 150), (3, 70), (100, 150)]:
+        in_place = _kernel_rows(pads, c, o0, o1, scratch=fwd).clone()
+        dists: list = []
+        kept = _kernel_rows(pads, c, o0, o1, dists, scratch=bwd)
+        assert len(dists) == A.shape[0]
+        assert torch.equal(in_place.view(torch.int32), dense[o0:o1].view(torch.int32))
+        assert torch.equal(kept.view(torch.int32), dense[o0:o1].view(torch.int32))
+
+
+# -- SnellConfig.compile: the kernel as one torch.compiled loop --------------------------------
+
+needs_compiler = pytest.mark.skipif(
+    not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
+    reason="torch.compile on a CPU needs a C++ compiler")
+
+
+def _compiled_layer(*args, **kwargs):
+    layer = _layer(*args, **kwargs)
+    layer.compile = True
+    return layer
+
+
+@needs_compiler
+def test_compiled_kernel_blocks_identical_in_every_pass():
+    """With compile, every pass and the dense kernel build bit-identical rows (the tiles are
+    on the same fixed grid), equal to the eager kernel's to rounding."""
+    from upcycle.tune.snell import _kernel_rows, _padded_factors, _Scratch
+
+    layer = _layer(29, 150, block_rows=64)
+    A, B = layer.snell_A.detach(), layer.snell_B.detach()
+    c = layer.snell_coeffs.detach()
+    pads = _padded_factors(A, B, compiled=True)
+    dense = snell_kernel(A, B, c, compiled=True)
+    torch.testing.assert_close(dense, snell_kernel(A, B, c), rtol=1e-6, atol=1e-6)
+    eager_dists: list = []
+    _kernel_rows(_padded_factors(A, B), c, 0, 150, eager_dists)
+    fwd, bwd = _Scratch(), _Scratch()
+    for o0, o1 in [(0, 64), (64, 128), (128, 150), (3, 70), (100, 150)]:
+        in_place = _kernel_rows(pads, c, o0, o1, scratch=fwd).clone()
+        dists: list = []
+        kept = _kernel_rows(pads, c, o0, o1, dists, scratch=bwd)
+        assert torch.equal(in_place.view(torch.int32), dense[o0:o1].view(torch.int32))
+        assert torch.equal(kept.view(torch.int32), dense[o0:o1].view(torch.int32))
+        for got, want in zip(dists, eager_dists):
+            torch.testing.assert_close(got, want[o0:o1], rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("d_in,d_out,mode,s,slices,block_rows,scaled",
+                         [CASES[0], CASES[2], CASES[4]])
+def test_compiled_blocked_mask_is_the_dense_kthvalue_mask(d_in, d_out, mode, s, slices,
+                                                          block_rows, scaled):
+    layer = _compiled_layer(d_in, d_out, mode=mode, s=s, slices=slices, block_rows=block_rows,
+                            scale_slices=scaled)
+    with torch.no_grad():
+        K = snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs, compiled=True)
+        dense = sparsify(K, s, mode, slices)
+        blocked = torch.cat([delta for _, _, delta in layer._delta_blocks()])
+    assert torch.equal(blocked, dense)
+    assert torch.equal(layer.delta_weight().detach(), dense)
+
+
+@needs_compiler
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compiled_step_equals_eager_step(transposed):
+    """Outputs and every gradient, fp32: compile changes the kernel's last bits only."""
+    kwargs = dict(mode="reference", s=0.5, slices=3, block_rows=5, scale_slices=True,
+                  transposed=transposed)
+    x = torch.randn(2, 5, 17)
+    eager = _step(_layer(17, 3 * 37, **kwargs), x, "backward")
+    compiled = _step(_compiled_layer(17, 3 * 37, **kwargs), x, "backward")
+    for name, got, want in zip(["y", "x", "A", "B", "coeffs", "W0", "b"], compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_compiler
+def test_compiled_step_equals_kernel_definition_fp64():
+    layer = _compiled_layer(29, 150, mode="paper", s=0.7, block_rows=64, dtype=torch.float64)
+    x = torch.randn(3, 29, dtype=torch.float64)
+    got = _step(layer, x, "backward")[:5]
+    want = _independent_reference(layer, x)
+    for name, a, b in zip(["y", "x", "A", "B", "coeffs"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_compiler
+def test_compiled_merge_is_the_dense_delta():
+    layer = _compiled_layer(29, 150, block_rows=7)
+    layer.eval()
+    x = torch.randn(4, 29)
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        out = layer(x)
+        layer.merge()
+        assert torch.equal(layer.base_layer.weight, w0 + layer.delta_weight())
+        torch.testing.assert_close(layer(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_setting_is_checked_saved_and_its_failure_named(monkeypatch):
+    from upcycle.tune import snell as snell_module
+
+    with pytest.raises(UpcycleError, match="compile must be true or false"):
+        SnellConfig(compile="yes")
+    assert SnellConfig.from_dict(SnellConfig(compile=True).to_dict()).compile is True
+    assert SnellConfig.from_dict({"r": 8}).compile is False  # adapters saved before the field
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(snell_module, "_COMPILED_TILE", broken)
+    layer = _compiled_layer(29, 150)
+    with pytest.raises(UpcycleError, match=r"compile=True: torch.compile failed on this "
+                                           r"machine \(RuntimeError: InvalidCxxCompiler.*"
+                                           r"Set compile=False"):
+        layer(torch.randn(2, 29))

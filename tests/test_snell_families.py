@@ -337,7 +337,7 @@ def test_block_mb_flag():
     model = _build_snell(build("bert"), args)
     assert model.snell_config.block_mb == 0.5
     assert {layer.block_mb for layer in model.snell_layers().values()} == {0.5}
-    assert parser.parse_args([]).block_mb == 4.0
+    assert parser.parse_args([]).block_mb is None  # the device's default
     with pytest.raises(UpcycleError, match="block_mb must be a positive number of MiB, got 0"):
         _build_snell(build("bert"), parser.parse_args(["--block-mb", "0"]))
 

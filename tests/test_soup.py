@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import torchrun
 from safetensors.torch import save_file
 from torch import nn
 
@@ -352,10 +352,7 @@ def test_mehl_two_gloo_processes_match_one_process(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one.pt"), mode],
                    check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                    str(script), str(folder), str(tmp_path / "two.pt"), mode],
-                   check=True, env=env, capture_output=True)
+    torchrun([script, folder, tmp_path / "two.pt", mode])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for method in ("mehl", "learned"):
         for k in one[method]:

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import torchrun as run_torchrun
 from safetensors.torch import save_file
 from torch import nn
 
@@ -73,10 +73,7 @@ def test_sharded_directions_match_unsharded(tmp_path, clip):
     flag = "1" if clip else "0"
     subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), "0", flag],
                    check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                    str(script), str(folder), str(tmp_path / "two"), "1", flag],
-                   check=True, env=env, capture_output=True)
+    run_torchrun([script, folder, tmp_path / "two", "1", flag])
     one = torch.load(tmp_path / "one.0.pt")
     for rank in (0, 1):
         two = torch.load(tmp_path / f"two.{rank}.pt")
@@ -101,10 +98,9 @@ def test_shard_directions_outside_torchrun_is_refused():
 
 
 def _cli(args, env=None, torchrun=False):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if torchrun
-                else [sys.executable])
-    return subprocess.run([*launcher, "-m", "upcycle.cli.main", "soup", *args],
+    if torchrun:
+        return run_torchrun(["-m", "upcycle.cli.main", "soup", *args], env, check=False)
+    return subprocess.run([sys.executable, "-m", "upcycle.cli.main", "soup", *args],
                           capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

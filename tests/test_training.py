@@ -192,6 +192,32 @@ def test_plain_trainer_trains_one_step(method, family, device, tmp_path):
                for n, p in model.named_parameters() if n in trained)
 
 
+@pytest.mark.parametrize("method", sorted(TUNERS))
+def test_trainer_logs_to_tensorboard(method, tmp_path):
+    """Trainer's TensorBoard callback writes ``model.config.to_json_string()`` at the start:
+    every tuner's config offers it (SHERL's and LST's once did not, so training a SHERL model
+    failed wherever tensorboard was installed)."""
+    import json
+
+    pytest.importorskip("tensorboard")
+    T = transformers
+    model = TUNERS[method](tiny("bert"))
+    assert isinstance(json.loads(model.config.to_json_string()), dict)
+
+    def collate(features):
+        batch = {k: torch.stack([f[k] for f in features])
+                 for k in ("input_ids", "attention_mask")}
+        batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return batch
+
+    args = T.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                               max_steps=1, use_cpu=True, report_to=["tensorboard"],
+                               logging_dir=str(tmp_path / "runs"), save_strategy="no",
+                               disable_tqdm=True, logging_steps=1)
+    T.Trainer(model=model, args=args, train_dataset=_examples(), data_collator=collate).train()
+    assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
+
+
 def test_sherl_loss_honours_num_items_in_batch():
     model = tuned("sherl", "bert").train()
     x, labels = inputs(batch=4), torch.tensor([0, 1, 1, 0])
@@ -266,6 +292,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pois
 
     saved = load_file(str(folder / f"checkpoint-{kept}" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_a_failed_run_closes_its_tensorboard_writer():
+    """A run that stops mid-way (here: a non-finite loss) in a temporary folder closes its
+    TensorBoard writer before the folder goes, so no writer thread flushes into a deleted
+    folder afterwards (seen as a thread exception on the GPU test run)."""
+    pytest.importorskip("tensorboard")
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    from upcycle.training import NonFiniteLossError, TrainingConfig, fit
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.base_model.classifier.bias.fill_(float("nan"))
+
+    board = TensorBoardCallback()
+    with pytest.raises(NonFiniteLossError):
+        fit(TUNERS["snell"](tiny("bert")), _features(_examples()), TrainingConfig(
+            max_steps=6, lr=1e-2, batch_size=4, device="cpu", progress=False, report_to=[]),
+            callbacks=[Poison(), board])
+    assert board.tb_writer is None
 
 
 def test_checkpoints_hold_only_the_trained_part(tmp_path):

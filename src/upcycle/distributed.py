@@ -6,6 +6,7 @@ default process group once, and offers the few collectives the methods use.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ def init_from_env(device: torch.device | str | None = None) -> bool:
     (default: when CUDA is available), else gloo; a CUDA rank uses ``cuda:LOCAL_RANK``.
     """
     if dist.is_available() and dist.is_initialized():
+        _destroy_at_exit()  # also a group that accelerate or the caller opened
         return True
     if not launched_by_torchrun():
         return False
@@ -33,9 +35,40 @@ def init_from_env(device: torch.device | str | None = None) -> bool:
         use_cuda = torch.device(device).type == "cuda"
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            from .errors import UpcycleError
+
+            raise UpcycleError(
+                f"torchrun: local rank {local} needs CUDA device {local}, but this machine has "
+                f"{torch.cuda.device_count()} (NCCL needs one GPU per process): start at most "
+                f"{torch.cuda.device_count()} processes per node (--nproc-per-node), or run on "
+                f"the CPU with --device cpu (gloo)")
+        torch.cuda.set_device(local)
     dist.init_process_group(backend=backend)
+    _destroy_at_exit()
     return True
+
+
+_AT_EXIT = False
+
+
+def _destroy_at_exit() -> None:
+    global _AT_EXIT
+    if not _AT_EXIT:
+        atexit.register(shutdown)
+        _AT_EXIT = True
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is up (registered at exit by ``init_from_env``).
+
+    A process that exits with its gloo group alive can abort in the group's destructor
+    ("terminate called without an active exception"), and NCCL warns; torch asks for an explicit
+    ``destroy_process_group`` before exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -383,6 +383,7 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
     saved_precision = os.environ.get(_PRECISION_VARIABLE)
     os.environ[_PRECISION_VARIABLE] = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     own_forward = model.__dict__.get("forward")
+    trainer = None
     try:
         args = training_arguments(config, output_dir, has_eval=eval_dataset is not None,
                                   **trainer_arguments)
@@ -433,6 +434,12 @@ def fit(model: nn.Module, train_dataset, config: TrainingConfig | None = None, *
                 model.__dict__.pop("forward", None)
             else:
                 model.__dict__["forward"] = own_forward
+        if trainer is not None:  # a run that failed mid-way leaves its trackers' files open
+            for callback in trainer.callback_handler.callbacks:
+                writer = getattr(callback, "tb_writer", None)
+                if writer is not None:
+                    writer.close()
+                    callback.tb_writer = None
         if temporary and distributed.is_main():
             shutil.rmtree(output_dir, ignore_errors=True)
 

@@ -39,6 +39,7 @@ from .. import distributed
 from ..configfile import add_config_option, command_line, resolved_config
 from ..devices import add_device_arguments
 from ..errors import UpcycleError
+from ..tune.snell import DEFAULT_LR as SNELL_DEFAULT_LR
 from .arguments import add_checkpoint_arguments, add_task_arguments
 
 
@@ -79,9 +80,13 @@ def _snell_arguments(group: argparse._ArgumentGroup) -> None:
                        help="DropPath on the adapter output (default 0.1)")
     group.add_argument("--no-recompute", action="store_true",
                        help="store delta_W for backward instead of recomputing it (more memory)")
-    group.add_argument("--block-mb", type=float, default=4.0, metavar="MIB",
+    group.add_argument("--block-mb", type=float, default=None, metavar="MIB",
                        help="MiB of delta_W's rows built at once in forward, backward and "
-                            "merge (default 4; a layer's transient is about six blocks)")
+                            "merge (default 4 on a CPU, 16 on CUDA; a layer's transient is "
+                            "about six blocks)")
+    group.add_argument("--snell-compile", action="store_true",
+                       help="compute SNELL's kernel with torch.compile (one fused loop; needs a "
+                            "C++ compiler on a CPU, triton on CUDA; a one-time compile)")
 
 
 def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -95,6 +100,7 @@ def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         target_modules=args.target_regex or args.target_modules,
         modules_to_save=args.modules_to_save, dropout=args.dropout, drop_path=args.drop_path,
         recompute=not args.no_recompute, block_mb=args.block_mb,
+        compile=args.snell_compile,
     )
     return get_snell_model(model, config)
 
@@ -123,7 +129,8 @@ def _build_sherl(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 METHODS: dict[str, TuneMethod] = {
     "snell": TuneMethod(help="SNELL: sparse tuning with kernelized LoRA",
-                        add_arguments=_snell_arguments, build=_build_snell, default_lr=1e-3),
+                        add_arguments=_snell_arguments, build=_build_snell,
+                        default_lr=SNELL_DEFAULT_LR),
     "sherl": TuneMethod(help="SHERL: frozen early route fused by an MTSA, then the last "
                              "pretrained layers (memory-efficient)",
                         add_arguments=_sherl_arguments, build=_build_sherl, default_lr=3e-3),
@@ -159,7 +166,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps (overrides --epochs)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default: the method's, SNELL 1e-3)")
+                        help="peak learning rate (default: the method's, SNELL 3e-3, SHERL 3e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.01,
                         help="AdamW weight decay on matrices")
     parser.add_argument("--batch-size", type=int, default=32,

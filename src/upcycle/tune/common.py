@@ -25,6 +25,20 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+class TunerConfig:
+    """What every tuner's dataclass config offers besides its fields: ``to_dict`` and
+    ``to_json_string``, the two methods ``transformers``' callbacks (TensorBoard, W&B, ...) call
+    on ``model.config`` when a wrapped model is trained with ``Trainer``."""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts, each shared parameter counted once."""
     seen, trainable, total = set(), 0, 0

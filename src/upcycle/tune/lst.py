@@ -22,14 +22,14 @@ from torch import nn
 
 from ..architectures import layer_mask
 from ..errors import UpcycleError
-from .common import trainable_report
+from .common import TunerConfig, trainable_report
 from .sherl import Backbone, classifier_output
 
 LADDER_TEMPERATURE = 0.1
 
 
 @dataclass
-class LstConfig:
+class LstConfig(TunerConfig):
     reduction: int = field(default=8, metadata={"help": (
         "Side width d / reduction (must divide the hidden size).")})
     num_heads: int | None = field(default=None, metadata={"help": (

@@ -49,7 +49,13 @@ from ..architectures import (
     supported,
 )
 from ..errors import UpcycleError
-from .common import check_tensor_shapes, load_adapter, save_adapter, trainable_report
+from .common import (
+    TunerConfig,
+    check_tensor_shapes,
+    load_adapter,
+    save_adapter,
+    trainable_report,
+)
 
 METHOD = "sherl"
 GATE_TEMPERATURE = 0.1
@@ -320,7 +326,7 @@ class MTSA(nn.Module):
 # Config and model
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class SherlConfig:
+class SherlConfig(TunerConfig):
     late_layers: int = field(default=1, metadata={"help": (
         "M: how many of the last pretrained layers form the late route (1 <= M < layers).")})
     taps: list[int] | None = field(default=None, metadata={"help": (
