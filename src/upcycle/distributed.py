@@ -13,6 +13,15 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it
+    # is first imported, and torch imports it lazily (through torch._dynamo, e.g. on a process's
+    # first optimizer). Imported after the default group is up, it keeps that group alive for
+    # good: destroy_process_group() cannot free it, gloo's worker threads outlive the
+    # interpreter, and a rank can abort at exit ("terminate called without an active
+    # exception"). Imported here, before any group exists, its defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -63,9 +72,11 @@ def _destroy_at_exit() -> None:
 def shutdown() -> None:
     """Destroy the default process group if one is up (registered at exit by ``init_from_env``).
 
-    A process that exits with its gloo group alive can abort in the group's destructor
-    ("terminate called without an active exception"), and NCCL warns; torch asks for an explicit
-    ``destroy_process_group`` before exit.
+    A process that exits with its gloo group alive can abort during interpreter teardown, when
+    a gloo worker thread still releasing a tensor needs the GIL ("terminate called without an
+    active exception"), and NCCL warns; torch asks for an explicit ``destroy_process_group``
+    before exit, which joins gloo's threads once nothing else holds the group (see the import
+    of ``torch.distributed.nn`` above).
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
