@@ -90,8 +90,10 @@ def test_torchrun_ranks_destroy_their_process_group_at_exit(tmp_path):
     """A rank that reaches interpreter teardown with gloo's worker threads alive can abort
     ("terminate called without an active exception", seen on CI about 1 run in 15 of a soup
     under torchrun). The group init_from_env opens is destroyed at exit, and destroying it
-    really joins gloo's threads, also after the first optimizer has made torch import
-    torch.distributed.nn (which, imported late, would keep the group alive for good)."""
+    really joins gloo's threads: also after the first optimizer has made torch import
+    torch.distributed.nn (which, imported late, would keep the group alive for good), and when
+    a DDP wrapper that holds the group is left in a reference cycle (as a finished Trainer
+    leaves it)."""
     from conftest import torchrun
 
     script = tmp_path / "exit.py"
@@ -102,6 +104,9 @@ def test_torchrun_ranks_destroy_their_process_group_at_exit(tmp_path):
         "assert distributed.init_from_env('cpu') and distributed.world_size() == 2\n"
         "torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])  # imports torch._dynamo\n"
         "distributed.all_reduce_sum(torch.ones(2))\n"
+        "ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))\n"
+        "ddp(torch.ones(1, 2)).sum().backward()\n"
+        "cycle = [ddp]; cycle.append(cycle); del ddp, cycle  # as a finished Trainer holds it\n"
         "native = len(os.listdir('/proc/self/task'))\n"
         "distributed.shutdown()\n"
         "left = len(os.listdir('/proc/self/task')) - threading.active_count()\n"

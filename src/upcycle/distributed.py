@@ -7,6 +7,7 @@ default process group once, and offers the few collectives the methods use.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from collections.abc import Sequence
 
@@ -76,10 +77,13 @@ def shutdown() -> None:
     a gloo worker thread still releasing a tensor needs the GIL ("terminate called without an
     active exception"), and NCCL warns; torch asks for an explicit ``destroy_process_group``
     before exit, which joins gloo's threads once nothing else holds the group (see the import
-    of ``torch.distributed.nn`` above).
+    of ``torch.distributed.nn`` above, and the collection of reference cycles below).
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        # What still holds the group from a reference cycle (a DDP wrapper inside a finished
+        # Trainer, its callbacks...) lets go of it now rather than during teardown.
+        gc.collect()
 
 
 def is_distributed() -> bool:
