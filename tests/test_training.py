@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import time
 
 import pytest
 import torch
@@ -148,6 +149,11 @@ def test_ddp_wraps_and_trains(method, tmp_path):
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     finally:
+        # gloo's worker may still be releasing the all-reduce launched in the backward, which
+        # needs the GIL (torch 2.13 keeps a Python object in the work's thread-local state):
+        # freeing the group now (DDP's reducer goes at return) would join that worker while
+        # holding the GIL. Sleeping releases the GIL so it finishes first.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

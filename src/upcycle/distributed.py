@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -80,6 +81,11 @@ def shutdown() -> None:
     of ``torch.distributed.nn`` above, and the collection of reference cycles below).
     """
     if dist.is_available() and dist.is_initialized():
+        # torch 2.13 stashes a Python object in the thread-local state of every backward, so a
+        # gloo work launched during a backward (DDP's all-reduce, MEHL's gradient hooks) needs
+        # the GIL when gloo's worker thread releases it. Joining that worker while holding the
+        # GIL (the group's destructor) would deadlock; a short sleep releases the GIL first.
+        time.sleep(0.05)
         dist.destroy_process_group()
         # What still holds the group from a reference cycle (a DDP wrapper inside a finished
         # Trainer, its callbacks...) lets go of it now rather than during teardown.
