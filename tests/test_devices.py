@@ -96,20 +96,25 @@ def test_torchrun_ranks_destroy_their_process_group_at_exit(tmp_path):
     leaves it)."""
     from conftest import torchrun
 
+    # Each rank writes its own file (the ranks share one stdout). The at-exit report is
+    # registered before init_from_env registers shutdown, so it runs after it.
     script = tmp_path / "exit.py"
     script.write_text(
-        "import atexit, os, threading, torch, torch.distributed as dist\n"
+        "import atexit, os, sys, threading, torch, torch.distributed as dist\n"
         "from upcycle import distributed\n"
         "native = lambda: len(os.listdir('/proc/self/task')) - threading.active_count()\n"
-        "atexit.register(lambda: print('at exit: initialized', dist.is_initialized(),\n"
-        "                              'native threads', native()))  # runs after shutdown\n"
+        "log = open(os.path.join(sys.argv[1], os.environ['RANK']), 'w')\n"
+        "atexit.register(lambda: (log.write(f'at exit: initialized {dist.is_initialized()} '\n"
+        "                                   f'native threads {native()}'), log.close()))\n"
         "assert distributed.init_from_env('cpu') and distributed.world_size() == 2\n"
         "torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])  # imports torch._dynamo\n"
         "distributed.all_reduce_sum(torch.ones(2))\n"
         "ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))\n"
         "ddp(torch.ones(1, 2)).sum().backward()\n"
         "cycle = [ddp]; cycle.append(cycle); del ddp, cycle  # as a finished Trainer holds it\n"
-        "print('while up: native threads', native())\n")
-    out = torchrun([script]).stdout
-    assert out.count("at exit: initialized False native threads 0\n") == 2, out
-    assert "while up: native threads 0" not in out, out  # the count sees gloo's threads
+        "log.write(f'while up: native threads {native()}; ')\n")
+    torchrun([script, tmp_path])
+    for rank in "01":
+        text = (tmp_path / rank).read_text()
+        assert "while up: native threads 0;" not in text, text  # the count sees gloo's threads
+        assert text.endswith("at exit: initialized False native threads 0"), text
