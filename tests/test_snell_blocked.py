@@ -391,7 +391,7 @@ def test_compile_setting_is_checked_saved_and_its_failure_named(monkeypatch):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    monkeypatch.setattr(snell_module, "_COMPILED_TILE", broken)
+    monkeypatch.setattr(snell_module, "_COMPILED_FUSED", broken)
     layer = _compiled_layer(29, 150)
     with pytest.raises(UpcycleError, match=r"compile=True: torch.compile failed on this "
                                            r"machine \(RuntimeError: InvalidCxxCompiler.*"

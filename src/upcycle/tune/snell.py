@@ -300,9 +300,9 @@ def _distances(pad, o0: int, o1: int, scratch: _Scratch | None = None, name: str
 
 def _kernel_tile(b_pads: list[torch.Tensor], a_pads_t: list[torch.Tensor],
                  coeffs: torch.Tensor):
-    """One tile of rows of K^T and its per-piece distances, written as one expression over
-    the entries for ``torch.compile``: ``d_p = sqrt(max(B_pad_p . A_pad_p, 1e-30))`` (the
-    matrix product as a sum over its r/P + 2 columns) and ``K = sum_p c_p d_p``."""
+    """Rows of K^T and their per-piece distances, written as one expression over the entries
+    for ``torch.compile``: ``d_p = sqrt(max(B_pad_p . A_pad_p, 1e-30))`` (the matrix product
+    as a sum over its r/P + 2 columns) and ``K = sum_p c_p d_p``."""
     K, dists = None, []
     for p, (b, a) in enumerate(zip(b_pads, a_pads_t)):
         d = (b.unsqueeze(2) * a.unsqueeze(0)).sum(1).clamp_min(1e-30).sqrt()
@@ -311,51 +311,89 @@ def _kernel_tile(b_pads: list[torch.Tensor], a_pads_t: list[torch.Tensor],
     return K, dists
 
 
-_COMPILED_TILE = None
+def _fused_block(b_pads, a_pads_t, coeffs, tau, weight, grad, mode: str, want: str,
+                 need_w: bool, need_h: bool, need_c: bool, out_dtype: torch.dtype | None):
+    """Every elementwise step of one pass over a block of rows, as one expression for
+    ``torch.compile`` (one loop over the entries, nothing of the block written but the
+    outputs), from :func:`_kernel_tile`'s K and distances:
+
+    - ``'kernel'``: K; ``'distances'``: (K, the per-piece distances);
+    - ``'magnitude'``: |K| (the threshold's pass);
+    - ``'delta'``: ``[weight +] K * factor`` in ``out_dtype`` (forward, merge), where factor
+      is the competition term of ``mode`` given the rows' threshold ``tau`` (None: no
+      sparsification, delta = K);
+    - ``'backward'``: ``(w, H, gc)`` given ``grad``, the gradient of delta's rows: w =
+      ``delta [+ weight]`` in out_dtype for the input's gradient (``need_w``), per piece
+      ``H_p = grad * factor / d_p`` (``need_h``) and ``gc_p = sum(grad * factor * d_p)``
+      (``need_c``), from which :func:`_kernel_grads_from_h` and the caller form the factors'
+      and coefficients' gradients."""
+    K, dists = _kernel_tile(b_pads, a_pads_t, coeffs)
+    if want == "kernel":
+        return K
+    if want == "distances":
+        return K, dists
+    if want == "magnitude":
+        return K.abs()
+    factor = None
+    if tau is not None:
+        m = K.abs()
+        factor = m * (m > tau) if mode == "reference" else (m - tau.clamp_min(0)).clamp_min(0)
+    delta = K if factor is None else K * factor
+    if want == "delta":
+        return (delta if weight is None else weight.to(K.dtype) + delta).to(out_dtype)
+    w = H = gc = None
+    if need_w:
+        w = delta.to(out_dtype)
+        if weight is not None:
+            w = w + weight.to(out_dtype)
+    if need_h or need_c:
+        gf = grad if factor is None else grad * factor  # the magnitude term is detached
+        if need_h:
+            H = [gf / d for d in dists]
+        if need_c:
+            gc = [(gf * d).sum() for d in dists]
+    return w, H, gc
 
 
-def _compiled_tile():
-    global _COMPILED_TILE
-    if _COMPILED_TILE is None:
-        # static shapes (10-20% faster loops than dynamic ones here): every tile is a full
-        # one, so each layer width has one compiled loop and a row's values never depend on
-        # the tile's place, the block size or the pass
-        _COMPILED_TILE = torch.compile(_kernel_tile, dynamic=False)
-    return _COMPILED_TILE
+_COMPILED_FUSED = None
+RECOMPILE_LIMIT = 64
+"""torch._dynamo's recompile limit is raised to at least this when SNELL first compiles:
+each pass kind, layer width, dtype and threshold layout is a graph of its own (the rows are
+dynamic), and dynamo's default of 8 would silently run the rest eagerly."""
 
 
-@torch.no_grad()
-def _kernel_rows_compiled(pads, coeffs: torch.Tensor, o0: int, o1: int,
-                          dists: list | None = None, scratch: _Scratch | None = None
-                          ) -> torch.Tensor:
-    """:func:`_kernel_rows` with the compiled :func:`_kernel_tile`, called on the same fixed
-    grid of tiles as the eager kernel, the last one padded with zero rows to a full tile (so
-    that one shape, one compiled loop, serves every tile of a layer)."""
-    first = pads[0][0]
-    d_out, d_in, T = first.shape[0], pads[0][1].shape[1], _tile_rows(first.device)
-    rows = o1 - o0
-    b_tiles = getattr(pads, "b_full_tiles", None)
-    if b_tiles is None:
-        extra = -d_out % T
-        b_tiles = pads.b_full_tiles = [
-            torch.cat([b, b.new_zeros((extra, b.shape[1]))]) if extra else b for b, _ in pads]
+def _compiled_fused():
+    global _COMPILED_FUSED
+    if _COMPILED_FUSED is None:
+        import torch._dynamo
 
-    def buffer(name):
-        return (scratch.get(name, rows, d_in, first) if scratch is not None
-                else first.new_empty((rows, d_in)))
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        # The number of rows is dynamic (one graph serves every block of a layer), the width
+        # static (the inner loop is vectorised for it); a row's values do not depend on the
+        # block it is computed in, so every pass builds bit-identical rows.
+        _COMPILED_FUSED = torch.compile(_fused_block, dynamic=None)
+    return _COMPILED_FUSED
 
-    K = buffer("K")
-    ds = [buffer(f"d{p}") for p in range(len(pads))] if dists is not None else None
-    a_pads_t = [a for _, a in pads]
+
+def _fused_rows(pads, coeffs: torch.Tensor, o0: int, o1: int, want: str, *,
+                tau: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                grad: torch.Tensor | None = None, mode: str = "reference",
+                need_w: bool = False, need_h: bool = False, need_c: bool = False,
+                out_dtype: torch.dtype | None = None):
+    """:func:`_fused_block` (compiled) on rows o0:o1 of delta_W; ``weight``, ``grad`` and a
+    per-row ``tau`` are those rows' slices."""
+    import torch._dynamo
+
+    b_pads = [b[o0:o1] for b, _ in pads]
+    rowwise = [*b_pads, weight, grad, tau if tau is not None and tau.dim() else None]
+    for t in rowwise:
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
     try:
-        for j in range(o0 - o0 % T, o1, T):
-            j1 = min(j + T, d_out)
-            k_tile, d_tiles = _compiled_tile()([b[j:j + T] for b in b_tiles], a_pads_t, coeffs)
-            lo, hi = max(j, o0), min(j1, o1)
-            K[lo - o0:hi - o0] = k_tile[lo - j:hi - j]
-            if ds is not None:
-                for d, d_tile in zip(ds, d_tiles):
-                    d[lo - o0:hi - o0] = d_tile[lo - j:hi - j]
+        return _compiled_fused()(b_pads, [a for _, a in pads], coeffs, tau, weight, grad,
+                                 mode, want, need_w, need_h, need_c, out_dtype)
     except UpcycleError:
         raise
     except Exception as err:  # inductor's errors (no compiler, no triton) have many types
@@ -364,9 +402,6 @@ def _kernel_rows_compiled(pads, coeffs: torch.Tensor, o0: int, o1: int,
             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it needs a C++ "
             f"compiler on a CPU and triton on CUDA. Set compile=False (the eager kernel; "
             f"an adapter trained with compile=True then differs in the last bits)") from err
-    if dists is not None:
-        dists.extend(ds)
-    return K
 
 
 @torch.no_grad()
@@ -376,9 +411,13 @@ def _kernel_rows(pads, coeffs: torch.Tensor, o0: int, o1: int, dists: list | Non
     per-piece distances are appended to it (for the backward); otherwise they are reused.
     With ``scratch``, everything is written into its buffers ('d0', 'd1', ..., 'K', 'm'),
     valid until the next call with the same scratch. ``pads.compiled``: by the compiled
-    tile function (:func:`_kernel_rows_compiled`)."""
+    :func:`_fused_block`."""
     if getattr(pads, "compiled", False):
-        return _kernel_rows_compiled(pads, coeffs, o0, o1, dists, scratch)
+        if dists is None:
+            return _fused_rows(pads, coeffs, o0, o1, "kernel")
+        K, ds = _fused_rows(pads, coeffs, o0, o1, "distances")
+        dists.extend(ds)
+        return K
     K = None
     for p, pad in enumerate(pads):
         d = _distances(pad, o0, o1, scratch, f"d{p}")
@@ -404,32 +443,45 @@ def _kernel_grads_rows(A, B, coeffs, dists, grad_K, o0: int, o1: int, grad_A, gr
                        grad_c, a_ones_t=None) -> None:
     """Accumulate the gradients of ``sum(grad_K * K[o0:o1])`` into grad_A (P x d_in x q),
     grad_B (P x d_out x q) and grad_c (P,) (each may be None); consumes ``dists`` (divided
-    in place). d||b - a||/db = (b - a)/||b - a|| (torch.cdist's matrix-product backward).
-    ``a_ones_t``: per piece ``[A_p, 1]^T`` (q+1 x d_in), from :func:`_a_ones_t`."""
-    if a_ones_t is None:
-        a_ones_t = _a_ones_t(A)
+    in place). d||b - a||/db = (b - a)/||b - a|| (torch.cdist's matrix-product backward)."""
+    H = []
     for p in range(A.shape[0]):
         d = dists[p]
         dists[p] = None
         if grad_c is not None:
             grad_c[p] += torch.dot(grad_K.reshape(-1), d.reshape(-1))
-        if grad_A is None and grad_B is None:
-            continue
-        H = torch.div(grad_K, d, out=d)  # grad / dist, in place; c_p is applied below
+        if grad_A is not None or grad_B is not None:
+            H.append(torch.div(grad_K, d, out=d))  # grad / dist, in place; c_p comes later
         del d
+    if H:
+        _kernel_grads_from_h(A, B, coeffs, H, o0, o1, grad_A, grad_B, a_ones_t)
+
+
+@torch.no_grad()
+def _kernel_grads_from_h(A, B, coeffs, H, o0: int, o1: int, grad_A, grad_B,
+                         a_ones_t=None) -> None:
+    """The factors' gradients from ``H_p = grad_K / dist_p`` (rows o0:o1, one per piece;
+    consumed): ``c_p (b * sum_i H - H @ a)`` into grad_B's rows and ``c_p (a * sum_o H -
+    H^T @ b)`` into grad_A, each sum as one more column of a product. ``a_ones_t``: per piece
+    ``[A_p, 1]^T`` (q+1 x d_in), from :func:`_a_ones_t`."""
+    if a_ones_t is None:
+        a_ones_t = _a_ones_t(A)
+    for p in range(A.shape[0]):
+        h = H[p]
+        H[p] = None
         a, b = A[p], B[p, o0:o1]
-        if grad_B is not None:  # c_p (b * sum_i H - H @ a), the sum as one more column
-            HA = torch.mm(H, a_ones_t[p].t())  # (rows x q+1); faster than H @ [a, 1]
+        if grad_B is not None:
+            HA = torch.mm(h, a_ones_t[p].t())  # (rows x q+1); faster than H @ [a, 1]
             grad_B[p, o0:o1] += (b * HA[:, -1:] - HA[:, :-1]) * coeffs[p]
-        if grad_A is not None:  # c_p (a * sum_o H - H^T @ b), as ([b, 1]^T @ H)^T
+        if grad_A is not None:  # ([b, 1]^T @ H)^T: H read row by row
             b_ones_t = torch.cat([b, b.new_ones((b.shape[0], 1))], dim=1).t()
-            HB = torch.mm(b_ones_t, H).t()  # (d_in x q+1), H read row by row
+            HB = torch.mm(b_ones_t, h).t()  # (d_in x q+1)
             grad_A[p] += (a * HB[:, -1:] - HB[:, :-1]) * coeffs[p]
-        del H
+        del h
 
 
 def _a_ones_t(A: torch.Tensor) -> list[torch.Tensor]:
-    """Per piece, ``[A_p, 1]^T`` (q+1 x d_in, contiguous) for :func:`_kernel_grads_rows`."""
+    """Per piece, ``[A_p, 1]^T`` (q+1 x d_in, contiguous) for :func:`_kernel_grads_from_h`."""
     return [torch.cat([a, a.new_ones((a.shape[0], 1))], dim=1).t().contiguous() for a in A]
 
 
@@ -650,6 +702,14 @@ def _block_tau(tau: torch.Tensor, row_part: torch.Tensor | None, o0: int, o1: in
     return tau.index_select(0, row_part[o0:o1]).unsqueeze(1)
 
 
+def _magnitude_rows(pads, coeffs: torch.Tensor, o0: int, o1: int,
+                    scratch: _Scratch | None = None) -> torch.Tensor:
+    """|K| of rows o0:o1 (compiled: in the kernel's own loop)."""
+    if getattr(pads, "compiled", False):
+        return _fused_rows(pads, coeffs, o0, o1, "magnitude")
+    return _kernel_rows(pads, coeffs, o0, o1, scratch=scratch).abs_()
+
+
 @torch.no_grad()
 def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, sparsity: float,
                      parts=1, block_rows: int | None = None, *,
@@ -678,12 +738,12 @@ def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, spa
         bounds = list(split.blocks(s, block_rows or d_out))
         if len(bounds) == 1:  # the part is one block: kthvalue itself
             o0, o1 = bounds[0]
-            out[s] = _kernel_rows(pads, coeffs, o0, o1).abs_().reshape(-1).kthvalue(k).values
+            out[s] = _magnitude_rows(pads, coeffs, o0, o1).reshape(-1).kthvalue(k).values
             continue
 
         def chunks(bounds=bounds):
             for o0, o1 in bounds:
-                yield _kernel_rows(pads, coeffs, o0, o1, scratch=scratch).abs_()
+                yield _magnitude_rows(pads, coeffs, o0, o1, scratch)
         out[s] = kthvalue_blocked(chunks, k, n=n)
     return out
 
@@ -799,6 +859,15 @@ class _SnellLinear(torch.autograd.Function):
         y = x2d.new_empty((x2d.shape[0], d_out))
         pads = _padded_factors(A.detach(), B.detach(), compiled)
         for o0, o1 in _row_blocks(d_out, block_rows):
+            if compiled:  # W0 + delta in the kernel's own loop
+                w_block = _fused_rows(
+                    pads, coeffs_c, o0, o1, "delta", mode=mode,
+                    tau=_block_tau(tau, row_part, o0, o1) if sparsity > 0 else None,
+                    weight=None if weight is None else weight[o0:o1],
+                    out_dtype=x.dtype if weight is None else weight.dtype)
+                y[:, o0:o1] = F.linear(x2d, w_block, None if bias is None else bias[o0:o1])
+                del w_block
+                continue
             K = _kernel_rows(pads, coeffs_c, o0, o1, scratch=scratch)
             w_block = scratch.get("w", o1 - o0, d_in, K, x.dtype if weight is None
                                   else weight.dtype)
@@ -844,6 +913,11 @@ class _SnellLinear(torch.autograd.Function):
         a_ones_t = _a_ones_t(A) if need_kernel_grad else None
         scratch = _Scratch()
         for o0, o1 in _row_blocks(d_out, block_rows):
+            if compiled:
+                _SnellLinear._backward_block_compiled(
+                    ctx, o0, o1, pads, x_c, gy, gy_c, weight, tau, grad_x, grad_w, grad_A,
+                    grad_B, grad_c, a_ones_t, scratch)
+                continue
             dists: list | None = [] if need_kernel_grad else None
             K = _kernel_rows(pads, coeffs_c, o0, o1, dists, scratch=scratch)
             _, factor = _sparsify_rows(
@@ -882,6 +956,37 @@ class _SnellLinear(torch.autograd.Function):
             grad_c = grad_c.to(coeffs.dtype)
         return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None, None,
                 None)
+
+    @staticmethod
+    def _backward_block_compiled(ctx, o0, o1, pads, x_c, gy, gy_c, weight, tau, grad_x,
+                                 grad_w, grad_A, grad_B, grad_c, a_ones_t, scratch) -> None:
+        """One block of the backward with the compiled :func:`_fused_block`: the block's
+        gradient (one product), then W0 + delta, H and the coefficients' sums in one loop."""
+        sparsity, mode, row_part, _, _ = ctx.args
+        A, B, coeffs = ctx.saved_tensors[1:4]
+        need_h = grad_A is not None or grad_B is not None
+        need_kernel_grad = need_h or grad_c is not None
+        grad_delta = None
+        if grad_w is not None or need_kernel_grad:
+            grad_delta = torch.mm(gy_c[:, o0:o1].t(), x_c,
+                                  out=scratch.get("g", o1 - o0, x_c.shape[1], x_c))
+            if grad_w is not None:
+                grad_w[o0:o1] = grad_delta
+        w, H, gc = _fused_rows(
+            pads, coeffs.to(A.dtype), o0, o1, "backward", mode=mode,
+            tau=_block_tau(tau, row_part, o0, o1) if sparsity > 0 else None,
+            weight=None if weight is None else weight[o0:o1],
+            grad=grad_delta if need_kernel_grad else None, need_w=grad_x is not None,
+            need_h=need_h, need_c=grad_c is not None, out_dtype=gy.dtype)
+        del grad_delta
+        if w is not None:
+            grad_x.addmm_(gy[:, o0:o1], w)
+            del w
+        if gc is not None:
+            grad_c += torch.stack(gc)
+        if H is not None:
+            _kernel_grads_from_h(A, B, coeffs.to(A.dtype), H, o0, o1, grad_A, grad_B,
+                                 a_ones_t)
 
 
 DEFAULT_BLOCK_MB = {"cpu": 4.0, "cuda": 16.0}
@@ -1007,6 +1112,12 @@ class SnellLayer(nn.Module):
                                compiled=self.compile)
         pads = _padded_factors(A, B, self.compile)
         for o0, o1 in _row_blocks(self.out_features, self.block_rows):
+            if self.compile:
+                yield o0, o1, _fused_rows(
+                    pads, coeffs, o0, o1, "delta", mode=self.sparsify_mode,
+                    tau=_block_tau(tau, self.snell_row_part, o0, o1) if self.sparsity > 0
+                    else None, out_dtype=A.dtype)
+                continue
             K = _kernel_rows(pads, coeffs, o0, o1)
             delta, _ = _sparsify_rows(
                 K, _block_tau(tau, self.snell_row_part, o0, o1) if self.sparsity > 0 else None,
