@@ -8,8 +8,9 @@ above peft LoRA's <= 1x the weight's bytes (180 MB), at <= 1.5x LoRA's step time
 
 Contenders, each in a fresh subprocess (upcycle.bench): the frozen layer alone (no adapter,
 the floor), peft LoRA r = 8, SNELL r = 8, s = 0.5 blocked (block_mb 1, 4, 16, 64; the default is 4 on a CPU, 16 on CUDA),
-the default block with SnellConfig.compile (the kernel as one torch.compiled loop; its
-one-time compile runs in an extra step before the measured ones), and SNELL's two
+the default block with SnellConfig.compile (each pass's elementwise work in one
+torch.compiled loop per block; its one-time compile runs in an extra step before the
+measured ones), and SNELL's two
 whole-matrix paths (recompute 'checkpoint' and 'none'). A step is forward,
 loss = mean(y^2), backward and an AdamW step on the adapter, on x of shape (1, tokens, 4096).
 
@@ -18,7 +19,9 @@ Memory per contender, both as what the step adds above the RSS before it:
 - the allocator-independent peak of live tensor bytes (upcycle.memory.LiveTensorBytes, a
   dispatch-mode count of tensor storages, run for one extra step; on CUDA also
   torch.cuda.max_memory_allocated).
-Time: median seconds per step over the timed steps (after one warm-up step), torch on one
+Time: median seconds per step over the timed steps (after --warmup untimed steps, in which
+AdamW creates its states and SNELL's threshold window settles: it needs a few steps of
+history, and training runs thousands), torch on one
 thread (the benchmark CPU is a shared 2-core machine); every contender runs --rounds times
 in alternating order and the best round counts (load from other jobs only slows a run).
 
@@ -121,7 +124,10 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         cuda_start = torch.cuda.memory_allocated()
     times = []
-    for _ in range(spec["steps"] + 1):  # the first one warms up (and creates AdamW's states)
+    warmup = spec.get("warmup", 1)
+    # the first steps warm up: AdamW's states, and SNELL's threshold window, which needs a
+    # few steps of history before it is used (ThresholdHint)
+    for _ in range(spec["steps"] + warmup):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -132,7 +138,7 @@ def run_worker(spec: dict) -> dict:
         "rss_start_mb": rss_start,
         "step_peak_rss_mb": step_peak,
         "rss_added_mb": step_peak - rss_start if step_peak is not None else None,
-        "s_per_step": statistics.median(times[1:]),
+        "s_per_step": statistics.median(times[warmup:]),
         "first_step_s": times[0],
         "compile_step_s": compile_s,
     }
@@ -153,7 +159,7 @@ def run_worker(spec: dict) -> dict:
 
 def contenders(args) -> list[dict]:
     base = {"device": args.device, "tokens": args.tokens, "steps": args.steps,
-            "input_grad": args.input_grad}
+            "warmup": args.warmup, "input_grad": args.input_grad}
     specs = [{**base, "name": "frozen layer, no adapter", "method": "none"},
              {**base, "name": "peft LoRA r=8", "method": "lora"}]
     from upcycle.devices import resolve_device
@@ -164,7 +170,7 @@ def contenders(args) -> list[dict]:
         specs.append({**base, "name": f"SNELL blocked, block_mb={mb:g}"
                       + (" (default)" if mb == default_mb else ""), "method": "snell",
                       "recompute": "backward", "block_mb": mb})
-    specs.append({**base, "name": f"SNELL blocked, block_mb={default_mb:g}, compiled kernel",
+    specs.append({**base, "name": f"SNELL blocked, block_mb={default_mb:g}, compile=True",
                   "method": "snell", "recompute": "backward", "block_mb": default_mb,
                   "compile": True})
     for mode in ("checkpoint", "none"):
@@ -173,7 +179,8 @@ def contenders(args) -> list[dict]:
     return specs
 
 
-_SPEC_KEYS = ("device", "tokens", "steps", "input_grad", "recompute", "block_mb", "compile")
+_SPEC_KEYS = ("device", "tokens", "steps", "warmup", "input_grad", "recompute", "block_mb",
+              "compile")
 
 COLUMNS = [
     ("name", "contender", ""),
@@ -249,7 +256,10 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per step (batch 1)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after a warm-up")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first (AdamW's states; SNELL's threshold window "
+                             "needs a few steps of history)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="run every contender this many times, alternating the order")
     parser.add_argument("--only", default=None, help="only contenders whose name has this")
@@ -303,7 +313,7 @@ def main() -> None:
             f"device {args.device}, torch {torch.__version__}, one thread, "
             f"{'x requires grad, ' if args.input_grad else ''}{args.rounds} "
             f"rounds (memory: the largest; time: the best round's median of {args.steps} "
-            f"steps). Memory is what the step adds above the start (MiB); 'above LoRA' is "
+            f"steps after {args.warmup} warm-up steps). Memory is what the step adds above the start (MiB); 'above LoRA' is "
             f"(SNELL - LoRA) / weight bytes.\n\n" + table + "\n\n" + summary + "\n")
     if args.profile:
         for spec in specs:

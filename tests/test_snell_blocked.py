@@ -397,3 +397,47 @@ def test_compile_setting_is_checked_saved_and_its_failure_named(monkeypatch):
                                            r"machine \(RuntimeError: InvalidCxxCompiler.*"
                                            r"Set compile=False"):
         layer(torch.randn(2, 29))
+
+
+# -- ThresholdHint: a guessed window, never a guessed threshold -----------------------------
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_threshold_hint_gives_the_exact_threshold_while_training(slices):
+    """Over AdamW steps the layer looks for each tau in a window around the extrapolated
+    one; every threshold it uses is the exact kthvalue (bit for bit the un-hinted radix
+    select's), and the window is actually used (hits), so this path is what is tested."""
+    from upcycle.tune.snell import ThresholdHint
+
+    layer = _layer(48, 3 * 64, slices=slices, block_rows=16, seed=1)
+    opt = torch.optim.AdamW([layer.snell_A, layer.snell_B], lr=1e-3)
+    x = torch.randn(4, 48)
+    A, B, c = layer.snell_A, layer.snell_B, layer.snell_coeffs
+    for _ in range(25):
+        plain = snell_thresholds(A, B, c, layer.sparsity, slices, layer.block_rows)
+        layer(x).pow(2).mean().backward()  # the forward records the tau it used
+        assert layer.threshold_hint.last == plain.tolist()
+        opt.step()
+        opt.zero_grad()
+    assert layer.threshold_hint.hits > 5
+    # a guess far off (a reloaded or re-initialised adapter): a miss, still exact
+    hint = ThresholdHint()
+    hint.last = hint.before = [float(layer.threshold_hint.last[0]) * 10] * slices
+    hint.errors, hint.width = [0.0], ThresholdHint.MIN_WINDOW
+    hinted = snell_thresholds(A, B, c, layer.sparsity, slices, layer.block_rows, hint=hint)
+    assert hint.misses == 1
+    assert torch.equal(hinted, snell_thresholds(A, B, c, layer.sparsity, slices,
+                                                layer.block_rows))
+
+
+def test_threshold_hint_is_not_state():
+    """Not in the state dict (an adapter saves A and B only), and a copy of the layer
+    carries its own."""
+    import copy
+
+    layer = _layer(16, 64, block_rows=8)
+    layer.train()
+    layer(torch.randn(2, 16)).sum().backward()
+    assert layer.threshold_hint.last is not None
+    assert not any("hint" in key for key in layer.state_dict())
+    twin = copy.deepcopy(layer)
+    assert twin.threshold_hint is not layer.threshold_hint

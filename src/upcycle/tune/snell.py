@@ -13,8 +13,9 @@ them) is zeroed and the survivors are scaled by their own detached magnitude
 (``reference`` mode, the released code) or soft-thresholded (``paper`` mode, Eq. 5).
 
 By default ``delta_W`` is never whole: the kernel is separable by output rows, so the layer
-builds it a block of rows at a time (``SnellConfig.block_mb``), for the exact threshold (a
-radix select over the float bits, the same value as ``kthvalue``, one per part), for the
+builds it a block of rows at a time (``SnellConfig.block_mb``), for the exact threshold (the
+same value as ``kthvalue``, one per part: found in a narrow window around the value that
+the last steps' thresholds predict, else by a radix select over the float bits), for the
 product with the input, and again in backward, which rebuilds each block from A and B.
 Nothing of size ``d_out x d_in`` is stored for backward or kept between steps, and no
 more than a block of it exists at any time.
@@ -147,15 +148,18 @@ class SnellConfig(TunerConfig):
     kernels rather than by memory traffic (measured on an H100, Linear(4096 -> 11008): 56 ms
     per step at 4 MiB, 33 ms at 16 MiB, for 0.06x and 0.31x the weight above peft LoRA)."""
     compile: bool = False
-    """Compute the kernel (each tile of rows of K and its per-piece distances) with one
-    ``torch.compile``d function instead of about six torch operations per piece: one loop
-    over the entries. Every pass (threshold, forward, backward, merge, the dense paths) uses
-    that function on the same fixed tiles, so the masks stay exact and identical between
-    passes; the values differ from the eager kernel's in the last bits (~1e-7 relative),
-    so keep the setting for a trained adapter (it is saved with it). Needs a working
-    ``torch.compile`` (a C++ compiler on a CPU, triton on CUDA) and costs a one-time compile
-    (5-15 s on a CPU) per layer width and process; on the benchmark CPU it cut a step of
-    the Linear(4096 -> 11008) from 1.48 s to 1.24 s (``benchmarks/snell_spike.py``)."""
+    """Run each pass's elementwise work on a block (the kernel, |K| for the threshold, the
+    mask and ``W0 + delta`` in forward; in backward also the gradient's mask and its
+    division by the distances) as one ``torch.compile``d loop over the block's entries,
+    instead of about twenty torch operations each reading and writing the whole block. A
+    row's values do not depend on the block or the pass that computes it, so the masks stay
+    exact and identical between passes; they differ from the eager kernel's in the last
+    bits (~1e-7 relative), so keep the setting for a trained adapter (it is saved with it).
+    Needs a working ``torch.compile`` (a C++ compiler on a CPU, triton on CUDA) and costs a
+    one-time compile per pass, layer width and process (about 5-10 s each on a CPU); off by
+    default for that reason, worth it on wide layers: on the benchmark CPU it takes a step of
+    the Linear(4096 -> 11008) with 256 tokens from 2.7x to 2.2x peft LoRA's
+    (``benchmarks/snell_spike.py --input-grad``)."""
 
     def __post_init__(self) -> None:
         self.piece_coeffs = tuple(float(c) for c in self.piece_coeffs)
@@ -318,7 +322,7 @@ def _fused_block(b_pads, a_pads_t, coeffs, tau, weight, grad, mode: str, want: s
     outputs), from :func:`_kernel_tile`'s K and distances:
 
     - ``'kernel'``: K; ``'distances'``: (K, the per-piece distances);
-    - ``'magnitude'``: |K| (the threshold's pass);
+    - ``'magnitude'``: |K| (the threshold's passes);
     - ``'delta'``: ``[weight +] K * factor`` in ``out_dtype`` (forward, merge), where factor
       is the competition term of ``mode`` given the rows' threshold ``tau`` (None: no
       sparsification, delta = K);
@@ -710,17 +714,92 @@ def _magnitude_rows(pads, coeffs: torch.Tensor, o0: int, o1: int,
     return _kernel_rows(pads, coeffs, o0, o1, scratch=scratch).abs_()
 
 
+class ThresholdHint:
+    """A layer's recent thresholds, to guess the next ones: consecutive training steps move
+    each part's tau smoothly, so :func:`snell_thresholds` first looks for the k-th value in a
+    narrow window around the extrapolated tau, which needs one pass over |K| that counts the
+    entries below the window and keeps the few inside it, instead of a radix select. The
+    result is exact either way: when the k-th value is not inside the window (or the window
+    holds too many entries) the radix select runs as without a hint. Not saved and not
+    part of the state; plain floats, so it follows the layer to any device."""
+
+    MIN_WINDOW, MAX_WINDOW = 2e-3, 0.05
+    """Bounds of the window's relative half-width around the guess; no guess is tried while
+    the recent errors call for a wider window (early steps, a large learning rate)."""
+
+    def __init__(self):
+        self.last: list[float] | None = None
+        self.before: list[float] | None = None
+        self.width = 0.01
+        self.errors: list[float] = []
+        self.hits = self.misses = 0
+
+    def guesses(self, parts: int) -> list[float | None]:
+        if self.last is None or len(self.last) != parts:
+            return [None] * parts
+        out = []
+        for s, tau in enumerate(self.last):
+            prev = None if self.before is None else self.before[s]
+            if not (tau > 0 and math.isfinite(tau)):
+                out.append(None)
+            elif prev is not None and prev > 0:  # linear extrapolation, bounded
+                out.append(min(2 * tau, max(tau / 2, 2 * tau - prev)))
+            else:
+                out.append(tau)
+        return out
+
+    @property
+    def usable(self) -> bool:
+        return self.width <= self.MAX_WINDOW
+
+    def update(self, taus: list[float], guesses: list[float | None], tried: bool,
+               missed: bool) -> None:
+        """Record this pass's exact thresholds; the window becomes 2.5x the largest relative
+        error of the last three guesses (the next one's is about the same)."""
+        errors = [abs(t / g - 1) for t, g in zip(taus, guesses) if g and t > 0]
+        if errors:
+            if tried:
+                self.misses += missed
+                self.hits += not missed
+            self.errors = [*self.errors[-2:], max(errors)]
+            self.width = max(self.MIN_WINDOW, 2.5 * max(self.errors))
+        self.before, self.last = self.last, list(taus)
+
+
+@torch.no_grad()
+def _kthvalue_in_window(windows, k: int, cap: int) -> torch.Tensor | None:
+    """The k-th smallest of a set of values when it lies in a window [lo, hi], from one pass:
+    ``windows()`` yields, per chunk of the values, how many are below ``lo`` and those
+    inside. None when the k-th value is outside the window, or more than ``cap`` values
+    are inside."""
+    below = 0
+    inside: list[torch.Tensor] = []
+    count = 0
+    for n_below, found in windows():
+        below += int(n_below)
+        count += found.numel()
+        if count > cap:
+            return None
+        inside.append(found)
+    if below < k <= below + count:
+        return torch.cat(inside).kthvalue(k - below).values
+    return None
+
+
 @torch.no_grad()
 def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, sparsity: float,
                      parts=1, block_rows: int | None = None, *,
-                     scratch: _Scratch | None = None, compiled: bool = False) -> torch.Tensor:
+                     scratch: _Scratch | None = None, compiled: bool = False,
+                     hint: ThresholdHint | None = None) -> torch.Tensor:
     """Per part of delta_W's rows (``parts``: see :func:`row_parts`; an int gives equal
     stacked slices), the threshold tau of the competition mask: the
     ``floor(sparsity * n)``-th smallest ``|K|`` of the part's n entries (-1 when none is
     zeroed), exactly what :func:`sparsify` takes from ``kthvalue``, found block by block
     (``block_rows`` rows of delta_W at a time, never crossing a part; None: a whole run of the
     part at once) by :func:`kthvalue_blocked`, with the kernel's blocks in ``scratch``'s
-    buffers when given (``compiled``: see :func:`snell_kernel`). Shape (number of parts,)."""
+    buffers when given (``compiled``: see :func:`snell_kernel`). With ``hint`` (the layer's
+    :class:`ThresholdHint`, updated here), a single pass looks in a window around the
+    expected tau first. Shape (number of parts,)."""
     d_out, d_in = B.shape[1], A.shape[1]
     split = row_parts(parts, d_out)
     coeffs = coeffs.detach().to(A.dtype)
@@ -730,6 +809,9 @@ def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, spa
         return out
     pads = _padded_factors(A, B, compiled)
     scratch = scratch if scratch is not None else _Scratch()
+    guesses = hint.guesses(split.count) if hint is not None else [None] * split.count
+    tried = hint is not None and hint.usable
+    missed = False
     for s, size in enumerate(split.sizes):
         n = size * d_in
         k = _num_zeroed(sparsity, n)
@@ -744,7 +826,23 @@ def snell_thresholds(A: torch.Tensor, B: torch.Tensor, coeffs: torch.Tensor, spa
         def chunks(bounds=bounds):
             for o0, o1 in bounds:
                 yield _magnitude_rows(pads, coeffs, o0, o1, scratch)
+        if tried and guesses[s] is not None:
+            window = torch.tensor([guesses[s] * (1 - hint.width), guesses[s] * (1 + hint.width)],
+                                  dtype=A.dtype, device=A.device)
+
+            def windows(bounds=bounds, window=window):
+                for o0, o1 in bounds:
+                    m = _magnitude_rows(pads, coeffs, o0, o1, scratch).reshape(-1)
+                    yield (torch.count_nonzero(m < window[0]),
+                           m[(m >= window[0]) & (m <= window[1])])
+            tau = _kthvalue_in_window(windows, k, cap=max(1 << 16, n // 8))
+            if tau is not None:
+                out[s] = tau
+                continue
+            missed = True
         out[s] = kthvalue_blocked(chunks, k, n=n)
+    if hint is not None:
+        hint.update(out.tolist(), guesses, tried, missed)
     return out
 
 
@@ -849,11 +947,11 @@ class _SnellLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, coeffs, sparsity, mode, parts, row_part,
-                block_rows, compiled):
+                block_rows, compiled, hint):
         coeffs_c = coeffs.to(A.dtype).detach()
         scratch = _Scratch()
         tau = snell_thresholds(A, B, coeffs_c, sparsity, parts, block_rows, scratch=scratch,
-                               compiled=compiled)
+                               compiled=compiled, hint=hint)
         x2d = x.reshape(-1, x.shape[-1])
         d_out, d_in = B.shape[1], A.shape[1]
         y = x2d.new_empty((x2d.shape[0], d_out))
@@ -955,7 +1053,7 @@ class _SnellLinear(torch.autograd.Function):
         if grad_c is not None:
             grad_c = grad_c.to(coeffs.dtype)
         return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None, None,
-                None)
+                None, None)
 
     @staticmethod
     def _backward_block_compiled(ctx, o0, o1, pads, x_c, gy, gy_c, weight, tau, grad_x,
@@ -1039,6 +1137,7 @@ class SnellLayer(nn.Module):
         self.block_mb = None if config.block_mb is None else float(config.block_mb)
         self.compile = bool(config.compile)
         self._block_rows: int | None = None  # set to override block_mb (tests)
+        self.threshold_hint = ThresholdHint()  # where the next thresholds are expected
         self.merged = False
         P, q = config.num_pieces, config.r // config.num_pieces
         factory = {"device": weight.device,
@@ -1101,7 +1200,7 @@ class SnellLayer(nn.Module):
         bias = self.base_layer.bias if with_base else None
         return _SnellLinear.apply(x, weight, bias, *params, self.sparsity, self.sparsify_mode,
                                   self.parts, self.snell_row_part, self.block_rows,
-                                  self.compile)
+                                  self.compile, self.threshold_hint)
 
     @torch.no_grad()
     def _delta_blocks(self):
@@ -1109,7 +1208,7 @@ class SnellLayer(nn.Module):
         A, B = self.snell_A.detach(), self.snell_B.detach()
         coeffs = self.snell_coeffs.detach().to(A.dtype)
         tau = snell_thresholds(A, B, coeffs, self.sparsity, self.parts, self.block_rows,
-                               compiled=self.compile)
+                               compiled=self.compile, hint=self.threshold_hint)
         pads = _padded_factors(A, B, self.compile)
         for o0, o1 in _row_blocks(self.out_features, self.block_rows):
             if self.compile:
