@@ -17,8 +17,9 @@ loss = mean(y^2), backward and an AdamW step on the adapter, on x of shape (1, t
 Memory per contender, both as what the step adds above the RSS before it:
 - peak RSS of the process (Linux VmHWM, reset just before the measured steps), and
 - the allocator-independent peak of live tensor bytes (upcycle.memory.LiveTensorBytes, a
-  dispatch-mode count of tensor storages, run for one extra step; on CUDA also
-  torch.cuda.max_memory_allocated).
+  dispatch-mode count of tensor storages, run for one extra step, last; torch.compile does
+  not run under a dispatch mode, so with compile=True this counts the same passes as plain
+  torch operations, an upper bound; on CUDA also torch.cuda.max_memory_allocated).
 Time: median seconds per step over the timed steps (after --warmup untimed steps, in which
 AdamW creates its states and SNELL's threshold window settles: it needs a few steps of
 history, and training runs thousands), torch on one
@@ -144,9 +145,6 @@ def run_worker(spec: dict) -> dict:
     }
     if device.type == "cuda":
         result["cuda_added_mb"] = (torch.cuda.max_memory_allocated() - cuda_start) / 2**20
-    with LiveTensorBytes() as live:
-        step()
-    result["live_added_mb"] = live.peak / 2**20
     if spec.get("profile"):
         from torch.profiler import ProfilerActivity, profile
 
@@ -154,6 +152,12 @@ def run_worker(spec: dict) -> dict:
             step()
         result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total",
                                                       row_limit=20, max_name_column_width=40)
+    # last: under this dispatch mode SNELL's compiled passes run as plain torch operations
+    # (torch.compile does not run under one), so with compile=True this figure is the eager
+    # form's; the RSS figures are the compiled step's
+    with LiveTensorBytes() as live:
+        step()
+    result["live_added_mb"] = live.peak / 2**20
     return result
 
 

@@ -441,3 +441,29 @@ def test_threshold_hint_is_not_state():
     assert not any("hint" in key for key in layer.state_dict())
     twin = copy.deepcopy(layer)
     assert twin.threshold_hint is not layer.threshold_hint
+
+
+@needs_compiler
+def test_compiled_layer_stays_compiled_after_a_dispatch_mode():
+    """dynamo skips a compiled function called under a TorchDispatchMode and keeps skipping
+    it afterwards; the layer runs its passes as plain operations under a mode instead, so a
+    step measured with LiveTensorBytes (or a FLOP counter) leaves the compiled path intact."""
+    from torch.profiler import profile
+
+    layer = _compiled_layer(32, 96, block_rows=64)
+    x = torch.randn(3, 32)
+
+    def compiled_calls():
+        with profile() as prof:
+            y = layer(x)
+            y.sum().backward()
+        return y.detach(), sum("Compiled" in e.key for e in prof.key_averages())
+
+    before, calls = compiled_calls()
+    assert calls > 0
+    with LiveTensorBytes():
+        under = layer(x).detach()
+    torch.testing.assert_close(under, before, rtol=1e-5, atol=1e-6)
+    after, calls = compiled_calls()
+    assert calls > 0
+    assert torch.equal(after, before)

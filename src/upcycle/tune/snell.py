@@ -158,8 +158,8 @@ class SnellConfig(TunerConfig):
     Needs a working ``torch.compile`` (a C++ compiler on a CPU, triton on CUDA) and costs a
     one-time compile per pass, layer width and process (about 5-10 s each on a CPU); off by
     default for that reason, worth it on wide layers: on the benchmark CPU it takes a step of
-    the Linear(4096 -> 11008) with 256 tokens from 2.7x to 2.2x peft LoRA's
-    (``benchmarks/snell_spike.py --input-grad``)."""
+    the Linear(4096 -> 11008) from 2.97x to 2.44x peft LoRA's at 256 tokens, 1.82x to 1.69x
+    at 1024 (x needing a gradient; ``benchmarks/snell_spike.py --input-grad``)."""
 
     def __post_init__(self) -> None:
         self.piece_coeffs = tuple(float(c) for c in self.piece_coeffs)
@@ -381,6 +381,13 @@ def _compiled_fused():
     return _COMPILED_FUSED
 
 
+def _dispatch_mode_active() -> bool:
+    from torch.utils import _python_dispatch
+
+    on_stack = getattr(_python_dispatch, "any_torch_dispatch_mode_on_stack", None)
+    return on_stack() if on_stack is not None else torch._C._len_torch_dispatch_stack() > 0
+
+
 def _fused_rows(pads, coeffs: torch.Tensor, o0: int, o1: int, want: str, *,
                 tau: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                 grad: torch.Tensor | None = None, mode: str = "reference",
@@ -395,9 +402,13 @@ def _fused_rows(pads, coeffs: torch.Tensor, o0: int, o1: int, want: str, *,
     for t in rowwise:
         if t is not None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
+    # Under a TorchDispatchMode (a FLOP counter, upcycle.memory.LiveTensorBytes...) dynamo
+    # does not compile, and it would mark the function to be skipped for good: run it as
+    # plain torch operations there (the same values to rounding, every pass alike).
+    fn = _fused_block if _dispatch_mode_active() else _compiled_fused()
     try:
-        return _compiled_fused()(b_pads, [a for _, a in pads], coeffs, tau, weight, grad,
-                                 mode, want, need_w, need_h, need_c, out_dtype)
+        return fn(b_pads, [a for _, a in pads], coeffs, tau, weight, grad, mode, want,
+                  need_w, need_h, need_c, out_dtype)
     except UpcycleError:
         raise
     except Exception as err:  # inductor's errors (no compiler, no triton) have many types
