@@ -1022,10 +1022,27 @@ class _SnellLinear(torch.autograd.Function):
         a_ones_t = _a_ones_t(A) if need_kernel_grad else None
         scratch = _Scratch()
         for o0, o1 in _row_blocks(d_out, block_rows):
-            if compiled:
-                _SnellLinear._backward_block_compiled(
-                    ctx, o0, o1, pads, x_c, gy, gy_c, weight, tau, grad_x, grad_w, grad_A,
-                    grad_B, grad_c, a_ones_t, scratch)
+            if compiled:  # the block's gradient, then the rest in one compiled loop
+                grad_delta = None
+                if need_w or need_kernel_grad:
+                    grad_delta = torch.mm(gy_c[:, o0:o1].t(), x_c,
+                                          out=scratch.get("g", o1 - o0, d_in, x_c))
+                    if need_w:
+                        grad_w[o0:o1] = grad_delta
+                w_block, H, gc = _fused_rows(
+                    pads, coeffs_c, o0, o1, "backward", mode=mode,
+                    tau=_block_tau(tau, row_part, o0, o1) if sparsity > 0 else None,
+                    weight=None if weight is None else weight[o0:o1],
+                    grad=grad_delta if need_kernel_grad else None, need_w=need_x,
+                    need_h=need_a or need_bb, need_c=need_c, out_dtype=grad_y.dtype)
+                del grad_delta
+                if need_x:
+                    grad_x.addmm_(gy[:, o0:o1], w_block)
+                del w_block
+                if need_c:
+                    grad_c += torch.stack(gc)
+                if H is not None:
+                    _kernel_grads_from_h(A, B, coeffs_c, H, o0, o1, grad_A, grad_B, a_ones_t)
                 continue
             dists: list | None = [] if need_kernel_grad else None
             K = _kernel_rows(pads, coeffs_c, o0, o1, dists, scratch=scratch)
@@ -1065,37 +1082,6 @@ class _SnellLinear(torch.autograd.Function):
             grad_c = grad_c.to(coeffs.dtype)
         return (grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, None, None, None, None, None,
                 None, None)
-
-    @staticmethod
-    def _backward_block_compiled(ctx, o0, o1, pads, x_c, gy, gy_c, weight, tau, grad_x,
-                                 grad_w, grad_A, grad_B, grad_c, a_ones_t, scratch) -> None:
-        """One block of the backward with the compiled :func:`_fused_block`: the block's
-        gradient (one product), then W0 + delta, H and the coefficients' sums in one loop."""
-        sparsity, mode, row_part, _, _ = ctx.args
-        A, B, coeffs = ctx.saved_tensors[1:4]
-        need_h = grad_A is not None or grad_B is not None
-        need_kernel_grad = need_h or grad_c is not None
-        grad_delta = None
-        if grad_w is not None or need_kernel_grad:
-            grad_delta = torch.mm(gy_c[:, o0:o1].t(), x_c,
-                                  out=scratch.get("g", o1 - o0, x_c.shape[1], x_c))
-            if grad_w is not None:
-                grad_w[o0:o1] = grad_delta
-        w, H, gc = _fused_rows(
-            pads, coeffs.to(A.dtype), o0, o1, "backward", mode=mode,
-            tau=_block_tau(tau, row_part, o0, o1) if sparsity > 0 else None,
-            weight=None if weight is None else weight[o0:o1],
-            grad=grad_delta if need_kernel_grad else None, need_w=grad_x is not None,
-            need_h=need_h, need_c=grad_c is not None, out_dtype=gy.dtype)
-        del grad_delta
-        if w is not None:
-            grad_x.addmm_(gy[:, o0:o1], w)
-            del w
-        if gc is not None:
-            grad_c += torch.stack(gc)
-        if H is not None:
-            _kernel_grads_from_h(A, B, coeffs.to(A.dtype), H, o0, o1, grad_A, grad_B,
-                                 a_ones_t)
 
 
 DEFAULT_BLOCK_MB = {"cpu": 4.0, "cuda": 16.0}
