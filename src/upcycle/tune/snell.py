@@ -156,7 +156,7 @@ class SnellConfig(TunerConfig):
     exact and identical between passes; they differ from the eager kernel's in the last
     bits (~1e-7 relative), so keep the setting for a trained adapter (it is saved with it).
     Needs a working ``torch.compile`` (a C++ compiler on a CPU, triton on CUDA) and costs a
-    one-time compile per pass, layer width and process (about 5-10 s each on a CPU); off by
+    one-time compile per pass, layer width and process (seconds each on a CPU); off by
     default for that reason, worth it on wide layers: on the benchmark CPU it takes a step of
     the Linear(4096 -> 11008) from 2.97x to 2.44x peft LoRA's at 256 tokens, 1.82x to 1.69x
     at 1024 (x needing a gradient; ``benchmarks/snell_spike.py --input-grad``)."""
