@@ -26,8 +26,9 @@ $(VENV)/.demo: pyproject.toml constraints.txt $(VENV)/.torch
 	$(PIP) -e ".[demo]"
 	touch $@
 
+# Tests run in parallel (pytest-xdist, one worker per core).
 test: $(VENV)/.dev
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
 # Writes ./demo-out/ (soups with model cards, report.json, README.md, results.png); the
 # fine-tunes are cached in $$UPCYCLE_CACHE (default ~/.cache/upcycle). DEMO_ARGS: more flags.
@@ -35,8 +36,10 @@ DEMO_ARGS ?=
 demo: $(VENV)/.demo
 	$(BIN)/upcycle demo --out demo-out $(DEMO_ARGS)
 
+# ruff, and import-linter's contract of the layers (pyproject.toml [tool.importlinter]).
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info demo-out

@@ -45,7 +45,7 @@ Dropout is 0 in both families.
     python benchmarks/lemon_savings.py --family bert --quick   # a CPU smoke run (< 1 min)
 
 Writes benchmarks/results/lemon_savings-<family>-seed<k>.{json,md,png}. Every contender runs
-in a fresh process (upcycle.bench); they share the small checkpoint, the tokenizer and the
+in a fresh process (upcycle.jobs.bench); they share the small checkpoint, the tokenizer and the
 target loss through files in $TMPDIR/upcycle-lemon-bench/<family>-seed<k>[-quick]/, so
 different (family, seed) runs can go in parallel.
 """
@@ -115,7 +115,7 @@ def run_tag(family: str, seed: int, quick: bool, budget: float = 0.5, st: dict |
 
 @functools.lru_cache(maxsize=1)
 def _articles() -> tuple[list[str], list[str]]:
-    from upcycle.datasets import bbc_news, split_indices
+    from upcycle.demo.data import bbc_news, split_indices
 
     texts, _, _ = bbc_news()
     train_idx, held_idx = split_indices(len(texts), (0.9, 0.1), seed=0)
@@ -141,7 +141,7 @@ def _wordpiece_corpus(cache: Path) -> dict:
     every contender of a run uses the same one), and both token streams."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    from upcycle.checkpoints import atomic_file
+    from upcycle.io.writing import atomic_file
 
     train, held = _articles()
     path = cache / "wordpiece.json"
@@ -272,7 +272,7 @@ def _plateau(curve: list) -> float:
 def train_run(model, family: str, st: dict, steps: int, seed: int, device: torch.device,
               cache: Path) -> dict:
     from upcycle.grow import lemon_train_config
-    from upcycle.training import first_item, fit
+    from upcycle.training.fit import first_item, fit
 
     data = corpus(family, str(cache))
     batches = Batches(data, data["train"], steps, st, seed=seed, mlm=family == "bert")
@@ -305,8 +305,8 @@ def steps_to(curve: list, target: float) -> int | None:
 
 
 def run_worker(spec: dict) -> dict:
-    from upcycle.checkpoints import write_json
-    from upcycle.devices import resolve_device
+    from upcycle.io.writing import write_json
+    from upcycle.runtime.devices import resolve_device
 
     torch.set_num_threads(int(os.environ.get("LEMON_BENCH_THREADS", "1")))
     family, st, seed = spec["family"], spec["st"], int(spec["seed"])
@@ -382,7 +382,7 @@ def _run_settings(args) -> tuple[dict, str]:
 
 
 def contenders(args) -> list[dict]:
-    from upcycle.devices import resolve_device
+    from upcycle.runtime.devices import resolve_device
 
     resolve_device(args.device)  # a bad --device fails here, not in every worker
     st, tag = _run_settings(args)
@@ -558,7 +558,7 @@ def summarize(found: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:
 
 
 def report(quick: bool) -> None:
-    from upcycle.checkpoints import atomic_file, write_json
+    from upcycle.io.writing import atomic_file, write_json
 
     found = collect(RESULTS, quick)
     if not found:
@@ -580,10 +580,10 @@ def report(quick: bool) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parent / "src"))
-    from upcycle.bench import format_table
-    from upcycle.bench import main as bench_main
-    from upcycle.checkpoints import atomic_file
     from upcycle.errors import UpcycleError
+    from upcycle.io.writing import atomic_file
+    from upcycle.jobs.bench import format_table
+    from upcycle.jobs.bench import main as bench_main
 
     pre = argparse.ArgumentParser(add_help=False)
     add_arguments(pre)

@@ -77,7 +77,7 @@ def _finish(tmp: Path, folder: Path, recipe: dict) -> None:
 
 def splits(sizes: Sizes, seed: int = 0) -> dict:
     """BBC News articles cut into pretrain / fine-tune pool / held-out / test (disjoint)."""
-    from upcycle.datasets import bbc_news
+    from upcycle.demo.data import bbc_news
 
     texts, labels, classes = bbc_news()
     order = np.random.default_rng(seed).permutation(len(texts))
@@ -236,7 +236,7 @@ def prepare(cache: Path, sizes: Sizes, log=print) -> dict:
     """Base, ingredients and the held-out / test files; returns their paths."""
     import torch
 
-    from upcycle.checkpoints import atomic_file
+    from upcycle.io.writing import atomic_file
 
     cache.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, int(os.environ.get("UPCYCLE_THREADS", "1"))))

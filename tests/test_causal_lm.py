@@ -166,7 +166,7 @@ DDP_EVAL = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
 from lm_models import tiny_lm
-from upcycle import distributed
+from upcycle.runtime import distributed
 from upcycle.tasks.causal_lm import evaluate
 torch.set_num_threads(1)
 distributed.init_from_env("cpu")  # gloo, also on a machine with one GPU

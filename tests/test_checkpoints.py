@@ -8,13 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from upcycle import UpcycleError
-from upcycle.checkpoints import (
-    atomic_dir,
-    open_ingredients,
-    save_model,
-    validate_ingredients,
-    write_safetensors_shards,
-)
+from upcycle.io.ingredients import open_ingredients, validate_ingredients
+from upcycle.io.writing import atomic_dir, save_model, write_safetensors_shards
 
 
 def _state(seed=0, shape=(4, 3), dtype=torch.float32):
@@ -126,7 +121,7 @@ def test_save_model_refuses_existing_model_unless_overwrite(tmp_path):
 
 
 def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch):
-    import upcycle.checkpoints as ck
+    import upcycle.io.writing as ck
 
     out = tmp_path / "soup"
     save_model(out, _state(0))
@@ -159,7 +154,7 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
 
 
 def test_pytorch_files_are_read_tensor_by_tensor_with_views_and_dtypes(tmp_path):
-    import upcycle.checkpoints as ck
+    import upcycle.io.checkpoints as ck
 
     base = torch.arange(24, dtype=torch.float32).view(4, 6)
     state = {"w": base, "t": base.t(), "slice": base[1:3, 2:5], "half": torch.randn(3, 5).half(),
@@ -175,7 +170,7 @@ def test_pytorch_files_are_read_tensor_by_tensor_with_views_and_dtypes(tmp_path)
 
 
 def test_legacy_pickles_are_reported_once(tmp_path, capsys):
-    import upcycle.checkpoints as ck
+    import upcycle.io.checkpoints as ck
 
     ck._legacy_reported.clear()
     for i in range(2):
@@ -192,8 +187,8 @@ def test_legacy_pickles_are_reported_once(tmp_path, capsys):
 
 VALIDATE_SCRIPT = """
 import json, sys
-from upcycle.checkpoints import open_ingredients, validate_ingredients
-from upcycle.memory import current_rss_mb
+from upcycle.io import open_ingredients, validate_ingredients
+from upcycle.runtime.memory import current_rss_mb
 ings = open_ingredients([sys.argv[1]])
 base = current_rss_mb()
 validate_ingredients(ings)  # reads every tensor of every ingredient once

@@ -129,7 +129,7 @@ def test_grow_train_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_vit, tmp
                                                                    monkeypatch):
     from safetensors.torch import load_file
 
-    from upcycle._trainer import UpcycleTrainer
+    from upcycle.training.trainer import UpcycleTrainer
 
     rng = np.random.default_rng(0)
     data = tmp_path / "train.npz"

@@ -335,7 +335,7 @@ def test_tune_snell_on_a_causal_lm_merged_and_reloaded(lm_runs, tmp_path, capsys
 def test_tune_lm_collator_counts_target_tokens(lm_runs, tmp_path):
     """Trainer averages the loss over the label tokens it counts: the collator leaves only
     target tokens (never a row's first position, nor padding or prompts) unmasked."""
-    from upcycle.tasks.finetune import task_datasets
+    from upcycle.tasks.data import task_datasets
 
     root, _ = lm_runs
     task = CausalLMTask(root / "llama-base", max_length=16)

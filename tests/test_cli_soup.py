@@ -68,7 +68,7 @@ def test_soup_cli_writes_a_loadable_hf_folder(tiny_bert_ingredients, tmp_path, m
         assert report["rows"][0]["method"].startswith("best ingredient")
         assert "test_accuracy" in report["rows"][-1]
     # The folder holds exactly the soup's weights.
-    from upcycle.checkpoints import open_ingredients
+    from upcycle.io.ingredients import open_ingredients
 
     soup = open_ingredients([out])[0]
     for name, value in model.state_dict().items():
@@ -162,7 +162,7 @@ def _interrupt_at_round(monkeypatch, round_no):
 
 def test_ctrl_c_leaves_nothing_at_out_and_resume_gives_the_same_soup(
         tiny_bert_ingredients, tmp_path, capsys, monkeypatch):
-    from upcycle.checkpoints import open_ingredients
+    from upcycle.io.ingredients import open_ingredients
 
     root, folders = tiny_bert_ingredients
     common = ["soup", "--method", "mehl+", *map(str, folders), "--quiet", "--epochs", "1",
@@ -203,7 +203,7 @@ def test_ctrl_c_leaves_nothing_at_out_and_resume_gives_the_same_soup(
 
 @pytest.mark.parametrize("method", ["uniform", "mehl+"])
 def test_dtype_bfloat16_writes_a_bf16_soup(tiny_bert_ingredients, tmp_path, method):
-    from upcycle.checkpoints import open_ingredients
+    from upcycle.io.ingredients import open_ingredients
 
     root, folders = tiny_bert_ingredients
     out = tmp_path / "bf16"

@@ -170,7 +170,7 @@ def _adapter(out):
 
 def test_tune_ctrl_c_then_resume_equals_an_uninterrupted_run(text_task, tmp_path, capsys,
                                                              monkeypatch):
-    from upcycle._trainer import UpcycleTrainer
+    from upcycle.training.trainer import UpcycleTrainer
 
     model_dir, train_file, _ = text_task
     whole, parts = tmp_path / "whole", tmp_path / "parts"

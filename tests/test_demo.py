@@ -56,10 +56,10 @@ def demo_run(tiny_world, tmp_path_factory):
     base, corpus = tiny_world
     root = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("upcycle.tasks.bbc.minilm_path", lambda: str(base))
-        mp.setattr("upcycle.tasks.bbc.bbc_news", lambda: corpus)
-        mp.setattr("upcycle.tasks.bbc.SPLIT_SIZES", SPLITS)
-        mp.setattr("upcycle.tasks.bbc.MAX_LENGTH", 16)
+        mp.setattr("upcycle.demo.bbc.minilm_path", lambda: str(base))
+        mp.setattr("upcycle.demo.bbc.bbc_news", lambda: corpus)
+        mp.setattr("upcycle.demo.bbc.SPLIT_SIZES", SPLITS)
+        mp.setattr("upcycle.demo.bbc.MAX_LENGTH", 16)
         runs = []
         for argv in (["--epochs", "1"], ["--ingredients", "2", "-K", "5", "--epochs", "1"]):
             code, stdout, stderr = _run(["demo", "--out", str(root / "out"), "--cache",
@@ -113,7 +113,7 @@ def test_demo_writes_its_output_folder(demo_run):
 
 
 def test_ingredients_are_named_by_recipe_in_fine_tune_order(demo_run):
-    from upcycle.tasks.bbc import demo_recipes, recipe_names
+    from upcycle.demo.bbc import demo_recipes, recipe_names
 
     root, runs = demo_run
     report_names = ["lr1.5e-4-ep1", "lr1e-4-ep1", "lr8e-5-ep1", "lr2e-4-ep1"]

@@ -6,14 +6,14 @@ import os
 import pytest
 import torch
 
-from upcycle.devices import (
+from upcycle.errors import UpcycleError
+from upcycle.runtime.devices import (
     autocast,
     available_devices,
     check_precision,
     resolve_device,
     resolve_dtype,
 )
-from upcycle.errors import UpcycleError
 
 
 def test_cpu_and_auto():
@@ -75,7 +75,7 @@ def test_autocast_bf16_on_cpu():
 def test_torchrun_rank_without_a_gpu_is_a_clear_error(monkeypatch):
     """Two processes per node on a one-GPU machine: NCCL needs a GPU per rank, so the second
     rank is told what to do instead of failing inside CUDA."""
-    from upcycle import distributed
+    from upcycle.runtime import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -101,7 +101,7 @@ def test_torchrun_ranks_destroy_their_process_group_at_exit(tmp_path):
     script = tmp_path / "exit.py"
     script.write_text(
         "import atexit, os, sys, threading, torch, torch.distributed as dist\n"
-        "from upcycle import distributed\n"
+        "from upcycle.runtime import distributed\n"
         "native = lambda: len(os.listdir('/proc/self/task')) - threading.active_count()\n"
         "log = open(os.path.join(sys.argv[1], os.environ['RANK']), 'w')\n"
         "atexit.register(lambda: (log.write(f'at exit: initialized {dist.is_initialized()} '\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.tasks import ClassificationTask
+from upcycle.tasks.classification import ClassificationTask
 
 
 @pytest.fixture(scope="module")

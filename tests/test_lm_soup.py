@@ -11,7 +11,7 @@ from lm_models import CORPUS, save_lm, tiny_lm, tiny_tokenizer, write_lines
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from upcycle.checkpoints import open_ingredients
+from upcycle.io.ingredients import open_ingredients
 from upcycle.soup import LearnedConfig, MehlConfig, learned_soup, mehl_soup, uniform_soup
 from upcycle.soup.common import load_state, parameter_names
 from upcycle.tasks.causal_lm import CausalLMTask, causal_lm_loss, evaluate

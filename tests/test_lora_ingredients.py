@@ -11,9 +11,9 @@ import pytest
 import torch
 from lm_models import save_lm, tiny_lm
 
-from upcycle.adapters import LoraIngredient
-from upcycle.checkpoints import open_ingredients, validate_ingredients
 from upcycle.errors import UpcycleError
+from upcycle.io.ingredients import open_ingredients, validate_ingredients
+from upcycle.io.lora import LoraIngredient
 from upcycle.soup import uniform_soup
 
 GPT2_CONFIGS = [

@@ -64,7 +64,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_outputs_follow_the_umask(tmp_path, umask):
-    from upcycle.checkpoints import save_model, write_json
+    from upcycle.io.writing import save_model, write_json
 
     old = os.umask(umask)
     try:
@@ -165,7 +165,7 @@ def test_one_ingredient_soup_warns(tiny, tmp_path, capsys):
 
 
 def test_soup_save_checks_source_dir_first_and_keeps_the_soup(tiny, tmp_path):
-    from upcycle.checkpoints import open_ingredients
+    from upcycle.io.ingredients import open_ingredients
     from upcycle.soup import uniform_soup
 
     soup = uniform_soup(open_ingredients(tiny["runs"]), progress=False)
@@ -248,7 +248,7 @@ def test_tune_card_config_and_load(tiny, tmp_path):
 
 
 def test_tune_sherl_merge_is_refused_before_training(tiny, tmp_path, capsys, monkeypatch):
-    import upcycle.tasks.finetune as finetune
+    import upcycle.jobs.finetune as finetune
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")

@@ -214,8 +214,9 @@ def test_padding_does_not_change_real_tokens(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiny_configs_train_with_the_shared_loop(family):
-    from upcycle.tasks import evaluate
-    from upcycle.training import TrainingConfig, fit
+    from upcycle.tasks.classification import evaluate
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import fit
 
     make, batch_of = FAMILIES[family]
     model = get_sherl_model(make(layers=4), SherlConfig(late_layers=2, taps=[0, 2]))
@@ -293,7 +294,7 @@ def test_unsupported_backbone_names_the_supported_ones():
                                                        n_layer=2, n_head=4))
     with pytest.raises(UpcycleError, match="unsupported family 'bloom'; SHERL supports "
                                            "BERT/MiniLM.*DistilBERT.*ViT.*GPT-2.*Llama.*"
-                                           "upcycle.architectures"):
+                                           "upcycle.models.architectures"):
         get_sherl_model(model)
     with pytest.raises(UpcycleError, match="unsupported family 'Linear'"):
         get_sherl_model(nn.Linear(3, 3))

@@ -1,4 +1,4 @@
-"""SHERL on every family of the architecture map (upcycle.architectures): BERT, RoBERTa,
+"""SHERL on every family of the architecture map (upcycle.models.architectures): BERT, RoBERTa,
 DistilBERT, ViT, GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX. Tiny random classifiers
 (hidden 32, 3 layers); fp64 where exactness is checked."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from upcycle.architectures import ARCHITECTURES, layer_windows
 from upcycle.errors import UpcycleError
+from upcycle.models.architectures import ARCHITECTURES, layer_windows
 from upcycle.tune.lst import LstConfig, get_lst_model
 from upcycle.tune.sherl import SherlConfig, SherlModel, get_sherl_model
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.tune.common import ADAPTER_WEIGHTS, count_parameters
+from upcycle.tune.adapter import ADAPTER_WEIGHTS, count_parameters
 from upcycle.tune.snell import (
     SnellConfig,
     SnellLayer,
@@ -283,7 +283,8 @@ def test_merge_unmerge_restores_w0_and_merge_and_unload():
 
 
 def test_only_adapter_and_head_change_in_training_loop():
-    from upcycle.training import TrainingConfig, fit
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import fit
 
     base = tiny_bert()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.memory import LiveTensorBytes
+from upcycle.runtime.memory import LiveTensorBytes
 from upcycle.tune.snell import (
     SnellConfig,
     SnellLayer,

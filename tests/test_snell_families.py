@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
-from upcycle.architectures import (
+from upcycle.errors import UpcycleError
+from upcycle.models.architectures import (
     ARCHITECTURES,
     architecture_of,
     layer_list,
     model_fused_layouts,
 )
-from upcycle.errors import UpcycleError
 from upcycle.tune.snell import (
     SnellConfig,
     SnellLayer,
@@ -306,7 +306,8 @@ def test_nan_in_a_factor_propagates(mode, factor):
 def test_nan_in_snell_a_stops_training(tmp_path):
     from transformers import TrainerCallback
 
-    from upcycle.training import NonFiniteLossError, TrainingConfig, fit
+    from upcycle.training.config import NonFiniteLossError, TrainingConfig
+    from upcycle.training.fit import fit
 
     class Poison(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):

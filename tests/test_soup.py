@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from upcycle import UpcycleError
-from upcycle.checkpoints import open_ingredients
+from upcycle.io.ingredients import open_ingredients
 from upcycle.soup import (
     LearnedConfig,
     MehlConfig,
@@ -195,8 +195,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from torch import nn
     import torch.nn.functional as F
-    from upcycle.checkpoints import open_ingredients
-    from upcycle.memory import current_rss_mb, peak_rss_mb
+    from upcycle.io import open_ingredients
+    from upcycle.runtime.memory import current_rss_mb, peak_rss_mb
     from upcycle.soup import mehl_soup, learned_soup, MehlConfig, LearnedConfig
     torch.set_num_threads(1)
     method, folder, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -259,8 +259,8 @@ def test_mehl_peak_memory_does_not_grow_with_the_number_of_ingredients(tmp_path)
 
 GREEDY_MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from upcycle.checkpoints import open_ingredients
-    from upcycle.memory import current_rss_mb, peak_rss_mb
+    from upcycle.io import open_ingredients
+    from upcycle.runtime.memory import current_rss_mb, peak_rss_mb
     from upcycle.soup import greedy_soup
     torch.set_num_threads(1)
     ings = open_ingredients([sys.argv[1]])
@@ -297,8 +297,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from torch import nn
     import torch.nn.functional as F
-    from upcycle import distributed
-    from upcycle.checkpoints import open_ingredients
+    from upcycle.runtime import distributed
+    from upcycle.io import open_ingredients
     from upcycle.soup import learned_soup, mehl_soup, LearnedConfig, MehlConfig
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from test_soup import Net, loss_fn, make_data, write_ingredients
 from torch import nn
 
-from upcycle import UpcycleError, distributed
-from upcycle.devices import available_devices
+from upcycle import UpcycleError
+from upcycle.runtime import distributed
+from upcycle.runtime.devices import available_devices
 from upcycle.soup import MehlConfig, learned_soup, mehl_soup
 from upcycle.soup.common import local_share
 from upcycle.soup.resume import checkpoint_path

@@ -19,8 +19,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from torch import nn
     import torch.nn.functional as F
-    from upcycle import distributed
-    from upcycle.checkpoints import open_ingredients
+    from upcycle.runtime import distributed
+    from upcycle.io import open_ingredients
     from upcycle.errors import UpcycleError
     from upcycle.soup import MehlConfig, mehl_soup
     torch.set_num_threads(1)

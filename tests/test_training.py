@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from upcycle.devices import available_devices
 from upcycle.errors import UpcycleError
+from upcycle.runtime.devices import available_devices
 from upcycle.tune.lst import get_lst_model
 from upcycle.tune.sherl import SherlConfig, get_sherl_model
 from upcycle.tune.snell import SnellConfig, get_snell_model
@@ -235,7 +235,8 @@ def test_sherl_loss_honours_num_items_in_batch():
 # -- upcycle.training -------------------------------------------------------------------------
 
 def _fit(model, examples, tmp_path=None, **config):
-    from upcycle.training import TrainingConfig, fit
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import fit
 
     settings = dict(max_steps=3, lr=1e-2, batch_size=4, device="cpu", progress=False,
                     report_to=[])
@@ -274,7 +275,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pois
                                                                   save_steps, message, kept):
     from transformers import TrainerCallback
 
-    from upcycle.training import NonFiniteLossError, TrainingConfig, fit
+    from upcycle.training.config import NonFiniteLossError, TrainingConfig
+    from upcycle.training.fit import fit
 
     class Poison(TrainerCallback):  # what an fp16 overflow or a huge lr does, on the CPU
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -308,7 +310,8 @@ def test_a_failed_run_closes_its_tensorboard_writer():
     from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
 
-    from upcycle.training import NonFiniteLossError, TrainingConfig, fit
+    from upcycle.training.config import NonFiniteLossError, TrainingConfig
+    from upcycle.training.fit import fit
 
     class Poison(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -338,12 +341,13 @@ def test_checkpoints_hold_only_the_trained_part(tmp_path):
 
 
 def test_resume_refuses_another_run(tmp_path):
-    from upcycle.training import prepare_checkpoints
+    from upcycle.training.runs import prepare_checkpoints
 
     with pytest.raises(UpcycleError, match="no checkpoint to resume from"):
         prepare_checkpoints(tmp_path / "none", {"lr": 1}, resume=True)
     model = TUNERS["sherl"](tiny("bert"))
-    from upcycle.training import TrainingConfig, fit
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.fit import fit
 
     fit(model, _features(_examples()), TrainingConfig(max_steps=2, batch_size=4, save_steps=1,
                                                       device="cpu", progress=False,
@@ -393,9 +397,9 @@ def test_finetune_writes_a_loadable_folder(tmp_path):
 
     import numpy as np
 
+    from upcycle.jobs.finetune import cached_record, finetune
     from upcycle.tasks import load_task
-    from upcycle.tasks.finetune import cached_record, finetune
-    from upcycle.training import TrainingConfig
+    from upcycle.training.config import TrainingConfig
 
     T = transformers
     model_dir = tmp_path / "vit"

@@ -6,9 +6,10 @@
 - ``upcycle.training``: training through ``transformers.Trainer`` (``fit``, ``TrainingConfig``)
 """
 
-from .checkpoints import open_ingredients, save_model, validate_ingredients
 from .errors import UpcycleError
 from .grow import expand, expand_aki, expand_net2net, lemon_schedule, max_output_difference
+from .io.ingredients import open_ingredients, validate_ingredients
+from .io.writing import save_model
 from .soup import (
     LearnedConfig,
     MehlConfig,
@@ -18,15 +19,9 @@ from .soup import (
     mehl_soup,
     uniform_soup,
 )
-from .training import FitResult, TrainingConfig, fit
-from .tune import (
-    SherlConfig,
-    SherlModel,
-    SnellConfig,
-    SnellModel,
-    get_sherl_model,
-    get_snell_model,
-)
+from .training.config import TrainingConfig
+from .training.fit import FitResult, fit
+from .tune import SherlConfig, SherlModel, SnellConfig, SnellModel, get_sherl_model, get_snell_model
 
 __version__ = "0.2.0"
 __all__ = [

@@ -1,5 +1,5 @@
 """Argument groups that several commands share, defined once so their names, defaults and
-help stay the same everywhere (devices and precision: :func:`upcycle.devices.add_device_arguments`)."""
+help stay the same everywhere (devices and precision: :func:`upcycle.runtime.devices.add_device_arguments`)."""
 
 from __future__ import annotations
 

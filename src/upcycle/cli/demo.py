@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..bench import format_table
-from ..cards import method_title, soup_card
-from ..checkpoints import atomic_file, write_json
-from ..devices import add_device_arguments
 from ..errors import UpcycleError
-from .main import on_interrupt
+from ..io.writing import atomic_file, write_json
+from ..jobs.bench import format_table
+from ..runtime.devices import add_device_arguments
+from ..soup.card import method_title, soup_card
+from .interrupt import on_interrupt
 from .soup import REPORT_COLUMNS
 
 DEMO_METHODS = ("uniform", "greedy", "learned+", "mehl+")
@@ -124,8 +124,7 @@ def check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..devices import resolve_device
-    from ..tasks.bbc import (
+    from ..demo.bbc import (
         MAX_LENGTH,
         RECIPES,
         SPLIT_SIZES,
@@ -135,12 +134,8 @@ def run(args: argparse.Namespace) -> int:
         make_ingredients,
         recipe_names,
     )
-    from ..tasks.soup_job import (
-        best_ingredient_row,
-        ingredient_rows,
-        prepare_soup_job,
-        run_method,
-    )
+    from ..jobs.soup import best_ingredient_row, ingredient_rows, prepare_soup_job, run_method
+    from ..runtime.devices import resolve_device
 
     if not 2 <= args.ingredients <= len(RECIPES):
         raise UpcycleError(f"--ingredients {args.ingredients}: expected 2 to {len(RECIPES)}")
@@ -253,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def draw_figure(path: Path, rows: list[dict], best_method: str, headline, names) -> bool:
-    from ..plots import have_matplotlib, results_figure
+    from ..demo.figure import have_matplotlib, results_figure
 
     if not have_matplotlib():
         return False

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..architectures import supported
-from ..devices import add_device_arguments
 from ..errors import UpcycleError
 from ..grow.lemon import METHODS, SCHEDULES
+from ..models.architectures import supported
+from ..runtime import distributed
+from ..runtime.devices import add_device_arguments
 from .arguments import add_checkpoint_arguments
 
 
@@ -119,8 +119,8 @@ def _load(model_dir: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import atomic_dir, copy_model_files
     from ..grow import example_inputs, expand, max_output_difference
+    from ..io.writing import atomic_dir, copy_model_files
 
     src = Path(args.model)
     out = Path(args.out)
@@ -139,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
     if args.train is not None and not Path(args.train).is_file():
         raise UpcycleError(f"--train {args.train}: no such file")
     if args.train is not None:
-        from ..devices import check_precision, resolve_device, resolve_dtype
-        from ..training import TrainingConfig
-        from .tune import check_resume, checkpoints_folder
+        from ..runtime.devices import check_precision, resolve_device, resolve_dtype
+        from ..training.config import TrainingConfig
+        from ..training.runs import check_resume, checkpoints_folder
 
         if args.grad_accum < 1:
             raise UpcycleError(f"--grad-accum must be >= 1, got {args.grad_accum}")
@@ -199,12 +199,14 @@ def _train(model_dir: Path, args: argparse.Namespace) -> dict:
     """Train the grown model in ``model_dir`` on ``--train`` with LEMON's recipe (the
     from-scratch peak lr and warm-up, the cosine decayed fully over ``--steps``) through
     ``transformers.Trainer`` (:mod:`upcycle.training`)."""
-    from ..devices import resolve_device, resolve_dtype
     from ..grow.lemon import LemonRecipe
-    from ..tasks import evaluate, load_task
-    from ..tasks.finetune import train_task
-    from ..training import TrainingConfig
-    from .tune import checkpoints_folder, interrupt_callback, run_fingerprint
+    from ..jobs.finetune import train_task
+    from ..runtime.devices import resolve_device, resolve_dtype
+    from ..tasks import load_task
+    from ..tasks.classification import evaluate
+    from ..training.config import TrainingConfig
+    from ..training.runs import checkpoints_folder, run_fingerprint
+    from .interrupt import interrupt_callback
 
     device = resolve_device(args.device)
     task = load_task(model_dir, args.train, task="classification")  # --train: classifiers

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import os
 import sys
 
+from .. import __version__
 from ..errors import UpcycleError
+from . import demo, grow, soup, tune
+from .interrupt import interrupt_hint
 
-SUBCOMMANDS = ("soup", "tune", "grow", "demo")
+COMMANDS = {"soup": soup, "tune": tune, "grow": grow, "demo": demo}
+SUBCOMMANDS = tuple(COMMANDS)
 
 EXAMPLES = {
     "soup": """\
@@ -40,15 +43,6 @@ examples:
   upcycle demo
   upcycle demo --ingredients 6 --out demo-out""",
 }
-
-_interrupt_hint: str | None = None
-
-
-def on_interrupt(hint: str | None) -> None:
-    """Set what Ctrl-C should tell the user (what was saved and how to resume); None: nothing
-    was saved yet. A running command updates it as it makes progress."""
-    global _interrupt_hint
-    _interrupt_hint = hint
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -75,12 +69,6 @@ class Parser(argparse.ArgumentParser):
             self.description = self.description.replace("``", "")
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="upcycle",
@@ -88,16 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(uniform, greedy, learned, MEHL-Soup), SNELL and SHERL tuning, LEMON growth.",
         epilog="Run 'upcycle COMMAND --help' for a command's options and examples.",
     )
-    parser.add_argument("--version", action="version", version=f"upcycle {_version()}")
+    parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"upcycle.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"upcycle.cli.{name}":
-                continue
-            raise
+    for name, module in COMMANDS.items():
         module.register(sub)
         sub.choices[name].epilog = EXAMPLES.get(name)
     return parser
@@ -135,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = _interrupt_hint or "nothing was written"
+        hint = interrupt_hint() or "nothing was written"
         print(f"\nupcycle {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
 

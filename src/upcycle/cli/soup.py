@@ -12,15 +12,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import distributed
-from ..bench import format_table
-from ..checkpoints import check_output, write_json
-from ..configfile import add_config_option, command_line, resolved_config
-from ..devices import add_device_arguments, check_precision, resolve_device
 from ..errors import UpcycleError
+from ..io.writing import check_output, write_json
+from ..jobs.bench import format_table
+from ..runtime import distributed
+from ..runtime.devices import add_device_arguments, check_precision, resolve_device
 from ..soup import METHODS, MehlConfig
 from ..soup.resume import checkpoint_path
 from .arguments import add_task_arguments
+from .configfile import add_config_option, command_line, resolved_config
 
 DEFAULT_MODEL_BATCH = MehlConfig.model_batch  # the reference K: 18
 
@@ -112,7 +112,7 @@ def _tokenizer_files(job) -> dict[str, bytes]:
     """A causal LM's tokenizer files when they come from another folder than the one whose
     config is copied (e.g. the base of LoRA adapters, or one ingredient), so that the soup
     folder has its tokenizer too."""
-    from ..tasks.soup_job import TOKENIZER_FILES, find_tokenizer_dir
+    from ..jobs.soup import TOKENIZER_FILES, find_tokenizer_dir
 
     source, tok = job.source_dir, job.tokenizer_dir
     if tok is None or source is None or find_tokenizer_dir([source]) is not None:
@@ -130,14 +130,14 @@ def partial_dir(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli.main import on_interrupt
-    from ..tasks.soup_job import (
+    from ..jobs.soup import (
         best_ingredient_row,
         check_resume,
         ingredient_rows,
         prepare_soup_job,
         run_method,
     )
+    from .interrupt import on_interrupt
 
     on_interrupt(None)
     device = resolve_device(args.device)

@@ -35,12 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import distributed
-from ..configfile import add_config_option, command_line, resolved_config
-from ..devices import add_device_arguments
 from ..errors import UpcycleError
+from ..runtime import distributed
+from ..runtime.devices import add_device_arguments
+from ..training.runs import check_resume, checkpoints_folder, run_fingerprint
 from ..tune.snell import DEFAULT_LR as SNELL_DEFAULT_LR
 from .arguments import add_checkpoint_arguments, add_task_arguments
+from .configfile import add_config_option, command_line, resolved_config
+from .interrupt import interrupt_callback
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _save_merged(merged: nn.Module, task, folder: Path) -> None:
-    from ..checkpoints import copy_model_files
+    from ..io.writing import copy_model_files
     from ..tasks import is_lm_task
 
     folder.mkdir(parents=True)
@@ -220,94 +222,15 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# Arguments that do not change what is trained: they may differ between a run and its --resume.
-_NOT_IN_FINGERPRINT = {"func", "command", "config", "out", "overwrite", "resume", "quiet", "merge", "test",
-                       "device", "save_steps", "logging_steps"}
-
-
-def run_fingerprint(args: argparse.Namespace, files: dict[str, str | None]) -> dict:
-    """What a run is (model, data, method and settings): its checkpoints resume only a run
-    with the same fingerprint. ``files``: argument name -> the model folder or data file it
-    names (hashed, so that a changed file is noticed)."""
-    fingerprint = {}
-    for name, value in files.items():
-        if value is None:
-            fingerprint[name] = None
-            continue
-        path = Path(value)
-        fingerprint[name] = str(path.resolve())
-        if path.is_dir():
-            config = path / "config.json"
-            fingerprint[f"{name} config.json sha256"] = (_sha256(config) if config.is_file()
-                                                         else None)
-            fingerprint[f"{name} weight files"] = sorted(
-                [p.name, p.stat().st_size] for p in path.iterdir()
-                if p.suffix in (".safetensors", ".bin", ".pt"))
-        elif path.is_file():
-            fingerprint[f"{name} sha256"] = _sha256(path)
-    fingerprint.update({k: v for k, v in sorted(vars(args).items())
-                        if k not in _NOT_IN_FINGERPRINT and k not in files})
-    return fingerprint
-
-
-def checkpoints_folder(out: Path) -> Path:
-    """Where a run writing ``out`` keeps its checkpoints: ``<out>.checkpoints`` beside it."""
-    return out.parent / f"{out.name}.checkpoints"
-
-
-def check_resume(resume: str | None, folder: Path) -> None:
-    """``--resume`` without a checkpoint to resume: an error before anything is loaded."""
-    from ..training import last_checkpoint
-
-    if resume == "latest" and last_checkpoint(folder) is None:
-        raise UpcycleError(f"--resume: no checkpoint to resume from in {folder} (a run saves "
-                           f"one every --save-steps steps)")
-
-
-def interrupt_callback(folder: Path, argv_hint: str):
-    """A Trainer callback keeping the Ctrl-C line up to date: what is saved, how to resume."""
-    from transformers import TrainerCallback
-
-    from ..training import checkpoint_step, last_checkpoint
-    from .main import on_interrupt
-
-    def saved(step: int) -> None:
-        on_interrupt(f"checkpoint of step {step} saved in {folder}; nothing was written to "
-                     f"--out; to continue, rerun {argv_hint} with --resume")
-
-    class InterruptHint(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            last = last_checkpoint(folder)
-            if last is not None:  # a resumed run
-                saved(checkpoint_step(last))
-            else:
-                on_interrupt(f"no checkpoint saved yet (--save-steps N saves one every N "
-                             f"steps in {folder}); nothing was written")
-
-        def on_save(self, args, state, control, **kwargs):
-            saved(state.global_step)
-
-    return InterruptHint()
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import atomic_dir, write_json
-    from ..devices import check_precision, resolve_device, resolve_dtype
-    from ..memory import current_rss_mb, peak_rss_mb
-    from ..tasks import evaluate_task, is_lm_task, load_task, logits_of
-    from ..tasks.finetune import train_task
-    from ..training import TrainingConfig
-    from ..tune.common import adapter_card, count_parameters
+    from ..io.writing import atomic_dir, write_json
+    from ..jobs.finetune import train_task
+    from ..runtime.devices import check_precision, resolve_device, resolve_dtype
+    from ..runtime.memory import current_rss_mb, peak_rss_mb
+    from ..tasks import evaluate_task, is_lm_task, load_task
+    from ..tasks.classification import logits_of
+    from ..training.config import TrainingConfig
+    from ..tune.adapter import adapter_card, count_parameters
 
     method = METHODS[args.method]
     out = Path(args.out)

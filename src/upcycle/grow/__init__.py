@@ -1,12 +1,12 @@
 """``upcycle.grow``: lossless model expansion (LEMON) and its baselines.
 
-The model families LEMON knows are those of :mod:`upcycle.architectures` (the one map every
+The model families LEMON knows are those of :mod:`upcycle.models.architectures` (the one map every
 method reads); ``FAMILIES``/``Family``/``family_of`` are kept as names for it.
 """
 
-from ..architectures import ARCHITECTURES as FAMILIES
-from ..architectures import Architecture as Family
-from ..architectures import architecture_of, supported
+from ..models.architectures import ARCHITECTURES as FAMILIES
+from ..models.architectures import Architecture as Family
+from ..models.architectures import architecture_of, supported
 from .baselines import expand_aki, expand_net2net
 from .lemon import (
     METHODS,
@@ -24,7 +24,7 @@ from .lemon import (
 
 
 def family_of(model) -> Family:
-    """The family (an :class:`upcycle.architectures.Architecture`) of a HF model."""
+    """The family (an :class:`upcycle.models.architectures.Architecture`) of a HF model."""
     return architecture_of(model, method="LEMON").arch
 
 

@@ -1,6 +1,6 @@
 """LEMON: lossless model expansion (Wang et al., ICLR 2024), as specified in specs/lemon.md.
 
-:func:`expand` turns a trained HF Transformer of any family in :mod:`upcycle.architectures`
+:func:`expand` turns a trained HF Transformer of any family in :mod:`upcycle.models.architectures`
 (BERT/MiniLM, RoBERTa, DistilBERT, ViT, GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, and
 Llama-shaped clones), with its task head, into a wider and/or deeper model of the same
 family that computes the same function in eval mode:
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import (
+from ..errors import UpcycleError
+from ..models.architectures import (
     Architecture,
     FusedLayout,
     Match,
@@ -39,7 +40,7 @@ from ..architectures import (
     fused_layouts,
     sizes_of,
 )
-from ..errors import UpcycleError
+from ..training.config import TrainingConfig
 
 METHODS = ("lemon", "net2net", "aki")
 
@@ -57,7 +58,6 @@ POST_LN_DEPTH_NOTE = (
 @dataclass
 class GrowthPlan:
     """Source and target dimensions of one expansion, and where each target layer comes from."""
-
     family: str
     hidden: tuple[int, int]
     layers: tuple[int, int]
@@ -69,7 +69,6 @@ class GrowthPlan:
     """Per target layer: (source layer, "orig" | "new" (identity block) | "stack" (copy))."""
     by_structure: bool = False
     """The family was recognised by its tensor layout, not its model_type."""
-
     @property
     def k(self) -> int:
         return self.hidden[1] // self.hidden[0]
@@ -175,7 +174,6 @@ def plan_expansion(model: nn.Module, *, hidden_size: int | None = None,
 
 class _Splitter:
     """The expansion rules, written once. ``symmetric`` gives equal splits (Net2Net)."""
-
     def __init__(self, plan: GrowthPlan, arch: Architecture, *, symmetric: bool, std: float,
                  generator: torch.Generator, dtype: torch.dtype = torch.float64):
         self.plan, self.arch = plan, arch
@@ -645,7 +643,7 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
             raise UpcycleError(f"model: tensor {key!r} {tuple(value.shape)} depends on the "
                                f"model size but is not one LEMON knows how to expand "
                                f"({arch.title}: a head or module missing from its entry in "
-                               f"upcycle.architectures)")
+                               f"upcycle.models.architectures)")
         out[key] = value
     for key, value in out.items():
         if new_shapes.get(key) != tuple(value.shape):
@@ -806,7 +804,6 @@ def lemon_schedule(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup_s
 @dataclass
 class LemonRecipe:
     """The grown model's training budget and schedule (see :func:`lemon_train_config`)."""
-
     max_steps: int
     lr: float
     warmup_steps: int
@@ -837,7 +834,6 @@ class LemonRecipe:
         """An :class:`upcycle.training.TrainingConfig` with this budget, peak and warm-up (pass
         ``schedule=lambda opt, total: recipe.scheduler(opt)`` to :func:`upcycle.training.fit`
         for the decay; its default is the cosine)."""
-        from ..training import TrainingConfig
 
         return TrainingConfig(max_steps=self.max_steps, lr=self.lr,
                               warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import distributed
-from ..cards import soup_card
-from ..checkpoints import Ingredient, atomic_file, save_model
 from ..errors import UpcycleError
+from ..io.checkpoints import Ingredient
+from ..io.writing import atomic_file, save_model
+from ..runtime import distributed
+from ..runtime.devices import resolve_device
+from .card import soup_card
 
 IGNORE_INDEX = -100
 """Label value that no loss counts (PyTorch's and HuggingFace's ``ignore_index``)."""
@@ -28,7 +30,6 @@ class SoupResult:
     (for the parameters; floating buffers are the plain average, integer buffers come from
     the first ingredient). ``blocks`` names the L blocks.
     """
-
     method: str
     state: dict[str, torch.Tensor]
     ingredients: list[str]
@@ -57,7 +58,7 @@ class SoupResult:
              command: str | None = None) -> Path:
         """Write the soup atomically: a HF folder (config/tokenizer copied from ``source_dir``)
         with ``soup.json``, ``coefficients.safetensors`` and a ``README.md`` model card
-        (:func:`upcycle.cards.soup_card`: ``rows`` are metric rows such as ``{"method": ...,
+        (:func:`upcycle.soup.card.soup_card`: ``rows`` are metric rows such as ``{"method": ...,
         "held_out_accuracy": ...}``, ``command`` the command that made it) beside the
         weights, or, for an ``out`` ending in .safetensors, one file plus
         ``<out>.soup.json``. A tied parameter is written once under the name
@@ -244,11 +245,21 @@ def place_model(model: nn.Module, device: str | torch.device | None) -> torch.de
     """Move ``model`` to ``device`` (None: leave it where it is) and return its device."""
     if device is None:
         return model_device(model)
-    from ..devices import resolve_device
 
     device = resolve_device(device, argument="device")
     model.to(device)
     return device
+
+
+def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The default ``loss_fn`` of the learned soups: the loss the model itself returns given
+    ``labels`` (a HF classifier's cross-entropy, a causal LM's token loss). A job passes its
+    task's loss instead (:func:`upcycle.tasks.task_loss`)."""
+    out = model(**batch)
+    loss = out.loss if hasattr(out, "loss") else out[0] if isinstance(out, tuple) else None
+    if loss is None:
+        raise UpcycleError("the model returned no loss given labels: pass loss_fn(model, batch)")
+    return loss
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

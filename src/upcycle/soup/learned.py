@@ -21,12 +21,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..checkpoints import Ingredient
-from ..devices import autocast
 from ..errors import UpcycleError
-from ..tasks import classification_loss
-from ..train import cosine_with_warmup
+from ..io.checkpoints import Ingredient
+from ..runtime import distributed
+from ..runtime.devices import autocast
+from ..training.schedules import cosine_with_warmup
 from .common import (
     SoupResult,
     accumulator_dtype,
@@ -36,6 +35,7 @@ from .common import (
     load_state,
     local_share,
     make_blocks,
+    model_loss,
     out_dtype,
     parameter_names,
     place_model,
@@ -75,7 +75,7 @@ def learned_soup(
     model: nn.Module,
     held_out: Sequence[dict],
     *,
-    loss_fn: Callable[[nn.Module, dict], torch.Tensor] = classification_loss,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] = model_loss,
     config: LearnedConfig | None = None,
     eval_fn: Callable[[nn.Module], dict] | None = None,
     device: str | torch.device | None = None,

@@ -23,8 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoints import Ingredient, atomic_file
 from ..errors import UpcycleError
+from ..io.checkpoints import Ingredient
+from ..io.writing import atomic_file
 
 CHECKPOINT_FILE = "mehl-checkpoint.safetensors"
 FORMAT = 1

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import Ingredient
+from ..io.checkpoints import Ingredient
 from .common import SoupResult, ingredient_names, out_dtype
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..runtime import distributed
 
 LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 IGNORE_INDEX = -100
@@ -61,7 +62,6 @@ def position_limit(config) -> int | None:
 @dataclass
 class LMData:
     """Tokenised examples of one split: ``input_ids`` and ``labels`` per example."""
-
     input_ids: list[list[int]]
     labels: list[list[int]]
     source: str
@@ -175,7 +175,6 @@ class CausalLMTask:
     fine-tune saved without it). ``max_length`` defaults to min(512, the model's position
     limit) and may not exceed that limit.
     """
-
     kind = "causal_lm"
 
     def __init__(self, model_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
@@ -357,8 +356,6 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict]) -> dict:
     """Token-mean loss and perplexity over batches (token sums all-reduced over ranks)."""
-    from .. import distributed
-
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)

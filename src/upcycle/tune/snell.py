@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UpcycleError
-from .common import (
+from .adapter import (
     TunerConfig,
     check_tensor_shapes,
     find_modules,
@@ -71,7 +71,7 @@ SPARSIFY_MODES = ("reference", "paper")
 RECOMPUTE_MODES = ("backward", "checkpoint", "none")
 
 # Default targets and fused layouts come from the architecture map
-# (upcycle.architectures: snell_target_modules, model_fused_layouts). Families SNELL adapts
+# (upcycle.models.architectures: snell_target_modules, model_fused_layouts). Families SNELL adapts
 # that the map does not describe (no other method supports them) keep their SNELL-only
 # defaults here: ELECTRA has BERT's layer layout, DeiT ViT's.
 UNMAPPED_TARGET_MODULES: dict[str, list[str]] = {
@@ -402,7 +402,7 @@ def _fused_rows(pads, coeffs: torch.Tensor, o0: int, o1: int, want: str, *,
     for t in rowwise:
         if t is not None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-    # Under a TorchDispatchMode (a FLOP counter, upcycle.memory.LiveTensorBytes...) dynamo
+    # Under a TorchDispatchMode (a FLOP counter, upcycle.runtime.memory.LiveTensorBytes...) dynamo
     # does not compile, and it would mark the function to be skipped for good: run it as
     # plain torch operations there (the same values to rounding, every pass alike).
     fn = _fused_block if _dispatch_mode_active() else _compiled_fused()
@@ -1267,7 +1267,7 @@ def _model_type(model: nn.Module) -> str | None:
 
 def _architecture(model: nn.Module):
     """The model's entry in the architecture map, or None when the map does not know it."""
-    from ..architectures import architecture_of
+    from ..models.architectures import architecture_of
 
     try:
         return architecture_of(model, method="SNELL")
@@ -1279,7 +1279,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     """The family's q, k, v (or fused qkv), attention output and MLP matrices of every layer,
     from the architecture map (``snell_target_modules``): layer-relative paths that match a
     module whose dotted name ends with them."""
-    from ..architectures import snell_target_modules, supported
+    from ..models.architectures import snell_target_modules, supported
 
     model_type = _model_type(model)
     if model_type in UNMAPPED_TARGET_MODULES:
@@ -1298,7 +1298,7 @@ def fused_parts(model: nn.Module, names, fused_qkv=None) -> dict[str, RowParts |
     the architecture map for a mapped fused projection (row indices per part), 3 equal
     slices for a module matching ``fused_qkv`` (None: ``UNMAPPED_FUSED_QKV``) outside the
     map, else 1."""
-    from ..architectures import model_fused_layouts
+    from ..models.architectures import model_fused_layouts
 
     layouts = model_fused_layouts(model) if _architecture(model) is not None else {}
     extra = UNMAPPED_FUSED_QKV if fused_qkv is None else fused_qkv
@@ -1326,7 +1326,7 @@ def default_head_modules(model: nn.Module) -> list[str]:
 
 
 def _matches(name: str, patterns) -> bool:
-    from .common import module_name_matches
+    from .adapter import module_name_matches
 
     return patterns is not None and module_name_matches(name, patterns)
 
@@ -1429,7 +1429,7 @@ class SnellModel(nn.Module):
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SnellLayer)}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        from .common import count_parameters
+        from .adapter import count_parameters
 
         return count_parameters(self)
 

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .memory import current_rss_mb, peak_cuda_mb, peak_rss_mb
+from ..io.writing import write_json
+from ..runtime.memory import current_rss_mb, peak_cuda_mb, peak_rss_mb
 
 RESULT_PREFIX = "UPCYCLE_RESULT "
 
@@ -111,8 +112,6 @@ def main(
         print()
         print(summarize(rows))
     if args.out:
-        from .checkpoints import write_json
-
         write_json(args.out, {"rows": rows, "table": table, "argv": sys.argv})
         print(f"results written to {args.out}", file=sys.stderr)
     return rows

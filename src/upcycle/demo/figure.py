@@ -1,6 +1,6 @@
 """Figures of a soup run (matplotlib, optional: ``pip install "upcycle[demo]"``).
 
-matplotlib is imported inside the functions, so ``import upcycle.plots`` costs nothing and
+matplotlib is imported inside the functions, so ``import upcycle.demo.figure`` costs nothing and
 works without it; :func:`have_matplotlib` says whether a figure can be drawn.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoints import atomic_file
+from ..io.writing import atomic_file
 
 
 def have_matplotlib() -> bool:

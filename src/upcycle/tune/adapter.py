@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoints import atomic_dir
 from ..errors import UpcycleError
+from ..io.writing import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -115,85 +115,6 @@ def load_adapter(folder: str | os.PathLike, method: str) -> tuple[dict, dict[str
         raise UpcycleError(f"{folder / ADAPTER_WEIGHTS}: not a readable safetensors file "
                            f"(truncated?): {exc}") from exc
     return config, tensors
-
-
-def load(adapter_dir: str | os.PathLike, base_model: str | os.PathLike | nn.Module | None = None,
-         *, dtype: torch.dtype | None = None, is_trainable: bool = False) -> nn.Module:
-    """Base model + adapter in one line: ``model = upcycle.tune.load("runs/snell/adapter")``.
-
-    The base model is the one the adapter recorded (``base_model_name_or_path`` in
-    ``adapter_config.json``, loaded with the recorded transformers class and label mapping),
-    or ``base_model``: a HF model folder, or an already loaded model. Returns the SNELL or
-    SHERL model in eval mode with nothing trainable (``is_trainable=True``: the adapter
-    trains on)."""
-    folder = Path(adapter_dir)
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise UpcycleError(f"adapter folder {folder}: no {ADAPTER_CONFIG} (expected a folder "
-                           f"written by upcycle tune or save_pretrained, e.g. runs/snell/adapter)")
-    try:
-        record = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise UpcycleError(f"{folder / ADAPTER_CONFIG}: not valid JSON: {exc}") from exc
-    method = record.get("method")
-    if method not in ("snell", "sherl"):
-        raise UpcycleError(f"{folder / ADAPTER_CONFIG}: method {method!r} is not an upcycle "
-                           f"tuner (snell, sherl); a peft adapter loads with peft's "
-                           f"AutoPeftModel.from_pretrained")
-    if not isinstance(base_model, nn.Module):
-        base_model = _load_base(folder, record, base_model, dtype)
-    elif dtype is not None:
-        base_model = base_model.to(dtype)
-    if method == "snell":
-        from .snell import SnellModel
-
-        model = SnellModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
-    else:
-        from .sherl import SherlModel
-
-        model = SherlModel.from_pretrained(base_model, folder)
-    if not is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return model
-
-
-def _load_base(folder: Path, record: dict, given, dtype) -> nn.Module:
-    import transformers
-
-    path = given if given is not None else record.get("base_model_name_or_path")
-    hint = (f"pass the base model's HF folder: upcycle.tune.load({str(folder)!r}, "
-            f"base_model='path/to/base-model')")
-    if path is None:
-        raise UpcycleError(f"{folder / ADAPTER_CONFIG} records no base model "
-                           f"(base_model_name_or_path); {hint}")
-    path = str(path)
-    if not (Path(path) / "config.json").is_file():
-        where = "given" if given is not None else f"recorded in {folder / ADAPTER_CONFIG}"
-        raise UpcycleError(f"base model {path!r} ({where}) is not a HF model folder here (no "
-                           f"config.json); {hint}")
-    name = record.get("base_model_class")
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None:
-        cls = transformers.AutoModel
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    labels = record.get("base_model_labels")
-    if labels:
-        id2label = {int(i): v for i, v in labels.items()}
-        kwargs.update(id2label=id2label, label2id={v: i for i, v in id2label.items()})
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a head the adapter holds is not "newly initialized"
-    try:
-        model = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UpcycleError(f"base model {path!r}: cannot load it as {cls.__name__}: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
-                           f"; {hint}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return model.eval()
 
 
 def check_tensor_shapes(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor],

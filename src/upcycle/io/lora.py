@@ -3,7 +3,7 @@
 A LoRA adapter folder (``adapter_config.json`` with ``peft_type: LORA`` and
 ``adapter_model.safetensors``/``.bin``) plus the base model it was trained from is an
 ingredient like any checkpoint: :class:`LoraIngredient` has the interface of
-:class:`upcycle.checkpoints.Ingredient` (``keys``, ``shape``, ``dtype``, ``get``,
+:class:`upcycle.io.checkpoints.Ingredient` (``keys``, ``shape``, ``dtype``, ``get``,
 ``state_dict``, ``label``, ``path``, ``index``, ``hf_dir``), so every soup method works on it
 unchanged. ``get(name)`` reads the base tensor and, when the adapter targets it, adds
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import UpcycleError
 from .checkpoints import Ingredient, _short
-from .errors import UpcycleError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -11,16 +11,11 @@ optimizer step: over accumulation steps and, under torchrun, over all ranks."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 
-from ..checkpoints import atomic_dir
-from ..training import TrainingConfig, accuracy_metrics, fit
-from . import ClassificationTask, LabeledData, is_lm_task
+from . import is_lm_task
 from .causal_lm import IGNORE_INDEX, CausalLMTask, LMData
+from .classification import ClassificationTask, LabeledData
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -104,50 +99,3 @@ def task_datasets(task: ClassificationTask | CausalLMTask, *splits: LabeledData 
         ExampleDataset(s) if s is not None else None for s in splits]
 
 
-def train_task(model, task: ClassificationTask | CausalLMTask,
-               train_data: LabeledData | LMData, config: TrainingConfig, *,
-               eval_data: LabeledData | LMData | None = None, **fit_kwargs):
-    """Train ``model`` on a task with :func:`upcycle.training.fit` (classification: accuracy
-    reported at evaluations; a causal LM: the token loss)."""
-    collate, train_set, eval_set = task_datasets(task, train_data, eval_data)
-    if is_lm_task(task):
-        return fit(model, train_set, config, eval_dataset=eval_set, data_collator=collate,
-                   **fit_kwargs)
-    compute, preprocess = accuracy_metrics()
-    return fit(model, train_set, config, eval_dataset=eval_set, data_collator=collate,
-               compute_metrics=compute if eval_set is not None else None,
-               preprocess_logits_for_metrics=preprocess if eval_set is not None else None,
-               **fit_kwargs)
-
-
-def finetune(task: ClassificationTask, train_data: LabeledData, out: str | os.PathLike, *,
-             config: TrainingConfig, eval_data: LabeledData | None = None,
-             overwrite: bool = False) -> dict:
-    """Fine-tune all weights of ``task``'s model on ``train_data`` and save it to ``out``.
-
-    The classification head is initialised from ``task.head_seed`` (the same for every run),
-    the data order from ``config.seed``. Returns the run's record (also saved as
-    ``train.json`` in ``out``).
-    """
-    model = task.load_model()
-    torch.manual_seed(config.seed)
-    result = train_task(model, task, train_data, config, eval_data=eval_data)
-    record = {"lr": config.lr, "epochs": config.epochs, "weight_decay": config.weight_decay,
-              "seed": config.seed, "batch_size": config.batch_size, "steps": result.steps,
-              "seconds": result.seconds, "final_loss": result.last_loss,
-              "evals": result.evals, "base_model": str(task.model_dir)}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if task.kind in ("text", "causal_lm"):
-            task.tokenizer.save_pretrained(tmp)
-        (tmp / "train.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def cached_record(out: str | os.PathLike, recipe: dict) -> dict | None:
-    """The ``train.json`` of an existing fine-tune in ``out`` if it was made with ``recipe``."""
-    f = Path(out) / "train.json"
-    if not f.is_file():
-        return None
-    record = json.loads(f.read_text())
-    return record if all(record.get(k) == v for k, v in recipe.items()) else None

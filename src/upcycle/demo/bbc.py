@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..datasets import bbc_news, minilm_path, split_indices, write_jsonl
-from ..training import TrainingConfig
-from . import load_task
-from .finetune import cached_record, finetune
+from ..jobs.finetune import cached_record, finetune
+from ..tasks import load_task
+from ..training.config import TrainingConfig
+from .data import bbc_news, minilm_path, split_indices, write_jsonl
 
 # lr, epochs, weight decay, seed: the "varied hyperparameters" of a soup's ingredients.
 RECIPES = [

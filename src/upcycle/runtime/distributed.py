@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ..errors import UpcycleError
+
 if dist.is_available():
     # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it
     # is first imported, and torch imports it lazily (through torch._dynamo, e.g. on a process's
@@ -48,8 +50,6 @@ def init_from_env(device: torch.device | str | None = None) -> bool:
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            from .errors import UpcycleError
-
             raise UpcycleError(
                 f"torchrun: local rank {local} needs CUDA device {local}, but this machine has "
                 f"{torch.cuda.device_count()} (NCCL needs one GPU per process): start at most "

@@ -4,6 +4,7 @@ pickle its arguments into checkpoints."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -11,10 +12,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from . import distributed
-from .errors import UpcycleError
-from .train import cosine_with_warmup, param_groups
-from .training import NonFiniteLossError, checkpoint_step, last_checkpoint, trained_state_dict
+from ..errors import UpcycleError
+from ..runtime import distributed
+from ..runtime.devices import check_precision, resolve_device
+from .config import NonFiniteLossError, TrainingConfig, _default_trackers
+from .runs import checkpoint_step, last_checkpoint, trained_state_dict
+from .schedules import cosine_with_warmup, param_groups
 
 
 @dataclass
@@ -138,3 +141,63 @@ class UpcycleTrainer(Trainer):
             what = (f"lacks {missing[0]!r}" if missing else
                     f"holds {load_result.unexpected_keys[0]!r}, which the model does not have")
             raise UpcycleError(f"checkpoint does not fit this model: it {what}")
+
+
+
+
+def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
+                       has_eval: bool = False, **overrides):
+    """The ``TrainingArguments`` for ``config`` (checkpoints in ``output_dir``). Checks the
+    device and the precision first; keyword ``overrides`` set any other Trainer argument."""
+    config.validate()
+    device = resolve_device(config.device)
+    check_precision(device, bf16=config.bf16, fp16=config.fp16)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = config.micro_batch(world)
+    evaluate = bool(has_eval and config.eval_steps)
+    keep_best = evaluate and config.load_best
+    save_steps = config.save_steps or (config.eval_steps if keep_best else None)
+    if config.eval_steps and not has_eval:
+        raise UpcycleError("eval_steps: no evaluation data to evaluate on")
+    best = config.best_metric
+    kwargs = dict(
+        output_dir=str(output_dir),
+        overwrite_output_dir=False,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=config.eval_batch_size or micro,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=float(config.epochs),
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_steps or 0,
+        lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
+        max_grad_norm=config.grad_clip if config.grad_clip is not None else 0.0,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=config.eval_steps if evaluate else None,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=1,  # the latest (and, with evaluation, the best) checkpoint
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=best if keep_best else None,
+        greater_is_better=(best not in ("loss", "eval_loss")) if keep_best else None,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        use_cpu=device.type == "cpu",
+        device_spec=None if distributed.launched_by_torchrun() else str(device),
+        disable_tqdm=not config.progress,
+        report_to=config.report_to if config.report_to is not None else _default_trackers(),
+        logging_dir=str(Path(output_dir) / "runs"),
+        remove_unused_columns=False,  # our collators choose the columns themselves
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        save_safetensors=True,
+        log_level="warning",
+    )
+    kwargs.update(overrides)
+    return UpcycleTrainingArguments(**kwargs)

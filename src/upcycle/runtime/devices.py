@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .errors import UpcycleError
+from ..errors import UpcycleError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..checkpoints import Ingredient, _short, open_ingredients, validate_ingredients
-from ..devices import check_precision, resolve_device, resolve_dtype
 from ..errors import UpcycleError
-from ..memory import peak_rss_mb
+from ..io.checkpoints import Ingredient, _short
+from ..io.ingredients import open_ingredients, validate_ingredients
+from ..runtime import distributed
+from ..runtime.devices import check_precision, resolve_device, resolve_dtype
+from ..runtime.memory import peak_rss_mb
 from ..soup import (
     METHODS,
     LearnedConfig,
@@ -33,8 +34,9 @@ from ..soup import (
 )
 from ..soup import resume as soup_resume
 from ..soup.common import load_state
-from . import ClassificationTask, LabeledData, evaluate_task, is_lm_task, load_task, task_loss
-from .causal_lm import CausalLMTask, LMData, is_causal_lm
+from ..tasks import evaluate_task, is_lm_task, load_task, task_loss
+from ..tasks.causal_lm import CausalLMTask, LMData, is_causal_lm
+from ..tasks.classification import ClassificationTask, LabeledData
 
 DATA_METHODS = ("greedy", "learned", "learned+", "mehl", "mehl+")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

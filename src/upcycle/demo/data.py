@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UpcycleError
+from ..errors import UpcycleError
+from ..io.writing import atomic_file
 
 
 def minilm_path() -> str:
@@ -79,8 +80,6 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def write_jsonl(path: str | os.PathLike, texts, labels) -> Path:
     """Write a text-classification file (one ``{"text", "label"}`` object per line)."""
-    from .checkpoints import atomic_file
-
     path = Path(path)
     with atomic_file(path) as tmp:
         with open(tmp, "w") as f:
@@ -91,8 +90,6 @@ def write_jsonl(path: str | os.PathLike, texts, labels) -> Path:
 
 def write_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
     """Write an image-classification file (``images`` and ``labels`` arrays)."""
-    from .checkpoints import atomic_file
-
     path = Path(path)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:

@@ -1,0 +1,111 @@
+"""Opening and checking soup ingredients: paths, globs and folders expanded to checkpoints or
+LoRA adapters, then validated against each other."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import UpcycleError
+from .checkpoints import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, WEIGHT_FILE_SUFFIXES, Ingredient
+from .lora import is_adapter, open_adapter
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    if path.is_dir():
+        return any((path / f).is_file() for f in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX,
+                                                   "pytorch_model.bin", "adapter_config.json"))
+    return path.is_file() and path.suffix in WEIGHT_FILE_SUFFIXES
+
+
+def expand_ingredient_paths(specs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Turn CLI/API arguments into checkpoint paths.
+
+    Each spec is a checkpoint file, a HF model folder, a peft adapter folder, a folder of
+    checkpoints (files, HF or adapter folders, taken in sorted order) or a shell glob.
+    """
+    paths: list[Path] = []
+    for spec in specs:
+        spec = str(spec)
+        p = Path(spec)
+        if any(ch in spec for ch in "*?[") and not p.exists():
+            matches = sorted(glob.glob(spec))
+            if not matches:
+                raise UpcycleError(f"ingredient pattern {spec!r} matches no files")
+            paths.extend(Path(m) for m in matches)
+        elif p.is_dir() and not _looks_like_checkpoint(p):
+            inner = sorted(c for c in p.iterdir() if _looks_like_checkpoint(c))
+            if not inner:
+                raise UpcycleError(
+                    f"ingredient folder {spec!r} holds no checkpoints (expected .safetensors/.bin/"
+                    f".pt files or HuggingFace model folders)"
+                )
+            paths.extend(inner)
+        else:
+            paths.append(p)
+    return paths
+
+
+def open_ingredients(specs: Sequence[str | os.PathLike], *,
+                     base: str | os.PathLike | Ingredient | None = None) -> list[Ingredient]:
+    """Open the ingredients ``specs`` name. peft LoRA adapter folders among them become
+    :class:`upcycle.io.lora.LoraIngredient` on ``base`` (required for them), merged one
+    tensor at a time; full checkpoints and adapters may be mixed."""
+    paths = expand_ingredient_paths(specs)
+    if not paths:
+        raise UpcycleError("no ingredients given")
+    if base is not None and not isinstance(base, Ingredient) and any(map(is_adapter, paths)):
+        base = Ingredient(base, index=0)
+    return [open_adapter(p, base, index=i + 1) if is_adapter(p) else Ingredient(p, index=i + 1)
+            for i, p in enumerate(paths)]
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: bool = True) -> None:
+    """Check that all ingredients are checkpoints of one model, before any work is done.
+
+    Same tensor names, shapes and dtypes as the first ingredient, and (by default) only
+    finite floating values. Reads every tensor once when ``check_finite`` is set.
+    """
+    if not ingredients:
+        raise UpcycleError("no ingredients given")
+    ref = ingredients[0]
+    ref_keys = set(ref.keys())
+    for ing in ingredients[1:]:
+        keys = set(ing.keys())
+        if keys != ref_keys:
+            missing = sorted(ref_keys - keys)
+            extra = sorted(keys - ref_keys)
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor(s) of {ref.label}, e.g. {missing[0]!r}")
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) {ref.label} lacks, e.g. {extra[0]!r}")
+            raise UpcycleError(
+                f"{ing.label}: not the same architecture: " + "; ".join(parts)
+            )
+        for name in ref.keys():
+            if ing.shape(name) != ref.shape(name):
+                raise UpcycleError(
+                    f"{ing.label}: {name!r} has shape {_shape_str(ing.shape(name))}, "
+                    f"{ref.label.split(' (')[0]} has {_shape_str(ref.shape(name))}"
+                )
+            if ing.dtype(name) != ref.dtype(name):
+                raise UpcycleError(
+                    f"{ing.label}: {name!r} has dtype {ing.dtype(name)}, "
+                    f"{ref.label.split(' (')[0]} has {ref.dtype(name)}"
+                )
+    if check_finite:
+        for ing in ingredients:
+            for name in ing.keys():
+                t = ing.get(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                    raise UpcycleError(f"{ing.label}: {name!r} contains {bad} values")

@@ -1,0 +1,1 @@
+"""The architecture map (model families as typed data) and the piecewise backbone runner."""

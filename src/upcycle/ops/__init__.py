@@ -1,0 +1,1 @@
+"""Generic tensor algorithms (the exact blocked k-th value select)."""

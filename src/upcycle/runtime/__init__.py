@@ -1,0 +1,1 @@
+"""Where and how things run: devices and precision, torch.distributed, memory measurement."""

@@ -1,0 +1,365 @@
+"""A real job end to end: a HF classification model + labelled data + loss + metric.
+
+Two task kinds, chosen by the data file:
+- text classification: a CSV or JSONL file with ``text`` and ``label`` columns, and a HF
+  model folder loaded with ``AutoModelForSequenceClassification``;
+- image classification: an ``.npz`` with ``images`` (N,H,W), (N,H,W,C) or (N,C,H,W) and
+  ``labels`` (N,), and a HF model folder loaded with ``AutoModelForImageClassification``.
+
+Labels are integers ``0..num_labels-1`` or class names found in the model's ``label2id``.
+When the model folder has no classification head yet (e.g. a plain MiniLM), the number of
+classes comes from the training data and a new head is initialised from ``head_seed`` (the
+same head for every run with that seed, which is what makes soups of such runs work).
+A decoder (GPT-2, Llama...) without a pad token gets EOS as its pad token (tokenizer and
+``config.pad_token_id``), so it batches.
+
+Beside classification, a causal-LM task (:mod:`upcycle.tasks.causal_lm`): :func:`load_task`
+picks it for a ``*ForCausalLM`` model folder (or ``task="causal-lm"``); :func:`task_loss` and
+:func:`evaluate_task` give each kind's loss and metrics (accuracy, or perplexity).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UpcycleError
+from ..runtime import distributed
+from ..runtime.devices import autocast
+
+TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
+IMAGE_SUFFIXES = (".npz",)
+
+
+@dataclass
+class LabeledData:
+    """Examples of one split: ``texts`` (text tasks) or ``images`` (float N,C,H,W), and labels."""
+    labels: torch.Tensor
+    source: str
+    texts: list[str] | None = None
+    images: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index, source: str | None = None) -> LabeledData:
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return LabeledData(
+            labels=self.labels[index],
+            source=source or self.source,
+            texts=[self.texts[i] for i in index.tolist()] if self.texts is not None else None,
+            images=self.images[index] if self.images is not None else None,
+        )
+
+
+def task_kind(data_path: str | os.PathLike) -> str:
+    suffix = Path(data_path).suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    raise UpcycleError(
+        f"data file {data_path}: unknown format {suffix!r} (expected .csv or .jsonl with 'text' "
+        f"and 'label', or .npz with 'images' and 'labels')"
+    )
+
+
+def _read_text_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UpcycleError(f"data file {path}: no such file")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UpcycleError(
+                            f"data file {path}, line {lineno}: not JSON: {exc}"
+                        ) from exc
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise UpcycleError(f"data file {path}, row {i + 1}: expected 'text' and 'label' fields")
+    return rows
+
+
+class ClassificationTask:
+    """A HF classification model folder plus its data handling, loss and accuracy."""
+    def __init__(self, model_dir: str | os.PathLike, kind: str, *, num_labels: int | None = None,
+                 max_length: int = 128, head_seed: int = 0):
+        from transformers import AutoConfig
+
+        self.model_dir = Path(model_dir)
+        self.kind = kind
+        self.max_length = max_length
+        self.head_seed = head_seed
+        if not (self.model_dir / "config.json").is_file():
+            raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
+                               f"(no config.json)")
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        archs = self.config.architectures or []
+        suffix = "ForSequenceClassification" if kind == "text" else "ForImageClassification"
+        self.has_head = any(a.endswith(suffix) for a in archs)
+        self.num_labels = self.config.num_labels if self.has_head else num_labels
+        self.fixed_num_labels = num_labels is not None or self.has_head
+        """True when the class count was given (head or ``num_labels``): gaps are allowed."""
+        self.label2id = {str(k): int(v) for k, v in (self.config.label2id or {}).items()} \
+            if self.has_head else {}
+        self._tokenizer = None
+        self._image_stats = None
+
+    # -- model -----------------------------------------------------------------------------
+    def load_model(self, num_labels: int | None = None, *, dtype: torch.dtype | None = None
+                   ) -> nn.Module:
+        """The classification model, in eval mode, on CPU (weights in ``dtype`` when given,
+        else as stored)."""
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if self.kind == "text" else \
+            AutoModelForImageClassification
+        n = self.num_labels or num_labels
+        if n is None:
+            raise UpcycleError(f"model {self.model_dir}: has no classification head and the number "
+                               f"of classes is unknown (read the training data first)")
+        kwargs = {} if self.has_head else {"num_labels": n}
+        if not self.has_head and self.label2id:  # class names from the data: keep them
+            kwargs["label2id"] = dict(self.label2id)
+            kwargs["id2label"] = {i: name for name, i in self.label2id.items()}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if self.kind == "text" and getattr(self.config, "pad_token_id", None) is None:
+            kwargs["pad_token_id"] = self.tokenizer.pad_token_id  # decoders: pad = EOS
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        if not self.has_head:  # the new head is expected: no "newly initialized" warning
+            hf_logging.set_verbosity_error()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.head_seed)
+                model = auto.from_pretrained(self.model_dir, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return model.eval()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token  # a decoder's tokenizer (GPT-2, Llama)
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    # -- data ------------------------------------------------------------------------------
+    def read(self, path: str | os.PathLike, *, split: str = "data", fix_num_labels: bool = False
+             ) -> LabeledData:
+        """Read and validate one split. ``fix_num_labels`` infers the class count from it when
+        the model has no head yet."""
+        path = Path(path)
+        if task_kind(path) != self.kind:
+            raise UpcycleError(f"{split} file {path}: a {task_kind(path)} file, but the task is "
+                               f"{self.kind} classification")
+        if self.kind == "text":
+            rows = _read_text_rows(path)
+            texts = [str(r["text"]) for r in rows]
+            raw = [r["label"] for r in rows]
+            images = None
+        else:
+            if not path.is_file():
+                raise UpcycleError(f"{split} file {path}: no such file")
+            try:
+                with np.load(path) as z:
+                    if "images" not in z or "labels" not in z:
+                        raise UpcycleError(f"{split} file {path}: expected arrays 'images' and "
+                                           f"'labels', found {sorted(z.files)}")
+                    arr, raw = z["images"], list(z["labels"])
+            except UpcycleError:
+                raise
+            except Exception as exc:
+                raise UpcycleError(f"{split} file {path}: not a readable .npz: {exc}") from exc
+            images = self._prepare_images(arr, path)
+            texts = None
+        if not raw:
+            raise UpcycleError(f"{split} file {path}: holds no examples")
+        labels = self._labels(raw, path, split, fix_num_labels)
+        return LabeledData(labels=labels, source=str(path), texts=texts, images=images)
+
+    def _labels(self, raw: list, path: Path, split: str, fix_num_labels: bool) -> torch.Tensor:
+        """Integer class ids ``0..C-1`` or class names. Names come from the model's head
+        (``label2id``) or, for a new head, from the data that fixes the class count: the sorted
+        names get ids 0..C-1 and are saved into the model's ``id2label``/``label2id``. Integer
+        labels that skip a class (``{0,1,2,3,4,9}``) are refused unless the class count was
+        given (``num_labels``): a typo must not quietly build a bigger head."""
+        def is_int(v) -> bool:
+            return isinstance(v, (int, np.integer)) or (
+                isinstance(v, str) and v.strip().lstrip("-").isdigit())
+
+        if (fix_num_labels and self.num_labels is None and raw
+                and not any(is_int(v) for v in raw)):
+            names = sorted({str(v) for v in raw})
+            self.label2id = {name: i for i, name in enumerate(names)}
+        ids = []
+        for i, v in enumerate(raw):
+            if isinstance(v, str) and v in self.label2id:
+                ids.append(self.label2id[v])
+            elif is_int(v):
+                ids.append(int(v))
+            else:
+                known = sorted(self.label2id) or "(none named)"
+                raise UpcycleError(f"{split} file {path}, example {i + 1}: label {v!r} is neither "
+                                   f"an integer nor one of the model's classes {known}")
+        labels = torch.tensor(ids, dtype=torch.long)
+        if bool((labels < 0).any()):
+            raise UpcycleError(f"{split} file {path}: negative label {int(labels.min())}; labels "
+                               f"must be 0..C-1 or class names")
+        if self.num_labels is None and fix_num_labels:
+            present = sorted(set(ids))
+            count = present[-1] + 1
+            missing = sorted(set(range(count)) - set(present))
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+                raise UpcycleError(
+                    f"{split} file {path}: the labels {{{', '.join(map(str, present[:12]))}"
+                    f"{', ...' if len(present) > 12 else ''}}} skip {shown}: labels must be "
+                    f"0..C-1 (or class names); if the gap is intended pass --num-labels {count}")
+            self.num_labels = count
+        if self.num_labels is not None:
+            bad = labels[labels >= self.num_labels]
+            if bad.numel():
+                raise UpcycleError(f"{split} file {path}: label {int(bad[0])} is outside the "
+                                   f"model's {self.num_labels} classes (0..{self.num_labels - 1})")
+        return labels
+
+    def label_info(self) -> dict:
+        """The class count and the label mapping, for printing and for report.json."""
+        names = ({str(i): name for name, i in sorted(self.label2id.items(), key=lambda kv: kv[1])}
+                 if self.label2id else None)
+        return {"num_labels": self.num_labels, "id2label": names}
+
+    def _prepare_images(self, arr: np.ndarray, path: Path) -> torch.Tensor:
+        channels = int(getattr(self.config, "num_channels", 3))
+        size = getattr(self.config, "image_size", None)
+        x = torch.as_tensor(np.asarray(arr))
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        if x.ndim != 4:
+            raise UpcycleError(f"images in {path}: expected shape (N,H,W), (N,H,W,C) or (N,C,H,W), "
+                               f"got {tuple(arr.shape)}")
+        x = x.float()
+        if arr.dtype == np.uint8 or float(x.max()) > 1.5:
+            x = x / 255.0
+        if x.shape[1] == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[1] != channels:
+            raise UpcycleError(f"images in {path}: {x.shape[1]} channels, the model expects "
+                               f"{channels}")
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        mean, std = self._image_norm(channels)
+        return ((x - mean) / std).contiguous()
+
+    def _image_norm(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = [0.5] * channels, [0.5] * channels
+        pre = self.model_dir / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = json.loads(pre.read_text())
+            mean = cfg.get("image_mean", mean)
+            std = cfg.get("image_std", std)
+        return (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
+
+    def split(self, data: LabeledData, fraction: float, seed: int = 0
+              ) -> tuple[LabeledData, LabeledData]:
+        """Carve ``fraction`` of ``data`` off (seeded): returns (rest, carved)."""
+        if not 0 < fraction < 1:
+            raise UpcycleError(f"split fraction must be in (0, 1), got {fraction}")
+        order = np.random.default_rng(seed).permutation(len(data))
+        n = max(1, int(round(fraction * len(data))))
+        return data.subset(order[n:]), data.subset(order[:n], source=f"{data.source} "
+                                                               f"(held-out {fraction:.0%})")
+
+    def batches(self, data: LabeledData, batch_size: int, *, shuffle: bool = False,
+                seed: int = 0) -> list[dict]:
+        """Model-ready batches (dicts of tensors with ``labels``), tokenised/padded per batch."""
+        if batch_size < 1:
+            raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
+        order = np.arange(len(data))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(data))
+        out = []
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            labels = data.labels[torch.as_tensor(idx)]
+            if self.kind == "text":
+                enc = self.tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                batch = dict(enc)
+            else:
+                batch = {"pixel_values": data.images[torch.as_tensor(idx)]}
+            batch["labels"] = labels
+            out.append(batch)
+        return out
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def move_batch(batch: dict, device: torch.device | str) -> dict:
+    """The batch's tensors on ``device`` (other values unchanged)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
+    out = model(**model_inputs(batch))
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+
+
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the model's logits on the batch's labels."""
+    return F.cross_entropy(logits_of(model, batch), batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = None) -> dict:
+    """Mean loss and accuracy over batches (summed over ranks when distributed), on the
+    model's device, under ``precision`` ("bf16"/"fp16") autocast when given. A rank with no
+    batches contributes zero (every rank takes part in the all-reduce)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    totals = torch.zeros(3, dtype=acc, device=device)
+    for batch in batches:
+        batch = move_batch(batch, device)
+        with autocast(device, precision):
+            logits = logits_of(model, batch)
+        totals[0] += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").to(acc)
+        totals[1] += (logits.argmax(-1) == batch["labels"]).sum().to(acc)
+        totals[2] += len(batch["labels"])
+    distributed.all_reduce_sum(totals)
+    totals = totals.cpu()
+    model.train(was_training)
+    n = max(1.0, float(totals[2]))
+    return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n, "n": int(totals[2])}
+
+
