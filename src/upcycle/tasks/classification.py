@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import UpcycleError
 from ..runtime import distributed
 from ..runtime.devices import autocast
+from ..training.fit import accuracy_metrics
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
@@ -96,7 +97,11 @@ def _read_text_rows(path: Path) -> list[dict]:
 
 
 class ClassificationTask:
-    """A HF classification model folder plus its data handling, loss and accuracy."""
+    """A HF classification model folder plus its data handling, loss and accuracy (a
+    :class:`~upcycle.tasks.base.Task`)."""
+
+    name = "classification"
+    metric_names = ("accuracy", "loss")
     def __init__(self, model_dir: str | os.PathLike, kind: str, *, num_labels: int | None = None,
                  max_length: int = 128, head_seed: int = 0):
         from transformers import AutoConfig
@@ -319,6 +324,42 @@ class ClassificationTask:
         return out
 
 
+    # -- the Task protocol: loss, metrics, training data ---------------------------------
+    def read_training(self, path: str | os.PathLike) -> LabeledData:
+        """The training split: it fixes the class count when the model has no head yet."""
+        return self.read(path, split="training", fix_num_labels=True)
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return classification_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, batches: list[dict], *,
+                 precision: str | None = None) -> dict:
+        return evaluate(model, batches, precision=precision)
+
+    def score(self, metrics: dict) -> float:
+        """Higher is better: accuracy, ties broken by the lower loss."""
+        return metrics["accuracy"] - 1e-6 * metrics["loss"]
+
+    def describe(self, metrics: dict) -> str:
+        return f"accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, loss {metrics['loss']:.4f})"
+
+    def collator(self) -> ClassificationCollator:
+        return ClassificationCollator(self)
+
+    def dataset(self, data: LabeledData) -> ExampleDataset:
+        return ExampleDataset(data)
+
+    def trainer_metrics(self) -> dict:
+        """Trainer's ``compute_metrics``/``preprocess_logits_for_metrics``: accuracy."""
+        compute, preprocess = accuracy_metrics()
+        return {"compute_metrics": compute, "preprocess_logits_for_metrics": preprocess}
+
+    def save_tokenizer(self, folder: str | os.PathLike) -> None:
+        """Write the tokenizer (text tasks; image tasks have none) into ``folder``."""
+        if self.kind == "text":
+            self.tokenizer.save_pretrained(folder)
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -363,3 +404,37 @@ def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = N
     return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n, "n": int(totals[2])}
 
 
+class ExampleDataset(torch.utils.data.Dataset):
+    """One split of a classification task, example by example: ``{"text"|"pixel_values",
+    "labels"}``; :class:`ClassificationCollator` makes model inputs of them."""
+
+    def __init__(self, data: LabeledData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        label = self.data.labels[index]
+        if self.data.texts is not None:
+            return {"text": self.data.texts[index], "labels": label}
+        return {"pixel_values": self.data.images[index], "labels": label}
+
+
+class ClassificationCollator:
+    """Examples -> a batch like :meth:`ClassificationTask.batches` makes (tokenised and padded
+    per batch for text, stacked pixels for images), with ``labels``."""
+
+    def __init__(self, task: ClassificationTask):
+        self.task = task
+
+    def __call__(self, examples: list[dict]) -> dict:
+        labels = torch.stack([torch.as_tensor(e["labels"]) for e in examples])
+        if "text" in examples[0]:
+            batch = dict(self.task.tokenizer([e["text"] for e in examples], padding=True,
+                                             truncation=True, max_length=self.task.max_length,
+                                             return_tensors="pt"))
+        else:
+            batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+        batch["labels"] = labels
+        return batch
