@@ -39,8 +39,8 @@ def check_output(out: Path, overwrite: bool) -> None:
             )
         if out.is_dir() and any(out.iterdir()):
             raise UpcycleError(
-                f"output folder {_short(out)} is not empty; pass --overwrite (overwrite=True) "
-                f"to replace it"
+                f"output folder {_short(out)} already exists and is not empty; pass "
+                f"--overwrite (overwrite=True) to replace it"
             )
 
 

@@ -18,7 +18,9 @@ from torch import nn
 
 from ..errors import UpcycleError
 from .adapter import ADAPTER_CONFIG, TunerConfig
+from .sherl import DEFAULT_LR as SHERL_DEFAULT_LR
 from .sherl import SherlConfig, SherlModel, get_sherl_model
+from .snell import DEFAULT_LR as SNELL_DEFAULT_LR
 from .snell import SnellConfig, SnellModel, get_snell_model
 
 
@@ -26,7 +28,8 @@ from .snell import SnellConfig, SnellModel, get_snell_model
 class Tuner:
     """One tuner: its config dataclass (whose fields and docstrings are the CLI flags), the
     function wrapping a loaded HF model, the model class (``from_pretrained(base, folder)``
-    loads a saved adapter), and whether ``merge_and_unload`` folds it into a plain model."""
+    loads a saved adapter), whether ``merge_and_unload`` folds it into a plain model, whether
+    it tunes causal LMs (else classifiers only), and its default peak learning rate."""
 
     name: str
     help: str
@@ -35,14 +38,16 @@ class Tuner:
     model_class: type[nn.Module]
     mergeable: bool
     causal_lm: bool = True
+    default_lr: float = 1e-3
 
 
 TUNERS: dict[str, Tuner] = {
     "snell": Tuner("snell", "SNELL: sparse tuning with kernelized LoRA", SnellConfig,
-                   get_snell_model, SnellModel, mergeable=True),
+                   get_snell_model, SnellModel, mergeable=True, default_lr=SNELL_DEFAULT_LR),
     "sherl": Tuner("sherl", "SHERL: frozen early route fused by an MTSA, then the last "
                             "pretrained layers (memory-efficient)", SherlConfig,
-                   get_sherl_model, SherlModel, mergeable=False, causal_lm=False),
+                   get_sherl_model, SherlModel, mergeable=False, causal_lm=False,
+                   default_lr=SHERL_DEFAULT_LR),
 }
 
 __all__ = ["TUNERS", "SherlConfig", "SherlModel", "SnellConfig", "SnellModel", "Tuner",

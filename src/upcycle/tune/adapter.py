@@ -161,38 +161,3 @@ def find_modules(model: nn.Module, patterns, *, argument: str = "target_modules"
             + (" ..." if len(leaves) > 40 else "")
         )
     return matched
-
-
-def adapter_card(report: Mapping, command: str | None = None) -> str:
-    """The model card (``README.md``) of a tuning run's adapter/ and merged/ folders: the
-    method, the base model, the held-out and test metrics and the command (``report``: the
-    run's report.json)."""
-    method = report.get("method", "?")
-    base = report.get("model", "?")
-    lines = ["---", "library_name: transformers", f"base_model: {base}", "tags:", "- upcycle",
-             f"- {method}", "---", "", f"# {method.upper()} fine-tune of `{base}`", "",
-             f"Made with `upcycle tune --method {method}` on `{report.get('data', '?')}` "
-             f"({report.get('steps', '?')} steps, lr {report.get('lr', '?')}, batch "
-             f"{report.get('batch_size', '?')}); {report.get('trainable_params', 0):,} of "
-             f"{report.get('all_params', 0):,} parameters trained.", ""]
-    if command:
-        lines += ["Command:", "", "```bash", command, "```", "",
-                  "`report.json` (one folder up) holds the full resolved configuration: "
-                  "`upcycle tune --config report.json` repeats the run.", ""]
-    rows = [("held-out", report.get("held_out_metrics")), ("test", report.get("test_metrics"))]
-    rows = [(split, m) for split, m in rows if m]
-    if rows:
-        lines += ["## Metrics", "", "| split | examples | accuracy | loss |", "|---|---|---|---|"]
-        for split, m in rows:
-            acc = m.get("accuracy")
-            lines.append(f"| {split} | {m.get('n', '-')} | "
-                         f"{'-' if acc is None else f'{100 * acc:.2f}%'} | "
-                         f"{m.get('loss', float('nan')):.4f} |")
-        lines += ["", "The held-out split chose nothing but the best checkpoint (with "
-                      "--eval-steps); the test split was used for these figures only.", ""]
-    lines += ["## Use", "", "```python", "import upcycle.tune",
-              'model = upcycle.tune.load("path/to/adapter")   # base model + adapter, eval mode',
-              "```", "", "The `merged/` folder (with `--merge`) is a plain HF model folder: "
-              "`from_pretrained` of the class its config.json names (`architectures`) loads "
-              "it.", ""]
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ own classification head. Trainable: the side network and the head. Same call con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,15 @@ LADDER_TEMPERATURE = 0.1
 
 @dataclass
 class LstConfig(TunerConfig):
-    reduction: int = field(default=8, metadata={"help": (
-        "Side width d / reduction (must divide the hidden size).")})
-    num_heads: int | None = field(default=None, metadata={"help": (
-        "Attention heads of the side blocks (default: the largest of 4, 2, 1 dividing the width).")})
-    init_std: float = field(default=0.02, metadata={"help": "Normal init std of the side linears."})
+    """Configuration of an LST side network (field docstrings as in ``SherlConfig``)."""
+
+    reduction: int = 8
+    """side width = hidden size / reduction (must divide the hidden size)"""
+    num_heads: int | None = None
+    """attention heads of the side blocks (default: the largest of 4, 2, 1 dividing the
+    width)"""
+    init_std: float = 0.02
+    """normal init std of the side linears"""
 
 
 class SideBlock(nn.Module):

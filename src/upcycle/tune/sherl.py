@@ -40,6 +40,8 @@ from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output
 from .adapter import TunerConfig, check_tensor_shapes, load_adapter, save_adapter, trainable_report
 
 METHOD = "sherl"
+DEFAULT_LR = 3e-3
+"""The peak learning rate ``upcycle tune --method sherl`` uses unless told otherwise."""
 GATE_TEMPERATURE = 0.1
 """The skip gate is ``tanh(gamma / GATE_TEMPERATURE)`` (spec: 0.1)."""
 WEIGHT_EPS = 1e-6
@@ -126,17 +128,32 @@ class MTSA(nn.Module):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class SherlConfig(TunerConfig):
-    late_layers: int = field(default=1, metadata={"help": (
-        "M: how many of the last pretrained layers form the late route (1 <= M < layers).")})
-    taps: list[int] | None = field(default=None, metadata={"help": (
-        "Which hidden states feed the MTSA: 0 = the embedding output, i = the output of early "
-        "layer i (1..layers-M). Default: all of them. The deepest chosen tap is the guide.")})
-    reduction: int = field(default=4, metadata={"help": (
-        "d' = hidden size / reduction: the MTSA's inner width (must divide the hidden size).")})
-    train_late_layers: bool = field(default=False, metadata={"help": (
-        "Also train the late pretrained layers (the reference keeps them frozen).")})
-    init_std: float = field(default=0.02, metadata={"help": (
-        "Standard deviation of the MTSA linears' normal init (biases start at 0).")})
+    """Configuration of a SHERL model.
+
+    Each field's docstring opens with its ``upcycle tune`` help (the first paragraph, up to
+    the first blank line), then documents the field; ``metadata`` adjusts the flag (see
+    :mod:`upcycle.cli.dataclass_args`)."""
+
+    late_layers: int = field(default=1, metadata={"metavar": "M"})
+    """the last M pretrained layers form the late route (default 1)
+
+    M: how many of the last pretrained layers form the late route (1 <= M < layers)."""
+    taps: list[int] | None = field(default=None, metadata={"metavar": "I"})
+    """hidden states fed to the MTSA: 0 = embedding output, i = output of early layer i
+    (default: all of them)
+
+    Which hidden states feed the MTSA: 0 = the embedding output, i = the output of early
+    layer i (1..layers-M). Default: all of them. The deepest chosen tap is the guide."""
+    reduction: int = 4
+    """MTSA inner width = hidden size / reduction (default 4)
+
+    d' = hidden size / reduction: the MTSA's inner width (must divide the hidden size)."""
+    train_late_layers: bool = False
+    """also train the late pretrained layers (default: frozen)
+
+    Also train the late pretrained layers (the reference keeps them frozen)."""
+    init_std: float = field(default=0.02, metadata={"cli": False})
+    """Standard deviation of the MTSA linears' normal init (biases start at 0)."""
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "SHERL config") -> SherlConfig:
@@ -302,17 +319,12 @@ def get_sherl_model(model: nn.Module, config: SherlConfig | None = None) -> Sher
     return SherlModel(model, config or SherlConfig())
 
 
-def config_help() -> dict[str, str]:
-    """Field name -> help text (for CLIs)."""
-    return {f.name: f.metadata.get("help", "") for f in fields(SherlConfig)}
-
-
 __all__ = [
     "GATE_TEMPERATURE",
+    "DEFAULT_LR",
     "MTSA",
     "Backbone",
     "SherlConfig",
     "SherlModel",
-    "config_help",
     "get_sherl_model",
 ]
