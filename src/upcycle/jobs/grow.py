@@ -1,0 +1,237 @@
+"""The grow job: a HF model folder -> a wider/deeper model folder that computes the same
+function (LEMON, or a baseline), checked, written atomically, and optionally trained.
+
+    result = run_grow(GrowJob(model="small-model", out="grown", hidden_size=768, layers=12))
+    result.report["max_rel_difference"]
+
+The maximum output difference against the source (fp32, three seeded inputs) must be within
+``tolerance`` (relative to max(1, max |output|)), or nothing is written. With ``train``, the
+grown model trains on that classification file with LEMON's recipe (the large model's
+from-scratch peak learning rate and warm-up, the decay ending at ``steps``) through
+``transformers.Trainer``. Used by ``upcycle grow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UpcycleError
+from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
+from ..io.writing import atomic_dir, check_output, copy_model_files
+from ..models.architectures import supported
+from ..runtime import distributed
+from ..runtime.devices import check_precision, resolve_device, resolve_dtype
+from ..tasks import load_task
+from ..training.config import TrainingConfig
+from ..training.runs import check_resume, checkpoints_folder, run_fingerprint
+from . import finetune
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+LOSSY_METHODS = ("aki",)
+"""Methods that are lossy by design: their output difference is reported, not enforced."""
+
+
+@dataclass
+class GrowJob:
+    """One growth (the flags of ``upcycle grow``)."""
+
+    model: str
+    """The source HF model folder."""
+    out: str
+    """The output folder (a HF model folder)."""
+    hidden_size: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    intermediate_size: int | None = None
+    method: str = "lemon"
+    """lemon, or a baseline of :data:`upcycle.grow.METHODS`."""
+    seed: int = 0
+    """Seed of the symmetry-breaking noise (and of the training run)."""
+    tolerance: float = 1e-5
+    """Max relative output difference (fp32) allowed."""
+    overwrite: bool = False
+    train: str | None = None
+    """Then train the grown model on this classification file."""
+    steps: int | None = None
+    scratch_lr: float | None = None
+    scratch_warmup: int | None = None
+    decay: str = "cosine"
+    batch_size: int = 16
+    grad_accum: int = 1
+    save_steps: int | None = None
+    resume: str | None = None
+    quiet: bool = False
+    device: str = "auto"
+    dtype: str | None = None
+    bf16: bool = False
+    fp16: bool = False
+    settings: dict | None = None
+    """What the resume fingerprint of ``train`` compares (the CLI: every parsed flag);
+    None: this job's fields."""
+
+
+@dataclass
+class GrowResult:
+    out: Path
+    report: dict
+    """What growth.json holds."""
+
+
+def _check_training(job: GrowJob) -> None:
+    """The ``train`` settings, checked before anything is loaded."""
+    if job.steps is None or job.steps < 1:
+        raise UpcycleError("--steps: expected a positive number of training steps with --train")
+    for flag, value in (("--scratch-lr", job.scratch_lr),
+                        ("--scratch-warmup", job.scratch_warmup)):
+        if value is None:
+            raise UpcycleError(f"{flag}: required with --train (LEMON keeps the large "
+                               f"model's from-scratch peak learning rate and warm-up)")
+    if not job.scratch_lr > 0 or job.scratch_warmup < 0:
+        raise UpcycleError(f"--scratch-lr/--scratch-warmup: expected a positive learning "
+                           f"rate and warm-up steps >= 0, got {job.scratch_lr}, "
+                           f"{job.scratch_warmup}")
+    if not Path(job.train).is_file():
+        raise UpcycleError(f"--train {job.train}: no such file")
+    if job.grad_accum < 1:
+        raise UpcycleError(f"--grad-accum must be >= 1, got {job.grad_accum}")
+    if job.save_steps is not None and job.save_steps < 1:
+        raise UpcycleError(f"--save-steps must be >= 1, got {job.save_steps}")
+    check_resume(job.resume, checkpoints_folder(Path(job.out)))
+    check_precision(resolve_device(job.device), bf16=job.bf16, fp16=job.fp16)
+    resolve_dtype(job.dtype)
+    TrainingConfig(batch_size=job.batch_size, grad_accum=job.grad_accum).micro_batch(
+        int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def load_source(model_dir: Path) -> nn.Module:
+    """The model of a HF folder, in its own class (from config.architectures), fp32, eval."""
+    # deferred: transformers (an optional dependency) loads only when a model is grown
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if not (model_dir / "config.json").is_file():
+        raise UpcycleError(f"--model {model_dir}: not a HuggingFace model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as exc:
+        model_type = None
+        try:
+            model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise UpcycleError(f"--model {model_dir}: config.json has model_type {model_type!r}, "
+                           f"which transformers {transformers.__version__} does not know; "
+                           f"upcycle grow supports {supported()}") from exc
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise UpcycleError(f"--model {model_dir}: no weights (expected one of "
+                           f"{', '.join(WEIGHT_FILES)})")
+    cls = AutoModel
+    for arch in config.architectures or []:
+        cls = getattr(transformers, arch, None) or AutoModel
+        break
+    try:
+        model = cls.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UpcycleError(f"--model {model_dir}: cannot load it as {cls.__name__}: "
+                           f"{first}") from exc
+    return model.eval()
+
+
+def run_grow(job: GrowJob, *, callbacks: Iterable = (),
+             say: Callable[[str], None] = print) -> GrowResult:
+    """Run ``job`` (see the module's docstring). ``say`` prints the progress lines (the plan,
+    the parameter counts, the output difference); ``callbacks``: more ``Trainer`` callbacks
+    for ``train``."""
+    src = Path(job.model)
+    out = Path(job.out)
+    if job.train is not None:
+        _check_training(job)
+    check_output(out, job.overwrite)
+    source = load_source(src)
+    grown = expand(source, hidden_size=job.hidden_size, num_layers=job.layers,
+                   num_heads=job.heads, intermediate_size=job.intermediate_size,
+                   seed=job.seed, method=job.method)
+    plan = grown.growth_plan
+    say(f"grown {plan.describe()}")
+    n_source, n_grown = (sum(p.numel() for p in m.parameters()) for m in (source, grown))
+    say(f"parameters: {n_source:,} -> {n_grown:,}")
+    if n_grown == n_source:
+        print("upcycle grow: warning: the target size equals --model's (pass --hidden-size, "
+              "--layers, --heads or --intermediate-size larger than the source's): the output "
+              "is a copy of it", file=sys.stderr)
+    diffs = [max_output_difference(source, grown, example_inputs(source, seed=s))
+             for s in range(3)]
+    worst = max(diffs, key=lambda r: r["max_rel"])
+    argmax_ok = all(r["argmax_equal"] for r in diffs)
+    say(f"max output difference vs source (fp32, 3 inputs): {worst['max_abs']:.3e} "
+        f"(relative {worst['max_rel']:.3e}, tolerance {job.tolerance:g}); "
+        f"argmax {'identical' if argmax_ok else 'DIFFERS'}")
+    lossy = job.method in LOSSY_METHODS
+    if (worst["max_rel"] > job.tolerance or not argmax_ok) and not lossy:
+        raise UpcycleError(f"the grown model differs from --model by {worst['max_rel']:.3e} "
+                           f"(relative), above --tolerance {job.tolerance:g}; nothing written")
+    if lossy:
+        say(f"(method {job.method} is lossy by design: the tolerance is not enforced)")
+    report = {"plan": plan.describe(), "family": plan.family,
+              "matched_by_structure": plan.by_structure, "method": job.method, "seed": job.seed,
+              "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
+              "source": str(src)}
+    with atomic_dir(out, overwrite=job.overwrite) as tmp:
+        copy_model_files(src, tmp)
+        grown.save_pretrained(tmp, safe_serialization=True)
+        if job.train is not None:
+            report["train"] = _train(tmp, job, callbacks, say)
+        (tmp / "growth.json").write_text(json.dumps(report, indent=2))
+    say(f"wrote {out}")
+    return GrowResult(out=out, report=report)
+
+
+def _train(model_dir: Path, job: GrowJob, callbacks: Iterable,
+           say: Callable[[str], None]) -> dict:
+    """Train the grown model in ``model_dir`` on ``job.train`` with LEMON's recipe (the
+    from-scratch peak lr and warm-up, the decay ending at ``job.steps``)."""
+    device = resolve_device(job.device)
+    task = load_task(model_dir, job.train, task="classification")  # --train: classifiers
+    data = task.read(job.train, split="train", fix_num_labels=True)
+    model = task.load_model(dtype=resolve_dtype(job.dtype))
+    recipe = LemonRecipe(max_steps=job.steps, lr=job.scratch_lr,
+                         warmup_steps=min(job.scratch_warmup, job.steps), decay=job.decay)
+    config = TrainingConfig(max_steps=recipe.max_steps, lr=recipe.lr,
+                            warmup_steps=recipe.warmup_steps, batch_size=job.batch_size,
+                            grad_accum=job.grad_accum, save_steps=job.save_steps,
+                            seed=job.seed, device=device, bf16=job.bf16, fp16=job.fp16,
+                            progress=not job.quiet)
+    torch.manual_seed(job.seed)
+    schedule = lambda optimizer, total: recipe.scheduler(optimizer)  # noqa: E731
+    folder = checkpoints_folder(Path(job.out))
+    settings = job.settings if job.settings is not None else {
+        f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "settings"}
+    fingerprint = run_fingerprint(argparse.Namespace(**settings),
+                                  {"model": job.model, "train": job.train})
+    result = finetune.train_task(model, task, data, config, schedule=schedule,
+                                 output_dir=folder, resume=job.resume, fingerprint=fingerprint,
+                                 overwrite=job.overwrite, callbacks=list(callbacks))
+    batches = task.batches(data, job.batch_size)
+    metrics = task.evaluate(model, batches[: max(1, min(len(batches), 8))])
+    say(f"trained {result.steps} steps on {device} (LEMON recipe: peak lr {recipe.lr:g}, "
+        f"warm-up {recipe.warmup_steps}, {recipe.decay} decay to 0 at step {job.steps}): "
+        f"last loss {result.last_loss:.4f}, train accuracy {metrics['accuracy']:.3f}")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
+    return {"steps": result.steps, "resumed_from": result.resumed_from,
+            "last_loss": result.last_loss, "device": str(device),
+            "log_history": result.log_history, **metrics}
