@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..runtime import distributed
-from ..runtime.devices import autocast
+from ..runtime.devices import autocast, model_device
 
 LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 IGNORE_INDEX = -100
@@ -337,7 +337,7 @@ class CausalLMTask:
 
     def evaluate(self, model: nn.Module, batches: list[dict], *,
                  precision: str | None = None) -> dict:
-        with autocast(_model_device(model), precision):
+        with autocast(model_device(model), precision):
             return evaluate(model, batches)
 
     def score(self, metrics: dict) -> float:
@@ -365,14 +365,8 @@ class CausalLMTask:
 
 # -- loss and evaluation -------------------------------------------------------------------------
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _token_losses(model: nn.Module, batch: dict, reduction: str) -> tuple[torch.Tensor, int]:
-    device = _model_device(model)
+    device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     logits = out.logits if hasattr(out, "logits") else out[0]

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..runtime import distributed
-from ..runtime.devices import autocast
+from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
@@ -387,7 +387,7 @@ def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = N
     batches contributes zero (every rank takes part in the all-reduce)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc = torch.float32 if device.type == "mps" else torch.float64
     totals = torch.zeros(3, dtype=acc, device=device)
     for batch in batches:
