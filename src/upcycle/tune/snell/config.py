@@ -4,7 +4,7 @@ the command line and the layer fall back on."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ...errors import UpcycleError
 from ..adapter import TunerConfig
@@ -31,33 +31,58 @@ DEFAULT_BLOCK_MB = {"cpu": 4.0, "cuda": 16.0}
 
 @dataclass
 class SnellConfig(TunerConfig):
-    """Configuration of a SNELL adapter (field names follow peft where peft has one)."""
+    """Configuration of a SNELL adapter (field names follow peft where peft has one).
+
+    Each field's docstring opens with its ``upcycle tune`` help (the first paragraph, up to
+    the first blank line), then documents the field. Each field is a flag
+    ``--<name-with-dashes>`` unless its ``metadata`` says otherwise: ``"flag"`` (another
+    name), ``"invert"`` (a store-true flag giving False), ``"choices"``, ``"metavar"``,
+    ``"nargs"``, ``"cli": False`` (no flag of its own)."""
 
     r: int = 8
-    """Rank of the two factors A (d_in x r) and B (d_out x r); trainable count r*(d_in+d_out)
-    per matrix, as LoRA-r. Must be divisible by ``num_pieces``."""
+    """rank of A and B (default 8)
+
+    The rank of the two factors A (d_in x r) and B (d_out x r); trainable count
+    r*(d_in+d_out) per matrix, as LoRA-r. Must be divisible by ``num_pieces``."""
     num_pieces: int = 2
-    """Pieces P of the piecewise-linear kernel; each piece uses r/P columns of A and B."""
-    piece_coeffs: tuple[float, ...] = (0.1, -0.1)
+    """pieces of the piecewise-linear kernel; r must be divisible by it
+
+    Pieces P of the piecewise-linear kernel; each piece uses r/P columns of A and B."""
+    piece_coeffs: tuple[float, ...] = field(default=(0.1, -0.1), metadata={"cli": False})
     """Coefficient c_p of each piece (one per piece); opposite signs let entries of delta_W
     take both signs."""
     learnable_coeffs: bool = False
-    """Train the piece coefficients too (the paper); the released code keeps them fixed."""
+    """train the kernel's piece coefficients (default: fixed +-0.1)
+
+    Train the piece coefficients too (the paper); the released code keeps them fixed."""
     sparsity: float = 0.5
-    """Fraction of the entries of each delta_W zeroed every step, in [0, 1); 0 gives dense
+    """fraction of each delta_W zeroed every step, in [0, 1); 0 = dense kernelized LoRA
+    (default 0.5)
+
+    The fraction of the entries of each delta_W zeroed every step, in [0, 1); 0 gives dense
     kernelized LoRA (delta_W = K)."""
-    sparsify_mode: str = "reference"
-    """'reference': K * |K| on the top entries (the released code, reproduces the paper's
+    sparsify_mode: str = field(default="reference", metadata={"choices": SPARSIFY_MODES})
+    """'reference' (released code, default) or 'paper' (Eq. 5 soft threshold)
+
+    'reference': K * |K| on the top entries (the released code, reproduces the paper's
     tables); 'paper': K * max(|K| - tau, 0) (Eq. 5's soft threshold)."""
-    target_modules: list[str] | str | None = None
-    """Modules to adapt: a list of names (matching the full dotted name or its ending) or one
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"nargs": "+", "metavar": "NAME"})
+    """modules to adapt (names or dotted endings); default: the model family's q, k, v,
+    attention output and MLP matrices
+
+    Modules to adapt: a list of names (matching the full dotted name or its ending) or one
     regex matching whole names. None: the default set for the model family."""
-    modules_to_save: list[str] | None = None
-    """Other modules trained in full and saved with the adapter (the task head). None: the
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"nargs": "*", "metavar": "NAME"})
+    """modules trained in full and saved (default: the classifier head; none for a language
+    model, whose head stays frozen)
+
+    Other modules trained in full and saved with the adapter (the task head). None: the
     classification head if the model has one ('classifier', 'score', 'head'); a language
     model's head (its output embedding, tied to the input embedding on GPT-2) stays frozen;
     [] for none."""
-    fused_qkv: list[str] | str | None = None
+    fused_qkv: list[str] | str | None = field(default=None, metadata={"cli": False})
     """Fused projections are sparsified per part (a separate threshold for the q, k and v
     rows, and for gate and up, wherever the layout puts them). The parts of a mapped
     family's fused projections (GPT-2's c_attn, Phi-3's qkv_proj with its GQA sizes and
@@ -65,28 +90,42 @@ class SnellConfig(TunerConfig):
     This field names further adapted modules, outside the map, that are [q; k; v] stacked in
     equal thirds (same matching rule as target_modules); None: ``UNMAPPED_FUSED_QKV``."""
     dropout: float = 0.1
-    """Dropout on the adapter's input (reference recipe: 0.1)."""
+    """dropout on the adapter input (default 0.1)
+
+    Dropout on the adapter's input (reference recipe: 0.1)."""
     drop_path: float = 0.1
-    """DropPath (per-sample stochastic depth) on the adapter's output (reference: 0.1)."""
-    recompute: str | bool = "backward"
-    """How delta_W is computed and kept out of memory. 'backward' (default): block by block
+    """DropPath on the adapter output (default 0.1)
+
+    DropPath (per-sample stochastic depth) on the adapter's output (reference: 0.1)."""
+    recompute: str | bool = field(
+        default="backward", metadata={"flag": "--no-recompute", "invert": True})
+    """store delta_W for backward instead of recomputing it (more memory)
+
+    How delta_W is computed and kept out of memory. 'backward' (default): block by block
     (``block_mb``), in forward and in a backward that rebuilds each block from A and B; saves
     x, A, B and one threshold per part, and never holds more than a block of delta_W, its
     kernel, mask and gradient at once (also in eval). The two unblocked paths, which build the
     whole delta_W at once (a transient of several times the weight) and are kept to compare
     against: 'checkpoint': the layer inside a non-reentrant torch.utils.checkpoint (recomputes
     delta_W and the layer's matmul in backward); 'none' (or False): plain autograd, which
-    stores delta_W and the mask for backward. True = 'backward'."""
-    block_mb: float | None = None
-    """Size in MiB of the block of delta_W's rows (rows x d_in values, 4 bytes each, rounded
+    stores delta_W and the mask for backward. True = 'backward'. The command line's
+    ``--no-recompute`` gives False."""
+    block_mb: float | None = field(default=None, metadata={"metavar": "MIB"})
+    """MiB of delta_W's rows built at once in forward, backward and merge (default 4 on a
+    CPU, 16 on CUDA; a layer's transient is about six blocks)
+
+    The size in MiB of the block of delta_W's rows (rows x d_in values, 4 bytes each, rounded
     down to whole 64-row tiles, at least one) that the 'backward' path builds at once; a
     layer's transient memory is about six such blocks (the kernel's per-piece distances, the
     block, its mask term, its gradient). None (default): ``DEFAULT_BLOCK_MB`` of the layer's
     device, 4 MiB on a CPU and 16 MiB on CUDA, where a step is bound by the number of small
     kernels rather than by memory traffic (measured on an H100, Linear(4096 -> 11008): 56 ms
     per step at 4 MiB, 33 ms at 16 MiB, for 0.06x and 0.31x the weight above peft LoRA)."""
-    compile: bool = False
-    """Run each pass's elementwise work on a block (the kernel, |K| for the threshold, the
+    compile: bool = field(default=False, metadata={"flag": "--snell-compile"})
+    """compute SNELL's kernel with torch.compile (one fused loop; needs a C++ compiler on a
+    CPU, triton on CUDA; a one-time compile)
+
+    Run each pass's elementwise work on a block (the kernel, |K| for the threshold, the
     mask and ``W0 + delta`` in forward; in backward also the gradient's mask and its
     division by the distances) as one ``torch.compile``d loop over the block's entries,
     instead of about twenty torch operations each reading and writing the whole block. A
