@@ -11,8 +11,11 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
+
+from ..errors import UpcycleError
 
 
 @runtime_checkable
@@ -63,3 +66,12 @@ class Task(Protocol):
 
     def save_tokenizer(self, folder: str | os.PathLike) -> None:
         """Write what a saved model of this task needs beside its weights to be used."""
+
+
+def batch_indices(n: int, batch_size: int, *, shuffle: bool = False,
+                  seed: int = 0) -> list[np.ndarray]:
+    """The example indices of each batch of ``n`` examples, in order or shuffled (seeded)."""
+    if batch_size < 1:
+        raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    return [order[start:start + batch_size] for start in range(0, n, batch_size)]

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..runtime import distributed
-from ..runtime.devices import autocast
+from ..runtime.devices import autocast, model_device
+from .base import batch_indices
 
 LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 IGNORE_INDEX = -100
@@ -307,14 +308,8 @@ class CausalLMTask:
                 seed: int = 0) -> list[dict]:
         """Right-padded batches: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on
         padding and prompts)."""
-        if batch_size < 1:
-            raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
-        order = np.arange(len(data))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(data))
         out = []
-        for start in range(0, len(data), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(data), batch_size, shuffle=shuffle, seed=seed):
             width = max(len(data.input_ids[i]) for i in idx)
             ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
             labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
@@ -337,7 +332,7 @@ class CausalLMTask:
 
     def evaluate(self, model: nn.Module, batches: list[dict], *,
                  precision: str | None = None) -> dict:
-        with autocast(_model_device(model), precision):
+        with autocast(model_device(model), precision):
             return evaluate(model, batches)
 
     def score(self, metrics: dict) -> float:
@@ -365,14 +360,8 @@ class CausalLMTask:
 
 # -- loss and evaluation -------------------------------------------------------------------------
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _token_losses(model: nn.Module, batch: dict, reduction: str) -> tuple[torch.Tensor, int]:
-    device = _model_device(model)
+    device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     logits = out.logits if hasattr(out, "logits") else out[0]

@@ -33,8 +33,9 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..runtime import distributed
-from ..runtime.devices import autocast
+from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
+from .base import batch_indices
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
@@ -304,14 +305,8 @@ class ClassificationTask:
     def batches(self, data: LabeledData, batch_size: int, *, shuffle: bool = False,
                 seed: int = 0) -> list[dict]:
         """Model-ready batches (dicts of tensors with ``labels``), tokenised/padded per batch."""
-        if batch_size < 1:
-            raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
-        order = np.arange(len(data))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(data))
         out = []
-        for start in range(0, len(data), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(data), batch_size, shuffle=shuffle, seed=seed):
             labels = data.labels[torch.as_tensor(idx)]
             if self.kind == "text":
                 enc = self.tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
@@ -387,7 +382,7 @@ def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = N
     batches contributes zero (every rank takes part in the all-reduce)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc = torch.float32 if device.type == "mps" else torch.float64
     totals = torch.zeros(3, dtype=acc, device=device)
     for batch in batches:
