@@ -37,88 +37,52 @@ from ..runtime import distributed
 from ..runtime.devices import add_device_arguments
 from ..training.runs import checkpoint_step, checkpoints_folder
 from ..tune import TUNERS, Tuner
-from ..tune.snell import SnellConfig, get_snell_model
 from .arguments import add_checkpoint_arguments, add_task_arguments
 from .configfile import add_config_option, command_line, resolved_config
 from .dataclass_args import add_dataclass_arguments, config_from_args
 from .interrupt import interrupt_callback
 
-# -- SNELL's flags, written by hand until SnellConfig's fields document them ------------------
+# -- the tuners' flags: from each config dataclass ------------------------------------------
 
-def _snell_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--r", type=int, default=8, help="rank of A and B (default 8)")
-    group.add_argument("--num-pieces", type=int, default=2,
-                       help="pieces of the piecewise-linear kernel; r must be divisible by it")
-    group.add_argument("--sparsity", type=float, default=0.5,
-                       help="fraction of each delta_W zeroed every step, in [0, 1); 0 = dense "
-                            "kernelized LoRA (default 0.5)")
-    group.add_argument("--sparsify-mode", choices=("reference", "paper"), default="reference",
-                       help="'reference' (released code, default) or 'paper' (Eq. 5 soft "
-                            "threshold)")
-    group.add_argument("--learnable-coeffs", action="store_true",
-                       help="train the kernel's piece coefficients (default: fixed +-0.1)")
-    group.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
-                       help="modules to adapt (names or dotted endings); default: the model "
-                            "family's q, k, v, attention output and MLP matrices")
+def _add_target_regex(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--target-regex", default=None, metavar="REGEX",
                        help="modules to adapt, as one regex over full module names")
-    group.add_argument("--modules-to-save", nargs="*", default=None, metavar="NAME",
-                       help="modules trained in full and saved (default: the classifier head; "
-                            "none for a language model, whose head stays frozen)")
-    group.add_argument("--dropout", type=float, default=0.1,
-                       help="dropout on the adapter input (default 0.1)")
-    group.add_argument("--drop-path", type=float, default=0.1,
-                       help="DropPath on the adapter output (default 0.1)")
-    group.add_argument("--no-recompute", action="store_true",
-                       help="store delta_W for backward instead of recomputing it (more memory)")
-    group.add_argument("--block-mb", type=float, default=None, metavar="MIB",
-                       help="MiB of delta_W's rows built at once in forward, backward and "
-                            "merge (default 4 on a CPU, 16 on CUDA; a layer's transient is "
-                            "about six blocks)")
-    group.add_argument("--snell-compile", action="store_true",
-                       help="compute SNELL's kernel with torch.compile (one fused loop; needs a "
-                            "C++ compiler on a CPU, triton on CUDA; a one-time compile)")
 
 
-def _snell_config(args: argparse.Namespace) -> SnellConfig:
+def _target_modules(args: argparse.Namespace) -> dict:
     if args.target_modules and args.target_regex:
         raise UpcycleError("give --target-modules or --target-regex, not both")
-    return SnellConfig(
-        r=args.r, num_pieces=args.num_pieces, sparsity=args.sparsity,
-        sparsify_mode=args.sparsify_mode, learnable_coeffs=args.learnable_coeffs,
-        target_modules=args.target_regex or args.target_modules,
-        modules_to_save=args.modules_to_save, dropout=args.dropout, drop_path=args.drop_path,
-        recompute=not args.no_recompute, block_mb=args.block_mb,
-        compile=args.snell_compile,
-    )
+    return {"target_modules": args.target_regex or args.target_modules}
 
 
-def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    return get_snell_model(model, _snell_config(args))
-
-
-# -- the tuners' flags ---------------------------------------------------------------------------
-
-_HAND_WRITTEN: dict[str, tuple[Callable[[argparse._ArgumentGroup], None],
-                               Callable[[argparse.Namespace], object]]] = {
-    "snell": (_snell_arguments, _snell_config),
+_EXTRA_FLAGS: dict[str, tuple[Callable[[argparse._ArgumentGroup], None],
+                              Callable[[argparse.Namespace], dict]]] = {
+    "snell": (_add_target_regex, _target_modules),
 }
-"""Tuners whose flags are still written by hand: name -> (add the flags, the config from
-the parsed flags). Every other tuner's flags come from its config dataclass."""
+"""Flags of a tuner beyond its config's fields: name -> (add them, the config fields they
+set). SNELL's ``target_modules`` is a list of names or one regex: --target-modules or
+--target-regex."""
 
 
 def _add_tuner_arguments(group: argparse._ArgumentGroup, tuner: Tuner) -> None:
-    add, _ = _HAND_WRITTEN.get(tuner.name, (None, None))
-    if add is not None:
-        add(group)
-    else:
-        add_dataclass_arguments(group, tuner.config_class)
+    add_dataclass_arguments(group, tuner.config_class)
+    if tuner.name in _EXTRA_FLAGS:
+        _EXTRA_FLAGS[tuner.name][0](group)
 
 
 def tuner_config(tuner: Tuner, args: argparse.Namespace):
     """The config object of ``tuner`` that the parsed flags describe."""
-    _, build = _HAND_WRITTEN.get(tuner.name, (None, None))
-    return build(args) if build is not None else config_from_args(tuner.config_class, args)
+    overrides = _EXTRA_FLAGS[tuner.name][1](args) if tuner.name in _EXTRA_FLAGS else {}
+    return config_from_args(tuner.config_class, args, **overrides)
+
+
+def _snell_arguments(group: argparse._ArgumentGroup) -> None:
+    """SNELL's flags alone (tests build a parser of them)."""
+    _add_tuner_arguments(group, TUNERS["snell"])
+
+
+def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    return TUNERS["snell"].get_model(model, tuner_config(TUNERS["snell"], args))
 
 
 def _short_float(value: float) -> str:
