@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,24 @@ from ..tasks.causal_lm import CausalLMTask, LMData
 from ..tasks.classification import ClassificationTask, LabeledData
 from ..training.config import TrainingConfig
 from ..training.fit import fit
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """What the training jobs (tune, grow) take besides their own settings: where and how
+    the run goes."""
+
+    quiet: bool = False
+    """No progress bars."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: str | None = None
+    """dtype of the weights the job loads (None: as stored)."""
+    bf16: bool = False
+    fp16: bool = False
+    settings: dict | None = None
+    """What the resume fingerprint compares (the CLI: every parsed flag; None: the job's
+    fields)."""
 
 
 def train_task(model, task: ClassificationTask | CausalLMTask,

@@ -36,6 +36,7 @@ from ..tasks import load_task
 from ..training.config import TrainingConfig
 from ..training.runs import check_resume, checkpoints_folder, run_fingerprint
 from . import finetune
+from .finetune import RunSettings
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -44,7 +45,7 @@ LOSSY_METHODS = ("aki",)
 
 
 @dataclass
-class GrowJob:
+class GrowJob(RunSettings):
     """One growth (the flags of ``upcycle grow``)."""
 
     model: str
@@ -72,14 +73,6 @@ class GrowJob:
     grad_accum: int = 1
     save_steps: int | None = None
     resume: str | None = None
-    quiet: bool = False
-    device: str = "auto"
-    dtype: str | None = None
-    bf16: bool = False
-    fp16: bool = False
-    settings: dict | None = None
-    """What the resume fingerprint of ``train`` compares (the CLI: every parsed flag);
-    None: this job's fields."""
 
 
 @dataclass

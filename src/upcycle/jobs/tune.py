@@ -39,11 +39,13 @@ from ..training.runs import check_resume, checkpoint_step, checkpoints_folder, r
 from ..tune import TUNERS
 from ..tune.adapter import TunerConfig, count_parameters
 from . import finetune
+from .finetune import RunSettings
 
 
 @dataclass
-class TuneJob:
-    """One tuning run (the flags of ``upcycle tune``)."""
+class TuneJob(RunSettings):
+    """One tuning run (the flags of ``upcycle tune``). ``settings`` is also what report.json
+    records under "method_config" (None: this job's fields and the tuner config's)."""
 
     method: str
     """A tuner of :data:`upcycle.tune.TUNERS` ("snell", "sherl")."""
@@ -81,14 +83,6 @@ class TuneJob:
     overwrite: bool = False
     merge: bool = False
     """Also write merged/: a plain HF model folder with the update folded in."""
-    quiet: bool = False
-    device: str = "auto"
-    dtype: str | None = None
-    bf16: bool = False
-    fp16: bool = False
-    settings: dict | None = None
-    """What report.json records under "method_config" and the resume fingerprint compares
-    (the CLI: every parsed flag); None: this job's fields and the tuner config's."""
     config: dict | None = None
     """The resolved ``--config`` of the run, recorded in report.json (the CLI's)."""
     command: str | None = None
