@@ -1,6 +1,7 @@
 """The help layer every subcommand shares: defaults shown once, required marked, examples,
 --version, and the nearest valid option for a typo."""
 
+import dataclasses
 import re
 
 import pytest
@@ -44,3 +45,55 @@ def test_unknown_option_suggests_the_nearest(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--metod" in err and "did you mean --method?" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- flags generated from a config dataclass --------------------------------------------------
+
+@dataclasses.dataclass
+class _Example:
+    rank: int = 8
+    """rank of the update (default 8)
+
+    Everything else about the rank, for readers of the code only."""
+    mode: str = dataclasses.field(default="a", metadata={"choices": ("a", "b")})
+    """which mode"""
+    names: list[str] | None = dataclasses.field(default=None, metadata={"metavar": "NAME"})
+    """modules to adapt"""
+    recompute: str | bool = dataclasses.field(
+        default="backward", metadata={"flag": "--no-recompute", "invert": True})
+    """store instead of recomputing"""
+    compile: bool = dataclasses.field(default=False, metadata={"flag": "--x-compile"})
+    """compile it"""
+    hidden: float = dataclasses.field(default=0.5, metadata={"cli": False})
+    """not a flag"""
+
+
+def test_flags_from_a_dataclass_fields_and_docstrings():
+    import argparse
+
+    from upcycle.cli.dataclass_args import add_dataclass_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, _Example)
+    actions = {a.dest: a for a in parser._actions}
+    assert actions["rank"].help == "rank of the update (default 8)" and actions["rank"].default == 8
+    assert actions["mode"].choices == ("a", "b") and actions["names"].nargs == "+"
+    assert actions["names"].metavar == "NAME" and "hidden" not in actions
+    assert actions["no_recompute"].option_strings == ["--no-recompute"]
+    assert actions["x_compile"].option_strings == ["--x-compile"]
+    assert config_from_args(_Example, parser.parse_args([])) == _Example()
+    args = parser.parse_args(["--rank", "4", "--names", "q", "v", "--no-recompute",
+                              "--x-compile", "--mode", "b"])
+    assert config_from_args(_Example, args, hidden=0.25) == _Example(
+        rank=4, mode="b", names=["q", "v"], recompute=False, compile=True, hidden=0.25)
+
+
+@pytest.mark.parametrize("method", ["snell", "sherl"])
+def test_tune_flags_default_to_the_tuner_config(method):
+    from upcycle.cli.main import build_parser
+    from upcycle.cli.tune import tuner_config
+    from upcycle.tune import TUNERS
+
+    args = build_parser().parse_args(["tune", "--method", method, "--model", "m", "--data",
+                                      "d", "--out", "o"])
+    assert tuner_config(TUNERS[method], args) == TUNERS[method].config_class()
