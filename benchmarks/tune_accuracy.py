@@ -6,9 +6,11 @@ settings: ``--setting 256`` (full articles, 256 tokens) and ``--setting 32`` (th
 one, 32 tokens). The split is fixed (BBC News shuffled with seed 0, cut 60/20/20 into
 train / held-out / test; ``--train-size`` etc. keep only the first N of each part).
 
-For every (method, learning rate, seed) a fresh subprocess trains with AdamW (batch 16,
-weight decay 0.01, constant lr), evaluates on held-out after every epoch, keeps the best
-epoch and stops after ``--patience`` epochs without improvement or at ``--max-epochs``.
+For every (method, learning rate, seed) a fresh subprocess trains through
+:func:`upcycle.jobs.finetune.train_task` (``transformers.Trainer``: AdamW with batch 16,
+weight decay 0.01 on matrices, constant lr, no clipping), evaluates on held-out after every
+epoch, keeps the best epoch and stops after ``--patience`` epochs without improvement or at
+``--max-epochs``.
 The test accuracy reported is that of the best-held-out epoch (the test split is scored
 at each improving epoch, equivalent to reloading the best state, and never used to choose).
 Every method gets a learning-rate grid of the same size; the lr chosen per method is the
@@ -56,7 +58,7 @@ METHODS = {  # name -> (family, build options)
     "full": ("full", {}),
     "lora-qv": ("lora", {"targets": ["query", "value"]}),
     "lora-all": ("lora", {"targets": "all-linear"}),
-    "snell": ("snell", {}),
+    "snell": ("snell", {"r": 8, "sparsity": 0.5}),
     "sherl-m1": ("sherl", {"late_layers": 1}),
     "sherl-m2": ("sherl", {"late_layers": 2}),
     "lst": ("lst", {}),
@@ -87,11 +89,15 @@ def fixed_splits(sizes: dict):
 
 
 def build(spec: dict, model):
+    from upcycle.tune import TUNERS
     from upcycle.tune.adapter import count_parameters
 
     family, opts = METHODS[spec["method"]]
     head = ["classifier"]
-    if family == "full":
+    if family in TUNERS:  # SNELL, SHERL: through the registry, as `upcycle tune` does
+        tuner = TUNERS[family]
+        tuned = tuner.get_model(model, tuner.config_class(**opts))
+    elif family == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         tuned = model
@@ -101,14 +107,6 @@ def build(spec: dict, model):
         tuned = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
                                                  target_modules=opts["targets"],
                                                  modules_to_save=head))
-    elif family == "snell":
-        from upcycle.tune.snell import SnellConfig, get_snell_model
-
-        tuned = get_snell_model(model, SnellConfig(r=8, sparsity=0.5))
-    elif family == "sherl":
-        from upcycle.tune.sherl import SherlConfig, get_sherl_model
-
-        tuned = get_sherl_model(model, SherlConfig(late_layers=opts["late_layers"]))
     elif family == "lst":
         from upcycle.tune.lst import LstConfig, get_lst_model
 
@@ -120,17 +118,18 @@ def build(spec: dict, model):
 
 def run_worker(spec: dict) -> dict:
     import torch
+    from transformers import TrainerCallback
 
     from upcycle.demo.data import minilm_path
+    from upcycle.jobs.finetune import train_task
     from upcycle.runtime.memory import peak_cuda_mb, peak_rss_mb, reset_peak_rss
     from upcycle.tasks.classification import (
         ClassificationTask,
         LabeledData,
-        classification_loss,
-        evaluate,
         logits_of,
         move_batch,
     )
+    from upcycle.training.config import TrainingConfig
 
     torch.set_num_threads(1)
     seed = spec["seed"]
@@ -145,8 +144,6 @@ def run_worker(spec: dict) -> dict:
     tuned.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
     held_batches = task.batches(data["held_out"], EVAL_BATCH)
     test_batches = task.batches(data["test"], EVAL_BATCH)
 
@@ -159,48 +156,60 @@ def run_worker(spec: dict) -> dict:
                 out += (logits_of(tuned, batch).argmax(-1) == batch["labels"]).int().tolist()
         return out
 
+    curve, losses, epoch_s, step_losses = [], [], [], []
+    best = {"accuracy": -1.0, "epoch": -1, "bad": 0, "correct": None}
+
+    class EpochEnd(TrainerCallback):
+        """After each epoch: the held-out accuracy, the test answers of an improving epoch,
+        and the stop after ``patience`` epochs without improvement."""
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            step_losses.clear()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                step_losses.append(logs["loss"])
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            epoch = len(curve)
+            epoch_s.append(time.perf_counter() - self.start)
+            losses.append(sum(step_losses) / max(1, len(step_losses)))
+            acc = task.evaluate(tuned, held_batches)["accuracy"]
+            curve.append(acc)
+            print(f"[worker] {spec['method']} lr={spec['lr']} seed={seed} epoch {epoch + 1}: "
+                  f"loss {losses[-1]:.4f} held-out {acc:.4f} ({epoch_s[-1]:.1f}s)",
+                  file=sys.stderr, flush=True)
+            if acc > best["accuracy"]:
+                best.update(accuracy=acc, epoch=epoch, bad=0, correct=test_correct())
+            else:
+                best["bad"] += 1
+                control.should_training_stop = best["bad"] >= spec["patience"]
+            tuned.train()
+
+    # the protocol: AdamW (weight decay 0.01), constant lr, no clipping, batch BATCH
+    config = TrainingConfig(epochs=spec["max_epochs"], lr=spec["lr"], weight_decay=0.01,
+                            grad_clip=None, batch_size=BATCH, logging_steps=1, seed=seed,
+                            device=device, progress=False, report_to=[])
+    constant = lambda optimizer, total: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+        optimizer, lambda step: 1.0)
     exact = reset_peak_rss()
-    curve, losses, epoch_s = [], [], []
-    best, best_epoch, bad, correct = -1.0, -1, 0, None
-    for epoch in range(spec["max_epochs"]):
-        tuned.train()
-        start = time.perf_counter()
-        total, steps = 0.0, 0
-        for batch in task.batches(data["train"], BATCH, shuffle=True, seed=seed * 1000 + epoch):
-            loss = classification_loss(tuned, move_batch(batch, device))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total += float(loss)
-            steps += 1
-        epoch_s.append(time.perf_counter() - start)
-        losses.append(total / max(1, steps))
-        acc = evaluate(tuned, held_batches)["accuracy"]
-        curve.append(acc)
-        print(f"[worker] {spec['method']} lr={spec['lr']} seed={seed} epoch {epoch + 1}: "
-              f"loss {losses[-1]:.4f} held-out {acc:.4f} ({epoch_s[-1]:.1f}s)",
-              file=sys.stderr, flush=True)
-        if acc > best:
-            best, best_epoch, bad = acc, epoch, 0
-            correct = test_correct()
-        else:
-            bad += 1
-            if bad >= spec["patience"]:
-                break
+    train_task(tuned, task, data["train"], config, schedule=constant, callbacks=[EpochEnd()])
     result = {
         "held_out_curve": curve,
         "train_loss_curve": losses,
-        "best_epoch": best_epoch + 1,
+        "best_epoch": best["epoch"] + 1,
         "epochs_run": len(curve),
-        "held_out_accuracy": best,
-        "test_accuracy": sum(correct) / len(correct),
-        "test_correct": correct,
+        "held_out_accuracy": best["accuracy"],
+        "test_accuracy": sum(best["correct"]) / len(best["correct"]),
+        "test_correct": best["correct"],
         "trainable": trainable,
         "peak_rss_mb": peak_rss_mb(),
         "peak_is_training_only": exact,
         "s_per_epoch": statistics.median(epoch_s),
         "epoch_seconds": epoch_s,
         "threads": torch.get_num_threads(),
+        "loop": "upcycle.jobs.finetune.train_task",
     }
     cuda = peak_cuda_mb()
     if cuda is not None:
