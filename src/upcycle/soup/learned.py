@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class LearnedConfig:
     """Passes over the held-out batches (reference: 5)."""
     lr: float = 0.05
     """AdamW learning rate on the logits w (reference: 0.05, weight decay 0)."""
-    warmup_ratio: float = 0.2
+    warmup_ratio: float = field(default=0.2, metadata={"cli": False})
     """Linear warm-up fraction before the cosine decay (as MEHL, for a like-for-like run)."""
     seed: int = 0
     progress: bool = False

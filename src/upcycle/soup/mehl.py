@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,33 +65,44 @@ from .registry import SoupContext, SoupMethod, register
 
 @dataclass
 class MehlConfig:
-    model_batch: int = 18
+    # ``metadata``: the CLI's flag for the field (help text, aliases, how its default reads;
+    # ``cli: False`` keeps it off the command line), see upcycle.cli.soup.
+    model_batch: int = field(default=18, metadata={
+        "help": "MEHL: ingredients loaded per round (K)", "aliases": ("-K",),
+        "default_help": "min({default}, the number of ingredients)"})
     """K: ingredients loaded and trained per round (reference: 18 for 72 CLIP ViT-B/32)."""
     blockwise: bool = True
     """One coefficient per ingredient and parameter tensor (MEHL-Soup+); False: per model."""
-    epochs: int = 5
+    epochs: int = field(default=5, metadata={"help": "epochs over held-out (per MEHL round)"})
     """E: passes over the held-out batches in each round (reference: 5)."""
-    models_epochs: int = 1
+    models_epochs: int = field(default=1,
+                               metadata={"help": "MEHL: passes over all ingredients"})
     """Outer passes over all ingredients (reference: 1)."""
-    lr: float = 0.01
+    lr: float = field(default=0.01, metadata={"help": "coefficient learning rate"})
     """AdamW learning rate on the coefficients (reference: 0.01)."""
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.2
+    weight_decay: float = field(default=0.0, metadata={"cli": False})
+    warmup_ratio: float = field(default=0.2, metadata={"cli": False})
     """Linear warm-up fraction of each round's steps before the cosine decay."""
-    grad_clip: float | None = None
+    grad_clip: float | None = field(default=None, metadata={
+        "help": "MEHL: clip the weight-gradient norm (reference: 1.0 for ViTs)"})
     """Clip the weight-gradient norm to this (the reference uses 1.0 for ViTs)."""
     seed: int = 0
     """Seeds the ingredient order and the order of held-out batches."""
-    shard_directions: bool = False
+    compact_directions: bool = field(default=False, metadata={
+        "help": "MEHL: keep the K directions in the ingredients' dtype (half the memory for "
+                "bf16/fp16 checkpoints); coefficients stay fp32"})
+    """Keep the K directions in the ingredients' dtype (half the memory for bf16/fp16
+    checkpoints) instead of fp32; X, its optimizer and the soup's accumulation stay fp32. The
+    coefficients C then reproduce the soup up to that dtype's rounding of theta_i - c."""
+    shard_directions: bool = field(default=False, metadata={
+        "help": "MEHL under torchrun with W processes: each keeps K/W of the round's "
+                "directions (for K larger than one device holds); per step the combined "
+                "weights and the weight gradient are all-reduced. Needs K >= W"})
     """Under torch.distributed with W ranks: each rank keeps only its K/W directions of the
     round (contiguous rows). Per step the combined weights and the weight gradient are
     all-reduced (2 x D numbers) and each rank folds the gradient into its own directions'
     coefficients; the K x L coefficient gradient is then all-reduced so every rank steps the
     same X. The soup is the unsharded one up to summation order. Needs K >= W."""
-    compact_directions: bool = False
-    """Keep the K directions in the ingredients' dtype (half the memory for bf16/fp16
-    checkpoints) instead of fp32; X, its optimizer and the soup's accumulation stay fp32. The
-    coefficients C then reproduce the soup up to that dtype's rounding of theta_i - c."""
     progress: bool = False
 
     def settings(self) -> dict:
@@ -468,6 +479,17 @@ def _check_resume(ingredients: Sequence[Ingredient], context: SoupContext,
     return saved.state
 
 
+def _check_settings(config: MehlConfig, n: int) -> None:
+    """K against the number of ingredients (and the processes, with ``shard_directions``),
+    before any work."""
+    if config.model_batch < 1:
+        raise UpcycleError(f"--model-batch must be >= 1, got {config.model_batch}")
+    check_shard_directions(config.shard_directions, config.model_batch)
+    if config.model_batch > n:
+        raise UpcycleError(f"--model-batch {config.model_batch} exceeds the number of "
+                           f"ingredients ({n})")
+
+
 def _run(ingredients: Sequence[Ingredient], context: SoupContext,
          config: MehlConfig) -> SoupResult:
     return mehl_soup(ingredients, context.model, context.held_out,
@@ -487,4 +509,5 @@ for _name, _blockwise, _title, _note in (
 ):
     register(SoupMethod(_name, _run, _title, _note, config_class=MehlConfig,
                         preset={"blockwise": _blockwise}, needs_data=True, min_ingredients=2,
-                        check_resume=_check_resume))
+                        defaults=lambda n: {"model_batch": min(MehlConfig.model_batch, n)},
+                        check=_check_settings, check_resume=_check_resume))

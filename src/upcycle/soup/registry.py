@@ -26,12 +26,13 @@ from ..errors import UpcycleError
 
 @dataclass
 class SoupContext:
-    """What a job hands a soup method; a method reads only what it needs."""
-    model: nn.Module | None = None
-    """The model the ingredients are checkpoints of (methods that fit on data); None without
-    data."""
-    held_out: Sequence[dict] = ()
-    """Global held-out batches to fit on (each rank takes its share of every batch)."""
+    """What a job hands a soup method; a method reads only what it needs (the model and the
+    held-out batches are loaded when first asked for: :attr:`model`, :attr:`held_out`)."""
+    load_model: Callable[[], nn.Module] | None = None
+    """Returns the model the ingredients are checkpoints of (None without data)."""
+    load_held_out: Callable[[], Sequence[dict]] | None = None
+    """Returns the global held-out batches to fit on (each rank takes its share of every
+    batch); None without data."""
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None
     """The task's loss of a model on a batch (None: the loss the model itself returns)."""
     eval_fn: Callable[[nn.Module], dict] | None = None
@@ -49,6 +50,14 @@ class SoupContext:
     resume: bool = False
     callback: Callable[[dict], None] | None = None
     """Resumable methods: called with each round's record once its checkpoint is written."""
+
+    @property
+    def model(self) -> nn.Module | None:
+        return None if self.load_model is None else self.load_model()
+
+    @property
+    def held_out(self) -> Sequence[dict]:
+        return () if self.load_held_out is None else self.load_held_out()
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,11 @@ class SoupMethod:
     needs_data: bool = False
     """Needs held-out data (and the model) to make the soup."""
     min_ingredients: int = 1
+    defaults: Callable[[int], dict] | None = None
+    """Settings whose default depends on the number of ingredients: ``n -> {field: value}``
+    (MEHL's K is min(18, N)); used where a setting is not given."""
+    check: Callable[[Any, int], None] | None = None
+    """``check(config, n_ingredients)``: refuse settings that cannot work, before any work."""
     check_resume: Callable[[Sequence, SoupContext, Any], dict] | None = None
     """Resumable methods: ``check_resume(ingredients, context, config)`` checks the checkpoint
     in ``context.checkpoint_dir`` against this run before any work (raises saying what
@@ -77,13 +91,16 @@ class SoupMethod:
     def resumable(self) -> bool:
         return self.check_resume is not None
 
-    def make_config(self, **settings):
+    def make_config(self, n_ingredients: int | None = None, **settings):
         """The method's config from ``settings``: the fields its config class has (None values
-        and other names are left out, i.e. the defaults), then the entry's preset."""
+        and other names are left out, i.e. the defaults; with ``n_ingredients``, the
+        :attr:`defaults` for that many), then the entry's preset."""
         if self.config_class is None:
             return None
         names = {f.name for f in dataclasses.fields(self.config_class)}
         kept = {k: v for k, v in settings.items() if k in names and v is not None}
+        if self.defaults is not None and n_ingredients is not None:
+            kept = {**self.defaults(n_ingredients), **kept}
         return self.config_class(**{**kept, **self.preset})
 
 
