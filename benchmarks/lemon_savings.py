@@ -66,6 +66,18 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+from upcycle.demo.data import bbc_news, split_indices  # noqa: E402
+from upcycle.errors import UpcycleError  # noqa: E402
+from upcycle.grow import expand, lemon_train_config, max_output_difference  # noqa: E402
+from upcycle.io.writing import atomic_file, write_json  # noqa: E402
+from upcycle.jobs.bench import format_table  # noqa: E402
+from upcycle.jobs.bench import main as bench_main  # noqa: E402
+from upcycle.runtime.devices import resolve_device  # noqa: E402
+from upcycle.training.fit import first_item, fit  # noqa: E402
+
 RESULTS = HERE / "results"
 CACHE_ROOT = Path(tempfile.gettempdir()) / "upcycle-lemon-bench"
 
@@ -115,8 +127,6 @@ def run_tag(family: str, seed: int, quick: bool, budget: float = 0.5, st: dict |
 
 @functools.lru_cache(maxsize=1)
 def _articles() -> tuple[list[str], list[str]]:
-    from upcycle.demo.data import bbc_news, split_indices
-
     texts, _, _ = bbc_news()
     train_idx, held_idx = split_indices(len(texts), (0.9, 0.1), seed=0)
     return [texts[i] for i in train_idx], [texts[i] for i in held_idx]
@@ -140,8 +150,6 @@ def _wordpiece_corpus(cache: Path) -> dict:
     """A WordPiece tokenizer trained on the training articles (cached in ``cache`` so that
     every contender of a run uses the same one), and both token streams."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    from upcycle.io.writing import atomic_file
 
     train, held = _articles()
     path = cache / "wordpiece.json"
@@ -271,9 +279,6 @@ def _plateau(curve: list) -> float:
 
 def train_run(model, family: str, st: dict, steps: int, seed: int, device: torch.device,
               cache: Path) -> dict:
-    from upcycle.grow import lemon_train_config
-    from upcycle.training.fit import first_item, fit
-
     data = corpus(family, str(cache))
     batches = Batches(data, data["train"], steps, st, seed=seed, mlm=family == "bert")
     held = _held_out(family, data, st)
@@ -305,9 +310,6 @@ def steps_to(curve: list, target: float) -> int | None:
 
 
 def run_worker(spec: dict) -> dict:
-    from upcycle.io.writing import write_json
-    from upcycle.runtime.devices import resolve_device
-
     torch.set_num_threads(int(os.environ.get("LEMON_BENCH_THREADS", "1")))
     family, st, seed = spec["family"], spec["st"], int(spec["seed"])
     device = resolve_device(spec.get("device", "auto"))
@@ -330,7 +332,6 @@ def run_worker(spec: dict) -> dict:
         write_json(cache / "target.json", {"target": out["final_loss"]})
         return {**base, **out, "target": out["final_loss"], "steps_to_target": S,
                 "saving_pct": 0.0}
-    from upcycle.grow import expand, max_output_difference
 
     small = _load_model(family, cache / "small").eval()
     method = spec["method"]
@@ -382,8 +383,6 @@ def _run_settings(args) -> tuple[dict, str]:
 
 
 def contenders(args) -> list[dict]:
-    from upcycle.runtime.devices import resolve_device
-
     resolve_device(args.device)  # a bad --device fails here, not in every worker
     st, tag = _run_settings(args)
     common = {"family": args.family, "seed": args.seed, "device": args.device, "st": st,
@@ -558,8 +557,6 @@ def summarize(found: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:
 
 
 def report(quick: bool) -> None:
-    from upcycle.io.writing import atomic_file, write_json
-
     found = collect(RESULTS, quick)
     if not found:
         sys.exit(f"lemon_savings.py: error: no lemon_savings-<family>-seed<k>"
@@ -579,12 +576,6 @@ def report(quick: bool) -> None:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE.parent / "src"))
-    from upcycle.errors import UpcycleError
-    from upcycle.io.writing import atomic_file
-    from upcycle.jobs.bench import format_table
-    from upcycle.jobs.bench import main as bench_main
-
     pre = argparse.ArgumentParser(add_help=False)
     add_arguments(pre)
     args, _ = pre.parse_known_args()

@@ -1,7 +1,8 @@
-"""The architecture map (upcycle.models.architectures) and LEMON on every family and head it lists:
-fp64 losslessness per family x case, heads and bare backbones, reload with from_pretrained of
-the model's own class, structural matching of clones, the map's view of a layer call (what
-SHERL runs) and of fused projections (what SNELL slices), and every refusal."""
+"""The architecture map (upcycle.models: families, matching, backbone) and LEMON on every
+family and head it lists: fp64 losslessness per family x case, heads and bare backbones, reload
+with from_pretrained of the model's own class, structural matching of clones, the map's view of
+a layer call (what SHERL runs) and of fused projections (what SNELL slices), and every
+refusal."""
 
 from __future__ import annotations
 
@@ -21,18 +22,20 @@ from upcycle.grow import (
     max_output_difference,
     plan_expansion,
 )
-from upcycle.models.architectures import (
-    ARCHITECTURES,
-    architecture_of,
+from upcycle.models.backbone import (
     base_model,
     call_layer,
     classification_logits,
     embed,
     final_norm_module,
-    fused_layouts,
     layer_kwargs,
     layer_list,
     layer_mask,
+)
+from upcycle.models.families import ARCHITECTURES
+from upcycle.models.matching import (
+    architecture_of,
+    fused_layouts,
     model_fused_layouts,
     sizes_of,
     snell_target_modules,

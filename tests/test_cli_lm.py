@@ -335,12 +335,10 @@ def test_tune_snell_on_a_causal_lm_merged_and_reloaded(lm_runs, tmp_path, capsys
 def test_tune_lm_collator_counts_target_tokens(lm_runs, tmp_path):
     """Trainer averages the loss over the label tokens it counts: the collator leaves only
     target tokens (never a row's first position, nor padding or prompts) unmasked."""
-    from upcycle.tasks.data import task_datasets
-
     root, _ = lm_runs
     task = CausalLMTask(root / "llama-base", max_length=16)
     data = task.read(root / "held_out.jsonl")
-    collate, dataset = task_datasets(task, data)
+    collate, dataset = task.collator(), task.dataset(data)
     batch = collate([dataset[i] for i in range(len(dataset))])
     assert int((batch["labels"] != -100).sum()) == data.target_tokens()
     ref = task.batches(data, len(data))[0]

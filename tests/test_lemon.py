@@ -3,6 +3,8 @@ after one step, round trip through from_pretrained, the real MiniLM, baselines, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from upcycle.grow import (
     max_output_difference,
     plan_expansion,
 )
+from upcycle.training.schedules import cosine_with_warmup, warmup_decay_factor
 
 transformers = pytest.importorskip("transformers")
 
@@ -366,3 +369,39 @@ def test_dropout_in_train_mode_refused():
 def test_unknown_method_refused():
     with pytest.raises(UpcycleError, match="method"):
         expand(tiny("gpt2"), hidden_size=64, method="ligo")
+
+
+def _lrs(optimizer, scheduler, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("warmup, total, min_ratio", [(0, 1, 0.0), (3, 20, 0.0), (10, 100, 0.1),
+                                                      (25, 20, 0.0), (5, 7, 0.3)])
+def test_one_warmup_decay_formula_for_trainer_soups_and_lemon(warmup, total, min_ratio):
+    """cosine_with_warmup (Trainer, learned soups, MEHL) and lemon_schedule (cosine) are the
+    same schedule, both warmup_decay_factor; it is today's formula, step for step."""
+    def today(step, decay):  # the two formulas as they were written before they were one
+        t, w = max(1, total), max(0, min(warmup, max(1, total)))
+        if step < w:
+            return (step + 1) / (w + 1)
+        progress = min(1.0, (step - w) / max(1, t - w))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
+
+    steps = total + 5
+    for decay in ("cosine", "linear"):
+        assert [warmup_decay_factor(s, warmup, total, decay, min_ratio) for s in range(steps)] \
+            == [today(s, decay) for s in range(steps)]
+    p = nn.Parameter(torch.zeros(1))
+    opt_a = torch.optim.SGD([p], lr=1e-3)
+    trainer_like = _lrs(opt_a, cosine_with_warmup(opt_a, warmup, total, min_ratio), steps)
+    opt_b = torch.optim.SGD([p], lr=5.0)
+    lemon = _lrs(opt_b, lemon_schedule(opt_b, peak_lr=1e-3, warmup_steps=warmup,
+                                       total_steps=total, min_lr_ratio=min_ratio), steps)
+    assert trainer_like == lemon
+    assert trainer_like == [1e-3 * today(s, "cosine") for s in range(steps)]

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.models.architectures import ARCHITECTURES, layer_windows
+from upcycle.models.backbone import layer_windows
+from upcycle.models.families import ARCHITECTURES
 from upcycle.tune.lst import LstConfig, get_lst_model
 from upcycle.tune.sherl import SherlConfig, SherlModel, get_sherl_model
 

@@ -233,7 +233,9 @@ def test_block_rows_follow_block_mb():
 def test_default_block_size_follows_the_device():
     """block_mb=None: 4 MiB of rows on a CPU, 16 MiB on CUDA (where a step is bound by the
     number of small kernels), whole tiles of each device."""
-    from upcycle.tune.snell import DEFAULT_BLOCK_MB, _block_rows, _tile_rows
+    from upcycle.tune.snell import DEFAULT_BLOCK_MB
+    from upcycle.tune.snell.kernel import _tile_rows
+    from upcycle.tune.snell.layer import _block_rows
 
     assert SnellConfig().block_mb is None
     for device, mb in (("cpu", 4.0), ("cuda", 16.0), ("mps", 4.0)):
@@ -272,7 +274,7 @@ def test_kernel_blocks_identical_in_every_pass():
     """The threshold and forward passes (kernel built in place in reused buffers) and the
     backward (distances kept, kernel in its own buffer) build bit-identical blocks, the
     same as the dense kernel's rows: the backward's mask is the forward's."""
-    from upcycle.tune.snell import _kernel_rows, _padded_factors, _Scratch
+    from upcycle.tune.snell.kernel import _kernel_rows, _padded_factors, _Scratch
 
     layer = _layer(29, 150, block_rows=64)
     A, B = layer.snell_A.detach(), layer.snell_B.detach()
@@ -306,7 +308,7 @@ def _compiled_layer(*args, **kwargs):
 def test_compiled_kernel_blocks_identical_in_every_pass():
     """With compile, every pass and the dense kernel build bit-identical rows (the tiles are
     on the same fixed grid), equal to the eager kernel's to rounding."""
-    from upcycle.tune.snell import _kernel_rows, _padded_factors, _Scratch
+    from upcycle.tune.snell.kernel import _kernel_rows, _padded_factors, _Scratch
 
     layer = _layer(29, 150, block_rows=64)
     A, B = layer.snell_A.detach(), layer.snell_B.detach()
@@ -381,7 +383,7 @@ def test_compiled_merge_is_the_dense_delta():
 
 
 def test_compile_setting_is_checked_saved_and_its_failure_named(monkeypatch):
-    from upcycle.tune import snell as snell_module
+    from upcycle.tune.snell import compiled as compiled_module
 
     with pytest.raises(UpcycleError, match="compile must be true or false"):
         SnellConfig(compile="yes")
@@ -391,7 +393,7 @@ def test_compile_setting_is_checked_saved_and_its_failure_named(monkeypatch):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    monkeypatch.setattr(snell_module, "_COMPILED_FUSED", broken)
+    monkeypatch.setattr(compiled_module, "_COMPILED_FUSED", broken)
     layer = _compiled_layer(29, 150)
     with pytest.raises(UpcycleError, match=r"compile=True: torch.compile failed on this "
                                            r"machine \(RuntimeError: InvalidCxxCompiler.*"

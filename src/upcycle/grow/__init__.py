@@ -1,30 +1,33 @@
 """``upcycle.grow``: lossless model expansion (LEMON) and its baselines.
 
-The model families LEMON knows are those of :mod:`upcycle.models.architectures` (the one map every
-method reads); ``FAMILIES``/``Family``/``family_of`` are kept as names for it.
+- :mod:`.plan`: the target dimensions checked against the model (:func:`plan_expansion`);
+- :mod:`.lemon`: the lossless expansion itself (:func:`expand`);
+- :mod:`.baselines`: Net2Net and bert2BERT-AKI on the same machinery;
+- :mod:`.recipe`: the grown model's training recipe (:func:`lemon_train_config`,
+  :func:`lemon_schedule`);
+- :mod:`.check`: comparing the source and the grown model (:func:`max_output_difference`).
+
+The model families LEMON knows are the architectures of :mod:`upcycle.models.families` (the
+one map every method reads). "Family" and "architecture" are one concept: ``FAMILIES``,
+``Family`` and ``family_of`` are aliases of ``ARCHITECTURES``, ``Architecture`` and
+``architecture_of(model).arch``, kept as names, not a second map.
 """
 
-from ..models.architectures import ARCHITECTURES as FAMILIES
-from ..models.architectures import Architecture as Family
-from ..models.architectures import architecture_of, supported
+from ..models.families import ARCHITECTURES as FAMILIES
+from ..models.families import Architecture as Family
+from ..models.families import supported
+from ..models.matching import architecture_of
 from .baselines import expand_aki, expand_net2net
-from .lemon import (
-    METHODS,
-    POST_LN_DEPTH_NOTE,
-    SCHEDULES,
-    GrowthPlan,
-    LemonRecipe,
-    example_inputs,
-    expand,
-    lemon_schedule,
-    lemon_train_config,
-    max_output_difference,
-    plan_expansion,
-)
+from .check import example_inputs, max_output_difference
+from .lemon import POST_LN_DEPTH_NOTE, expand
+from .plan import METHODS, GrowthPlan, plan_expansion
+from .recipe import SCHEDULES, LemonRecipe, lemon_schedule, lemon_train_config
 
 
 def family_of(model) -> Family:
-    """The family (an :class:`upcycle.models.architectures.Architecture`) of a HF model."""
+    """An alias: the :class:`upcycle.models.families.Architecture` of a HF model, i.e.
+    ``upcycle.models.matching.architecture_of(model, method="LEMON").arch`` (a "family" is an
+    architecture of the map)."""
     return architecture_of(model, method="LEMON").arch
 
 

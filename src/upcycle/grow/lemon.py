@@ -1,6 +1,6 @@
 """LEMON: lossless model expansion (Wang et al., ICLR 2024), as specified in specs/lemon.md.
 
-:func:`expand` turns a trained HF Transformer of any family in :mod:`upcycle.models.architectures`
+:func:`expand` turns a trained HF Transformer of any family in :mod:`upcycle.models.families`
 (BERT/MiniLM, RoBERTa, DistilBERT, ViT, GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, and
 Llama-shaped clones), with its task head, into a wider and/or deeper model of the same
 family that computes the same function in eval mode:
@@ -23,26 +23,20 @@ same machinery, with equal splits, gives the Net2Net and bert2BERT-AKI baselines
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import UpcycleError
-from ..models.architectures import (
-    Architecture,
-    FusedLayout,
-    Match,
-    architecture_of,
-    base_model,
-    eps_of,
-    fused_layouts,
-    sizes_of,
-)
-from ..training.config import TrainingConfig
+from ..models.backbone import base_model
+from ..models.families import Architecture
+from ..models.matching import FusedLayout, Match, architecture_of, eps_of, fused_layouts, sizes_of
+from .check import check_clone
+from .plan import METHODS, GrowthPlan, plan_expansion  # noqa: F401 - METHODS: see below
+from .recipe import SCHEDULES, LemonRecipe  # noqa: F401 - see below
 
-METHODS = ("lemon", "net2net", "aki")
+# METHODS, SCHEDULES and LemonRecipe are re-exported here for their old importers
+# (upcycle.cli.grow); they live in .plan and .recipe.
 
 POST_LN_DEPTH_NOTE = (
     "post-LN depth: the new block's attention LayerNorm and the preceding layer's output "
@@ -51,123 +45,6 @@ POST_LN_DEPTH_NOTE = (
     "re-normalisation of an already normalised vector, a relative term of about "
     "eps/Var <= ~1e-12 for BERT's eps=1e-12"
 )
-
-
-# -- the plan -------------------------------------------------------------------------------
-
-@dataclass
-class GrowthPlan:
-    """Source and target dimensions of one expansion, and where each target layer comes from."""
-    family: str
-    hidden: tuple[int, int]
-    layers: tuple[int, int]
-    heads: tuple[int, int]
-    kv_heads: tuple[int, int]
-    intermediate: tuple[int, int]
-    head_dim: int
-    layer_map: list[tuple[int, str]] = field(default_factory=list)
-    """Per target layer: (source layer, "orig" | "new" (identity block) | "stack" (copy))."""
-    by_structure: bool = False
-    """The family was recognised by its tensor layout, not its model_type."""
-    @property
-    def k(self) -> int:
-        return self.hidden[1] // self.hidden[0]
-
-    @property
-    def r(self) -> int:
-        return self.hidden[1] % self.hidden[0]
-
-    @property
-    def eta(self) -> float:
-        return math.sqrt(self.k * self.hidden[0] / self.hidden[1])
-
-    def describe(self) -> str:
-        h, l, a, f = self.hidden, self.layers, self.heads, self.intermediate
-        like = " (matched by structure)" if self.by_structure else ""
-        return (f"{self.family}{like}: hidden {h[0]}->{h[1]} (k={self.k}, r={self.r}), layers "
-                f"{l[0]}->{l[1]}, heads {a[0]}->{a[1]} (head_dim {self.head_dim}), "
-                f"intermediate {f[0]}->{f[1]}")
-
-
-def _nearest(value: int, step: int, floor: int) -> str:
-    """The valid values (multiples of ``step``, at least ``floor``) nearest to ``value``."""
-    below = max(floor, value // step * step)
-    above = max(floor, -(-value // step) * step)
-    return str(below) if below == above else f"{below} or {above}"
-
-
-def plan_expansion(model: nn.Module, *, hidden_size: int | None = None,
-                   num_layers: int | None = None, num_heads: int | None = None,
-                   intermediate_size: int | None = None, method: str = "lemon") -> GrowthPlan:
-    """Check the target dimensions against the model and return the plan (or UpcycleError,
-    naming the nearest valid value when a width breaks one of the family's constraints)."""
-    if method not in METHODS:
-        raise UpcycleError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    match = architecture_of(model, method="LEMON")
-    arch = match.arch
-    config = model.config
-    s = sizes_of(config, arch)
-    d, L, h, kv, f, hd = s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.head_dim
-    if hd * h != d:
-        raise UpcycleError(f"model: head_dim {hd} x {h} heads != hidden size {d}; LEMON keeps "
-                           f"head_dim fixed and needs hidden = heads x head_dim")
-    if arch.name == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise UpcycleError("model: GPT-2 with scale_attn_by_inverse_layer_idx=True scales each "
-                           "layer by its index, which depth expansion changes; not supported")
-    if h % kv:
-        raise UpcycleError(f"model: {h} query heads are not a multiple of {kv} key/value heads")
-    g = h // kv
-    if arch.attention.qkv and arch.attention.qkv.layout == "interleaved" and g != 1:
-        raise UpcycleError(f"model: {arch.title}'s interleaved query_key_value needs as many "
-                           f"key/value heads as query heads, got {kv} and {h}")
-
-    D = d if hidden_size is None else int(hidden_size)
-    for arg, value, source in (("hidden_size", D, d), ("num_layers", num_layers, L),
-                               ("num_heads", num_heads, h),
-                               ("intermediate_size", intermediate_size, f)):
-        if value is not None and int(value) < source:
-            raise UpcycleError(f"{arg}: target {value} is smaller than the source's {source}; "
-                               f"LEMON only grows models")
-    step = d if arch.post_ln else g * hd  # the widths every constraint allows
-    if D % hd:
-        raise UpcycleError(f"hidden_size: {D} is not a multiple of head_dim {hd} (head_dim is "
-                           f"kept fixed, so hidden_size must be num_heads x {hd}); nearest valid "
-                           f"hidden_size: {_nearest(D, step, d)}")
-    H = D // hd if num_heads is None else int(num_heads)
-    if H * hd != D:
-        raise UpcycleError(f"num_heads: {H} heads x head_dim {hd} = {H * hd}, but hidden_size is "
-                           f"{D}; pass num_heads={D // hd} (head_dim is kept fixed)")
-    if H % g:
-        raise UpcycleError(f"num_heads: {H} is not a multiple of the query-group size {g} "
-                           f"({h} query heads share {kv} key/value heads); nearest valid "
-                           f"num_heads: {_nearest(H, g, h)} (hidden_size "
-                           f"{_nearest(D, g * hd, d)})")
-    KV = H // g
-    F = int(intermediate_size) if intermediate_size is not None else (
-        f if D == d else round(f * D / d))
-    L2 = L if num_layers is None else int(num_layers)
-    if L2 > 2 * L:
-        raise UpcycleError(f"num_layers: {L2} is more than twice the source's {L} layers; LEMON "
-                           f"grows depth at most 2x per expansion: expand to {2 * L} first, then "
-                           f"call expand again (stages)")
-    if arch.post_ln and D % d:
-        raise UpcycleError(f"hidden_size: {D} is not a multiple of {d}; post-LN models "
-                           f"({arch.title}) expand losslessly only to multiples of the hidden "
-                           f"size (nearest valid: {_nearest(D, d, d)})")
-    if arch.dims.eps is None and D % d:
-        raise UpcycleError(f"hidden_size: {D} is not a multiple of {d}; {arch.title} hard-codes "
-                           f"its norms' epsilon, so only multiples keep it exact (nearest "
-                           f"valid: {_nearest(D, d, d)})")
-    n_new = L2 - L
-    if method == "aki":
-        layer_map = [(i, "orig") for i in range(L)] + [(i, "stack") for i in range(n_new)]
-    else:
-        layer_map = [(i, "orig") for i in range(L - n_new)]
-        for i in range(L - n_new, L):
-            layer_map += [(i, "orig"), (i, "new")]
-    return GrowthPlan(family=arch.name, hidden=(d, D), layers=(L, L2), heads=(h, H),
-                      kv_heads=(kv, KV), intermediate=(f, F), head_dim=hd, layer_map=layer_map,
-                      by_structure=match.by_structure)
 
 
 # -- splitting ------------------------------------------------------------------------------
@@ -438,7 +315,7 @@ def _tied_reader(model: nn.Module) -> str | None:
 
 
 def _new_model(model: nn.Module, config, seed: int, match: Match) -> nn.Module:
-    try:
+    try:  # deferred: transformers is heavy, and only expand() needs this
         from transformers.modeling_utils import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
         import contextlib
@@ -666,192 +543,5 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
     new.eval()
     new.growth_plan = plan  # for reports
     if match.by_structure:
-        _check_clone(model, new, config)
+        check_clone(model, new, config)
     return new
-
-
-def _check_clone(source: nn.Module, grown: nn.Module, config) -> None:
-    """A family recognised by its layout only: its forward may still differ (an embedding
-    scale, a norm offset). Refuse unless the grown model is lossless on a few inputs."""
-    was_training = source.training
-    source.eval()
-    try:
-        worst = max(max_output_difference(source, grown, example_inputs(source, seed=s))["max_rel"]
-                    for s in range(2))
-    finally:
-        source.train(was_training)
-    bound = 1e-8 if next(source.parameters()).dtype == torch.float64 else 1e-4
-    if not worst <= bound:
-        raise UpcycleError(f"model: model_type {config.model_type!r} has the tensor layout of "
-                           f"{grown.growth_plan.family} but computes something else (the grown "
-                           f"model differs by {worst:.2e}); not supported")
-
-
-# -- checking losslessness --------------------------------------------------------------------
-
-def _has_active_dropout(model: nn.Module) -> bool:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            return True
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "attention_dropout", 0) or 0)
-
-
-def _outputs(output) -> dict[str, torch.Tensor]:
-    """The tensors of a model output (logits, start/end logits, hidden states, pooled)."""
-    if isinstance(output, torch.Tensor):
-        return {"output": output}
-    items = output.items() if hasattr(output, "items") else enumerate(output)
-    return {str(k): v for k, v in items if isinstance(v, torch.Tensor) and k != "loss"}
-
-
-@torch.no_grad()
-def max_output_difference(source: nn.Module, grown: nn.Module, inputs: dict) -> dict:
-    """Run both models on ``inputs`` (a dict of model inputs) and compare their outputs.
-
-    Compares every tensor output: logits (and QA start/end logits) as they are, hidden states
-    and pooled outputs on their first channels (the grown stream holds k copies of the
-    source's). Returns max_abs, max_rel (max_abs / max(1, max |output|)) and argmax_equal (of
-    the logits, or of the compared tensors when there are none). Refuses models in train mode
-    with active dropout: losslessness holds in eval mode only.
-    """
-    for label, model in (("source", source), ("grown", grown)):
-        if model.training and _has_active_dropout(model):
-            raise UpcycleError(f"{label} model: in train mode with dropout; LEMON is lossless "
-                               f"only in eval mode (or with dropout p=0): call model.eval() first")
-    a_out, b_out = _outputs(source(**inputs)), _outputs(grown(**inputs))
-    if not a_out:
-        raise UpcycleError("source model: its output holds no tensor to compare")
-    diff, scale, argmax = 0.0, 1.0, True
-    logit_keys = [k for k in a_out if k.endswith("logits")] or list(a_out)
-    for key, a in a_out.items():
-        if key not in b_out:
-            raise UpcycleError(f"grown model: its output has no {key!r} (the source's has)")
-        a = a.double()
-        b = b_out[key].double()[..., : a.shape[-1]]
-        diff = max(diff, (a - b).abs().max().item())
-        scale = max(scale, a.abs().max().item())
-        if key in logit_keys:
-            argmax = argmax and bool((a.argmax(-1) == b.argmax(-1)).all())
-    return {"max_abs": diff, "max_rel": diff / scale, "argmax_equal": argmax}
-
-
-def example_inputs(model: nn.Module, *, batch: int = 2, length: int = 16, seed: int = 0) -> dict:
-    """A few seeded inputs for ``model`` on its device (token ids, with a padded row for
-    encoders, or random images)."""
-    arch = architecture_of(model).arch
-    config = model.config
-    first = next(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    if arch.embed == "vit":
-        size = config.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return {"pixel_values": torch.randn(batch, config.num_channels, *size, generator=gen,
-                                            dtype=first.dtype).to(first.device)}
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 512)
-    length = min(length, int(limit) - 2)  # RoBERTa's positions start after the padding index
-    ids = torch.randint(3, int(config.vocab_size), (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if batch > 1 and arch.call.mask == "padding":
-        mask[-1, length // 2:] = 0
-    return {"input_ids": ids.to(first.device), "attention_mask": mask.to(first.device)}
-
-
-# -- the learning-rate recipe -----------------------------------------------------------------
-
-SCHEDULES = ("cosine", "linear")
-"""How the learning rate decays after the warm-up, to ``min_lr_ratio`` x peak at the last step."""
-
-
-def _check_recipe(peak_lr: float, warmup_steps: int, total_steps: int, decay: str,
-                  min_lr_ratio: float, where: str) -> None:
-    if decay not in SCHEDULES:
-        raise UpcycleError(f"{where}: decay must be one of {', '.join(SCHEDULES)}, got {decay!r}")
-    if not peak_lr > 0 or total_steps < 1 or warmup_steps < 0:
-        raise UpcycleError(f"{where}: expected peak_lr > 0, total_steps >= 1 and "
-                           f"warmup_steps >= 0, got {peak_lr}, {total_steps}, {warmup_steps}")
-    if not 0 <= min_lr_ratio < 1:
-        raise UpcycleError(f"{where}: min_lr_ratio must be in [0, 1), got {min_lr_ratio}")
-
-
-def lemon_schedule(optimizer: torch.optim.Optimizer, *, peak_lr: float, warmup_steps: int,
-                   total_steps: int, decay: str = "cosine", min_lr_ratio: float = 0.0,
-                   fresh_state: bool = True) -> torch.optim.lr_scheduler.LambdaLR:
-    """LEMON's recipe on ``optimizer``: the from-scratch peak learning rate and warm-up
-    (explicit inputs: pass what the large model would use from scratch), then a ``decay``
-    ("cosine" or "linear") that ends at ``total_steps``, the reduced budget (about 0.45-0.65
-    of the from-scratch steps), so it decays fully. Sets every group's lr to ``peak_lr`` and,
-    with ``fresh_state``, clears the optimizer's state (moments): the paper starts the grown
-    model on a fresh optimizer."""
-    _check_recipe(peak_lr, warmup_steps, total_steps, decay, min_lr_ratio, "lemon_schedule")
-    if fresh_state:
-        optimizer.state.clear()
-    for group in optimizer.param_groups:
-        group["lr"] = peak_lr
-        group["initial_lr"] = peak_lr
-    warmup = min(warmup_steps, total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
-        return min_lr_ratio + (1 - min_lr_ratio) * shape
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@dataclass
-class LemonRecipe:
-    """The grown model's training budget and schedule (see :func:`lemon_train_config`)."""
-    max_steps: int
-    lr: float
-    warmup_steps: int
-    decay: str = "cosine"
-    min_lr_ratio: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def scheduler(self, optimizer: torch.optim.Optimizer, *, fresh_state: bool = True):
-        """:func:`lemon_schedule` with this recipe."""
-        return lemon_schedule(optimizer, peak_lr=self.lr, warmup_steps=self.warmup_steps,
-                              total_steps=self.max_steps, decay=self.decay,
-                              min_lr_ratio=self.min_lr_ratio, fresh_state=fresh_state)
-
-    def training_arguments(self) -> dict:
-        """Keyword arguments for ``transformers.TrainingArguments`` giving the same schedule
-        (HF's "cosine"/"linear" decay to 0 at max_steps; "cosine_with_min_lr" otherwise)."""
-        kwargs = {"max_steps": self.max_steps, "learning_rate": self.lr,
-                  "warmup_steps": self.warmup_steps, "lr_scheduler_type": self.decay}
-        if self.min_lr_ratio:
-            if self.decay != "cosine":
-                raise UpcycleError("a linear decay to a nonzero min_lr_ratio has no "
-                                   "transformers scheduler; pass the recipe's scheduler()")
-            kwargs["lr_scheduler_type"] = "cosine_with_min_lr"
-            kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": self.min_lr_ratio}
-        return kwargs
-
-    def train_config(self):
-        """An :class:`upcycle.training.TrainingConfig` with this budget, peak and warm-up (pass
-        ``schedule=lambda opt, total: recipe.scheduler(opt)`` to :func:`upcycle.training.fit`
-        for the decay; its default is the cosine)."""
-
-        return TrainingConfig(max_steps=self.max_steps, lr=self.lr,
-                              warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
-                              **self.extra)
-
-
-def lemon_train_config(scratch_steps: int, *, peak_lr: float, warmup_steps: int,
-                       budget: float = 0.55, decay: str = "cosine", min_lr_ratio: float = 0.0,
-                       **kwargs) -> LemonRecipe:
-    """The grown model's recipe: the from-scratch ``peak_lr`` and ``warmup_steps`` (required:
-    they are the large model's from-scratch values, not defaults), ``budget`` x
-    ``scratch_steps`` steps with the ``decay`` ("cosine" or "linear") ending at the last one.
-    ``kwargs`` go to :meth:`LemonRecipe.train_config`."""
-    if not 0 < budget <= 1:
-        raise UpcycleError(f"budget: expected a fraction in (0, 1], got {budget}")
-    if scratch_steps < 1:
-        raise UpcycleError(f"scratch_steps: expected a positive number, got {scratch_steps}")
-    steps = max(1, round(scratch_steps * budget))
-    _check_recipe(peak_lr, warmup_steps, steps, decay, min_lr_ratio, "lemon_train_config")
-    return LemonRecipe(max_steps=steps, lr=peak_lr, warmup_steps=min(warmup_steps, steps),
-                       decay=decay, min_lr_ratio=min_lr_ratio, extra=dict(kwargs))

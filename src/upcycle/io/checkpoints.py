@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UpcycleError
+from .source import SourceReads
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -78,7 +79,7 @@ def _short(path: Path) -> str:
         return str(path)
 
 
-class Ingredient:
+class Ingredient(SourceReads):
     """One checkpoint on disk, read lazily one tensor at a time.
 
     ``index`` is 1-based and only used in messages ("ingredient 7 (runs/lr3e-5)").
@@ -247,15 +248,6 @@ class Ingredient:
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
-    def numel(self) -> int:
-        n = 0
-        for shape, _ in self._meta.values():
-            k = 1
-            for s in shape:
-                k *= s
-            n += k
-        return n
-
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor as a private (copy-on-write) CPU tensor.
 
@@ -284,11 +276,3 @@ class Ingredient:
             raise UpcycleError(
                 f"{self.label}: cannot read tensor {name!r} from {_short(self._files[name])}: {exc}"
             ) from exc
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: self.get(name) for name in self.keys()}
-
-
-# -- writing ---------------------------------------------------------------------------------
-
-

@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from ..errors import UpcycleError
 from .checkpoints import Ingredient, _short
+from .source import SourceReads
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -62,7 +63,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-class LoraIngredient:
+class LoraIngredient(SourceReads):
     """A LoRA adapter on ``base`` (an :class:`Ingredient`), read lazily one tensor at a time."""
 
     def __init__(self, path: str | os.PathLike, base: Ingredient, index: int = 1):
@@ -271,8 +272,6 @@ class LoraIngredient:
             delta = delta.T
         return (base.to(torch.float32) + delta).to(base.dtype)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: self.get(name) for name in self.keys()}
 
 
 def open_adapter(path: str | os.PathLike, base: Ingredient | str | os.PathLike | None,

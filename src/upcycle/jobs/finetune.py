@@ -10,12 +10,10 @@ from pathlib import Path
 import torch
 
 from ..io.writing import atomic_dir
-from ..tasks import is_lm_task
 from ..tasks.causal_lm import CausalLMTask, LMData
 from ..tasks.classification import ClassificationTask, LabeledData
-from ..tasks.data import task_datasets
 from ..training.config import TrainingConfig
-from ..training.fit import accuracy_metrics, fit
+from ..training.fit import fit
 
 
 def train_task(model, task: ClassificationTask | CausalLMTask,
@@ -23,15 +21,10 @@ def train_task(model, task: ClassificationTask | CausalLMTask,
                eval_data: LabeledData | LMData | None = None, **fit_kwargs):
     """Train ``model`` on a task with :func:`upcycle.training.fit` (classification: accuracy
     reported at evaluations; a causal LM: the token loss)."""
-    collate, train_set, eval_set = task_datasets(task, train_data, eval_data)
-    if is_lm_task(task):
-        return fit(model, train_set, config, eval_dataset=eval_set, data_collator=collate,
-                   **fit_kwargs)
-    compute, preprocess = accuracy_metrics()
-    return fit(model, train_set, config, eval_dataset=eval_set, data_collator=collate,
-               compute_metrics=compute if eval_set is not None else None,
-               preprocess_logits_for_metrics=preprocess if eval_set is not None else None,
-               **fit_kwargs)
+    eval_set = task.dataset(eval_data) if eval_data is not None else None
+    metrics = task.trainer_metrics() if eval_set is not None else {}
+    return fit(model, task.dataset(train_data), config, eval_dataset=eval_set,
+               data_collator=task.collator(), **metrics, **fit_kwargs)
 
 
 def finetune(task: ClassificationTask, train_data: LabeledData, out: str | os.PathLike, *,
@@ -52,8 +45,7 @@ def finetune(task: ClassificationTask, train_data: LabeledData, out: str | os.Pa
               "evals": result.evals, "base_model": str(task.model_dir)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if task.kind in ("text", "causal_lm"):
-            task.tokenizer.save_pretrained(tmp)
+        task.save_tokenizer(tmp)
         (tmp / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -1,5 +1,10 @@
 """The piecewise backbone runner: a HF model's embedding, layers and head called one piece at
-a time (SHERL, LST, the LEMON checks), from the architecture map."""
+a time (SHERL, LST, the LEMON checks), from the architecture map
+(:mod:`upcycle.models.families`).
+
+The functions (:func:`embed`, :func:`layer_list`, :func:`layer_mask`, :func:`layer_kwargs`,
+:func:`call_layer`, :func:`final_norm_module`, :func:`classification_logits`, ...) do each
+piece for any family; :class:`Backbone` holds them together for one model."""
 
 from __future__ import annotations
 
@@ -10,38 +15,208 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from .architectures import (
-    Match,
-    architecture_of,
-    call_layer,
-    classification_logits,
-    classifier_modules,
-    embed,
-    final_norm_module,
-    layer_kwargs,
-    layer_list,
-    layer_mask,
-    layer_windows,
-    sizes_of,
-    supported,
-)
+from .families import supported
+from .matching import Match, architecture_of, module_at, sizes_of
 
 IGNORED_ARGUMENTS = frozenset({"use_cache"})
 """Keyword arguments that change nothing for a classifier (no key/value cache is returned)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The backbone, run piecewise through the architecture map
-# ---------------------------------------------------------------------------------------------
+# -- the pieces, for any family of the map ------------------------------------------------------
+
+def base_model(model: nn.Module, match: Match | None = None) -> nn.Module:
+    match = match or architecture_of(model)
+    return module_at(model, match.prefix.rstrip(".")) if match.prefix else model
+
+
+def layer_list(model: nn.Module, match: Match | None = None) -> nn.ModuleList:
+    match = match or architecture_of(model)
+    return module_at(base_model(model, match), match.arch.layers)
+
+
+def final_norm_module(model: nn.Module, match: Match | None = None) -> nn.Module | None:
+    """The norm after the last layer (None for post-LN families)."""
+    match = match or architecture_of(model)
+    return module_at(base_model(model, match), match.arch.final_norm)
+
+
+def embed(model: nn.Module, inputs: dict, match: Match | None = None) -> torch.Tensor:
+    """The input of the first layer, (B, T, d), as the HF model computes it."""
+    match = match or architecture_of(model)
+    base, kind = base_model(model, match), match.arch.embed
+    if kind == "module":
+        return base.embeddings(input_ids=inputs.get("input_ids"),
+                               token_type_ids=inputs.get("token_type_ids"),
+                               position_ids=inputs.get("position_ids"),
+                               inputs_embeds=inputs.get("inputs_embeds"))
+    if kind == "distilbert":
+        return base.embeddings(inputs.get("input_ids"), inputs.get("inputs_embeds"))
+    if kind == "vit":
+        pixels = inputs["pixel_values"]
+        weight = base.embeddings.patch_embeddings.projection.weight
+        return base.embeddings(pixels.to(weight.dtype),
+                               interpolate_pos_encoding=bool(
+                                   inputs.get("interpolate_pos_encoding")))
+    embeds = inputs.get("inputs_embeds")
+    if embeds is None:
+        embeds = module_at(base, match.arch.token_embedding)(inputs["input_ids"])
+    if kind == "token+position":
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        hidden = embeds + base.wpe(positions)
+        if inputs.get("token_type_ids") is not None:
+            hidden = hidden + base.wte(inputs["token_type_ids"])
+        return base.drop(hidden)
+    for name in ("emb_dropout", "dropout", "drop"):
+        drop = getattr(base, name, None)
+        if isinstance(drop, nn.Dropout):
+            return drop(embeds)
+    return embeds
+
+
+def layer_windows(model: nn.Module, match: Match | None = None) -> list[int | None]:
+    """The sliding-window width of each layer (None: full attention), as HF's own forward
+    applies it: ``config.<call.sliding_window>`` for every layer, or, when the config has a
+    ``layer_types`` list, only for its "sliding_attention" layers (Qwen2)."""
+    match = match or architecture_of(model)
+    count = len(layer_list(model, match))
+    field_name = match.arch.call.sliding_window
+    window = getattr(model.config, field_name, None) if field_name else None
+    if window is None:
+        return [None] * count
+    types = getattr(model.config, "layer_types", None)
+    if types is None:
+        return [int(window)] * count
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def layer_mask(model: nn.Module, hidden: torch.Tensor, token_mask: torch.Tensor | None,
+               match: Match | None = None, window: int | None = None):
+    """The attention mask the family's layers take, built from the (B, T) token mask
+    (1 = real token; None = all real). Causal families always get an explicit causal mask
+    (eager attention applies none by itself); ``window`` (from :func:`layer_windows`) limits
+    it to the last ``window`` positions, as HF's sliding-window mask does."""
+    match = match or architecture_of(model)
+    call = match.arch.call
+    if call.mask is None:
+        return None
+    batch, length = hidden.shape[:2]
+    if call.token_mask_eager and getattr(model.config, "_attn_implementation", "eager") != "sdpa":
+        if token_mask is None:
+            return torch.ones(batch, length, device=hidden.device)
+        return token_mask.to(hidden.device).long()
+    real = (torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+            if token_mask is None else token_mask.to(hidden.device).bool())
+    if call.mask == "padding":
+        if token_mask is None:
+            return None
+        allowed = real[:, None, None, :]
+    else:
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        if window is not None:  # HF: kv_idx > q_idx - sliding_window
+            causal = causal & ~torch.ones_like(causal).tril(-int(window))
+        diag = torch.eye(length, dtype=torch.bool, device=hidden.device)
+        allowed = ((causal[None] & real[:, None, :]) | diag[None])[:, None]
+    neg = torch.finfo(hidden.dtype).min
+    return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+        ~allowed, neg)
+
+
+def layer_kwargs(model: nn.Module, hidden: torch.Tensor, mask, position_ids=None,
+                 match: Match | None = None) -> dict:
+    """Keyword arguments for calling any layer of the model on ``hidden`` (mask from
+    :func:`layer_mask`; rotary families get ``position_embeddings`` and ``position_ids``).
+    Compute once per forward and reuse for every layer."""
+    match = match or architecture_of(model)
+    call = match.arch.call
+    kwargs = {}
+    if call.mask_argument is not None:
+        kwargs[call.mask_argument] = mask
+    if call.rotary:
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        rotary = module_at(base_model(model, match), call.rotary)
+        kwargs["position_embeddings"] = rotary(hidden, position_ids)
+    if call.position_ids:
+        kwargs["position_ids"] = position_ids if position_ids is not None else \
+            torch.arange(hidden.shape[1], device=hidden.device)[None]
+    return kwargs
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Run one layer with :func:`layer_kwargs`; returns the hidden states."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+_CLASSIFIER_PARTS = {"pooler": ("classifier", "dropout", "{base}pooler"), "head": ("classifier",),
+                     "first": ("classifier",),
+                     "pre_classifier": ("pre_classifier", "dropout", "classifier"),
+                     "last": ("score",)}
+
+
+def classifier_modules(model: nn.Module, match: Match | None = None) -> list[str]:
+    """The dotted names of the modules :func:`classification_logits` reads; an UpcycleError
+    when ``model`` lacks one (it is not the family's *ForSequenceClassification /
+    *ForImageClassification model)."""
+    match = match or architecture_of(model)
+    names = [part.format(base=match.prefix) for part in _CLASSIFIER_PARTS[match.arch.classify]]
+    missing = [n for n in names if not isinstance(_module_or_none(model, n), nn.Module)]
+    if missing:
+        kind = "image" if match.arch.embed == "vit" else "sequence"
+        raise UpcycleError(
+            f"model {type(model).__name__}: a {match.arch.title} model without the module "
+            f"{missing[0]!r} that its {kind} classification head needs; load it with "
+            f"AutoModelFor{kind.title()}Classification (or upcycle.tasks.ClassificationTask"
+            f".load_model())")
+    return names
+
+
+def _module_or_none(root: nn.Module, path: str):
+    try:
+        return module_at(root, path)
+    except AttributeError:
+        return None
+
+
+def classification_logits(model: nn.Module, hidden: torch.Tensor, inputs: dict,
+                          match: Match | None = None) -> torch.Tensor:
+    """The logits of the model's sequence (or image) classification head from the final
+    hidden states (after the final norm), as HF's *ForSequenceClassification computes them."""
+    match = match or architecture_of(model)
+    kind = match.arch.classify
+    if kind == "pooler":
+        return model.classifier(model.dropout(base_model(model, match).pooler(hidden)))
+    if kind == "head":
+        return model.classifier(hidden)
+    if kind == "first":
+        return model.classifier(hidden[:, 0, :])
+    if kind == "pre_classifier":
+        pooled = nn.functional.relu(model.pre_classifier(hidden[:, 0]))
+        return model.classifier(model.dropout(pooled))
+    logits = model.score(hidden)
+    batch, length = logits.shape[:2]
+    ids, pad = inputs.get("input_ids"), getattr(model.config, "pad_token_id", None)
+    if ids is not None and pad is not None:
+        positions = torch.arange(length, device=logits.device, dtype=torch.int32)
+        last = (positions * (ids != pad).to(logits.device, torch.int32)).argmax(-1)
+    else:
+        last = torch.full((batch,), length - 1, device=logits.device, dtype=torch.long)
+    return logits[torch.arange(batch, device=logits.device), last]
+
+
+# -- the backbone, run piecewise through the architecture map ---------------------------------
+
 EXACT_ATTENTION = ("eager", "sdpa")
 """Attention implementations that take the explicit additive masks SHERL builds."""
 
 
 class Backbone:
-    """A HF classification model run piecewise as :mod:`upcycle.models.architectures` describes its
+    """A HF classification model run piecewise as :mod:`upcycle.models.families` describes its
     family: embed, run one layer, finish (final norm + the model's own classification head).
     Shared by SHERL and LST; every family of the map is supported (see
-    :func:`upcycle.models.architectures.supported`), a new family is one entry there."""
+    :func:`upcycle.models.families.supported`), a new family is one entry there."""
 
     def __init__(self, model: nn.Module, match: Match | None = None, method: str = "SHERL"):
         self.model = model
@@ -194,6 +369,7 @@ def classifier_output(logits: torch.Tensor, labels: torch.Tensor | None, num_lab
     ``transformers.Trainer`` passes under gradient accumulation), the sum divided by it, as
     HF models do, so that accumulated micro-batches add up to the mean of the whole batch.
     """
+    # deferred: transformers is heavy and this module is imported by every method
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     loss = None
@@ -209,3 +385,10 @@ def classifier_output(logits: torch.Tensor, labels: torch.Tensor | None, num_lab
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
     return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+__all__ = [
+    "EXACT_ATTENTION", "IGNORED_ARGUMENTS", "Backbone", "base_model", "call_layer",
+    "classification_logits", "classifier_modules", "classifier_output", "embed",
+    "final_norm_module", "layer_kwargs", "layer_list", "layer_mask", "layer_windows",
+]

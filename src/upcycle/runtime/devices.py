@@ -73,6 +73,13 @@ def resolve_device(spec: str | torch.device | None = "auto", *, argument: str = 
     raise UpcycleError(f"{argument} {spec!r}: expected one of {DEVICE_CHOICES}")
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def resolve_dtype(spec: str | torch.dtype | None, *, argument: str = "--dtype"
                   ) -> torch.dtype | None:
     """The torch dtype named by ``spec`` (None: keep what is stored)."""

@@ -9,9 +9,8 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UpcycleError
-from ..runtime.devices import autocast
-from .causal_lm import causal_lm_loss, is_causal_lm, load_lm_task
-from .causal_lm import evaluate as lm_evaluate
+from .base import Task
+from .causal_lm import CausalLMTask, is_causal_lm, load_lm_task
 from .classification import (
     IMAGE_SUFFIXES,
     ClassificationTask,
@@ -19,6 +18,9 @@ from .classification import (
     evaluate,
     task_kind,
 )
+
+__all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "Task", "classification_loss",
+           "evaluate", "evaluate_task", "is_lm_task", "load_task", "task_loss"]
 
 TASKS = ("auto", "classification", "causal-lm")
 """``task`` values of :func:`load_task` (and ``--task`` of the CLI)."""
@@ -55,25 +57,15 @@ def load_task(model_dir: str | os.PathLike, data_path: str | os.PathLike, *,
 
 def is_lm_task(task) -> bool:
     """True for a causal-LM task (token loss, perplexity), False for classification."""
-    return getattr(task, "kind", None) == "causal_lm"
+    return task.name == "causal-lm"
 
 
 def task_loss(task):
-    """The training loss ``loss_fn(model, batch)`` of the task: the token mean of a causal LM,
-    or the classification cross-entropy."""
-    if is_lm_task(task):
-        return causal_lm_loss
-    return classification_loss
+    """The training loss ``loss_fn(model, batch)`` of the task (:meth:`Task.loss`)."""
+    return task.loss
 
 
 def evaluate_task(task, model: nn.Module, batches: list[dict], *,
                   precision: str | None = None) -> dict:
-    """The task's metrics over ``batches`` (summed over ranks): loss and accuracy for
-    classification; token-mean loss, perplexity and token count for a causal LM. Under
-    ``precision`` ("bf16"/"fp16") autocast when given."""
-    if not is_lm_task(task):
-        return evaluate(model, batches, precision=precision)
-
-    device = next(iter(model.parameters())).device
-    with autocast(device, precision):
-        return lm_evaluate(model, batches)
+    """The task's metrics over ``batches`` (:meth:`Task.evaluate`)."""
+    return task.evaluate(model, batches, precision=precision)

@@ -33,6 +33,8 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..runtime import distributed
+from ..runtime.devices import autocast, model_device
+from .base import batch_indices
 
 LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 IGNORE_INDEX = -100
@@ -176,6 +178,8 @@ class CausalLMTask:
     limit) and may not exceed that limit.
     """
     kind = "causal_lm"
+    name = "causal-lm"
+    metric_names = ("loss", "perplexity")
 
     def __init__(self, model_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
                  max_length: int | None = None, pack: bool = True, chunk: bool = False):
@@ -304,14 +308,8 @@ class CausalLMTask:
                 seed: int = 0) -> list[dict]:
         """Right-padded batches: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on
         padding and prompts)."""
-        if batch_size < 1:
-            raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
-        order = np.arange(len(data))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(data))
         out = []
-        for start in range(0, len(data), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(data), batch_size, shuffle=shuffle, seed=seed):
             width = max(len(data.input_ids[i]) for i in idx)
             ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
             labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
@@ -325,16 +323,45 @@ class CausalLMTask:
         return out
 
 
+    # -- the Task protocol: loss, metrics, training data ---------------------------------
+    def read_training(self, path: str | os.PathLike) -> LMData:
+        return self.read(path, split="training")
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return causal_lm_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, batches: list[dict], *,
+                 precision: str | None = None) -> dict:
+        with autocast(model_device(model), precision):
+            return evaluate(model, batches)
+
+    def score(self, metrics: dict) -> float:
+        """Higher is better: minus the held-out token loss."""
+        return -metrics["loss"]
+
+    def describe(self, metrics: dict) -> str:
+        return (f"perplexity {metrics['perplexity']:.3f} (loss {metrics['loss']:.4f}, "
+                f"{metrics['tokens']} tokens)")
+
+    def collator(self) -> CausalLMCollator:
+        return CausalLMCollator(self)
+
+    def dataset(self, data: LMData) -> LMExampleDataset:
+        return LMExampleDataset(data)
+
+    def trainer_metrics(self) -> dict:
+        """Nothing beyond Trainer's own evaluation loss (the token loss)."""
+        return {}
+
+    def save_tokenizer(self, folder: str | os.PathLike) -> None:
+        """Write the tokenizer, with its pad token (EOS when it had none)."""
+        self.tokenizer.save_pretrained(folder)
+
+
 # -- loss and evaluation -------------------------------------------------------------------------
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _token_losses(model: nn.Module, batch: dict, reduction: str) -> tuple[torch.Tensor, int]:
-    device = _model_device(model)
+    device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -376,3 +403,39 @@ def load_lm_task(model_dir: str | os.PathLike, *, base_dir: str | os.PathLike | 
     """The causal-LM task for a model folder (see :class:`CausalLMTask`)."""
     return CausalLMTask(model_dir, base_dir=base_dir, max_length=max_length, pack=pack,
                         chunk=chunk)
+
+
+class LMExampleDataset(torch.utils.data.Dataset):
+    """One split of a causal-LM task, block by block: ``{"input_ids", "labels"}`` (lists)."""
+
+    def __init__(self, data: LMData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.data.input_ids[index], "labels": self.data.labels[index]}
+
+
+class CausalLMCollator:
+    """Examples -> a right-padded batch as :meth:`CausalLMTask.batches` makes it
+    (``input_ids``, ``attention_mask``, ``labels`` with -100 on padding and prompts), with the
+    first label of each row set to -100 too: it is never a target (the model predicts
+    ``labels[:, 1:]``), and Trainer counts label tokens to average the loss over."""
+
+    def __init__(self, task: CausalLMTask):
+        self.task = task
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.task.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            k = len(e["input_ids"])
+            ids[row, :k] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            labels[row, :k] = torch.as_tensor(e["labels"], dtype=torch.long)
+            mask[row, :k] = 1
+        labels[:, 0] = IGNORE_INDEX
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -33,7 +33,9 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..runtime import distributed
-from ..runtime.devices import autocast
+from ..runtime.devices import autocast, model_device
+from ..training.fit import accuracy_metrics
+from .base import batch_indices
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
@@ -96,7 +98,11 @@ def _read_text_rows(path: Path) -> list[dict]:
 
 
 class ClassificationTask:
-    """A HF classification model folder plus its data handling, loss and accuracy."""
+    """A HF classification model folder plus its data handling, loss and accuracy (a
+    :class:`~upcycle.tasks.base.Task`)."""
+
+    name = "classification"
+    metric_names = ("accuracy", "loss")
     def __init__(self, model_dir: str | os.PathLike, kind: str, *, num_labels: int | None = None,
                  max_length: int = 128, head_seed: int = 0):
         from transformers import AutoConfig
@@ -299,14 +305,8 @@ class ClassificationTask:
     def batches(self, data: LabeledData, batch_size: int, *, shuffle: bool = False,
                 seed: int = 0) -> list[dict]:
         """Model-ready batches (dicts of tensors with ``labels``), tokenised/padded per batch."""
-        if batch_size < 1:
-            raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
-        order = np.arange(len(data))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(data))
         out = []
-        for start in range(0, len(data), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_indices(len(data), batch_size, shuffle=shuffle, seed=seed):
             labels = data.labels[torch.as_tensor(idx)]
             if self.kind == "text":
                 enc = self.tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
@@ -317,6 +317,42 @@ class ClassificationTask:
             batch["labels"] = labels
             out.append(batch)
         return out
+
+
+    # -- the Task protocol: loss, metrics, training data ---------------------------------
+    def read_training(self, path: str | os.PathLike) -> LabeledData:
+        """The training split: it fixes the class count when the model has no head yet."""
+        return self.read(path, split="training", fix_num_labels=True)
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return classification_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, batches: list[dict], *,
+                 precision: str | None = None) -> dict:
+        return evaluate(model, batches, precision=precision)
+
+    def score(self, metrics: dict) -> float:
+        """Higher is better: accuracy, ties broken by the lower loss."""
+        return metrics["accuracy"] - 1e-6 * metrics["loss"]
+
+    def describe(self, metrics: dict) -> str:
+        return f"accuracy {metrics['accuracy']:.4f} (n={metrics['n']}, loss {metrics['loss']:.4f})"
+
+    def collator(self) -> ClassificationCollator:
+        return ClassificationCollator(self)
+
+    def dataset(self, data: LabeledData) -> ExampleDataset:
+        return ExampleDataset(data)
+
+    def trainer_metrics(self) -> dict:
+        """Trainer's ``compute_metrics``/``preprocess_logits_for_metrics``: accuracy."""
+        compute, preprocess = accuracy_metrics()
+        return {"compute_metrics": compute, "preprocess_logits_for_metrics": preprocess}
+
+    def save_tokenizer(self, folder: str | os.PathLike) -> None:
+        """Write the tokenizer (text tasks; image tasks have none) into ``folder``."""
+        if self.kind == "text":
+            self.tokenizer.save_pretrained(folder)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -346,7 +382,7 @@ def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = N
     batches contributes zero (every rank takes part in the all-reduce)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc = torch.float32 if device.type == "mps" else torch.float64
     totals = torch.zeros(3, dtype=acc, device=device)
     for batch in batches:
@@ -363,3 +399,37 @@ def evaluate(model: nn.Module, batches: list[dict], *, precision: str | None = N
     return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n, "n": int(totals[2])}
 
 
+class ExampleDataset(torch.utils.data.Dataset):
+    """One split of a classification task, example by example: ``{"text"|"pixel_values",
+    "labels"}``; :class:`ClassificationCollator` makes model inputs of them."""
+
+    def __init__(self, data: LabeledData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        label = self.data.labels[index]
+        if self.data.texts is not None:
+            return {"text": self.data.texts[index], "labels": label}
+        return {"pixel_values": self.data.images[index], "labels": label}
+
+
+class ClassificationCollator:
+    """Examples -> a batch like :meth:`ClassificationTask.batches` makes (tokenised and padded
+    per batch for text, stacked pixels for images), with ``labels``."""
+
+    def __init__(self, task: ClassificationTask):
+        self.task = task
+
+    def __call__(self, examples: list[dict]) -> dict:
+        labels = torch.stack([torch.as_tensor(e["labels"]) for e in examples])
+        if "text" in examples[0]:
+            batch = dict(self.task.tokenizer([e["text"] for e in examples], padding=True,
+                                             truncation=True, max_length=self.task.max_length,
+                                             return_tensors="pt"))
+        else:
+            batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+        batch["labels"] = labels
+        return batch

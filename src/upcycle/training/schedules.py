@@ -1,8 +1,8 @@
 """The learning-rate schedule and AdamW parameter groups upcycle trains with.
 
-Training itself runs on ``transformers.Trainer`` through :mod:`upcycle.training`; these two
+Training itself runs on ``transformers.Trainer`` through :mod:`upcycle.training`; these
 pieces are what it (and the learned soups, MEHL-Soup and LEMON's recipe) plug into an
-optimizer.
+optimizer. One warm-up/decay formula, :func:`warmup_decay_factor`, serves them all.
 """
 
 from __future__ import annotations
@@ -13,6 +13,33 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import UpcycleError
+
+DECAYS = ("cosine", "linear")
+"""How :func:`warmup_decay_factor` decays after the warm-up, to ``min_ratio`` x peak at the
+last step."""
+
+
+def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "cosine",
+                        min_ratio: float = 0.0) -> float:
+    """THE learning-rate multiplier at ``step`` (the one formula for the Trainer, the learned
+    soups, MEHL-Soup and LEMON): a linear warm-up from 1/(warmup_steps + 1) to the peak over
+    ``warmup_steps``, then a ``decay`` ("cosine" or "linear") to ``min_ratio`` x peak at
+    ``total_steps``, held there after it. ``total_steps`` counts at least 1 and the warm-up
+    at most ``total_steps``."""
+    total_steps = max(1, total_steps)
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    elif decay == "linear":
+        shape = 1 - progress
+    else:
+        raise UpcycleError(f"decay must be one of {', '.join(DECAYS)}, got {decay!r}")
+    return min_ratio + (1 - min_ratio) * shape
+
 
 def cosine_with_warmup(
     optimizer: torch.optim.Optimizer,
@@ -21,16 +48,10 @@ def cosine_with_warmup(
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 to the peak over ``warmup_steps``, then cosine decay to
-    ``min_lr_ratio`` x peak at ``total_steps``."""
-    total_steps = max(1, total_steps)
-    warmup_steps = max(0, min(warmup_steps, total_steps))
+    ``min_lr_ratio`` x peak at ``total_steps`` (:func:`warmup_decay_factor`)."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def factor(step: int) -> float:  # a closure, not a partial: LambdaLR saves no state for it
+        return warmup_decay_factor(step, warmup_steps, total_steps, "cosine", min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -50,4 +71,4 @@ def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
     return groups
 
 
-__all__ = ["cosine_with_warmup", "param_groups"]
+__all__ = ["DECAYS", "cosine_with_warmup", "param_groups", "warmup_decay_factor"]
