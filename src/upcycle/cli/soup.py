@@ -40,6 +40,8 @@ LM_REPORT_COLUMNS = [
     ("test_perplexity", "test ppl", ".3f"), ("seconds", "time (s)", ".1f"),
     ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
 ]
+COLUMNS = {"classification": REPORT_COLUMNS, "causal-lm": LM_REPORT_COLUMNS}
+"""The report table's columns for each kind of task."""
 
 
 def _size(text: str) -> int:
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     done = run_soup(config, say=say, on_round=saved,
                     on_saved=lambda path: on_interrupt(f"the soup is written to {path}"))
     if distributed.is_main():
-        print(format_table(done.rows, LM_REPORT_COLUMNS if done.job.is_lm else REPORT_COLUMNS))
+        print(format_table(done.rows, COLUMNS[done.job.task_name]))
         print(f"soup written to {out}")
     distributed.barrier()
     return 0

@@ -30,9 +30,9 @@ from ..soup import SoupContext, SoupResult, get_method
 from ..soup.common import load_state
 from ..soup.registry import method_names
 from ..soup.resume import checkpoint_path
-from ..tasks import evaluate_task, is_lm_task, load_task, task_loss
-from ..tasks.causal_lm import CausalLMTask, LMData, is_causal_lm
-from ..tasks.classification import ClassificationTask, LabeledData
+from ..tasks import Task, load_task
+from ..tasks.causal_lm import LMData, is_causal_lm
+from ..tasks.classification import LabeledData
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -40,7 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 @dataclass
 class SoupJob:
     ingredients: list[Ingredient]
-    task: ClassificationTask | CausalLMTask | None = None
+    task: Task | None = None
     held_out: LabeledData | LMData | None = None
     test: LabeledData | LMData | None = None
     batch_size: int = 128
@@ -63,8 +63,11 @@ class SoupJob:
     base), None when none has one."""
 
     @property
-    def is_lm(self) -> bool:
-        return self.causal_lm or is_lm_task(self.task)
+    def task_name(self) -> str:
+        """The task's kind: "classification" or "causal-lm" (known without data too)."""
+        if self.task is not None:
+            return self.task.name
+        return "causal-lm" if self.causal_lm else "classification"
 
     @property
     def source_dir(self) -> Path | None:
@@ -88,20 +91,12 @@ class SoupJob:
     def evaluate_state(self, state: dict, split: str = "held_out") -> dict:
         model = self.model()
         load_state(model, state)
-        return evaluate_task(self.task, model, self.batches(split), precision=self.precision)
+        return self.task.evaluate(model, self.batches(split), precision=self.precision)
 
     def score(self, state: dict) -> float:
         """Held-out score for greedy (higher is better): accuracy, ties broken by lower loss;
         for a causal LM minus the held-out token loss."""
-        return score_of(self.evaluate_state(state))
-
-
-def score_of(metrics: dict) -> float:
-    """Higher is better: accuracy (ties broken by lower loss) when there is one, else minus
-    the loss (causal LM)."""
-    if "accuracy" not in metrics:
-        return -metrics["loss"]
-    return metrics["accuracy"] - 1e-6 * metrics["loss"]
+        return self.task.score(self.evaluate_state(state))
 
 
 def find_tokenizer_dir(folders) -> Path | None:
@@ -176,7 +171,7 @@ def prepare_soup_job(
                            f"--base (or --model) with a folder that has it")
     job.task = load_task(model_dir, held_out or data, max_length=max_length, task=task,
                          base_dir=job.tokenizer_dir if job.causal_lm else None, chunk=chunk)
-    job.causal_lm = is_lm_task(job.task)
+    job.causal_lm = job.task.name == "causal-lm"
     if held_out is not None:
         job.held_out = job.task.read(held_out, split="held-out")
         if test is not None:
@@ -187,7 +182,7 @@ def prepare_soup_job(
             raise UpcycleError("--data needs --held-out-fraction (or give --held-out FILE)")
         rest, job.held_out = job.task.split(pool, held_out_fraction, seed)
         job.test = job.task.read(test, split="test") if test is not None else rest
-    if not job.is_lm and job.task.num_labels is None:
+    if not job.causal_lm and job.task.num_labels is None:
         raise UpcycleError(f"model {model_dir}: has no classification head, so the number of "
                            f"classes is unknown; soup ingredients must be classification models")
     return job
@@ -199,13 +194,13 @@ def soup_context(job: SoupJob, *, checkpoint_dir=None, resume: bool = False,
     the task's loss, evaluation and score (all loaded when a method first asks for them)."""
     data = job.task is not None
     known = None if job.ingredient_metrics is None else [
-        score_of(m) for m in job.ingredient_metrics]
+        job.task.score(m) for m in job.ingredient_metrics]
     return SoupContext(
         load_model=job.model if data else None,
         load_held_out=(lambda: job.batches("held_out", fit=True)) if data else None,
-        loss_fn=task_loss(job.task) if data else None,
-        eval_fn=(lambda m: evaluate_task(job.task, m, job.batches("held_out"),
-                                         precision=job.precision)) if data else None,
+        loss_fn=job.task.loss if data else None,
+        eval_fn=(lambda m: job.task.evaluate(m, job.batches("held_out"),
+                                             precision=job.precision)) if data else None,
         score_fn=job.score if data else None, ingredient_scores=known,
         device=job.device, precision=job.precision, dtype=job.dtype, progress=job.progress,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
@@ -261,7 +256,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
         # exactly these weights, unless the soup is stored in another dtype than the model
         # ran in (bf16 ingredients)
         last = result.history[-1] if result.history and _same_dtypes(job, result.state) else {}
-        keys = ("loss", "perplexity") if job.is_lm else ("accuracy", "loss")
+        keys = job.task.metric_names
         held = ({k: last[f"held_out_{k}"] for k in keys}
                 if all(f"held_out_{k}" in last for k in keys) else None)
         row.update(_metrics(job, result.state, held_out=held))
@@ -277,7 +272,7 @@ def _metrics(job: SoupJob, state: dict, *, test: bool = True,
              held_out: dict | None = None) -> dict:
     """Held-out (unless already known) and test metrics of a state dict: accuracy and loss,
     or for a causal LM token loss and perplexity."""
-    keys = ("loss", "perplexity") if job.is_lm else ("accuracy", "loss")
+    keys = job.task.metric_names
     row = {}
     held = held_out if held_out is not None else job.evaluate_state(state, "held_out")
     row.update({f"held_out_{k}": held[k] for k in keys})
