@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UpcycleError
 from ..jobs.bench import format_table
-from ..jobs.soup import SoupConfig, partial_dir, run_soup
+from ..jobs.soup import COLUMNS, SoupConfig, partial_dir, run_soup
 from ..runtime import distributed
 from ..runtime.devices import add_device_arguments, check_precision, resolve_device
 from ..soup import SOUP_METHODS, get_method
@@ -29,19 +29,6 @@ from .interrupt import on_interrupt
 JOB_SETTINGS = ("seed", "progress")
 """Method settings the command sets for every method (--seed, --quiet), not flags of their own."""
 
-REPORT_COLUMNS = [
-    ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
-    ("held_out_loss", "held-out loss", ".4f"), ("test_accuracy", "test acc", ".4f"),
-    ("seconds", "time (s)", ".1f"), ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
-]
-LM_REPORT_COLUMNS = [
-    ("method", "method", ""), ("held_out_loss", "held-out loss", ".4f"),
-    ("held_out_perplexity", "held-out ppl", ".3f"), ("test_loss", "test loss", ".4f"),
-    ("test_perplexity", "test ppl", ".3f"), ("seconds", "time (s)", ".1f"),
-    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
-]
-COLUMNS = {"classification": REPORT_COLUMNS, "causal-lm": LM_REPORT_COLUMNS}
-"""The report table's columns for each kind of task."""
 
 
 def _size(text: str) -> int:

@@ -37,6 +37,20 @@ from ..tasks.classification import LabeledData
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+REPORT_COLUMNS = [
+    ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
+    ("held_out_loss", "held-out loss", ".4f"), ("test_accuracy", "test acc", ".4f"),
+    ("seconds", "time (s)", ".1f"), ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+]
+LM_REPORT_COLUMNS = [
+    ("method", "method", ""), ("held_out_loss", "held-out loss", ".4f"),
+    ("held_out_perplexity", "held-out ppl", ".3f"), ("test_loss", "test loss", ".4f"),
+    ("test_perplexity", "test ppl", ".3f"), ("seconds", "time (s)", ".1f"),
+    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+]
+COLUMNS = {"classification": REPORT_COLUMNS, "causal-lm": LM_REPORT_COLUMNS}
+"""The report table's columns for each kind of task."""
+
 @dataclass
 class SoupJob:
     ingredients: list[Ingredient]
