@@ -164,7 +164,7 @@ def test_bad_arguments(tmp_path, capsys):
 
 
 def test_sentence_wording():
-    from upcycle.cli.demo import sentence
+    from upcycle.demo.run import sentence
 
     best = {"test_accuracy": 0.882}
     row = {"method": "mehl+", "test_accuracy": 0.895, "seconds": 118.2, "peak_rss_mb": 2048}

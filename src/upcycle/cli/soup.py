@@ -7,34 +7,28 @@ peft LoRA adapter folders (on ``--base``) may be mixed."""
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
+import ast
+import dataclasses
+import inspect
 import sys
+import textwrap
 from pathlib import Path
 
 from ..errors import UpcycleError
-from ..io.writing import check_output, write_json
 from ..jobs.bench import format_table
+from ..jobs.soup import COLUMNS, SoupConfig, partial_dir, run_soup
 from ..runtime import distributed
 from ..runtime.devices import add_device_arguments, check_precision, resolve_device
-from ..soup import METHODS, MehlConfig
-from ..soup.resume import checkpoint_path
+from ..soup import SOUP_METHODS, get_method
+from ..soup.mehl import check_shard_directions
+from ..soup.registry import config_classes, method_names
 from .arguments import add_task_arguments
 from .configfile import add_config_option, command_line, resolved_config
+from .interrupt import on_interrupt
 
-DEFAULT_MODEL_BATCH = MehlConfig.model_batch  # the reference K: 18
+JOB_SETTINGS = ("seed", "progress")
+"""Method settings the command sets for every method (--seed, --quiet), not flags of their own."""
 
-REPORT_COLUMNS = [
-    ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
-    ("held_out_loss", "held-out loss", ".4f"), ("test_accuracy", "test acc", ".4f"),
-    ("seconds", "time (s)", ".1f"), ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
-]
-LM_REPORT_COLUMNS = [
-    ("method", "method", ""), ("held_out_loss", "held-out loss", ".4f"),
-    ("held_out_perplexity", "held-out ppl", ".3f"), ("test_loss", "test loss", ".4f"),
-    ("test_perplexity", "test ppl", ".3f"), ("seconds", "time (s)", ".1f"),
-    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
-]
 
 
 def _size(text: str) -> int:
@@ -49,20 +43,20 @@ def _size(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "soup", help="combine N fine-tuned checkpoints of one model",
-        description="Combine fine-tuned checkpoints of one model (uniform, greedy, learned, "
-                    "learned+, mehl, mehl+). Ingredients: .safetensors/.bin/.pt files, HF model "
-                    "folders, peft LoRA adapter folders (with --base), folders of checkpoints, "
-                    "or globs. Classification models or causal LMs (chosen from the model's "
-                    "config).",
+        description=f"Combine fine-tuned checkpoints of one model ({', '.join(SOUP_METHODS)}). "
+                    "Ingredients: .safetensors/.bin/.pt files, HF model folders, peft LoRA "
+                    "adapter folders (with --base), folders of checkpoints, or globs. "
+                    "Classification models or causal LMs (chosen from the model's config).",
     )
     p.add_argument("ingredients", nargs="+", metavar="INGREDIENT")
-    p.add_argument("--method", choices=METHODS, default="uniform")
+    p.add_argument("--method", choices=list(SOUP_METHODS), default="uniform")
     p.add_argument("--out", required=True, help="output: a folder (HF layout) or a .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--base", metavar="HF_DIR", default=None,
                    help="the base model of peft LoRA adapter ingredients (each enters the soup "
                         "as base + scale * B @ A); also searched for a causal LM's tokenizer")
-    data = p.add_argument_group("data (needed by greedy, learned and mehl)")
+    needing = method_names(needs_data=True)
+    data = p.add_argument_group(f"data (needed by {', '.join(needing[:-1])} and {needing[-1]})")
     data.add_argument("--held-out", help="held-out split the soup is fitted on: CSV/JSONL with "
                                          "text,label or .npz (classification); .txt, or "
                                          "CSV/JSONL with text or prompt,completion (causal LM)")
@@ -75,24 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "first ingredient, when it is a HF folder)")
     add_task_arguments(data)
     data.add_argument("--batch-size", type=int, default=128, help="held-out batch size")
-    fit = p.add_argument_group("learned / MEHL options")
-    fit.add_argument("--model-batch", "-K", type=int, default=None,
-                     help=f"MEHL: ingredients loaded per round (K) (default: "
-                          f"min({DEFAULT_MODEL_BATCH}, the number of ingredients))")
-    fit.add_argument("--epochs", type=int, default=5, help="epochs over held-out (per MEHL round)")
-    fit.add_argument("--models-epochs", type=int, default=1, help="MEHL: passes over all ingredients")
-    fit.add_argument("--lr", type=float, default=None,
-                     help="coefficient learning rate (default: learned 0.05, mehl 0.01)")
-    fit.add_argument("--grad-clip", type=float, default=None,
-                     help="MEHL: clip the weight-gradient norm (reference: 1.0 for ViTs)")
-    fit.add_argument("--compact-directions", action="store_true",
-                     help="MEHL: keep the K directions in the ingredients' dtype (half the "
-                          "memory for bf16/fp16 checkpoints); coefficients stay fp32")
-    fit.add_argument("--shard-directions", action="store_true",
-                     help="MEHL under torchrun with W processes: each keeps K/W of the round's "
-                          "directions (for K larger than one device holds); per step the "
-                          "combined weights and the weight gradient are all-reduced. Needs "
-                          "K >= W")
+    titles = [next(m.title for m in SOUP_METHODS.values() if m.config_class is c)
+              for c in config_classes()]
+    fit = p.add_argument_group(f"{' / '.join(titles)} options")
+    add_method_arguments(fit)
     fit.add_argument("--resume", action="store_true",
                      help="MEHL: continue an interrupted soup from its last finished round "
                           "(checkpointed in .OUT.partial beside --out); same command otherwise")
@@ -108,121 +88,128 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _tokenizer_files(job) -> dict[str, bytes]:
-    """A causal LM's tokenizer files when they come from another folder than the one whose
-    config is copied (e.g. the base of LoRA adapters, or one ingredient), so that the soup
-    folder has its tokenizer too."""
-    from ..jobs.soup import TOKENIZER_FILES, find_tokenizer_dir
-
-    source, tok = job.source_dir, job.tokenizer_dir
-    if tok is None or source is None or find_tokenizer_dir([source]) is not None:
+def _field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string literal under each field)."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):
         return {}
-    names = {*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json",
-             "chat_template.jinja"}
-    return {item.name: item.read_bytes() for item in sorted(Path(tok).iterdir())
-            if item.is_file() and item.name in names}
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
-def partial_dir(out: Path) -> Path:
-    """Where an unfinished soup keeps its checkpoint: a fixed sibling of ``out``, so that a
-    rerun with --resume finds it; removed once the soup is written."""
-    return out.parent / f".{out.name}.partial"
+def _flag_type(annotation) -> type:
+    """int, float, str or bool from a field's annotation (a string under PEP 563)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+    names = {"int": int, "float": float, "str": str, "bool": bool}
+    return next((names[part.strip()] for part in text.split("|") if part.strip() in names), str)
+
+
+def _label(cls: type) -> str:
+    """A config class's name for help texts: its first registered method ("learned")."""
+    return next(m.name for m in SOUP_METHODS.values() if m.config_class is cls)
+
+
+def _entries(labels) -> list[str]:
+    """Every registered method whose config class is one of those ``labels`` name."""
+    return [m.name for m in SOUP_METHODS.values()
+            if m.config_class is not None and _label(m.config_class) in labels]
+
+
+def method_flags() -> dict[str, list[tuple[str, type, dataclasses.Field]]]:
+    """Field name -> (label, config class, field) of every registered config class that has
+    it, for the fields that are flags: not set by the command (:data:`JOB_SETTINGS`), not
+    fixed by a variant (``blockwise``), not marked ``cli: False``. The flags follow the field
+    order of the richest config class first; each flag's classes are in registration order."""
+    preset = {name for m in SOUP_METHODS.values() for name in m.preset}
+    flags: dict[str, list] = {}
+    for cls in sorted(config_classes(), key=lambda c: -len(dataclasses.fields(c))):
+        for f in dataclasses.fields(cls):
+            if f.name not in JOB_SETTINGS and f.name not in preset and f.metadata.get("cli", True):
+                flags.setdefault(f.name, [])
+    for cls in config_classes():
+        for f in dataclasses.fields(cls):
+            if f.name in flags:
+                flags[f.name].append((_label(cls), cls, f))
+    return flags
+
+
+def add_method_arguments(group: argparse._ArgumentGroup) -> None:
+    """One flag per setting of the registered methods' config classes: ``--model-batch`` from
+    ``model_batch``; type and default from the field, help from its ``metadata["help"]``
+    (the first class that has one) or else its docstring. A setting whose default differs
+    between methods defaults to None (each method's own) and the help says each;
+    ``metadata["default_help"]`` says how a default depends on the ingredients (the flag then
+    defaults to None, resolved by the job)."""
+    for name, owners in method_flags().items():
+        helps = [f.metadata["help"] for _, _, f in owners if "help" in f.metadata]
+        docs = [_field_docs(cls).get(name) for _, cls, _ in owners]
+        help_text = next(iter(helps + [d for d in docs if d]), "")
+        _, _, first = next(((lb, c, f) for lb, c, f in owners if "help" in f.metadata),
+                           owners[0])
+        defaults = {label: f.default for label, _, f in owners}
+        default = first.default
+        if "default_help" in first.metadata:
+            help_text += (f" (default: "
+                          f"{first.metadata['default_help'].format(default=default)})")
+            default = None
+        elif len(set(defaults.values())) > 1:
+            help_text += " (default: " + ", ".join(f"{k} {v}" for k, v in defaults.items()) + ")"
+            default = None
+        flags = [f"--{name.replace('_', '-')}", *first.metadata.get("aliases", ())]
+        if _flag_type(first.type) is bool:
+            group.add_argument(*flags, action="store_true", help=help_text)
+        else:
+            group.add_argument(*flags, type=_flag_type(first.type), default=default,
+                               help=help_text)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs.soup import (
-        best_ingredient_row,
-        check_resume,
-        ingredient_rows,
-        prepare_soup_job,
-        run_method,
-    )
-    from .interrupt import on_interrupt
-
     on_interrupt(None)
     device = resolve_device(args.device)
     precision = check_precision(device, bf16=args.bf16, fp16=args.fp16)
     out = Path(args.out)
-    check_output(out, args.overwrite)
-    if args.model_batch is not None and args.model_batch < 1:
-        raise UpcycleError(f"--model-batch must be >= 1, got {args.model_batch}")
-    mehl = args.method.startswith("mehl")
-    partial = partial_dir(out)
-    if args.resume and not mehl:
-        raise UpcycleError(f"--resume applies to --method mehl or mehl+ (the other methods keep "
-                           f"no checkpoint), not {args.method}")
-    if args.resume and not checkpoint_path(partial).is_file():
-        raise UpcycleError(f"--resume: no checkpoint of an interrupted soup for {out} (looked "
-                           f"for {checkpoint_path(partial)}); run without --resume to start")
-    if args.shard_directions and not mehl:
-        raise UpcycleError(f"--shard-directions applies to --method mehl or mehl+, not "
-                           f"{args.method}")
+    method = get_method(args.method)
+    flags = method_flags()
+    own = {f.name for f in dataclasses.fields(method.config_class)} if method.config_class else ()
+    if args.shard_directions and "shard_directions" not in own:
+        users = {label for label, _, _ in flags["shard_directions"]}
+        raise UpcycleError(f"--shard-directions applies to --method "
+                           f"{' or '.join(_entries(users))}, not {args.method}")
     distributed.init_from_env(device)
     if args.shard_directions:  # before any data is read (K is checked once resolved)
-        from ..soup.mehl import check_shard_directions
-
         check_shard_directions(True, args.model_batch)
-    job = prepare_soup_job(
-        args.ingredients, model_dir=args.model, held_out=args.held_out, data=args.data,
-        held_out_fraction=args.held_out_fraction, test=args.test, seed=args.seed,
-        max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
-        check_finite=not args.no_finite_check, device=device, dtype=args.dtype,
-        precision=precision, base=args.base, task=args.task, chunk=args.chunk,
-    )
-    if len(job.ingredients) == 1 and distributed.is_main():
-        print(f"upcycle soup: warning: only one ingredient ({job.ingredients[0].path}): the "
-              f"soup is a copy of it", file=sys.stderr)
-    if args.model_batch is None:  # resolved here, so report.json records the value used
-        args.model_batch = min(DEFAULT_MODEL_BATCH, len(job.ingredients))
-    if args.shard_directions:
-        check_shard_directions(True, args.model_batch)
-    if mehl and args.model_batch > len(job.ingredients):
-        raise UpcycleError(f"--model-batch {args.model_batch} exceeds the number of ingredients "
-                           f"({len(job.ingredients)})")
-    settings = dict(model_batch=args.model_batch, epochs=args.epochs, lr=args.lr,
-                    models_epochs=args.models_epochs, grad_clip=args.grad_clip, seed=args.seed,
-                    compact_directions=args.compact_directions,
-                    shard_directions=args.shard_directions)
-    if args.resume and job.task is not None:
-        state = check_resume(job, args.method, partial, **settings)
-        if distributed.is_main():
-            print(f"resuming {args.method} after round {state['rounds_done']}/"
-                  f"{state['rounds_total']} from {partial}", file=sys.stderr)
-    elif mehl and checkpoint_path(partial).is_file() and distributed.is_main():
-        print(f"note: {partial} holds a checkpoint of an interrupted soup; starting over "
-              f"(pass --resume to continue it instead)", file=sys.stderr)
+    partial = partial_dir(out)
     resume_cmd = "rerun the same command with --resume to continue"
 
     def saved(record: dict) -> None:
         on_interrupt(f"MEHL round {record['rounds_done']}/{record['rounds_total']} is saved in "
                      f"{partial}; {resume_cmd}")
 
+    def say(message: str) -> None:
+        print(f"upcycle soup: {message}", file=sys.stderr)
+
     if args.resume:
         on_interrupt(f"the checkpoint in {partial} is kept; {resume_cmd}")
-    rows = []
-    if job.task is not None:
-        ing_rows = ingredient_rows(job)
-        rows.append(best_ingredient_row(job, ing_rows))
-    mehl_args = dict(checkpoint_dir=partial, resume=args.resume, callback=saved) if mehl else {}
-    result, row = run_method(job, args.method, **settings, **mehl_args)
-    rows.append(row)
-    report = {"method": args.method, "ingredients": [str(i.path) for i in job.ingredients],
-              "rows": rows, "soup": result.summary(),
-              "config": resolved_config(args), "command": command_line("soup")}
-    if job.task is not None:
-        report["ingredient_rows"] = ing_rows
+    config = SoupConfig(
+        args.ingredients, method=args.method, out=out, overwrite=args.overwrite,
+        method_settings={name: getattr(args, name) for name in flags},
+        held_out=args.held_out, data=args.data, held_out_fraction=args.held_out_fraction,
+        test=args.test, model=args.model, base=args.base, task=args.task,
+        max_length=args.max_length, chunk=args.chunk, batch_size=args.batch_size,
+        device=device, dtype=args.dtype, precision=precision, seed=args.seed,
+        max_shard_bytes=args.max_shard_size, check_finite=not args.no_finite_check,
+        progress=not args.quiet, resume=args.resume, command=command_line("soup"),
+        report_config=resolved_config(args))
+    done = run_soup(config, say=say, on_round=saved,
+                    on_saved=lambda path: on_interrupt(f"the soup is written to {path}"))
     if distributed.is_main():
-        result.save(out, source_dir=job.source_dir, overwrite=args.overwrite,
-                    max_shard_bytes=args.max_shard_size, rows=rows, command=command_line("soup"),
-                    extra_files={**_tokenizer_files(job),
-                                 "report.json": json.dumps(report, indent=2, default=str)})
-        if out.suffix == ".safetensors":
-            write_json(out.with_name(out.name + ".report.json"), json.loads(
-                json.dumps(report, default=str)))
-        on_interrupt(f"the soup is written to {out}")
-        if mehl and partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-        print(format_table(rows, LM_REPORT_COLUMNS if job.is_lm else REPORT_COLUMNS))
+        print(format_table(done.rows, COLUMNS[done.job.task_name]))
         print(f"soup written to {out}")
     distributed.barrier()
     return 0

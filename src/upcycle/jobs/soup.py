@@ -10,42 +10,51 @@ method): the orchestration lives here once.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient, _short
 from ..io.ingredients import open_ingredients, validate_ingredients
+from ..io.writing import check_output, write_json
 from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
 from ..runtime.memory import peak_rss_mb
-from ..soup import (
-    METHODS,
-    LearnedConfig,
-    MehlConfig,
-    SoupResult,
-    greedy_soup,
-    learned_soup,
-    mehl_soup,
-    uniform_soup,
-)
-from ..soup import resume as soup_resume
+from ..soup import SoupContext, SoupResult, get_method
 from ..soup.common import load_state
-from ..tasks import evaluate_task, is_lm_task, load_task, task_loss
-from ..tasks.causal_lm import CausalLMTask, LMData, is_causal_lm
-from ..tasks.classification import ClassificationTask, LabeledData
+from ..soup.registry import method_names
+from ..soup.resume import checkpoint_path
+from ..tasks import Task, load_task
+from ..tasks.causal_lm import LMData, is_causal_lm
+from ..tasks.classification import LabeledData
 
-DATA_METHODS = ("greedy", "learned", "learned+", "mehl", "mehl+")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
+
+REPORT_COLUMNS = [
+    ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
+    ("held_out_loss", "held-out loss", ".4f"), ("test_accuracy", "test acc", ".4f"),
+    ("seconds", "time (s)", ".1f"), ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+]
+LM_REPORT_COLUMNS = [
+    ("method", "method", ""), ("held_out_loss", "held-out loss", ".4f"),
+    ("held_out_perplexity", "held-out ppl", ".3f"), ("test_loss", "test loss", ".4f"),
+    ("test_perplexity", "test ppl", ".3f"), ("seconds", "time (s)", ".1f"),
+    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+]
+COLUMNS = {"classification": REPORT_COLUMNS, "causal-lm": LM_REPORT_COLUMNS}
+"""The report table's columns for each kind of task."""
 
 @dataclass
 class SoupJob:
     ingredients: list[Ingredient]
-    task: ClassificationTask | CausalLMTask | None = None
+    task: Task | None = None
     held_out: LabeledData | LMData | None = None
     test: LabeledData | LMData | None = None
     batch_size: int = 128
@@ -68,8 +77,11 @@ class SoupJob:
     base), None when none has one."""
 
     @property
-    def is_lm(self) -> bool:
-        return self.causal_lm or is_lm_task(self.task)
+    def task_name(self) -> str:
+        """The task's kind: "classification" or "causal-lm" (known without data too)."""
+        if self.task is not None:
+            return self.task.name
+        return "causal-lm" if self.causal_lm else "classification"
 
     @property
     def source_dir(self) -> Path | None:
@@ -93,20 +105,12 @@ class SoupJob:
     def evaluate_state(self, state: dict, split: str = "held_out") -> dict:
         model = self.model()
         load_state(model, state)
-        return evaluate_task(self.task, model, self.batches(split), precision=self.precision)
+        return self.task.evaluate(model, self.batches(split), precision=self.precision)
 
     def score(self, state: dict) -> float:
         """Held-out score for greedy (higher is better): accuracy, ties broken by lower loss;
         for a causal LM minus the held-out token loss."""
-        return score_of(self.evaluate_state(state))
-
-
-def score_of(metrics: dict) -> float:
-    """Higher is better: accuracy (ties broken by lower loss) when there is one, else minus
-    the loss (causal LM)."""
-    if "accuracy" not in metrics:
-        return -metrics["loss"]
-    return metrics["accuracy"] - 1e-6 * metrics["loss"]
+        return self.task.score(self.evaluate_state(state))
 
 
 def find_tokenizer_dir(folders) -> Path | None:
@@ -181,7 +185,7 @@ def prepare_soup_job(
                            f"--base (or --model) with a folder that has it")
     job.task = load_task(model_dir, held_out or data, max_length=max_length, task=task,
                          base_dir=job.tokenizer_dir if job.causal_lm else None, chunk=chunk)
-    job.causal_lm = is_lm_task(job.task)
+    job.causal_lm = job.task.name == "causal-lm"
     if held_out is not None:
         job.held_out = job.task.read(held_out, split="held-out")
         if test is not None:
@@ -192,101 +196,81 @@ def prepare_soup_job(
             raise UpcycleError("--data needs --held-out-fraction (or give --held-out FILE)")
         rest, job.held_out = job.task.split(pool, held_out_fraction, seed)
         job.test = job.task.read(test, split="test") if test is not None else rest
-    if not job.is_lm and job.task.num_labels is None:
+    if not job.causal_lm and job.task.num_labels is None:
         raise UpcycleError(f"model {model_dir}: has no classification head, so the number of "
                            f"classes is unknown; soup ingredients must be classification models")
     return job
 
 
-def _mehl_config(method: str, *, model_batch: int, epochs: int, lr: float | None,
-                 models_epochs: int, grad_clip: float | None, seed: int, progress: bool,
-                 compact_directions: bool, shard_directions: bool = False) -> MehlConfig:
-    return MehlConfig(model_batch=model_batch, blockwise=method.endswith("+"), epochs=epochs,
-                      models_epochs=models_epochs, grad_clip=grad_clip, seed=seed,
-                      progress=progress, compact_directions=compact_directions,
-                      shard_directions=shard_directions,
-                      **({"lr": lr} if lr else {}))
+def soup_context(job: SoupJob, *, checkpoint_dir=None, resume: bool = False,
+                 callback=None) -> SoupContext:
+    """What a soup method gets from the job: with data, the model, the held-out batches and
+    the task's loss, evaluation and score (all loaded when a method first asks for them)."""
+    data = job.task is not None
+    known = None if job.ingredient_metrics is None else [
+        job.task.score(m) for m in job.ingredient_metrics]
+    return SoupContext(
+        load_model=job.model if data else None,
+        load_held_out=(lambda: job.batches("held_out", fit=True)) if data else None,
+        loss_fn=job.task.loss if data else None,
+        eval_fn=(lambda m: job.task.evaluate(m, job.batches("held_out"),
+                                             precision=job.precision)) if data else None,
+        score_fn=job.score if data else None, ingredient_scores=known,
+        device=job.device, precision=job.precision, dtype=job.dtype, progress=job.progress,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        resume=resume, callback=callback)
 
 
-def check_resume(job: SoupJob, method: str, checkpoint_dir, *, model_batch: int = 18,
-                 epochs: int = 5, lr: float | None = None, models_epochs: int = 1,
-                 grad_clip: float | None = None, seed: int = 0,
-                 compact_directions: bool = False, shard_directions: bool = False) -> dict:
-    """Before any work: the MEHL checkpoint in ``checkpoint_dir`` exists and was made from
-    these ingredients, this method, these settings and this held-out data (raises saying
-    which differs). Returns the checkpoint's state (rounds done, history...)."""
-    if not method.startswith("mehl"):
-        raise UpcycleError(f"resume applies to MEHL soups (mehl, mehl+), not {method}: the other "
+def check_resume(job: SoupJob, method: str, config, checkpoint_dir) -> dict:
+    """Before any work: the checkpoint in ``checkpoint_dir`` exists and was made from these
+    ingredients, this method, these settings (``config``, the method's config) and this
+    held-out data (raises saying which differs). Returns the checkpoint's state (rounds
+    done, history...)."""
+    entry = get_method(method)
+    if not entry.resumable:
+        raise UpcycleError(f"resume applies to {_resumable()}, not {method}: the other "
                            f"methods keep no checkpoint")
-    config = _mehl_config(method, model_batch=model_batch, epochs=epochs, lr=lr,
-                          models_epochs=models_epochs, grad_clip=grad_clip, seed=seed,
-                          progress=False, compact_directions=compact_directions,
-                          shard_directions=shard_directions)
-    saved = soup_resume.load_checkpoint(checkpoint_dir)
-    model = job.model()
-    first = next(n for n, _ in model.named_parameters())
-    settings = {**config.settings(), "precision": job.precision,
-                "model_dtype": str(dict(model.named_parameters())[first].dtype)}
-    current = soup_resume.fingerprint(job.ingredients, job.batches("held_out", fit=True),
-                                      method, settings)
-    soup_resume.check_fingerprint(saved.state["fingerprint"], current,
-                                  soup_resume.checkpoint_path(checkpoint_dir))
-    return saved.state
+    return entry.check_resume(job.ingredients,
+                              soup_context(job, checkpoint_dir=checkpoint_dir), config)
 
 
-def run_method(job: SoupJob, method: str, *, model_batch: int = 18, epochs: int = 5,
-               lr: float | None = None, models_epochs: int = 1, grad_clip: float | None = None,
-               seed: int = 0, compact_directions: bool = False,
-               shard_directions: bool = False, checkpoint_dir=None,
-               resume: bool = False, callback=None) -> tuple[SoupResult, dict]:
+def _resumable() -> str:
+    return " or ".join(method_names(resumable=True))
+
+
+def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
+               resume: bool = False, callback=None, **settings) -> tuple[SoupResult, dict]:
     """Run one soup method on the job's device and precision; returns the soup and a report
-    row (metrics, time, peak memory). MEHL only: ``checkpoint_dir`` (a checkpoint after
-    every round), ``resume`` (continue from it), ``callback(record)`` after each round."""
-    if method not in METHODS:
-        raise UpcycleError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
-    if method in DATA_METHODS and job.task is None:
+    row (metrics, time, peak memory). ``config``: the method's config (None: made from
+    ``settings``, e.g. ``model_batch=4, epochs=2``, see :meth:`SoupMethod.make_config`).
+    Resumable methods (MEHL): ``checkpoint_dir`` (a checkpoint after every round), ``resume``
+    (continue from it), ``callback(record)`` after each round."""
+    entry = get_method(method)
+    if entry.needs_data and job.task is None:
         raise UpcycleError(f"method {method!r} needs held-out data (--held-out FILE, or --data FILE "
                            f"--held-out-fraction F)")
-    if resume and not method.startswith("mehl"):
-        raise UpcycleError(f"resume applies to MEHL soups (mehl, mehl+), not {method}")
+    if resume and not entry.resumable:
+        raise UpcycleError(f"resume applies to {_resumable()}, not {method}")
     n = len(job.ingredients)
-    if method in ("learned", "learned+", "mehl", "mehl+") and n < 2:
-        raise UpcycleError(f"method {method!r} needs at least 2 ingredients, got {n}")
+    if n < entry.min_ingredients:
+        raise UpcycleError(f"method {method!r} needs at least {entry.min_ingredients} "
+                           f"ingredients, got {n}")
+    if config is None:
+        config = entry.make_config(n, **settings)
+    context = soup_context(job, checkpoint_dir=checkpoint_dir, resume=resume,
+                           callback=callback)
     start = time.perf_counter()
-    placement = {"device": job.device, "precision": job.precision, "dtype": job.dtype}
-    if method == "uniform":
-        result = uniform_soup(job.ingredients, progress=job.progress, dtype=job.dtype)
-    elif method == "greedy":
-        known = None if job.ingredient_metrics is None else [
-            score_of(m) for m in job.ingredient_metrics]
-        result = greedy_soup(job.ingredients, job.score, progress=job.progress,
-                             ingredient_scores=known, dtype=job.dtype)
-    elif method.startswith("learned"):
-        config = LearnedConfig(blockwise=method.endswith("+"), epochs=epochs, seed=seed,
-                               progress=job.progress, **({"lr": lr} if lr else {}))
-        result = learned_soup(job.ingredients, job.model(), job.batches("held_out", fit=True),
-                              loss_fn=task_loss(job.task), config=config, **placement)
-    else:
-        config = _mehl_config(method, model_batch=model_batch, epochs=epochs, lr=lr,
-                              models_epochs=models_epochs, grad_clip=grad_clip, seed=seed,
-                              progress=job.progress, compact_directions=compact_directions,
-                              shard_directions=shard_directions)
-        result = mehl_soup(job.ingredients, job.model(), job.batches("held_out", fit=True),
-                           loss_fn=task_loss(job.task), config=config,
-                           eval_fn=lambda m: evaluate_task(job.task, m, job.batches("held_out"),
-                                                           precision=job.precision),
-                           checkpoint_dir=checkpoint_dir, resume=resume, callback=callback,
-                           **placement)
+    result = entry.run(job.ingredients, context, config)
     seconds = time.perf_counter() - start
     row = {"method": method, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if job.device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(job.device) / 2**20
     if job.task is not None:
-        # MEHL's last round already evaluated the held-out split on exactly these weights,
-        # unless the soup is stored in another dtype than the model ran in (bf16 ingredients)
-        last = result.history[-1] if method.startswith("mehl") and _same_dtypes(
-            job, result.state) else {}
-        keys = ("loss", "perplexity") if job.is_lm else ("accuracy", "loss")
+        # A fitted soup whose last record evaluated the held-out split already did so on
+        # exactly these weights, unless the soup is stored in another dtype than the model
+        # ran in (bf16 ingredients)
+        last = result.history[-1] if result.history and _same_dtypes(job, result.state) else {}
+        keys = job.task.metric_names
         held = ({k: last[f"held_out_{k}"] for k in keys}
                 if all(f"held_out_{k}" in last for k in keys) else None)
         row.update(_metrics(job, result.state, held_out=held))
@@ -302,7 +286,7 @@ def _metrics(job: SoupJob, state: dict, *, test: bool = True,
              held_out: dict | None = None) -> dict:
     """Held-out (unless already known) and test metrics of a state dict: accuracy and loss,
     or for a causal LM token loss and perplexity."""
-    keys = ("loss", "perplexity") if job.is_lm else ("accuracy", "loss")
+    keys = job.task.metric_names
     row = {}
     held = held_out if held_out is not None else job.evaluate_state(state, "held_out")
     row.update({f"held_out_{k}": held[k] for k in keys})
@@ -316,8 +300,6 @@ def ingredient_rows(job: SoupJob, *, names: list[str] | None = None,
                     progress: bool = False) -> list[dict]:
     """Held-out metrics of every ingredient, in order (kept on the job for greedy). Rows are
     called ``names[i]`` when given, else "ingredient i"; ``progress``: a progress bar."""
-    from tqdm.auto import tqdm
-
     rows = []
     for i, ing in enumerate(tqdm(job.ingredients, desc="scoring ingredients", leave=False,
                                  disable=not progress or not distributed.is_main())):
@@ -336,3 +318,167 @@ def best_ingredient_row(job: SoupJob, rows: list[dict]) -> dict:
                                              -rows[j]["held_out_loss"]))
     return {**rows[i], **_metrics(job, job.ingredients[i].state_dict()),
             "method": f"best ingredient ({i + 1})", "index": i}
+
+
+# -- the whole job: config in, soup + rows + report out ----------------------------------------
+
+@dataclass
+class SoupConfig:
+    """Everything ``upcycle soup`` does, as one object (:func:`run_soup`)."""
+    ingredients: list
+    """Checkpoint files, HF folders, peft LoRA adapter folders (with ``base``), folders of
+    checkpoints, or globs."""
+    method: str = "uniform"
+    """A registered soup method (:data:`upcycle.soup.SOUP_METHODS`)."""
+    out: str | Path | None = None
+    """Where to write the soup: a HF folder or a .safetensors file (None: not written)."""
+    overwrite: bool = False
+    method_settings: dict = field(default_factory=dict)
+    """The method's settings by field name (``{"model_batch": 4, "epochs": 2}``); names its
+    config class lacks and None values are ignored (the defaults)."""
+    method_config: object | None = None
+    """The method's config, ready made (wins over ``method_settings``)."""
+    held_out: str | Path | None = None
+    data: str | Path | None = None
+    held_out_fraction: float | None = None
+    test: str | Path | None = None
+    model: str | Path | None = None
+    """HF folder with the config/tokenizer (default: the first ingredient's)."""
+    base: str | Path | None = None
+    task: str = "auto"
+    max_length: int | None = None
+    chunk: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 128
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype | None = None
+    precision: str | None = None
+    seed: int = 0
+    """Seeds the held-out split and the method (its ``seed`` setting unless given)."""
+    max_shard_bytes: int | None = None
+    check_finite: bool = True
+    progress: bool = True
+    resume: bool = False
+    """Resumable methods: continue from the checkpoint an interrupted run left beside ``out``."""
+    command: str | None = None
+    """The command that made the soup (model card, report)."""
+    report_config: dict | None = None
+    """The flags of the command (the report's ``config``; settings resolved from the number
+    of ingredients, e.g. MEHL's K, are filled in)."""
+
+
+@dataclass
+class SoupRun:
+    """What :func:`run_soup` made: the soup, the report rows and the report."""
+    soup: SoupResult
+    rows: list[dict]
+    report: dict
+    job: SoupJob
+    method_config: object | None = None
+
+
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished soup keeps its checkpoint: a fixed sibling of ``out``, so that a
+    rerun with --resume finds it; removed once the soup is written."""
+    return out.parent / f".{out.name}.partial"
+
+
+def tokenizer_files(job: SoupJob) -> dict[str, bytes]:
+    """A causal LM's tokenizer files when they come from another folder than the one whose
+    config is copied (e.g. the base of LoRA adapters, or one ingredient), so that the soup
+    folder has its tokenizer too."""
+    source, tok = job.source_dir, job.tokenizer_dir
+    if tok is None or source is None or find_tokenizer_dir([source]) is not None:
+        return {}
+    names = {*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja"}
+    return {item.name: item.read_bytes() for item in sorted(Path(tok).iterdir())
+            if item.is_file() and item.name in names}
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -> SoupRun:
+    """Prepare (every check before any work), soup, score and save: ``upcycle soup`` as a
+    function. ``say(message)``: warnings and notes (only one ingredient; resuming; a left-over
+    checkpoint). Resumable methods with ``out``: a checkpoint after every round in
+    :func:`partial_dir`, ``on_round(record)`` once it is written; ``on_saved(out)`` once the
+    soup is written (the checkpoint is removed after)."""
+    entry = get_method(config.method)
+    out = Path(config.out) if config.out is not None else None
+    if out is not None:
+        check_output(out, config.overwrite)
+    partial = partial_dir(out) if out is not None and entry.resumable else None
+    if config.resume and not entry.resumable:
+        raise UpcycleError(f"--resume applies to --method {_resumable()} (the other methods "
+                           f"keep no checkpoint), not {config.method}")
+    if config.resume and partial is None:
+        raise UpcycleError("--resume needs --out: the checkpoint of an interrupted soup is kept "
+                           "beside it")
+    if config.resume and not checkpoint_path(partial).is_file():
+        raise UpcycleError(f"--resume: no checkpoint of an interrupted soup for {out} (looked "
+                           f"for {checkpoint_path(partial)}); run without --resume to start")
+    job = prepare_soup_job(
+        config.ingredients, model_dir=config.model, held_out=config.held_out, data=config.data,
+        held_out_fraction=config.held_out_fraction, test=config.test, seed=config.seed,
+        max_length=config.max_length, batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size, progress=config.progress,
+        check_finite=config.check_finite, device=config.device, dtype=config.dtype,
+        precision=config.precision, base=config.base, task=config.task, chunk=config.chunk)
+    n = len(job.ingredients)
+    if n == 1 and distributed.is_main():
+        say(f"warning: only one ingredient ({job.ingredients[0].path}): the soup is a copy "
+            f"of it")
+    method_config = config.method_config or entry.make_config(
+        n, **{"seed": config.seed, **config.method_settings})
+    if entry.check is not None:
+        entry.check(method_config, n)
+    if config.resume and job.task is not None:
+        state = check_resume(job, config.method, method_config, partial)
+        if distributed.is_main():
+            say(f"resuming {config.method} after round {state['rounds_done']}/"
+                f"{state['rounds_total']} from {partial}")
+    elif partial is not None and checkpoint_path(partial).is_file() and distributed.is_main():
+        say(f"note: {partial} holds a checkpoint of an interrupted soup; starting over (pass "
+            f"--resume to continue it instead)")
+    rows, ing_rows = [], None
+    if job.task is not None:
+        ing_rows = ingredient_rows(job)
+        rows.append(best_ingredient_row(job, ing_rows))
+    resumable = {} if partial is None else dict(checkpoint_dir=partial, resume=config.resume,
+                                                callback=on_round)
+    result, row = run_method(job, config.method, method_config, **resumable)
+    rows.append(row)
+    report = {"method": config.method, "ingredients": [str(i.path) for i in job.ingredients],
+              "rows": rows, "soup": result.summary(),
+              "config": _report_config(config, entry, n), "command": config.command}
+    if ing_rows is not None:
+        report["ingredient_rows"] = ing_rows
+    if out is not None and distributed.is_main():
+        result.save(out, source_dir=job.source_dir, overwrite=config.overwrite,
+                    max_shard_bytes=config.max_shard_bytes, rows=rows, command=config.command,
+                    extra_files={**tokenizer_files(job),
+                                 "report.json": json.dumps(report, indent=2, default=str)})
+        if out.suffix == ".safetensors":
+            write_json(out.with_name(out.name + ".report.json"), json.loads(
+                json.dumps(report, default=str)))
+        if on_saved is not None:
+            on_saved(out)
+        if partial is not None and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return SoupRun(result, rows, report, job, method_config)
+
+
+def _report_config(config: SoupConfig, entry, n: int) -> dict | None:
+    """The command's flags with the settings resolved from the number of ingredients (the
+    value used, e.g. MEHL's K = min(18, N)) where the flag was left unset."""
+    if config.report_config is None:
+        return None
+    flags = dict(config.report_config)
+    for name, value in (entry.defaults(n) if entry.defaults is not None else {}).items():
+        flag = name.replace("_", "-")
+        if flag in flags and flags[flag] is None:
+            flags[flag] = value
+    return flags

@@ -9,33 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-METHOD_TITLES = {
-    "uniform": "Uniform soup",
-    "greedy": "Greedy soup",
-    "learned": "Learned-Soup",
-    "learned+": "Learned-Soup+",
-    "mehl": "MEHL-Soup",
-    "mehl+": "MEHL-Soup+",
-}
-
-METHOD_NOTES = {
-    "uniform": "the plain average of all ingredients",
-    "greedy": "ingredients added in order of held-out accuracy, each kept only if the "
-              "held-out accuracy of the average does not drop",
-    "learned": "one mixing coefficient per ingredient, learned by gradient descent on the "
-               "held-out split",
-    "learned+": "one mixing coefficient per ingredient and parameter tensor, learned by "
-                "gradient descent on the held-out split (all ingredients in memory)",
-    "mehl": "one mixing coefficient per ingredient, learned on the held-out split a few "
-            "ingredients at a time (memory flat in the number of ingredients)",
-    "mehl+": "one mixing coefficient per ingredient and parameter tensor, learned on the "
-             "held-out split a few ingredients at a time (memory flat in the number of "
-             "ingredients)",
-}
+from .registry import SOUP_METHODS
 
 
 def method_title(method: str) -> str:
-    return METHOD_TITLES.get(method, method)
+    """The registered title of ``method`` (e.g. "MEHL-Soup+"), else the name itself."""
+    entry = SOUP_METHODS.get(method)
+    return entry.title if entry is not None else method
+
+
+def method_note(method: str) -> str:
+    """The registered one-line note on how ``method`` makes a soup, else the name itself."""
+    entry = SOUP_METHODS.get(method)
+    return entry.note if entry is not None else method
 
 
 def _pct(value) -> str:
@@ -71,7 +57,7 @@ def soup_card(result, rows: Sequence[dict], command: str, *,
         "",
         f"# {title} of {len(paths)} fine-tunes",
         "",
-        f"Made with upcycle `{method}`: {METHOD_NOTES.get(method, method)}.",
+        f"Made with upcycle `{method}`: {method_note(method)}.",
         "Every weight tensor is a weighted sum of the ingredients' tensors, "
         "soup[l] = sum_i C[i, l] * ingredient_i[l], with the coefficients C of the table below "
         "(also in `coefficients.safetensors`, and the full record in `soup.json`).",

@@ -15,7 +15,7 @@ from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient
 from ..io.writing import atomic_file, save_model
 from ..runtime import distributed
-from ..runtime.devices import resolve_device
+from ..runtime.devices import model_device, resolve_device
 from .card import soup_card
 
 IGNORE_INDEX = -100
@@ -235,17 +235,10 @@ def average_buffers(ingredients: Sequence[Ingredient], names: Sequence[str], *,
     return out
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def place_model(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """Move ``model`` to ``device`` (None: leave it where it is) and return its device."""
     if device is None:
         return model_device(model)
-
     device = resolve_device(device, argument="device")
     model.to(device)
     return device

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..io.checkpoints import Ingredient
 from .common import SoupResult, ingredient_names, out_dtype
+from .registry import SoupContext, SoupMethod, register
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
@@ -87,3 +88,13 @@ def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: 
         info={"ingredient_scores": scores, "order": order, "accepted": sorted(accepted),
               "best_score": best_score, "steps": steps},
     )
+
+
+def _run(ingredients: Sequence[Ingredient], context: SoupContext, config: None) -> SoupResult:
+    return greedy_soup(ingredients, context.score_fn, progress=context.progress,
+                       ingredient_scores=context.ingredient_scores, dtype=context.dtype)
+
+
+register(SoupMethod("greedy", _run, "Greedy soup",
+                    "ingredients added in order of held-out accuracy, each kept only if the "
+                    "held-out accuracy of the average does not drop", needs_data=True))

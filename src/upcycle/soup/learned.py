@@ -14,34 +14,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient
 from ..runtime import distributed
-from ..runtime.devices import autocast
 from ..training.schedules import cosine_with_warmup
 from .common import (
     SoupResult,
     accumulator_dtype,
-    average_buffers,
     check_precision_name,
     ingredient_names,
     load_state,
-    local_share,
     make_blocks,
     model_loss,
     out_dtype,
-    parameter_names,
-    place_model,
-    tie_state,
-    to_device,
 )
+from .fit_loop import finish_state, grad_scaler, held_out_epoch, progress_bar, ready_model
+from .registry import SoupContext, SoupMethod, register
 
 
 @dataclass
@@ -52,7 +46,7 @@ class LearnedConfig:
     """Passes over the held-out batches (reference: 5)."""
     lr: float = 0.05
     """AdamW learning rate on the logits w (reference: 0.05, weight decay 0)."""
-    warmup_ratio: float = 0.2
+    warmup_ratio: float = field(default=0.2, metadata={"cli": False})
     """Linear warm-up fraction before the cosine decay (as MEHL, for a like-for-like run)."""
     seed: int = 0
     progress: bool = False
@@ -94,13 +88,7 @@ def learned_soup(
     if not held_out:
         raise UpcycleError("the held-out set is empty: a learned soup needs data to fit on")
     torch.manual_seed(config.seed)
-    names, others = parameter_names(model, ingredients)
-    device = place_model(model, device)
-    load_state(model, average_buffers(ingredients, others))
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too
+    names, others, device, params = ready_model(model, ingredients, device)
     # All N ingredients resident on the device (the reference's memory profile), in the
     # model's dtype, read one tensor at a time.
     thetas = [{n: ing.get(n).to(device).to(params[n].dtype, copy=True) for n in names}
@@ -111,47 +99,33 @@ def learned_soup(
     optimizer = torch.optim.AdamW([w], lr=config.lr, weight_decay=0.0)
     total = config.epochs * len(held_out)
     scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * total), total)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    acc_dtype = accumulator_dtype(device)
     fmodel = FunctionalModel(model)
+
+    def prepare() -> None:  # the weighted sums, through which autograd runs
+        alpha = torch.softmax(w, dim=1)
+        mixed = {}
+        for n, l in zip(names, block_of):
+            acc = alpha[l, 0] * thetas[0][n]
+            for i in range(1, n_ing):
+                acc = acc + alpha[l, i] * thetas[i][n]
+            mixed[n] = acc
+        fmodel.params = mixed
+
+    def gradient(loss_scale: float) -> None:
+        fmodel.params = {}
+        distributed.all_reduce_sum(w.grad)
+
+    fit = dict(model=fmodel, loss_fn=loss_fn, device=device, precision=precision,
+               optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, precision),
+               prepare=prepare, gradient=gradient,
+               bar=progress_bar(total, "learned soup", config.progress),
+               loss_sum=torch.zeros((), dtype=accumulator_dtype(device), device=device))
     gen = torch.Generator().manual_seed(config.seed)
     history = []
-    bar = tqdm(total=total, desc="learned soup",
-               disable=not config.progress or not distributed.is_main(), leave=False)
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
-        steps = 0
-        for b in torch.randperm(len(held_out), generator=gen).tolist():
-            local, share = local_share(held_out[b])
-            if local is None:  # no loss targets in this batch on any rank
-                bar.update(1)
-                continue
-            alpha = torch.softmax(w, dim=1)
-            mixed = {}
-            for n, l in zip(names, block_of):
-                acc = alpha[l, 0] * thetas[0][n]
-                for i in range(1, n_ing):
-                    acc = acc + alpha[l, i] * thetas[i][n]
-                mixed[n] = acc
-            fmodel.params = mixed
-            with autocast(device, precision):
-                loss = loss_fn(fmodel, to_device(local, device))
-            loss = loss.float() * share
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            fmodel.params = {}
-            del mixed, alpha
-            distributed.all_reduce_sum(w.grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += distributed.all_reduce_sum(loss.detach().to(acc_dtype))
-            steps += 1
-            bar.update(1)
-            if not bar.disable:
-                bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
-        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, steps),
+        steps = held_out_epoch(held_out, gen, **fit)
+        record = {"epoch": epoch + 1, "train_loss": float(fit["loss_sum"]) / max(1, steps),
                   "seconds": time.perf_counter() - start}
         if eval_fn is not None:
             with torch.no_grad():
@@ -160,7 +134,7 @@ def learned_soup(
                                    for n, l in zip(names, block_of)})
             record.update({f"held_out_{k}": v for k, v in eval_fn(model).items()})
         history.append(record)
-    bar.close()
+    fit["bar"].close()
     ref = ingredients[0]
     with torch.no_grad():
         alpha = torch.softmax(w, dim=1).detach()
@@ -170,9 +144,27 @@ def learned_soup(
             for i in range(n_ing):
                 acc += alpha[l, i] * thetas[i][n].float()
             state[n] = acc.to(out_dtype(ref, n, dtype)).cpu()
-    state.update(average_buffers(ingredients, others, dtype=dtype))
-    state = tie_state(state, ingredients, model)
+    state = finish_state(state, ingredients, others, model, dtype)
     method = "learned+" if config.blockwise else "learned"
     return SoupResult(method, state, ingredient_names(ingredients),
                       alpha.t().cpu().to(torch.float64).contiguous(), block_names, history,
                       info={"device": str(device), "precision": precision})
+
+
+def _run(ingredients: Sequence[Ingredient], context: SoupContext,
+         config: LearnedConfig) -> SoupResult:
+    return learned_soup(ingredients, context.model, context.held_out,
+                        loss_fn=context.loss_fn or model_loss,
+                        config=replace(config, progress=context.progress),
+                        device=context.device, precision=context.precision, dtype=context.dtype)
+
+
+for _name, _blockwise, _title, _note in (
+    ("learned", False, "Learned-Soup",
+     "one mixing coefficient per ingredient, learned by gradient descent on the held-out split"),
+    ("learned+", True, "Learned-Soup+",
+     "one mixing coefficient per ingredient and parameter tensor, learned by gradient descent "
+     "on the held-out split (all ingredients in memory)"),
+):
+    register(SoupMethod(_name, _run, _title, _note, config_class=LearnedConfig,
+                        preset={"blockwise": _blockwise}, needs_data=True, min_ingredients=2))

@@ -39,66 +39,70 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient
 from ..runtime import distributed
-from ..runtime.devices import autocast
 from ..training.schedules import cosine_with_warmup
 from . import resume as ckpt
 from .common import (
     SoupResult,
     accumulator_dtype,
-    average_buffers,
     check_precision_name,
     ingredient_names,
-    load_state,
-    local_share,
     make_blocks,
     model_loss,
     out_dtype,
-    parameter_names,
-    place_model,
-    tie_state,
-    to_device,
 )
+from .fit_loop import finish_state, grad_scaler, held_out_epoch, progress_bar, ready_model
+from .registry import SoupContext, SoupMethod, register
 
 
 @dataclass
 class MehlConfig:
-    model_batch: int = 18
+    # ``metadata``: the CLI's flag for the field (help text, aliases, how its default reads;
+    # ``cli: False`` keeps it off the command line), see upcycle.cli.soup.
+    model_batch: int = field(default=18, metadata={
+        "help": "MEHL: ingredients loaded per round (K)", "aliases": ("-K",),
+        "default_help": "min({default}, the number of ingredients)"})
     """K: ingredients loaded and trained per round (reference: 18 for 72 CLIP ViT-B/32)."""
     blockwise: bool = True
     """One coefficient per ingredient and parameter tensor (MEHL-Soup+); False: per model."""
-    epochs: int = 5
+    epochs: int = field(default=5, metadata={"help": "epochs over held-out (per MEHL round)"})
     """E: passes over the held-out batches in each round (reference: 5)."""
-    models_epochs: int = 1
+    models_epochs: int = field(default=1,
+                               metadata={"help": "MEHL: passes over all ingredients"})
     """Outer passes over all ingredients (reference: 1)."""
-    lr: float = 0.01
+    lr: float = field(default=0.01, metadata={"help": "coefficient learning rate"})
     """AdamW learning rate on the coefficients (reference: 0.01)."""
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.2
+    weight_decay: float = field(default=0.0, metadata={"cli": False})
+    warmup_ratio: float = field(default=0.2, metadata={"cli": False})
     """Linear warm-up fraction of each round's steps before the cosine decay."""
-    grad_clip: float | None = None
+    grad_clip: float | None = field(default=None, metadata={
+        "help": "MEHL: clip the weight-gradient norm (reference: 1.0 for ViTs)"})
     """Clip the weight-gradient norm to this (the reference uses 1.0 for ViTs)."""
     seed: int = 0
     """Seeds the ingredient order and the order of held-out batches."""
-    shard_directions: bool = False
+    compact_directions: bool = field(default=False, metadata={
+        "help": "MEHL: keep the K directions in the ingredients' dtype (half the memory for "
+                "bf16/fp16 checkpoints); coefficients stay fp32"})
+    """Keep the K directions in the ingredients' dtype (half the memory for bf16/fp16
+    checkpoints) instead of fp32; X, its optimizer and the soup's accumulation stay fp32. The
+    coefficients C then reproduce the soup up to that dtype's rounding of theta_i - c."""
+    shard_directions: bool = field(default=False, metadata={
+        "help": "MEHL under torchrun with W processes: each keeps K/W of the round's "
+                "directions (for K larger than one device holds); per step the combined "
+                "weights and the weight gradient are all-reduced. Needs K >= W"})
     """Under torch.distributed with W ranks: each rank keeps only its K/W directions of the
     round (contiguous rows). Per step the combined weights and the weight gradient are
     all-reduced (2 x D numbers) and each rank folds the gradient into its own directions'
     coefficients; the K x L coefficient gradient is then all-reduced so every rank steps the
     same X. The soup is the unsharded one up to summation order. Needs K >= W."""
-    compact_directions: bool = False
-    """Keep the K directions in the ingredients' dtype (half the memory for bf16/fp16
-    checkpoints) instead of fp32; X, its optimizer and the soup's accumulation stay fp32. The
-    coefficients C then reproduce the soup up to that dtype's rounding of theta_i - c."""
     progress: bool = False
 
     def settings(self) -> dict:
@@ -135,12 +139,6 @@ def check_shard_directions(shard: bool, model_batch: int | None) -> None:
         raise UpcycleError(f"--shard-directions needs --model-batch (K) >= the number of "
                            f"processes (W = {world}) so every rank holds a direction, got "
                            f"K = {model_batch}")
-
-
-def _local_part(batch: dict) -> tuple[dict | None, float]:
-    """This rank's shard of a global batch and its share of the loss targets (see
-    :func:`upcycle.soup.common.local_share`)."""
-    return local_share(batch)
 
 
 class _Round:
@@ -349,25 +347,18 @@ def mehl_soup(
     _check(ingredients, held_out, config)
     if resume and checkpoint_dir is None:
         raise UpcycleError("resume=True needs checkpoint_dir (where the checkpoint is)")
-    names, others = parameter_names(model, ingredients)
     method = "mehl+" if config.blockwise else "mehl"
-    device = place_model(model, device)
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too
-    settings = {**config.settings(), "precision": precision,
-                "model_dtype": str(params[names[0]].dtype)}
+    names, others, device, params = ready_model(model, ingredients, device)
     fingerprint = None
     saved = None
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
-        fingerprint = ckpt.fingerprint(ingredients, held_out, method, settings)
+        fingerprint = _fingerprint(ingredients, held_out, method, config, precision,
+                                   params[names[0]].dtype)
         if resume:
             saved = ckpt.load_checkpoint(checkpoint_dir)
             ckpt.check_fingerprint(saved.state["fingerprint"], fingerprint,
                                    ckpt.checkpoint_path(checkpoint_dir))
-    load_state(model, average_buffers(ingredients, others))
-    model.eval()  # no dropout while fitting coefficients: the loss is a function of X only
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in names:
         params[name].requires_grad_(True)
     block_names, block_of = make_blocks(names, config.blockwise)
@@ -376,7 +367,6 @@ def mehl_soup(
     rounds_per_pass = math.ceil(n / k)
     total_rounds = config.models_epochs * rounds_per_pass
     steps_per_round = config.epochs * len(held_out)
-    acc_dtype = accumulator_dtype(device)
     if saved is not None:
         coefficients = saved.coefficients.to(torch.float64)
         anchor = {name: saved.anchor[name].to(device) for name in names}
@@ -391,10 +381,11 @@ def mehl_soup(
         history = []
         next_pass, next_round, order = 0, 0, None
     done = len(history)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    bar = tqdm(total=total_rounds * steps_per_round, initial=done * steps_per_round,
-               desc="MEHL soup", disable=not config.progress or not distributed.is_main(),
-               leave=False)
+    bar = progress_bar(total_rounds * steps_per_round, "MEHL soup", config.progress,
+                       initial=done * steps_per_round)
+    fit = dict(model=model, loss_fn=loss_fn, device=device, precision=precision,
+               scaler=grad_scaler(device, precision), bar=bar,
+               loss_sum=torch.zeros((), dtype=accumulator_dtype(device), device=device))
     offset = history[-1]["seconds"] if history else 0.0
     start = time.perf_counter()
     for outer in range(next_pass, config.models_epochs):
@@ -414,38 +405,18 @@ def mehl_soup(
             optimizer = torch.optim.AdamW([rnd.x], lr=config.lr, weight_decay=config.weight_decay)
             scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * steps_per_round),
                                            steps_per_round)
-            loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+
+            def gradient(loss_scale: float, rnd: _Round = rnd) -> None:
+                # dL/dX still carries the loss scale: the scaler unscales it, checks it for
+                # inf/NaN and skips the step (lowering the scale) if needed.
+                rnd.x.grad, _ = rnd.take_grad(loss_scale)
+
             steps = 0
             try:
                 for _ in range(config.epochs):
-                    loss_sum.zero_()
-                    steps = 0
-                    for b in torch.randperm(len(held_out), generator=gen).tolist():
-                        local, share = _local_part(held_out[b])
-                        if local is None:  # no loss targets in this batch on any rank
-                            bar.update(1)
-                            continue
-                        rnd.apply()
-                        with autocast(device, precision):
-                            loss = loss_fn(model, to_device(local, device))
-                        loss = loss.float() * share
-                        scaler.scale(loss).backward()
-                        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
-                        grad, _ = rnd.take_grad(scale)
-                        rnd.x.grad = grad
-                        if scaler.is_enabled():
-                            # grad still carries the loss scale: the scaler unscales it, checks
-                            # it for inf/NaN and skips the step (lowering the scale) if needed.
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            optimizer.step()
-                        scheduler.step()
-                        loss_sum += distributed.all_reduce_sum(loss.detach().to(acc_dtype))
-                        steps += 1
-                        bar.update(1)
-                        if not bar.disable:
-                            bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
+                    steps = held_out_epoch(held_out, gen, optimizer=optimizer,
+                                           scheduler=scheduler, prepare=rnd.apply,
+                                           gradient=gradient, **fit)
                 rnd.apply()
                 rnd.move_anchor()
             finally:
@@ -456,9 +427,9 @@ def mehl_soup(
             coefficients[members] += ratio
             skipped = int((~rnd.valid).sum())
             resident = rnd.hi - rnd.lo
-            del rnd, optimizer
+            del rnd, optimizer, gradient
             record = {"pass": outer + 1, "round": r + 1, "ingredients": [i + 1 for i in members],
-                      "held_out_loss_train": float(loss_sum) / max(1, steps),
+                      "held_out_loss_train": float(fit["loss_sum"]) / max(1, steps),
                       "skipped_blocks": skipped, "resident_directions": resident,
                       "seconds": offset + time.perf_counter() - start}
             if eval_fn is not None:
@@ -475,14 +446,68 @@ def mehl_soup(
             if callback is not None:
                 callback({**record, "rounds_done": len(history), "rounds_total": total_rounds})
     bar.close()
-    for p in model.parameters():
-        p.requires_grad_(False)
     ref = ingredients[0]
     state = {name: anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
              for name in names}
-    state.update(average_buffers(ingredients, others, dtype=dtype))
-    state = tie_state(state, ingredients, model)
+    state = finish_state(state, ingredients, others, model, dtype)
     return SoupResult(method, state, ingredient_names(ingredients), coefficients, block_names,
                       history, info={"model_batch": k, "rounds": len(history),
                                      "device": str(device), "precision": precision,
                                      "compact_directions": config.compact_directions})
+
+
+def _fingerprint(ingredients: Sequence[Ingredient], held_out: Sequence[dict], method: str,
+                 config: MehlConfig, precision: str | None, model_dtype: torch.dtype) -> dict:
+    """What a checkpoint must match to be resumed: the ingredients, the held-out batches, the
+    method and its settings (with the precision and the model's dtype)."""
+    settings = {**config.settings(), "precision": precision, "model_dtype": str(model_dtype)}
+    return ckpt.fingerprint(ingredients, held_out, method, settings)
+
+
+def _check_resume(ingredients: Sequence[Ingredient], context: SoupContext,
+                  config: MehlConfig) -> dict:
+    """Before any work: the checkpoint in ``context.checkpoint_dir`` exists and was made from
+    these ingredients, this method, these settings and this held-out data (raises saying
+    which differs). Returns the checkpoint's state (rounds done, history...)."""
+    saved = ckpt.load_checkpoint(context.checkpoint_dir)
+    method = "mehl+" if config.blockwise else "mehl"
+    model_dtype = next(p for _, p in context.model.named_parameters()).dtype
+    current = _fingerprint(ingredients, context.held_out, method, config, context.precision,
+                           model_dtype)
+    ckpt.check_fingerprint(saved.state["fingerprint"], current,
+                           ckpt.checkpoint_path(context.checkpoint_dir))
+    return saved.state
+
+
+def _check_settings(config: MehlConfig, n: int) -> None:
+    """K against the number of ingredients (and the processes, with ``shard_directions``),
+    before any work."""
+    if config.model_batch < 1:
+        raise UpcycleError(f"--model-batch must be >= 1, got {config.model_batch}")
+    check_shard_directions(config.shard_directions, config.model_batch)
+    if config.model_batch > n:
+        raise UpcycleError(f"--model-batch {config.model_batch} exceeds the number of "
+                           f"ingredients ({n})")
+
+
+def _run(ingredients: Sequence[Ingredient], context: SoupContext,
+         config: MehlConfig) -> SoupResult:
+    return mehl_soup(ingredients, context.model, context.held_out,
+                     loss_fn=context.loss_fn or model_loss,
+                     config=replace(config, progress=context.progress), eval_fn=context.eval_fn,
+                     device=context.device, precision=context.precision, dtype=context.dtype,
+                     checkpoint_dir=context.checkpoint_dir, resume=context.resume,
+                     callback=context.callback)
+
+
+_FLAT = "(memory flat in the number of ingredients)"
+for _name, _blockwise, _title, _note in (
+    ("mehl", False, "MEHL-Soup", "one mixing coefficient per ingredient, learned on the "
+     f"held-out split a few ingredients at a time {_FLAT}"),
+    ("mehl+", True, "MEHL-Soup+", "one mixing coefficient per ingredient and parameter tensor, "
+     f"learned on the held-out split a few ingredients at a time {_FLAT}"),
+):
+    register(SoupMethod(_name, _run, _title, _note, config_class=MehlConfig,
+                        preset={"blockwise": _blockwise}, needs_data=True, min_ingredients=2,
+                        defaults=lambda n: {"model_batch": min(MehlConfig.model_batch, n)},
+                        check=_check_settings, check_resume=_check_resume))

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..io.checkpoints import Ingredient
 from .common import SoupResult, ingredient_names, out_dtype
+from .registry import SoupContext, SoupMethod, register
 
 
 def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False,
@@ -34,3 +35,10 @@ def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False,
         state[name] = acc.to(out_dtype(ingredients[0], name, dtype))
     coefficients = torch.full((n, 1), 1.0 / n, dtype=torch.float64)
     return SoupResult("uniform", state, ingredient_names(ingredients), coefficients, ["<model>"])
+
+
+def _run(ingredients: Sequence[Ingredient], context: SoupContext, config: None) -> SoupResult:
+    return uniform_soup(ingredients, progress=context.progress, dtype=context.dtype)
+
+
+register(SoupMethod("uniform", _run, "Uniform soup", "the plain average of all ingredients"))

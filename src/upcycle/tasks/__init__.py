@@ -57,7 +57,7 @@ def load_task(model_dir: str | os.PathLike, data_path: str | os.PathLike, *,
 
 def is_lm_task(task) -> bool:
     """True for a causal-LM task (token loss, perplexity), False for classification."""
-    return task.name == "causal-lm"
+    return getattr(task, "name", None) == "causal-lm"
 
 
 def task_loss(task):
