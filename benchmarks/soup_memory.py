@@ -89,7 +89,7 @@ def _base_model():
     """The real MiniLM with a 5-class head, grown by LEMON to BERT-base size (12 x 768),
     saved once as a HF folder (config + tokenizer + weights)."""
     from upcycle.demo.data import minilm_path
-    from upcycle.grow.lemon import expand
+    from upcycle.grow import expand
     from upcycle.tasks.classification import ClassificationTask
 
     folder = cache_dir() / "bert-base-grown"

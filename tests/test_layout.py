@@ -4,7 +4,9 @@ The layers themselves are checked by import-linter (``make lint``)."""
 
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from lm_models import save_lm, tiny_lm, tiny_tokenizer, write_lines
 
 from upcycle.io import Ingredient, LoraIngredient, TensorSource, open_ingredients
 from upcycle.tasks import Task, load_task
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "upcycle"
 
 
 def test_checkpoints_and_lora_adapters_are_tensor_sources(tmp_path):
@@ -68,3 +72,34 @@ def test_both_task_kinds_implement_the_task_protocol(kind, tmp_path):
     assert "labels" in collated
     task.save_tokenizer(tmp_path / "tok")
     assert any((tmp_path / "tok").iterdir())
+
+
+def _sources():
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_no_source_file_over_600_lines():
+    long = {str(p.relative_to(SRC)): n for p in _sources()
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"split these by concern: {long}"
+
+
+def test_own_modules_are_imported_at_module_level():
+    """A function-level import of upcycle's own modules hides a cycle; only a deferred heavy
+    optional dependency (transformers, peft...) may be imported inside a function."""
+    found = []
+    for path in _sources():
+        text = path.read_text()
+        lines = text.splitlines()
+        tree = ast.parse(text)
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            own = (isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("upcycle"))) or (
+                isinstance(node, ast.Import) and any(a.name.startswith("upcycle")
+                                                     for a in node.names))
+            if not own or id(node) in top:
+                continue
+            if "deferred" not in lines[node.lineno - 2] + lines[node.lineno - 1]:
+                found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not found, f"import these at module level: {found}"

@@ -294,7 +294,7 @@ def test_unsupported_backbone_names_the_supported_ones():
                                                        n_layer=2, n_head=4))
     with pytest.raises(UpcycleError, match="unsupported family 'bloom'; SHERL supports "
                                            "BERT/MiniLM.*DistilBERT.*ViT.*GPT-2.*Llama.*"
-                                           "upcycle.models.architectures"):
+                                           "upcycle.models.families"):
         get_sherl_model(model)
     with pytest.raises(UpcycleError, match="unsupported family 'Linear'"):
         get_sherl_model(nn.Linear(3, 3))

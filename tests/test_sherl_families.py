@@ -1,4 +1,4 @@
-"""SHERL on every family of the architecture map (upcycle.models.architectures): BERT, RoBERTa,
+"""SHERL on every family of the architecture map (upcycle.models.families): BERT, RoBERTa,
 DistilBERT, ViT, GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX. Tiny random classifiers
 (hidden 32, 3 layers); fp64 where exactness is checked."""
 

@@ -13,12 +13,9 @@ import pytest
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.models.architectures import (
-    ARCHITECTURES,
-    architecture_of,
-    layer_list,
-    model_fused_layouts,
-)
+from upcycle.models.backbone import layer_list
+from upcycle.models.families import ARCHITECTURES
+from upcycle.models.matching import architecture_of, model_fused_layouts
 from upcycle.tune.snell import (
     SnellConfig,
     SnellLayer,
@@ -330,17 +327,19 @@ def test_nan_in_snell_a_stops_training(tmp_path):
 # -- the CLI flag ---------------------------------------------------------------------------------
 
 def test_block_mb_flag():
-    from upcycle.cli.tune import _build_snell, _snell_arguments
+    from upcycle.cli.tune import add_tuner_arguments, tuner_config
+    from upcycle.tune import TUNERS
 
+    snell = TUNERS["snell"]
     parser = argparse.ArgumentParser()
-    _snell_arguments(parser.add_argument_group("snell"))
+    add_tuner_arguments(parser.add_argument_group("snell"), snell)
     args = parser.parse_args(["--block-mb", "0.5"])
-    model = _build_snell(build("bert"), args)
+    model = snell.get_model(build("bert"), tuner_config(snell, args))
     assert model.snell_config.block_mb == 0.5
     assert {layer.block_mb for layer in model.snell_layers().values()} == {0.5}
     assert parser.parse_args([]).block_mb is None  # the device's default
     with pytest.raises(UpcycleError, match="block_mb must be a positive number of MiB, got 0"):
-        _build_snell(build("bert"), parser.parse_args(["--block-mb", "0"]))
+        tuner_config(snell, parser.parse_args(["--block-mb", "0"]))
 
 
 def test_layer_parts_validate_against_the_module():

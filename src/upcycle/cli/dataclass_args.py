@@ -10,6 +10,7 @@ it:
 - ``"flag"``: the flag's name when it differs (``"--snell-compile"``);
 - ``"invert"``: a switch that sets the field to False (``--no-recompute``);
 - ``"choices"``, ``"metavar"``, ``"nargs"``: as in ``add_argument``;
+- ``"help"``: the help text when it is not the docstring's first paragraph;
 - ``"cli": False``: no flag; the field keeps its default.
 
 The parsed value lands under the flag's name (``args.snell_compile``, ``args.no_recompute``),
@@ -50,7 +51,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def field_help(cls: type, name: str) -> str:
-    """The flag help of a field: its docstring's first paragraph, on one line."""
+    """The flag help of a field: ``metadata["help"]`` when it has one, else its docstring's
+    first paragraph, on one line."""
+    given = next(f.metadata.get("help") for f in dataclasses.fields(cls) if f.name == name)
+    if given:
+        return given
     doc = field_docs(cls).get(name, "")
     return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
 
@@ -71,7 +76,7 @@ def _default(f: dataclasses.Field):
     raise TypeError(f"field {f.name!r} has no default: a flag needs one")
 
 
-def _value_type(annotation) -> tuple[type, bool]:
+def value_type(annotation) -> tuple[type, bool]:
     """(the type one value converts to, whether the flag takes several values)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -94,14 +99,14 @@ def add_dataclass_arguments(group: argparse.ArgumentParser | argparse._ArgumentG
     for f in cli_fields(cls):
         meta, default = f.metadata, _default(f)
         kwargs: dict = {"dest": _dest(f), "help": field_help(cls, f.name)}
-        value_type, several = _value_type(hints[f.name])
-        if meta.get("invert") or value_type is bool:
+        kind, several = value_type(hints[f.name])
+        if meta.get("invert") or kind is bool:
             if not meta.get("invert") and default is not False:
                 raise TypeError(f"field {f.name!r}: a switch defaulting to True needs "
                                 f"metadata 'invert' (a --no-... flag)")
             group.add_argument(_flag(f), action="store_true", **kwargs)
             continue
-        kwargs.update(type=value_type, default=default)
+        kwargs.update(type=kind, default=default)
         nargs = meta.get("nargs", "+" if several else None)
         if nargs is not None:
             kwargs["nargs"] = nargs

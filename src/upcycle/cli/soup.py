@@ -7,11 +7,9 @@ peft LoRA adapter folders (on ``--base``) may be mixed."""
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import sys
-import textwrap
+import typing
 from pathlib import Path
 
 from ..errors import UpcycleError
@@ -24,6 +22,7 @@ from ..soup.mehl import check_shard_directions
 from ..soup.registry import config_classes, method_names
 from .arguments import add_task_arguments
 from .configfile import add_config_option, command_line, resolved_config
+from .dataclass_args import field_help, value_type
 from .interrupt import on_interrupt
 
 JOB_SETTINGS = ("seed", "progress")
@@ -88,28 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """A dataclass's attribute docstrings (the string literal under each field)."""
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    except (OSError, TypeError):
-        return {}
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def _flag_type(annotation) -> type:
-    """int, float, str or bool from a field's annotation (a string under PEP 563)."""
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
-    names = {"int": int, "float": float, "str": str, "bool": bool}
-    return next((names[part.strip()] for part in text.split("|") if part.strip() in names), str)
-
-
 def _label(cls: type) -> str:
     """A config class's name for help texts: its first registered method ("learned")."""
     return next(m.name for m in SOUP_METHODS.values() if m.config_class is cls)
@@ -147,11 +124,9 @@ def add_method_arguments(group: argparse._ArgumentGroup) -> None:
     ``metadata["default_help"]`` says how a default depends on the ingredients (the flag then
     defaults to None, resolved by the job)."""
     for name, owners in method_flags().items():
-        helps = [f.metadata["help"] for _, _, f in owners if "help" in f.metadata]
-        docs = [_field_docs(cls).get(name) for _, cls, _ in owners]
-        help_text = next(iter(helps + [d for d in docs if d]), "")
-        _, _, first = next(((lb, c, f) for lb, c, f in owners if "help" in f.metadata),
-                           owners[0])
+        _, cls, first = next(((lb, c, f) for lb, c, f in owners if "help" in f.metadata),
+                             owners[0])
+        help_text = field_help(cls, name)
         defaults = {label: f.default for label, _, f in owners}
         default = first.default
         if "default_help" in first.metadata:
@@ -162,11 +137,11 @@ def add_method_arguments(group: argparse._ArgumentGroup) -> None:
             help_text += " (default: " + ", ".join(f"{k} {v}" for k, v in defaults.items()) + ")"
             default = None
         flags = [f"--{name.replace('_', '-')}", *first.metadata.get("aliases", ())]
-        if _flag_type(first.type) is bool:
+        kind, _ = value_type(typing.get_type_hints(cls)[name])
+        if kind is bool:
             group.add_argument(*flags, action="store_true", help=help_text)
         else:
-            group.add_argument(*flags, type=_flag_type(first.type), default=default,
-                               help=help_text)
+            group.add_argument(*flags, type=kind, default=default, help=help_text)
 
 
 def run(args: argparse.Namespace) -> int:

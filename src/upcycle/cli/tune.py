@@ -29,8 +29,6 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from torch import nn
-
 from ..errors import UpcycleError
 from ..jobs.tune import TuneJob, TuneResult, run_tune
 from ..runtime import distributed
@@ -64,7 +62,7 @@ set). SNELL's ``target_modules`` is a list of names or one regex: --target-modul
 --target-regex."""
 
 
-def _add_tuner_arguments(group: argparse._ArgumentGroup, tuner: Tuner) -> None:
+def add_tuner_arguments(group: argparse._ArgumentGroup, tuner: Tuner) -> None:
     add_dataclass_arguments(group, tuner.config_class)
     if tuner.name in _EXTRA_FLAGS:
         _EXTRA_FLAGS[tuner.name][0](group)
@@ -74,15 +72,6 @@ def tuner_config(tuner: Tuner, args: argparse.Namespace):
     """The config object of ``tuner`` that the parsed flags describe."""
     overrides = _EXTRA_FLAGS[tuner.name][1](args) if tuner.name in _EXTRA_FLAGS else {}
     return config_from_args(tuner.config_class, args, **overrides)
-
-
-def _snell_arguments(group: argparse._ArgumentGroup) -> None:
-    """SNELL's flags alone (tests build a parser of them)."""
-    _add_tuner_arguments(group, TUNERS["snell"])
-
-
-def _build_snell(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    return TUNERS["snell"].get_model(model, tuner_config(TUNERS["snell"], args))
 
 
 def _short_float(value: float) -> str:
@@ -147,7 +136,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_arguments(parser)
     for name, tuner in sorted(TUNERS.items()):
-        _add_tuner_arguments(parser.add_argument_group(f"{name} options", tuner.help), tuner)
+        add_tuner_arguments(parser.add_argument_group(f"{name} options", tuner.help), tuner)
     add_config_option(parser, command="tune")
     parser.set_defaults(func=run)
 

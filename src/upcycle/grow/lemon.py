@@ -32,11 +32,7 @@ from ..models.backbone import base_model
 from ..models.families import Architecture
 from ..models.matching import FusedLayout, Match, architecture_of, eps_of, fused_layouts, sizes_of
 from .check import check_clone
-from .plan import METHODS, GrowthPlan, plan_expansion  # noqa: F401 - METHODS: see below
-from .recipe import SCHEDULES, LemonRecipe  # noqa: F401 - see below
-
-# METHODS, SCHEDULES and LemonRecipe are re-exported here for their old importers
-# (upcycle.cli.grow); they live in .plan and .recipe.
+from .plan import GrowthPlan, plan_expansion
 
 POST_LN_DEPTH_NOTE = (
     "post-LN depth: the new block's attention LayerNorm and the preceding layer's output "
@@ -520,7 +516,7 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
             raise UpcycleError(f"model: tensor {key!r} {tuple(value.shape)} depends on the "
                                f"model size but is not one LEMON knows how to expand "
                                f"({arch.title}: a head or module missing from its entry in "
-                               f"upcycle.models.architectures)")
+                               f"upcycle.models.families)")
         out[key] = value
     for key, value in out.items():
         if new_shapes.get(key) != tuple(value.shape):

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import UpcycleError
 from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
 from ..io.writing import atomic_dir, check_output, copy_model_files
-from ..models.architectures import supported
+from ..models.families import supported
 from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
 from ..tasks import load_task

@@ -125,7 +125,7 @@ def architecture_of(model: nn.Module, *, method: str = "upcycle") -> Match:
         f"model: unsupported family {model_type or type(model).__name__!r}; {method} supports "
         f"{supported()}, and models whose tensors are laid out exactly like "
         f"{', '.join(a.title for a in ARCHITECTURES.values() if a.clone_match)}. To add a "
-        f"family, describe it in upcycle.models.architectures (one Architecture entry)")
+        f"family, describe it in upcycle.models.families (one Architecture entry)")
 
 
 # -- dimensions --------------------------------------------------------------------------------

@@ -222,17 +222,22 @@ def average_buffers(ingredients: Sequence[Ingredient], names: Sequence[str], *,
     """Floating tensors: the mean over ingredients (fp32 accumulation, the ingredients' dtype
     or ``dtype``); integer tensors (e.g. step counters, position ids): taken from the first
     ingredient. CPU tensors, read one at a time."""
-    out = {}
-    for name in names:
-        first = ingredients[0].get(name)
-        if not first.is_floating_point():
-            out[name] = first.clone()
-            continue
-        acc = first.to(torch.float32, copy=True)
-        for ing in ingredients[1:]:
-            acc += ing.get(name).to(torch.float32)
-        out[name] = (acc / len(ingredients)).to(out_dtype(ingredients[0], name, dtype))
-    return out
+    return {name: mean_tensor(ingredients, name, torch.float32, dtype) for name in names}
+
+
+def mean_tensor(ingredients: Sequence[Ingredient], name: str, accumulate: torch.dtype,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The mean of one tensor over the ingredients, read one ingredient at a time and summed
+    in ``accumulate``, rounded once to the first ingredient's dtype (or ``dtype``). An integer
+    tensor is the first ingredient's."""
+    first = ingredients[0].get(name)
+    if not first.is_floating_point():
+        return first.clone()
+    acc = first.to(accumulate, copy=True)
+    for ing in ingredients[1:]:
+        acc += ing.get(name).to(accumulate)
+    acc /= len(ingredients)
+    return acc.to(out_dtype(ingredients[0], name, dtype))
 
 
 def place_model(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -247,7 +252,7 @@ def place_model(model: nn.Module, device: str | torch.device | None) -> torch.de
 def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The default ``loss_fn`` of the learned soups: the loss the model itself returns given
     ``labels`` (a HF classifier's cross-entropy, a causal LM's token loss). A job passes its
-    task's loss instead (:func:`upcycle.tasks.task_loss`)."""
+    task's loss instead (``task.loss``, :class:`upcycle.tasks.Task`)."""
     out = model(**batch)
     loss = out.loss if hasattr(out, "loss") else out[0] if isinstance(out, tuple) else None
     if loss is None:

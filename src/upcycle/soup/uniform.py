@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io.checkpoints import Ingredient
-from .common import SoupResult, ingredient_names, out_dtype
+from .common import SoupResult, ingredient_names, mean_tensor
 from .registry import SoupContext, SoupMethod, register
 
 
@@ -24,15 +24,7 @@ def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False,
     n = len(ingredients)
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(ingredients[0].keys(), desc="uniform soup", disable=not progress, leave=False):
-        first = ingredients[0].get(name)
-        if not first.is_floating_point():
-            state[name] = first.clone()
-            continue
-        acc = first.to(torch.float64, copy=True)
-        for ing in ingredients[1:]:
-            acc += ing.get(name).to(torch.float64)
-        acc /= n
-        state[name] = acc.to(out_dtype(ingredients[0], name, dtype))
+        state[name] = mean_tensor(ingredients, name, torch.float64, dtype)
     coefficients = torch.full((n, 1), 1.0 / n, dtype=torch.float64)
     return SoupResult("uniform", state, ingredient_names(ingredients), coefficients, ["<model>"])
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch import nn
-
 from ..errors import UpcycleError
 from .base import Task
 from .causal_lm import CausalLMTask, is_causal_lm, load_lm_task
@@ -20,7 +18,7 @@ from .classification import (
 )
 
 __all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "Task", "classification_loss",
-           "evaluate", "evaluate_task", "is_lm_task", "load_task", "task_loss"]
+           "evaluate", "load_task"]
 
 TASKS = ("auto", "classification", "causal-lm")
 """``task`` values of :func:`load_task` (and ``--task`` of the CLI)."""
@@ -53,19 +51,3 @@ def load_task(model_dir: str | os.PathLike, data_path: str | os.PathLike, *,
     return ClassificationTask(model_dir, task_kind(data_path),
                               max_length=max_length if max_length is not None else 128,
                               head_seed=head_seed)
-
-
-def is_lm_task(task) -> bool:
-    """True for a causal-LM task (token loss, perplexity), False for classification."""
-    return getattr(task, "name", None) == "causal-lm"
-
-
-def task_loss(task):
-    """The training loss ``loss_fn(model, batch)`` of the task (:meth:`Task.loss`)."""
-    return task.loss
-
-
-def evaluate_task(task, model: nn.Module, batches: list[dict], *,
-                  precision: str | None = None) -> dict:
-    """The task's metrics over ``batches`` (:meth:`Task.evaluate`)."""
-    return task.evaluate(model, batches, precision=precision)

@@ -14,8 +14,9 @@ A decoder (GPT-2, Llama...) without a pad token gets EOS as its pad token (token
 ``config.pad_token_id``), so it batches.
 
 Beside classification, a causal-LM task (:mod:`upcycle.tasks.causal_lm`): :func:`load_task`
-picks it for a ``*ForCausalLM`` model folder (or ``task="causal-lm"``); :func:`task_loss` and
-:func:`evaluate_task` give each kind's loss and metrics (accuracy, or perplexity).
+picks it for a ``*ForCausalLM`` model folder (or ``task="causal-lm"``). Both implement the
+:class:`~upcycle.tasks.base.Task` protocol: ``task.loss``, ``task.evaluate`` (accuracy, or
+perplexity), ``task.score``...
 """
 
 from __future__ import annotations

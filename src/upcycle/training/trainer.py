@@ -101,28 +101,27 @@ class UpcycleTrainer(Trainer):
         if distributed.is_distributed():  # every rank stops together
             bad = distributed.all_reduce_sum(bad.to(self.args.device)).cpu()
         if float(bad) > 0:
-            last = last_checkpoint(Path(self.args.output_dir))
-            kept = (f"the last good checkpoint is {last} (step {checkpoint_step(last)})"
-                    if last is not None else "no checkpoint was saved before it")
             raise NonFiniteLossError(
                 f"the training loss became {float(loss):g} at step "
                 f"{self.state.global_step + 1}; training stopped and nothing more was written; "
-                f"{kept}. Lower the learning rate, or use bf16 instead of fp16 (fp16 overflows "
+                f"{self._last_good()}. Lower the learning rate, or use bf16 instead of fp16 (fp16 overflows "
                 f"above 65504)")
         self._micro_loss += float(loss)
         return loss
+
+    def _last_good(self) -> str:
+        last = last_checkpoint(Path(self.args.output_dir))
+        return (f"the last good checkpoint is {last} (step {checkpoint_step(last)})"
+                if last is not None else "no checkpoint was saved before it")
 
     def _save_checkpoint(self, model, trial):
         """Never save non-finite weights: the last checkpoint stays a good one."""
         unwrapped = self._plain_model()
         for name, p in unwrapped.named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p).all()):
-                last = last_checkpoint(Path(self.args.output_dir))
-                kept = (f"the last good checkpoint is {last} (step {checkpoint_step(last)})"
-                        if last is not None else "no checkpoint was saved before it")
                 raise NonFiniteLossError(
                     f"parameter {name} became non-finite at step {self.state.global_step}; "
-                    f"training stopped and no checkpoint was saved for it; {kept}. Lower the "
+                    f"training stopped and no checkpoint was saved for it; {self._last_good()}. Lower the "
                     f"learning rate, or use bf16 instead of fp16")
         return super()._save_checkpoint(model, trial)
 

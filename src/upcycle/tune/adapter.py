@@ -117,6 +117,16 @@ def load_adapter(folder: str | os.PathLike, method: str) -> tuple[dict, dict[str
     return config, tensors
 
 
+def copy_saved_tensors(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor],
+                       source: str) -> None:
+    """Copy a saved adapter's tensors into the model's (``expected``: name -> the model's
+    tensor), each in the model's dtype, after checking that they are exactly these tensors."""
+    check_tensor_shapes(expected, loaded, source)
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(loaded[name].to(target.dtype))
+
+
 def check_tensor_shapes(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor],
                         source: str) -> None:
     """Every expected tensor present in ``loaded`` with the same shape; name the first that is not."""

@@ -9,7 +9,7 @@ frozen backbone states (the whole backbone runs under ``no_grad``)::
 and no pretrained layer after it: ``W_up LN(s_L)`` goes to the backbone's final norm and its
 own classification head. Trainable: the side network and the head. Same call contract as
 :class:`upcycle.tune.sherl.SherlModel` (the backbone is run through the same
-:mod:`upcycle.models.architectures` map).
+:mod:`upcycle.models.families` map).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from ..models.architectures import layer_mask
-from ..models.backbone import Backbone, classifier_output
+from ..models.backbone import Backbone, classifier_output, layer_mask
 from .adapter import TunerConfig, trainable_report
 
 LADDER_TEMPERATURE = 0.1
@@ -126,7 +125,7 @@ class LadderSideModel(nn.Module):
 
 
 def get_lst_model(model: nn.Module, config: LstConfig | None = None) -> LadderSideModel:
-    """Wrap a HF classification model of any family in :mod:`upcycle.models.architectures` with a
+    """Wrap a HF classification model of any family in :mod:`upcycle.models.families` with a
     ladder side network."""
     return LadderSideModel(model, config or LstConfig())
 

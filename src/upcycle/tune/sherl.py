@@ -16,7 +16,7 @@ Usage::
     model.save_pretrained("sherl-out")                          # trainable part only
     again = SherlModel.from_pretrained(fresh_hf_classifier, "sherl-out")
 
-Every family of :mod:`upcycle.models.architectures` is supported (BERT/MiniLM, RoBERTa, DistilBERT,
+Every family of :mod:`upcycle.models.families` is supported (BERT/MiniLM, RoBERTa, DistilBERT,
 ViT, GPT-2, Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, and models laid out exactly like Llama):
 the map says where the embeddings, layers, final norm and head live and how a layer is called
 (masks, rotary position embeddings, sliding windows). A new family is one entry there.
@@ -33,11 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from ..models.architectures import (
-    Architecture,
-)
 from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output
-from .adapter import TunerConfig, check_tensor_shapes, load_adapter, save_adapter, trainable_report
+from ..models.families import Architecture
+from .adapter import TunerConfig, copy_saved_tensors, load_adapter, save_adapter, trainable_report
 
 METHOD = "sherl"
 DEFAULT_LR = 3e-3
@@ -218,7 +216,7 @@ class SherlModel(nn.Module):
     # -- structure ----------------------------------------------------------------------------
     @property
     def family(self) -> Architecture:
-        """The backbone's entry in :mod:`upcycle.models.architectures`."""
+        """The backbone's entry in :mod:`upcycle.models.families`."""
         return self._backbone.arch
 
     def trainable_base_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -302,16 +300,13 @@ class SherlModel(nn.Module):
                 raise UpcycleError(f"{source} were trained on another backbone: {what}")
         model = cls(base_model, config)
         expected = model.trainable_state_dict()
-        check_tensor_shapes(expected, tensors, source)
-        with torch.no_grad():
-            for name, target in expected.items():
-                target.copy_(tensors[name].to(target.dtype))
+        copy_saved_tensors(expected, tensors, source)
         return model
 
 
 def get_sherl_model(model: nn.Module, config: SherlConfig | None = None) -> SherlModel:
     """Wrap a HF sequence/image classification model of any family in
-    :mod:`upcycle.models.architectures` for SHERL training.
+    :mod:`upcycle.models.families` for SHERL training.
 
     Freezes every backbone parameter except the head (and the late layers when
     ``config.train_late_layers``); the new MTSA is trainable.

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...errors import UpcycleError
 from ..adapter import (
-    check_tensor_shapes,
+    copy_saved_tensors,
     count_parameters,
     find_modules,
     load_adapter,
@@ -184,10 +184,7 @@ class SnellModel(nn.Module):
         config = SnellConfig.from_dict(raw, source=source)
         wrapped = cls(model, config)
         expected = wrapped.adapter_state_dict()
-        check_tensor_shapes(expected, tensors, source)
-        with torch.no_grad():
-            for name, target in expected.items():
-                target.copy_(tensors[name].to(target.dtype))
+        copy_saved_tensors(expected, tensors, source)
         if not is_trainable:
             for p in wrapped.parameters():
                 p.requires_grad_(False)

@@ -1,23 +1,19 @@
 """Which modules of a model SNELL adapts by default, how each fused projection splits into
 parts, and which task head is trained with the adapter: from the architecture map
-(:mod:`upcycle.models.architectures`), with SNELL-only defaults for families outside it."""
+(:mod:`upcycle.models.families`), with SNELL-only defaults for families outside it."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ...errors import UpcycleError
-from ...models.architectures import (
-    architecture_of,
-    model_fused_layouts,
-    snell_target_modules,
-    supported,
-)
+from ...models.families import supported
+from ...models.matching import architecture_of, model_fused_layouts, snell_target_modules
 from ..adapter import module_name_matches
 from .parts import RowParts, row_parts
 
 # Default targets and fused layouts come from the architecture map
-# (upcycle.models.architectures: snell_target_modules, model_fused_layouts). Families SNELL adapts
+# (upcycle.models.families: snell_target_modules, model_fused_layouts). Families SNELL adapts
 # that the map does not describe (no other method supports them) keep their SNELL-only
 # defaults here: ELECTRA has BERT's layer layout, DeiT ViT's.
 UNMAPPED_TARGET_MODULES: dict[str, list[str]] = {
