@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+# The rest with uv (the same packages as pip, resolved and installed in seconds); it keeps the
+# torch that pip installed, which satisfies constraints.txt.
+UV     := $(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -13,17 +16,21 @@ export TOKENIZERS_PARALLELISM := false
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first and alone, so no other package can pull a CUDA build.
+# torch first and alone with pip (it takes the CPU wheel on disk), so no other package can
+# pull a CUDA build.
 $(VENV)/.torch: constraints.txt | $(BIN)/python
 	$(PIP) torch
 	touch $@
 
-$(VENV)/.dev: pyproject.toml constraints.txt $(VENV)/.torch
-	$(PIP) -e ".[dev]"
+$(BIN)/uv: | $(VENV)/.torch
+	$(PIP) uv
+
+$(VENV)/.dev: pyproject.toml constraints.txt $(VENV)/.torch | $(BIN)/uv
+	$(UV) -e ".[dev]"
 	touch $@
 
-$(VENV)/.demo: pyproject.toml constraints.txt $(VENV)/.torch
-	$(PIP) -e ".[demo]"
+$(VENV)/.demo: pyproject.toml constraints.txt $(VENV)/.torch | $(BIN)/uv
+	$(UV) -e ".[demo]"
 	touch $@
 
 # Tests run in parallel (pytest-xdist, one worker per core).
