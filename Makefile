@@ -5,8 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 # The rest with uv (the same packages as pip, resolved and installed in seconds); it keeps the
-# torch that pip installed, which satisfies constraints.txt.
-UV     := $(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt
+# torch that pip installed, which satisfies constraints.txt. --compile-bytecode as pip does:
+# where PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile transformers anew.
+UV     := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
