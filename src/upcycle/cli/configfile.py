@@ -223,6 +223,7 @@ def add_config_option(parser: argparse.ArgumentParser, *, command: str | None = 
             for action, default, required, nargs in saved:
                 action.default, action.required, action.nargs = default, required, nargs
         ns.config = path
+        _guard_outputs(parser, command, ns, values, typed, path)
         flags = {a.dest: _flag_name(a) for a in parser._actions}
         for dest, value in values.items():
             if dest in typed and not _same(getattr(ns, dest), value):
@@ -232,6 +233,24 @@ def add_config_option(parser: argparse.ArgumentParser, *, command: str | None = 
         return ns, extras
 
     parser.parse_known_args = parse_known_args
+
+
+def _guard_outputs(parser, command: str, ns, values: dict, typed: set, path: str) -> None:
+    """A file never replaces a folder: ``overwrite`` counts only typed on the command line, and
+    an ``out`` read from the file (no ``--out`` typed) must not exist yet."""
+    if values.get("overwrite") and "overwrite" not in typed:
+        print(f"upcycle {command}: note: overwrite: true in {path} is ignored (--overwrite "
+              f"counts only when typed on the command line)", file=sys.stderr)
+        ns.overwrite = False
+    out = getattr(ns, "out", None)
+    if "out" in values and "out" not in typed and out is not None:
+        ns.overwrite = False  # --overwrite replaces only an --out typed with it
+        target = Path(out)
+        if target.is_file() or target.is_symlink() or (target.is_dir() and any(
+                target.iterdir())):
+            parser.error(f"--config {path}: out {out} already exists, and an out read from a "
+                         f"file never replaces anything; type --out {out} --overwrite to "
+                         f"replace it, or --out NEW")
 
 
 def _show(value) -> str:

@@ -9,9 +9,12 @@ valid one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import UpcycleError
@@ -103,6 +106,30 @@ def _suggestions(parser: argparse.ArgumentParser, command: str | None, unknown: 
     return target, "unrecognized arguments: " + " ".join(parts)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the running command unwinds as on Ctrl-C:
+    its temporary folders are removed and nothing half-written is left."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises :class:`Terminated` (where a handler can be set:
+    the main thread); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         target, message = _suggestions(parser, getattr(args, "command", None), unknown)
         target.error(message)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_raises():
+            return int(args.func(args) or 0)
     except UpcycleError as exc:
         print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = interrupt_hint() or "nothing was written"
-        print(f"\nupcycle {args.command}: interrupted; {hint}", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\nupcycle {args.command}: {what}; {hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
+from ..io.outputs import check_not_input
 from ..io.writing import atomic_file, write_json
 from ..jobs.bench import format_table
 from ..jobs.soup import (
@@ -122,7 +123,11 @@ def sentence(row: dict, best: dict, best_name: str) -> str:
             f"{row['peak_rss_mb'] / 1024:.1f} GiB.")
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, cache: Path | None = None) -> None:
+    """``--out``: a new folder or an earlier demo's, and neither the cache (where the
+    ingredients are) nor a folder holding it or inside it."""
+    if cache is not None:
+        check_not_input(out, [("--cache", cache)])
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / "report.json").is_file())):
         raise UpcycleError(f"--out {out}: exists and is not a demo output folder (no "
@@ -151,8 +156,8 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = _nothing,
     check_config(config)
     device = resolve_device(config.device)
     out = Path(config.out)
-    check_out(out)
     cache = Path(config.cache) if config.cache else bbc.default_cache()
+    check_out(out, cache)
     n = config.ingredients
     k = min(config.model_batch, n)
     recipes = bbc.demo_recipes(n)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
+from ..io.outputs import guard_output
 from ..io.writing import atomic_dir, check_output, copy_model_files
 from ..models.families import supported
 from ..runtime import distributed
@@ -147,7 +148,17 @@ def run_grow(job: GrowJob, *, callbacks: Iterable = (),
              say: Callable[[str], None] = print) -> GrowResult:
     """Run ``job`` (see the module's docstring). ``say`` prints the progress lines (the plan,
     the parameter counts, the output difference); ``callbacks``: more ``Trainer`` callbacks
-    for ``train``."""
+    for ``train``. ``out`` may not be, hold or lie inside ``model`` or ``train``, and is
+    locked for the run (a second run on it is refused). Training runs in
+    ``<out>.checkpoints`` (the grown model, then the checkpoints), removed once ``out`` is
+    written."""
+    out = Path(job.out)
+    with guard_output(out, inputs=[("--model", job.model), ("--train", job.train)],
+                      written=[("checkpoint folder", checkpoints_folder(out))]):
+        return _run_grow(job, callbacks=callbacks, say=say)
+
+
+def _run_grow(job: GrowJob, *, callbacks: Iterable, say: Callable[[str], None]) -> GrowResult:
     src = Path(job.model)
     out = Path(job.out)
     if job.train is not None:
@@ -182,20 +193,32 @@ def run_grow(job: GrowJob, *, callbacks: Iterable = (),
               "matched_by_structure": plan.by_structure, "method": job.method, "seed": job.seed,
               "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
               "source": str(src)}
+    if job.train is not None:
+        grown, report["train"] = _train(src, grown, job, callbacks, say)
     with atomic_dir(out, overwrite=job.overwrite) as tmp:
         copy_model_files(src, tmp)
         grown.save_pretrained(tmp, safe_serialization=True)
-        if job.train is not None:
-            report["train"] = _train(tmp, job, callbacks, say)
         (tmp / "growth.json").write_text(json.dumps(report, indent=2))
+    if job.train is not None and distributed.is_main():
+        shutil.rmtree(checkpoints_folder(out), ignore_errors=True)  # the run is complete
     say(f"wrote {out}")
     return GrowResult(out=out, report=report)
 
 
-def _train(model_dir: Path, job: GrowJob, callbacks: Iterable,
-           say: Callable[[str], None]) -> dict:
-    """Train the grown model in ``model_dir`` on ``job.train`` with LEMON's recipe (the
-    from-scratch peak lr and warm-up, the decay ending at ``job.steps``)."""
+def _train(src: Path, grown: nn.Module, job: GrowJob, callbacks: Iterable,
+           say: Callable[[str], None]) -> tuple[nn.Module, dict]:
+    """Train ``grown`` on ``job.train`` with LEMON's recipe (the from-scratch peak lr and
+    warm-up, the decay ending at ``job.steps``) in ``<out>.checkpoints``: the grown model is
+    written to its ``grown/`` folder (never into the output's temporary folder, so that a
+    killed run leaves nothing but that resumable folder). Returns the trained model."""
+    folder = checkpoints_folder(Path(job.out))
+    if job.overwrite and not job.resume and folder.exists() and distributed.is_main():
+        shutil.rmtree(folder)  # start over, as the checkpoints' overwrite would
+    model_dir = folder / "grown"
+    if distributed.is_main():
+        with atomic_dir(model_dir, overwrite=True) as tmp:
+            copy_model_files(src, tmp)
+            grown.save_pretrained(tmp, safe_serialization=True)
     device = resolve_device(job.device)
     task = load_task(model_dir, job.train, task="classification")  # --train: classifiers
     data = task.read(job.train, split="train", fix_num_labels=True)
@@ -209,22 +232,18 @@ def _train(model_dir: Path, job: GrowJob, callbacks: Iterable,
                             progress=not job.quiet)
     torch.manual_seed(job.seed)
     schedule = lambda optimizer, total: recipe.scheduler(optimizer)  # noqa: E731
-    folder = checkpoints_folder(Path(job.out))
     settings = job.settings if job.settings is not None else {
         f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "settings"}
     fingerprint = run_fingerprint(argparse.Namespace(**settings),
                                   {"model": job.model, "train": job.train})
     result = finetune.train_task(model, task, data, config, schedule=schedule,
                                  output_dir=folder, resume=job.resume, fingerprint=fingerprint,
-                                 overwrite=job.overwrite, callbacks=list(callbacks))
+                                 overwrite=False, callbacks=list(callbacks))
     batches = task.batches(data, job.batch_size)
     metrics = task.evaluate(model, batches[: max(1, min(len(batches), 8))])
     say(f"trained {result.steps} steps on {device} (LEMON recipe: peak lr {recipe.lr:g}, "
         f"warm-up {recipe.warmup_steps}, {recipe.decay} decay to 0 at step {job.steps}): "
         f"last loss {result.last_loss:.4f}, train accuracy {metrics['accuracy']:.3f}")
-    model.save_pretrained(model_dir, safe_serialization=True)
-    if distributed.is_main():
-        shutil.rmtree(folder, ignore_errors=True)  # the run is complete: its checkpoints go
-    return {"steps": result.steps, "resumed_from": result.resumed_from,
-            "last_loss": result.last_loss, "device": str(device),
-            "log_history": result.log_history, **metrics}
+    return model, {"steps": result.steps, "resumed_from": result.resumed_from,
+                   "last_loss": result.last_loss, "device": str(device),
+                   "log_history": result.log_history, **metrics}

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient, _short
 from ..io.ingredients import open_ingredients, validate_ingredients
+from ..io.outputs import expand_globs, guard_output
 from ..io.writing import check_output, write_json
 from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
@@ -400,12 +401,31 @@ def _quiet(message: str) -> None:
     pass
 
 
+def soup_inputs(config: SoupConfig) -> list[tuple[str, object]]:
+    """What a soup reads (label, path): ``out`` may be none of them."""
+    return [*[("ingredient", spec) for spec in expand_globs(config.ingredients)],
+            ("--model", config.model), ("--base", config.base if not isinstance(
+                config.base, Ingredient) else None),
+            ("--held-out", config.held_out), ("--data", config.data), ("--test", config.test)]
+
+
 def run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -> SoupRun:
     """Prepare (every check before any work), soup, score and save: ``upcycle soup`` as a
     function. ``say(message)``: warnings and notes (only one ingredient; resuming; a left-over
     checkpoint). Resumable methods with ``out``: a checkpoint after every round in
     :func:`partial_dir`, ``on_round(record)`` once it is written; ``on_saved(out)`` once the
-    soup is written (the checkpoint is removed after)."""
+    soup is written (the checkpoint is removed after). ``out`` may not be, hold or lie inside
+    an input; its folder must be writable, and it is locked for the run (a second run on it
+    is refused)."""
+    if config.out is None:
+        return _run_soup(config, say=say, on_round=on_round, on_saved=on_saved)
+    out = Path(config.out)
+    with guard_output(out, inputs=soup_inputs(config),
+                      written=[("checkpoint folder", partial_dir(out))]):
+        return _run_soup(config, say=say, on_round=on_round, on_saved=on_saved)
+
+
+def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -> SoupRun:
     entry = get_method(config.method)
     out = Path(config.out) if config.out is not None else None
     if out is not None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.outputs import guard_output
 from ..io.writing import atomic_dir, check_output, copy_model_files, write_json
 from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
@@ -118,7 +119,17 @@ def _check(job: TuneJob) -> None:
 
 
 def run_tune(job: TuneJob, *, callbacks: Iterable = ()) -> TuneResult:
-    """Run ``job`` (see the module's docstring); ``callbacks``: more ``Trainer`` callbacks."""
+    """Run ``job`` (see the module's docstring); ``callbacks``: more ``Trainer`` callbacks.
+    ``out`` may not be, hold or lie inside ``model`` or a data file, and is locked for the
+    run (a second run on it is refused)."""
+    out = Path(job.out)
+    with guard_output(out, inputs=[("--model", job.model), ("--data", job.data),
+                                   ("--held-out", job.held_out), ("--test", job.test)],
+                      written=[("checkpoint folder", checkpoints_folder(out))]):
+        return _run_tune(job, callbacks=callbacks)
+
+
+def _run_tune(job: TuneJob, *, callbacks: Iterable = ()) -> TuneResult:
     tuner = TUNERS.get(job.method)
     if tuner is None:
         raise UpcycleError(f"method {job.method!r}: expected one of {', '.join(TUNERS)}")
