@@ -156,6 +156,7 @@ def test_model_files_links_and_odd_entries(tmp_path, private, capsys):
     (src / "model.safetensors").write_bytes(b"x")                        # weights: silent
     (src / "training_args.bin").write_bytes(b"x")
     (src / ".env").write_text(SECRET)                                    # hidden: silent
+    (src / "train.json").write_text("{}")                       # upcycle's own record: silent
     (src / "README.md").write_text("card")
     assert list(model_files(src)) == ["config.json"]
     err = capsys.readouterr().err.strip()
@@ -164,7 +165,7 @@ def test_model_files_links_and_odd_entries(tmp_path, private, capsys):
                  "tokenizer.json (a broken link)", "vocab.json (a link out of the folder)",
                  "vocab.txt (not a regular file)", "spiece.model (a broken link)"):
         assert part in err, err
-    for quiet in ("checkpoint-5", "safetensors", "training_args", ".env"):
+    for quiet in ("checkpoint-5", "safetensors", "training_args", ".env", "train.json"):
         assert quiet not in err
     dest = tmp_path / "dest"
     dest.mkdir()

@@ -38,6 +38,10 @@ CUSTOM_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_con
                        "processor_config.json")
 """The files whose ``auto_map`` makes transformers import code from the folder."""
 
+UPCYCLE_RECORDS = frozenset({"train.json", "report.json", "soup.json", "growth.json"})
+"""The records upcycle writes beside its own outputs (how the input was made): an output
+writes its own, so the input's are left out without a warning."""
+
 _OTHER_WEIGHTS = (".h5", ".msgpack", ".ckpt", ".ckpt.index", ".gguf")
 
 
@@ -60,7 +64,7 @@ def _inside(target: Path, folder: Path) -> bool:
 def _classify(item: Path, real_folder: Path) -> tuple[Path | None, str | None]:
     """(the regular file to copy, None) or (None, why it is left out; None: silently)."""
     name = item.name
-    if name.startswith(".") or _is_weight_file(name):
+    if name.startswith(".") or _is_weight_file(name) or name in UPCYCLE_RECORDS:
         return None, None
     if name not in MODEL_FILES:
         if item.is_dir():
@@ -85,8 +89,9 @@ def _classify(item: Path, real_folder: Path) -> tuple[Path | None, str | None]:
 def model_files(folder: str | os.PathLike, names=None) -> dict[str, Path]:
     """The files of ``folder`` to copy beside a written model: name -> the regular file (a
     link resolved) holding it, in name order. Only :data:`MODEL_FILES` (and of them only
-    ``names`` when given) are kept; the rest, bar weights, hidden files and sub-folders, is
-    named in one warning line on stderr."""
+    ``names`` when given) are kept; the rest, bar weights, hidden files, sub-folders and
+    upcycle's own records (:data:`UPCYCLE_RECORDS`), is named in one warning line on
+    stderr."""
     folder = Path(folder)
     real = folder.resolve()
     found: dict[str, Path] = {}
