@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..errors import UpcycleError
 from .checkpoints import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, WEIGHT_FILE_SUFFIXES, _short
+from .model_files import model_files
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # HuggingFace's default max_shard_size ("5GB")
 
@@ -315,19 +316,11 @@ def write_safetensors_shards(
     return names
 
 
-def _is_weight_file(name: str) -> bool:
-    return (
-        name.endswith(WEIGHT_FILE_SUFFIXES)
-        or name == SAFETENSORS_INDEX
-        or name.endswith(".index.json")
-    )
-
-
 def copy_model_files(source_dir: Path, dest: Path) -> None:
-    """Copy a HF folder's config, tokenizer and processor files (not its weights)."""
-    for item in sorted(source_dir.iterdir()):
-        if item.is_file() and not _is_weight_file(item.name) and not item.name.startswith("."):
-            shutil.copy2(item, dest / item.name)
+    """Copy a HF folder's config, tokenizer, processor and generation files (not its weights,
+    nothing else: see :func:`~upcycle.io.model_files.model_files`) as regular files."""
+    for name, source in model_files(source_dir).items():
+        shutil.copyfile(source, dest / name)
 
 
 def save_model(

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
+from ..io.model_files import check_no_custom_code
 from ..io.outputs import guard_output
 from ..io.writing import atomic_dir, check_output, copy_model_files
 from ..models.families import supported
@@ -117,8 +118,9 @@ def load_source(model_dir: Path) -> nn.Module:
 
     if not (model_dir / "config.json").is_file():
         raise UpcycleError(f"--model {model_dir}: not a HuggingFace model folder (no config.json)")
+    check_no_custom_code(model_dir, f"--model {model_dir}")
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         model_type = None
         try:
@@ -136,7 +138,7 @@ def load_source(model_dir: Path) -> nn.Module:
         cls = getattr(transformers, arch, None) or AutoModel
         break
     try:
-        model = cls.from_pretrained(model_dir, dtype=torch.float32)
+        model = cls.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UpcycleError(f"--model {model_dir}: cannot load it as {cls.__name__}: "

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient, _short
 from ..io.ingredients import open_ingredients, validate_ingredients
+from ..io.model_files import model_files
 from ..io.outputs import expand_globs, guard_output
 from ..io.writing import check_output, write_json
 from ..runtime import distributed
@@ -393,8 +394,7 @@ def tokenizer_files(job: SoupJob) -> dict[str, bytes]:
         return {}
     names = {*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json",
              "chat_template.jinja"}
-    return {item.name: item.read_bytes() for item in sorted(Path(tok).iterdir())
-            if item.is_file() and item.name in names}
+    return {name: path.read_bytes() for name, path in model_files(tok, names).items()}
 
 
 def _quiet(message: str) -> None:

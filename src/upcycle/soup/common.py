@@ -166,7 +166,7 @@ def _tied_groups_of_folder(folder: Path) -> list[list[str]]:
         import transformers
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         cls = getattr(transformers, (config.architectures or [""])[0], None)
         if cls is None:
             return []

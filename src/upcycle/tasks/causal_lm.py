@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from .base import batch_indices
@@ -190,7 +191,8 @@ class CausalLMTask:
         if not (self.model_dir / "config.json").is_file():
             raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
                                f"(no config.json)")
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        check_no_custom_code(self.model_dir, f"model {self.model_dir}")
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         limit = position_limit(self.config)
         if max_length is None:
             max_length = min(512, limit) if limit else 512
@@ -212,8 +214,9 @@ class CausalLMTask:
         for folder in tried:
             if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                     "vocab.json", "tokenizer.model")):
+                check_no_custom_code(folder, f"tokenizer in {folder}")
                 try:
-                    tokenizer = AutoTokenizer.from_pretrained(folder)
+                    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
                     break
                 except Exception as exc:  # a broken tokenizer file: say which
                     raise UpcycleError(f"tokenizer in {folder}: cannot be loaded: {exc}") from exc
@@ -242,7 +245,8 @@ class CausalLMTask:
         from transformers import AutoModelForCausalLM
 
         kwargs = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=False,
+                                                     **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         gen = getattr(model, "generation_config", None)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
@@ -115,7 +116,8 @@ class ClassificationTask:
         if not (self.model_dir / "config.json").is_file():
             raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
                                f"(no config.json)")
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        check_no_custom_code(self.model_dir, f"model {self.model_dir}")
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         archs = self.config.architectures or []
         suffix = "ForSequenceClassification" if kind == "text" else "ForImageClassification"
         self.has_head = any(a.endswith(suffix) for a in archs)
@@ -156,7 +158,7 @@ class ClassificationTask:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.head_seed)
-                model = auto.from_pretrained(self.model_dir, **kwargs)
+                model = auto.from_pretrained(self.model_dir, trust_remote_code=False, **kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
         return model.eval()
@@ -166,7 +168,7 @@ class ClassificationTask:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token  # a decoder's tokenizer (GPT-2, Llama)
             self._tokenizer = tokenizer

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.model_files import check_no_custom_code
 from .adapter import ADAPTER_CONFIG, TunerConfig
 from .sherl import DEFAULT_LR as SHERL_DEFAULT_LR
 from .sherl import SherlConfig, SherlModel, get_sherl_model
@@ -103,6 +104,7 @@ def _load_base(folder: Path, record: dict, given, dtype) -> nn.Module:
         where = "given" if given is not None else f"recorded in {folder / ADAPTER_CONFIG}"
         raise UpcycleError(f"base model {path!r} ({where}) is not a HF model folder here (no "
                            f"config.json); {hint}")
+    check_no_custom_code(path, f"base model {path!r}")
     name = record.get("base_model_class")
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
@@ -117,7 +119,7 @@ def _load_base(folder: Path, record: dict, given, dtype) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a head the adapter holds is not "newly initialized"
     try:
-        model = cls.from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise UpcycleError(f"base model {path!r}: cannot load it as {cls.__name__}: "
                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
