@@ -12,9 +12,10 @@ import argparse
 import difflib
 import os
 import sys
+import warnings
 
 from .. import __version__
-from ..errors import UpcycleError
+from ..errors import UpcycleError, UpcycleWarning
 from . import demo, grow, soup, tune
 from .interrupt import interrupt_hint
 
@@ -111,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         target, message = _suggestions(parser, getattr(args, "command", None), unknown)
         target.error(message)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UpcycleWarning):  # one line, as the errors
+            print(f"upcycle {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
     except UpcycleError as exc:
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = interrupt_hint() or "nothing was written"
         print(f"\nupcycle {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":
