@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError, UpcycleWarning
+from ..runtime import distributed
 
 CHARS_PER_TOKEN = 32
 """A text is cut to ``max_length * CHARS_PER_TOKEN`` characters before it is tokenised, so
@@ -136,7 +137,7 @@ class SplitRegistry:
 
     def note(self, digest: str, split: str, source: str) -> None:
         earlier = self.seen.get(digest)
-        if earlier is not None and earlier[0] != split:
+        if earlier is not None and earlier[0] != split and distributed.is_main():
             warnings.warn(f"the {split} file {source} holds the same examples as the "
                           f"{earlier[0]} file {earlier[1]}: its scores say nothing about "
                           f"unseen data", UpcycleWarning, stacklevel=3)

@@ -181,18 +181,17 @@ def _check_string(row: dict, fields: tuple[str, ...], path: Path, split: str,
 
 
 def _pieces(text: str, limit: int) -> list[str]:
-    """``text`` in pieces of at most ``limit`` characters, each cut before a whitespace
-    character that follows a non-space one when there is one in the piece's second half (so
-    byte-level BPE tokenises the pieces as it tokenises the whole); a text within the limit
-    is one piece."""
+    """``text`` in pieces of at most ``limit`` characters, each cut at the start of a run of
+    whitespace in the piece's second half when there is one (so byte-level BPE tokenises the
+    pieces as it tokenises the whole), else at ``limit``; a text within the limit is one
+    piece."""
     out, start = [], 0
     while len(text) - start > limit:
-        end = start + limit
-        cut = end
-        while cut > start + limit // 2 and not (text[cut].isspace()
-                                                and not text[cut - 1].isspace()):
+        end, half = start + limit, start + limit // 2
+        cut = max(text.rfind(c, half, end + 1) for c in " \n\t")
+        while cut > half and text[cut - 1].isspace():
             cut -= 1
-        if cut <= start + limit // 2:
+        if cut <= half:
             cut = end
         out.append(text[start:cut])
         start = cut
