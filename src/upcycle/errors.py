@@ -7,3 +7,8 @@ can print it as is.
 
 class UpcycleError(ValueError):
     """Bad input: a checkpoint, argument, data file or model that upcycle cannot use."""
+
+
+class UpcycleWarning(UserWarning):
+    """Input upcycle can use but that is likely a mistake (e.g. held-out data equal to the
+    training data); the CLI prints it as one line ``upcycle VERB: warning: ...``."""

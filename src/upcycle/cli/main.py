@@ -15,9 +15,10 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from .. import __version__
-from ..errors import UpcycleError
+from ..errors import UpcycleError, UpcycleWarning
 from . import demo, grow, soup, tune
 from .interrupt import interrupt_hint
 
@@ -138,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         target, message = _suggestions(parser, getattr(args, "command", None), unknown)
         target.error(message)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UpcycleWarning):  # one line, as the errors
+            print(f"upcycle {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         with _sigterm_raises():
             return int(args.func(args) or 0)
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"\nupcycle {args.command}: {what}; {hint}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

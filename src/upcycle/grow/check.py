@@ -4,11 +4,21 @@ matched by its tensor layout only when the grown model is not lossless (:func:`c
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import UpcycleError
 from ..models.matching import architecture_of
+
+
+def worst(*values: float) -> float:
+    """The largest of ``values``, NaN when any is NaN (Python's ``max(0.0, nan)`` is 0.0: a
+    NaN difference must not pass as none)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values)
 
 
 def _has_active_dropout(model: nn.Module) -> bool:
@@ -51,11 +61,12 @@ def max_output_difference(source: nn.Module, grown: nn.Module, inputs: dict) -> 
             raise UpcycleError(f"grown model: its output has no {key!r} (the source's has)")
         a = a.double()
         b = b_out[key].double()[..., : a.shape[-1]]
-        diff = max(diff, (a - b).abs().max().item())
-        scale = max(scale, a.abs().max().item())
+        diff = worst(diff, (a - b).abs().max().item())  # torch's max propagates NaN
+        scale = worst(scale, a.abs().max().item())
         if key in logit_keys:
             argmax = argmax and bool((a.argmax(-1) == b.argmax(-1)).all())
-    return {"max_abs": diff, "max_rel": diff / scale, "argmax_equal": argmax}
+    rel = diff / scale if math.isfinite(scale) else (math.nan if diff else 0.0)
+    return {"max_abs": diff, "max_rel": rel, "argmax_equal": argmax}
 
 
 def example_inputs(model: nn.Module, *, batch: int = 2, length: int = 16, seed: int = 0) -> dict:
@@ -86,12 +97,12 @@ def check_clone(source: nn.Module, grown: nn.Module, config) -> None:
     was_training = source.training
     source.eval()
     try:
-        worst = max(max_output_difference(source, grown, example_inputs(source, seed=s))["max_rel"]
-                    for s in range(2))
+        rel = worst(*(max_output_difference(source, grown, example_inputs(source, seed=s))
+                      ["max_rel"] for s in range(2)))
     finally:
         source.train(was_training)
     bound = 1e-8 if next(source.parameters()).dtype == torch.float64 else 1e-4
-    if not worst <= bound:
+    if not rel <= bound:
         raise UpcycleError(f"model: model_type {config.model_type!r} has the tensor layout of "
                            f"{grown.growth_plan.family} but computes something else (the grown "
-                           f"model differs by {worst:.2e}); not supported")
+                           f"model differs by {rel:.2e}); not supported")

@@ -354,6 +354,16 @@ def _grown_config(config, arch: Architecture, plan: GrowthPlan):
     return new
 
 
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Refuse a source with a NaN or Inf weight, naming the tensor: growing it would spread
+    the value and the lossless check could not vouch for the result."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+            raise UpcycleError(f"model: tensor {key!r} contains {bad} values; a model with "
+                               f"non-finite weights cannot be grown")
+
+
 def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int | None = None,
            num_heads: int | None = None, intermediate_size: int | None = None, seed: int = 0,
            noise_std: float | None = None, method: str = "lemon") -> nn.Module:
@@ -380,6 +390,7 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
     work = torch.float64 if dtype == torch.float64 else torch.float32
     state = {k: v.detach().to("cpu", work) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
+    check_finite(state)
     tied = _tied_reader(model)
     std = noise_std if noise_std is not None else float(
         getattr(config, "initializer_range", 0.02)) * arch.noise_scale

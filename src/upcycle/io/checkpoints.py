@@ -44,6 +44,26 @@ _ST_DTYPES = {
 _legacy_reported: set[str] = set()
 
 
+def read_config_json(folder: str | os.PathLike, label: str) -> dict:
+    """A model folder's ``config.json`` as a dict; an error naming the file (``label``: who
+    it belongs to, e.g. "--model x") when it is not UTF-8, not JSON or not a JSON object."""
+    file = Path(folder) / "config.json"
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UpcycleError(f"{label}: {file} is not UTF-8 text ({exc.reason} at byte "
+                           f"{exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise UpcycleError(f"{label}: {file} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno})") from exc
+    except OSError as exc:
+        raise UpcycleError(f"{label}: {file} cannot be read ({exc.strerror or exc})") from exc
+    if not isinstance(value, dict):
+        raise UpcycleError(f"{label}: {file} is not a JSON object (it holds a "
+                           f"{type(value).__name__})")
+    return value
+
+
 def _report_legacy(label: str, file: Path) -> None:
     """Say once per process that legacy pickles are loaded whole, and how to convert them."""
     if _legacy_reported:
@@ -111,6 +131,8 @@ class Ingredient(SourceReads):
             raise UpcycleError(f"{self.label}: no such file or folder")
         if path.is_dir():
             self.hf_dir = path
+            if (path / "config.json").exists():  # written into the soup: must load
+                read_config_json(path, self.label)
             if (path / SAFETENSORS_INDEX).is_file():
                 self._open_index(path / SAFETENSORS_INDEX)
             elif (path / SAFETENSORS_SINGLE).is_file():

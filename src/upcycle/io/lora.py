@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UpcycleError
-from .checkpoints import Ingredient, _short
+from .checkpoints import Ingredient, _short, read_config_json
 from .source import SourceReads
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -129,8 +129,8 @@ class LoraIngredient(SourceReads):
             return
         if rec.resolve() == self.base.hf_dir.resolve():
             return
-        a = json.loads((rec / "config.json").read_text())
-        b = json.loads((self.base.hf_dir / "config.json").read_text())
+        a = read_config_json(rec, f"{self.label}: its recorded base")
+        b = read_config_json(self.base.hf_dir, f"{self.label}: its base")
         shape_words = ("hidden", "size", "layer", "head", "vocab", "position", "embd")
         diff = sorted((k for k in set(a) | set(b)
                        if k not in _CONFIG_BOOKKEEPING and a.get(k) != b.get(k)),

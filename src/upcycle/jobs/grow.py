@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
+from ..io.checkpoints import read_config_json
 from ..io.model_files import check_no_custom_code
 from ..io.outputs import guard_output
 from ..io.writing import atomic_dir, check_output, copy_model_files
@@ -118,6 +120,7 @@ def load_source(model_dir: Path) -> nn.Module:
 
     if not (model_dir / "config.json").is_file():
         raise UpcycleError(f"--model {model_dir}: not a HuggingFace model folder (no config.json)")
+    read_config_json(model_dir, f"--model {model_dir}")  # not JSON: one line, not a traceback
     check_no_custom_code(model_dir, f"--model {model_dir}")
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
@@ -143,6 +146,11 @@ def load_source(model_dir: Path) -> nn.Module:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UpcycleError(f"--model {model_dir}: cannot load it as {cls.__name__}: "
                            f"{first}") from exc
+    for name, tensor in model.state_dict().items():  # before expanding: name the tensor
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+            raise UpcycleError(f"--model {model_dir}: tensor {name!r} contains {bad} values; "
+                               f"a model with non-finite weights cannot be grown")
     return model.eval()
 
 
@@ -180,13 +188,17 @@ def _run_grow(job: GrowJob, *, callbacks: Iterable, say: Callable[[str], None]) 
               "is a copy of it", file=sys.stderr)
     diffs = [max_output_difference(source, grown, example_inputs(source, seed=s))
              for s in range(3)]
-    worst = max(diffs, key=lambda r: r["max_rel"])
+    nan = [r for r in diffs if math.isnan(r["max_rel"]) or math.isnan(r["max_abs"])]
+    worst = nan[0] if nan else max(diffs, key=lambda r: r["max_rel"])  # NaN is the worst
     argmax_ok = all(r["argmax_equal"] for r in diffs)
     say(f"max output difference vs source (fp32, 3 inputs): {worst['max_abs']:.3e} "
         f"(relative {worst['max_rel']:.3e}, tolerance {job.tolerance:g}); "
         f"argmax {'identical' if argmax_ok else 'DIFFERS'}")
     lossy = job.method in LOSSY_METHODS
-    if (worst["max_rel"] > job.tolerance or not argmax_ok) and not lossy:
+    if not math.isfinite(worst["max_rel"]):  # even a lossy method: its output is broken
+        raise UpcycleError(f"the grown model's output difference from --model is not finite "
+                           f"({worst['max_rel']}): a NaN or Inf in an output; nothing written")
+    if (not worst["max_rel"] <= job.tolerance or not argmax_ok) and not lossy:
         raise UpcycleError(f"the grown model differs from --model by {worst['max_rel']:.3e} "
                            f"(relative), above --tolerance {job.tolerance:g}; nothing written")
     if lossy:

@@ -7,7 +7,9 @@ classification) is one module implementing it plus one branch in :func:`upcycle.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -15,7 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UpcycleError
+from ..errors import UpcycleError, UpcycleWarning
+from ..runtime import distributed
+
+CHARS_PER_TOKEN = 32
+"""A text is cut to ``max_length * CHARS_PER_TOKEN`` characters before it is tokenised, so
+tokenising it costs memory in proportion to ``max_length``, not to the text (a 50 MB line
+took 7 GB). English averages about 4 characters per token and code about 3; the longest
+tokens of common vocabularies that real text produces are rarely over 16 characters. A cut
+at 32 characters per token therefore lies far beyond the ``max_length``-th token of any
+natural text (8x the densest normal text), and the tokens kept are exactly those of the
+uncut text; only a pathological text averaging over 32 characters per token (e.g. one
+"word" of thousands of letters) can lose tokens that would have fitted."""
 
 
 @runtime_checkable
@@ -75,3 +88,58 @@ def batch_indices(n: int, batch_size: int, *, shuffle: bool = False,
         raise UpcycleError(f"batch size must be >= 1, got {batch_size}")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     return [order[start:start + batch_size] for start in range(0, n, batch_size)]
+
+
+def text_limit(max_length: int) -> int:
+    """The characters of a text that tokenising to ``max_length`` tokens can need."""
+    return max(1, int(max_length)) * CHARS_PER_TOKEN
+
+
+def cut_text(text: str, max_length: int, *, keep: str = "start") -> str:
+    """``text`` cut to :func:`text_limit` characters: its start (``keep="start"``) or its end
+    (``"end"``, for a prompt that is truncated from the left)."""
+    limit = text_limit(max_length)
+    if len(text) <= limit:
+        return text
+    return text[:limit] if keep == "start" else text[-limit:]
+
+
+def utf8_error(path: Path, split: str, exc: UnicodeDecodeError) -> UpcycleError:
+    """The error for a file that is not UTF-8 text, naming its first undecodable line (read
+    again line by line, in binary)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return UpcycleError(f"{split} file {path}, line {lineno}: not UTF-8 text "
+                                    f"({bad.reason} at byte {bad.start})")
+    return UpcycleError(f"{split} file {path}: not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start})")
+
+
+def examples_digest(examples) -> str:
+    """A content hash of a split: of its examples (each a bytes-like), in any order, so the
+    same examples shuffled hash alike."""
+    each = sorted(hashlib.sha256(bytes(e)).digest() for e in examples)
+    digest = hashlib.sha256()
+    for e in each:
+        digest.update(e)
+    return digest.hexdigest()
+
+
+class SplitRegistry:
+    """The splits a task has read, by content hash: reading a split that holds the same
+    examples as another one (held-out = training, test = held-out) warns once."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[str, str]] = {}
+
+    def note(self, digest: str, split: str, source: str) -> None:
+        earlier = self.seen.get(digest)
+        if earlier is not None and earlier[0] != split and distributed.is_main():
+            warnings.warn(f"the {split} file {source} holds the same examples as the "
+                          f"{earlier[0]} file {earlier[1]}: its scores say nothing about "
+                          f"unseen data", UpcycleWarning, stacklevel=3)
+        else:
+            self.seen.setdefault(digest, (split, source))

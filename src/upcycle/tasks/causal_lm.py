@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.checkpoints import read_config_json
 from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
-from .base import batch_indices
+from .base import SplitRegistry, batch_indices, cut_text, examples_digest, text_limit, utf8_error
 
 LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 IGNORE_INDEX = -100
@@ -46,11 +47,10 @@ def is_causal_lm(model_dir: str | os.PathLike) -> bool:
     cfg = Path(model_dir) / "config.json"
     if not cfg.is_file():
         return False
-    try:
-        archs = json.loads(cfg.read_text()).get("architectures") or []
-    except (OSError, json.JSONDecodeError):
+    archs = read_config_json(model_dir, f"model {model_dir}").get("architectures") or []
+    if not isinstance(archs, list):
         return False
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def position_limit(config) -> int | None:
@@ -120,8 +120,7 @@ def _read_rows(path: Path, split: str) -> list[tuple[int, dict]]:
                         raise UpcycleError(f"{split} file {path}, line {lineno}: not JSON: "
                                            f"{exc}") from exc
     except UnicodeDecodeError as exc:
-        raise UpcycleError(f"{split} file {path}: not UTF-8 text ({exc.reason} at byte "
-                           f"{exc.start})") from exc
+        raise utf8_error(path, split, exc) from exc
     if not rows:
         raise UpcycleError(f"{split} file {path}: is empty (expected rows with 'text', or with "
                            f"'prompt' and 'completion')")
@@ -160,13 +159,45 @@ def read_documents(path: str | os.PathLike, *, split: str = "data", chunk: bool 
                 raise UpcycleError(f"{split} file {path}, line {lineno}: no {missing[0]!r} field "
                                    f"(the file's first row has 'prompt'/'completion', so every "
                                    f"row needs both)")
-            docs.append((str(row["prompt"]), str(row["completion"])))
+            _check_string(row, ("prompt", "completion"), path, split, lineno)
+            docs.append((row["prompt"], row["completion"]))
         else:
             if row.get("text") is None:
                 raise UpcycleError(f"{split} file {path}, line {lineno}: no 'text' field "
                                    f"(expected 'text', or 'prompt' and 'completion')")
-            docs.append((None, str(row["text"])))
+            _check_string(row, ("text",), path, split, lineno)
+            docs.append((None, row["text"]))
     return docs
+
+
+def _check_string(row: dict, fields: tuple[str, ...], path: Path, split: str,
+                  lineno: int) -> None:
+    """Text fields must be strings: a number or a list is not trained on as its repr."""
+    for field in fields:
+        if not isinstance(row[field], str):
+            kind = json.dumps(row[field]) if isinstance(row[field], bool) else \
+                f"a {type(row[field]).__name__}"
+            raise UpcycleError(f"{split} file {path}, line {lineno}: {field!r} is {kind}, "
+                               f"expected a string")
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, each cut at the start of a run of
+    whitespace in the piece's second half when there is one (so byte-level BPE tokenises the
+    pieces as it tokenises the whole), else at ``limit``; a text within the limit is one
+    piece."""
+    out, start = [], 0
+    while len(text) - start > limit:
+        end, half = start + limit, start + limit // 2
+        cut = max(text.rfind(c, half, end + 1) for c in " \n\t")
+        while cut > half and text[cut - 1].isspace():
+            cut -= 1
+        if cut <= half:
+            cut = end
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 # -- the task ------------------------------------------------------------------------------------
@@ -191,6 +222,7 @@ class CausalLMTask:
         if not (self.model_dir / "config.json").is_file():
             raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
                                f"(no config.json)")
+        read_config_json(self.model_dir, f"model {self.model_dir}")  # one line, no traceback
         check_no_custom_code(self.model_dir, f"model {self.model_dir}")
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         limit = position_limit(self.config)
@@ -205,6 +237,7 @@ class CausalLMTask:
         self.pack = pack
         self.chunk = chunk
         self.tokenizer = self._load_tokenizer()
+        self._splits = SplitRegistry()
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -262,18 +295,43 @@ class CausalLMTask:
         data = self.encode(docs, source=str(path))
         if not len(data) or not data.target_tokens():
             raise UpcycleError(f"{split} file {path}: holds no tokens to predict")
+        self._splits.note(examples_digest(
+            np.asarray(ids + [-1] + labels, dtype=np.int64).tobytes()
+            for ids, labels in zip(data.input_ids, data.labels)), split, str(path))
         return data
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts`` (no special tokens), tokenised a bounded batch at a time:
+        at most about ``8 * max_length * CHARS_PER_TOKEN`` characters per call."""
+        budget = 8 * text_limit(self.max_length)
+        out: list[list[int]] = []
+        group: list[str] = []
+        size = 0
+        for text in texts + [None]:
+            if group and (text is None or size + len(text) > budget):
+                out.extend(self.tokenizer(group, add_special_tokens=False)["input_ids"])
+                group, size = [], 0
+            if text is not None:
+                group.append(text)
+                size += len(text)
+        return out
 
     def encode(self, docs: list[tuple[str | None, str]], *, source: str = "<texts>") -> LMData:
         """Tokenise (prompt, text) pairs: plain texts (prompt None) are packed or truncated;
         paired ones are one example each, the prompt unlabelled (cut from the left when too
         long)."""
-        tok, eos, n = self.tokenizer, self.tokenizer.eos_token_id, self.max_length
+        eos, n = self.tokenizer.eos_token_id, self.max_length
         ids_out: list[list[int]] = []
         labels_out: list[list[int]] = []
         plain = [t for p, t in docs if p is None]
         if plain:
-            encoded = [ids + [eos] for ids in tok(plain, add_special_tokens=False)["input_ids"]]
+            if self.pack:  # every token is used: long documents are tokenised piece by piece
+                pieces = [_pieces(t, text_limit(n)) for t in plain]
+                flat = iter(self._tokenize([piece for doc in pieces for piece in doc]))
+                encoded = [[t for _ in doc for t in next(flat)] + [eos] for doc in pieces]
+            else:  # truncated: what lies beyond max_length tokens is never read
+                encoded = [ids + [eos] for ids in self._tokenize([cut_text(t, n)
+                                                                  for t in plain])]
             if self.pack:
                 stream = [t for ids in encoded for t in ids]
                 for start in range(0, len(stream), n):
@@ -287,8 +345,9 @@ class CausalLMTask:
                     labels_out.append(list(ids[:n]))
         paired = [(p, t) for p, t in docs if p is not None]
         if paired:
-            prompts = tok([p for p, _ in paired], add_special_tokens=False)["input_ids"]
-            comps = tok([t for _, t in paired], add_special_tokens=False)["input_ids"]
+            # cut before tokenising (see CHARS_PER_TOKEN): a prompt keeps its end
+            prompts = self._tokenize([cut_text(p, n, keep="end") for p, _ in paired])
+            comps = self._tokenize([cut_text(t, n) for _, t in paired])
             for p_ids, c_ids in zip(prompts, comps):
                 c_ids = (c_ids + [eos])[:n - 1]
                 p_ids = p_ids[-(n - len(c_ids)):] if p_ids else []

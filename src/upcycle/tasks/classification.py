@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.checkpoints import read_config_json
 from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
-from .base import batch_indices
+from .base import SplitRegistry, batch_indices, cut_text, examples_digest, utf8_error
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
@@ -76,27 +77,85 @@ def task_kind(data_path: str | os.PathLike) -> str:
     )
 
 
-def _read_text_rows(path: Path) -> list[dict]:
+def _read_text_rows(path: Path, split: str = "data") -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV or JSONL file, each row with a string ``text`` and a
+    ``label``; errors name the file and line."""
     if not path.is_file():
         raise UpcycleError(f"data file {path}: no such file")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise UpcycleError(
-                            f"data file {path}, line {lineno}: not JSON: {exc}"
-                        ) from exc
-    for i, row in enumerate(rows):
+    rows = []
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                for row in reader:
+                    rows.append((reader.line_num, row))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append((lineno, json.loads(line)))
+                        except json.JSONDecodeError as exc:
+                            raise UpcycleError(
+                                f"data file {path}, line {lineno}: not JSON: {exc}"
+                            ) from exc
+    except UnicodeDecodeError as exc:
+        raise utf8_error(path, split, exc) from exc
+    for i, (lineno, row) in enumerate(rows):
         if not isinstance(row, dict) or "text" not in row or "label" not in row:
             raise UpcycleError(f"data file {path}, row {i + 1}: expected 'text' and 'label' fields")
+        if not isinstance(row["text"], str):
+            raise UpcycleError(f"{split} file {path}, line {lineno}: 'text' is "
+                               f"{_kind(row['text'])}, expected a string")
     return rows
+
+
+def _kind(value) -> str:
+    """How a JSON value is named in an error ("null", "a list", "true")."""
+    if value is None:
+        return "null (or missing)"
+    if isinstance(value, (bool, np.bool_)):
+        return json.dumps(bool(value))
+    return f"a {type(value).__name__}"
+
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _label_id(v, where: str) -> int | None:
+    """An integer class id from a label, None when it is not one (perhaps a class name); an
+    error for what is neither (booleans, fractions, nulls, lists) or overflows int64."""
+    if isinstance(v, (bool, np.bool_)):
+        raise UpcycleError(f"{where}: label {json.dumps(bool(v))} is a boolean; expected an "
+                           f"integer class id 0..C-1 or a class name")
+    if isinstance(v, (float, np.floating)):
+        raise UpcycleError(f"{where}: label {v!r} is not an integer class id (write it "
+                           f"without a fraction, or as a class name in quotes)")
+    if v is None or isinstance(v, (list, dict)):
+        raise UpcycleError(f"{where}: label is {_kind(v)}; expected an integer class id "
+                           f"0..C-1 or a class name")
+    if isinstance(v, (int, np.integer)):
+        value = int(v)
+    elif isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        value = int(v)
+    else:
+        return None
+    if not INT64[0] <= value <= INT64[1]:
+        raise UpcycleError(f"{where}: label {value} does not fit a 64-bit integer (expected a "
+                           f"class id 0..C-1)")
+    return value
+
+
+def _is_fraction(v) -> bool:
+    """A string that reads as a number but not an integer ("1.5", "2.0", "1e3")."""
+    if not isinstance(v, str):
+        return False
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return not v.strip().lstrip("-").isdigit() and v.strip().lower() not in (
+        "nan", "inf", "-inf", "infinity", "-infinity")
 
 
 class ClassificationTask:
@@ -116,6 +175,7 @@ class ClassificationTask:
         if not (self.model_dir / "config.json").is_file():
             raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
                                f"(no config.json)")
+        read_config_json(self.model_dir, f"model {self.model_dir}")  # one line, no traceback
         check_no_custom_code(self.model_dir, f"model {self.model_dir}")
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         archs = self.config.architectures or []
@@ -128,6 +188,7 @@ class ClassificationTask:
             if self.has_head else {}
         self._tokenizer = None
         self._image_stats = None
+        self._splits = SplitRegistry()
 
     # -- model -----------------------------------------------------------------------------
     def load_model(self, num_labels: int | None = None, *, dtype: torch.dtype | None = None
@@ -184,9 +245,11 @@ class ClassificationTask:
             raise UpcycleError(f"{split} file {path}: a {task_kind(path)} file, but the task is "
                                f"{self.kind} classification")
         if self.kind == "text":
-            rows = _read_text_rows(path)
-            texts = [str(r["text"]) for r in rows]
-            raw = [r["label"] for r in rows]
+            rows = _read_text_rows(path, split)
+            # cut before tokenising: the tokens kept are the same (see CHARS_PER_TOKEN)
+            texts = [cut_text(r["text"], self.max_length) for _, r in rows]
+            raw = [r["label"] for _, r in rows]
+            where = [f"{split} file {path}, line {lineno}" for lineno, _ in rows]
             images = None
         else:
             if not path.is_file():
@@ -203,31 +266,42 @@ class ClassificationTask:
                 raise UpcycleError(f"{split} file {path}: not a readable .npz: {exc}") from exc
             images = self._prepare_images(arr, path)
             texts = None
+            where = [f"{split} file {path}, example {i + 1}" for i in range(len(raw))]
         if not raw:
             raise UpcycleError(f"{split} file {path}: holds no examples")
-        labels = self._labels(raw, path, split, fix_num_labels)
-        return LabeledData(labels=labels, source=str(path), texts=texts, images=images)
+        labels = self._labels(raw, path, split, fix_num_labels, where)
+        data = LabeledData(labels=labels, source=str(path), texts=texts, images=images)
+        self._splits.note(_digest(data), split, str(path))
+        return data
 
-    def _labels(self, raw: list, path: Path, split: str, fix_num_labels: bool) -> torch.Tensor:
+    def _labels(self, raw: list, path: Path, split: str, fix_num_labels: bool,
+                where: list[str] | None = None) -> torch.Tensor:
         """Integer class ids ``0..C-1`` or class names. Names come from the model's head
         (``label2id``) or, for a new head, from the data that fixes the class count: the sorted
         names get ids 0..C-1 and are saved into the model's ``id2label``/``label2id``. Integer
         labels that skip a class (``{0,1,2,3,4,9}``) are refused unless the class count was
-        given (``num_labels``): a typo must not quietly build a bigger head."""
-        def is_int(v) -> bool:
-            return isinstance(v, (int, np.integer)) or (
-                isinstance(v, str) and v.strip().lstrip("-").isdigit())
-
+        given (``num_labels``): a typo must not quietly build a bigger head. Booleans,
+        fractions ("1.5", "2.0") and nulls are refused (``where``: "file, line" of each)."""
+        where = where or [f"{split} file {path}, example {i + 1}" for i in range(len(raw))]
+        as_ids = []
+        for i, v in enumerate(raw):
+            if isinstance(v, str) and v in self.label2id:
+                as_ids.append(None)
+                continue
+            as_ids.append(_label_id(v, where[i]))
+            if as_ids[-1] is None and _is_fraction(v):
+                raise UpcycleError(f"{where[i]}: label {v!r} is not an integer class id (write "
+                                   f"it without a fraction)")
         if (fix_num_labels and self.num_labels is None and raw
-                and not any(is_int(v) for v in raw)):
+                and all(n is None for n in as_ids)):
             names = sorted({str(v) for v in raw})
             self.label2id = {name: i for i, name in enumerate(names)}
         ids = []
         for i, v in enumerate(raw):
             if isinstance(v, str) and v in self.label2id:
                 ids.append(self.label2id[v])
-            elif is_int(v):
-                ids.append(int(v))
+            elif as_ids[i] is not None:
+                ids.append(as_ids[i])
             else:
                 known = sorted(self.label2id) or "(none named)"
                 raise UpcycleError(f"{split} file {path}, example {i + 1}: label {v!r} is neither "
@@ -239,7 +313,7 @@ class ClassificationTask:
         if self.num_labels is None and fix_num_labels:
             present = sorted(set(ids))
             count = present[-1] + 1
-            missing = sorted(set(range(count)) - set(present))
+            missing = _gaps(present, 11)  # never a set of range(count): a label may be huge
             if missing:
                 shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
                 raise UpcycleError(
@@ -356,6 +430,29 @@ class ClassificationTask:
         """Write the tokenizer (text tasks; image tasks have none) into ``folder``."""
         if self.kind == "text":
             self.tokenizer.save_pretrained(folder)
+
+
+def _gaps(present: list[int], limit: int) -> list[int]:
+    """The first ``limit`` integers in 0..max(present) missing from sorted ``present``."""
+    out, expected = [], 0
+    for value in present:
+        while expected < value and len(out) < limit:
+            out.append(expected)
+            expected += 1
+        if len(out) >= limit:
+            break
+        expected = value + 1
+    return out
+
+
+def _digest(data: LabeledData) -> str:
+    """A content hash of a split's examples (text or image, and label), in any order."""
+    labels = data.labels.tolist()
+    if data.texts is not None:
+        return examples_digest(f"{label}\t{text}".encode() for text, label in
+                               zip(data.texts, labels))
+    return examples_digest(image.numpy().tobytes() + str(label).encode()
+                           for image, label in zip(data.images, labels))
 
 
 def model_inputs(batch: dict) -> dict:

@@ -118,6 +118,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+DIGEST_SAMPLES = 256
+DIGEST_BLOCK = 4096
+
+
+def weights_digest(path: Path) -> str:
+    """A cheap content hash of a weight file: its size, its first MiB (a safetensors header
+    with every tensor's name, dtype, shape and offsets, or a pickle's index) and
+    ``DIGEST_SAMPLES`` blocks of ``DIGEST_BLOCK`` bytes spread evenly over the rest. About
+    2 MiB is read whatever the size: a file with other weights (retrained, another seed,
+    edited) differs in nearly every block, so it is told apart from the original, while a
+    multi-GB base model is not read whole at every start."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        rest = size - (1 << 20)
+        if rest > 0:
+            step = max(DIGEST_BLOCK, rest // DIGEST_SAMPLES)
+            for offset in range(1 << 20, size, step):
+                f.seek(offset)
+                digest.update(f.read(DIGEST_BLOCK))
+            f.seek(max(1 << 20, size - DIGEST_BLOCK))  # and the very end
+            digest.update(f.read(DIGEST_BLOCK))
+    return digest.hexdigest()
+
+
 # Arguments that do not change what is trained: they may differ between a run and its --resume.
 _NOT_IN_FINGERPRINT = {"func", "command", "config", "out", "overwrite", "resume", "quiet", "merge", "test",
                        "device", "save_steps", "logging_steps"}
@@ -138,9 +165,11 @@ def run_fingerprint(args: argparse.Namespace, files: dict[str, str | None]) -> d
             config = path / "config.json"
             fingerprint[f"{name} config.json sha256"] = (_sha256(config) if config.is_file()
                                                          else None)
-            fingerprint[f"{name} weight files"] = sorted(
-                [p.name, p.stat().st_size] for p in path.iterdir()
-                if p.suffix in (".safetensors", ".bin", ".pt"))
+            weights = sorted(p for p in path.iterdir()
+                             if p.suffix in (".safetensors", ".bin", ".pt"))
+            fingerprint[f"{name} weight files"] = [[p.name, p.stat().st_size] for p in weights]
+            for p in weights:  # a same-size file with other weights is another run
+                fingerprint[f"{name} {p.name} digest"] = weights_digest(p)
         elif path.is_file():
             fingerprint[f"{name} sha256"] = _sha256(path)
     fingerprint.update({k: v for k, v in sorted(vars(args).items())
