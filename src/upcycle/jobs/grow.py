@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
+from ..io.checkpoints import load_pretrained
 from ..io.writing import atomic_dir, check_output, copy_model_files
 from ..models.families import supported
 from ..runtime import distributed
@@ -134,12 +135,7 @@ def load_source(model_dir: Path) -> nn.Module:
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None) or AutoModel
         break
-    try:
-        model = cls.from_pretrained(model_dir, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UpcycleError(f"--model {model_dir}: cannot load it as {cls.__name__}: "
-                           f"{first}") from exc
+    model = load_pretrained(cls, model_dir, role="--model", dtype=torch.float32)
     return model.eval()
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.checkpoints import error_line, load_pretrained
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from .base import batch_indices
@@ -47,7 +48,7 @@ def is_causal_lm(model_dir: str | os.PathLike) -> bool:
         return False
     try:
         archs = json.loads(cfg.read_text()).get("architectures") or []
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):  # reported where the config is loaded
         return False
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
@@ -190,7 +191,11 @@ class CausalLMTask:
         if not (self.model_dir / "config.json").is_file():
             raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
                                f"(no config.json)")
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        try:
+            self.config = AutoConfig.from_pretrained(self.model_dir)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise UpcycleError(f"model {self.model_dir}: config.json cannot be loaded: "
+                               f"{error_line(exc)}") from exc
         limit = position_limit(self.config)
         if max_length is None:
             max_length = min(512, limit) if limit else 512
@@ -216,7 +221,8 @@ class CausalLMTask:
                     tokenizer = AutoTokenizer.from_pretrained(folder)
                     break
                 except Exception as exc:  # a broken tokenizer file: say which
-                    raise UpcycleError(f"tokenizer in {folder}: cannot be loaded: {exc}") from exc
+                    raise UpcycleError(f"tokenizer in {folder}: cannot be loaded: "
+                                       f"{error_line(exc)}") from exc
         if tokenizer is None:
             where = " or ".join(str(d) for d in tried)
             raise UpcycleError(f"no tokenizer in {where} (expected tokenizer.json or "
@@ -242,7 +248,7 @@ class CausalLMTask:
         from transformers import AutoModelForCausalLM
 
         kwargs = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+        model = load_pretrained(AutoModelForCausalLM, self.model_dir, role="model", **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         gen = getattr(model, "generation_config", None)

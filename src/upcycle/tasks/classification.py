@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.checkpoints import error_line, load_pretrained
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
@@ -115,7 +116,11 @@ class ClassificationTask:
         if not (self.model_dir / "config.json").is_file():
             raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
                                f"(no config.json)")
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        try:
+            self.config = AutoConfig.from_pretrained(self.model_dir)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise UpcycleError(f"model {self.model_dir}: config.json cannot be loaded: "
+                               f"{error_line(exc)}") from exc
         archs = self.config.architectures or []
         suffix = "ForSequenceClassification" if kind == "text" else "ForImageClassification"
         self.has_head = any(a.endswith(suffix) for a in archs)
@@ -156,7 +161,7 @@ class ClassificationTask:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.head_seed)
-                model = auto.from_pretrained(self.model_dir, **kwargs)
+                model = load_pretrained(auto, self.model_dir, role="model", **kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
         return model.eval()
@@ -166,7 +171,12 @@ class ClassificationTask:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            except Exception as exc:  # missing or broken tokenizer files: say which folder
+                raise UpcycleError(f"model {self.model_dir}: its tokenizer cannot be loaded "
+                                   f"(expected tokenizer.json, or tokenizer_config.json with "
+                                   f"its vocabulary): {error_line(exc)}") from exc
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token  # a decoder's tokenizer (GPT-2, Llama)
             self._tokenizer = tokenizer
