@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from lm_models import save_lm, tiny_lm, tiny_tokenizer
+from safetensors.torch import save_file
 
 from upcycle.cli.main import main
 
@@ -34,8 +33,7 @@ WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", 
 
 def _bert_files(folder: Path, vocab: Path, *, hidden: int = 32, labels: int | None = 2,
                 seed: int = 0) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, \
-        BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=hidden, num_hidden_layers=2,
                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
@@ -516,3 +514,51 @@ def test_bad_input_is_one_error_line(c, world, tmp_path, capfd, monkeypatch):
             captured.err
         assert os.listdir(tmp_path) == [], "something was written beside --out"
     assert _tree(Path(world["root"])) == before_world, "an input changed"
+
+
+# -- torchrun: the process-group timeout (issue 19, part 8) -----------------------------------
+
+def test_dist_timeout_reaches_init_process_group(monkeypatch):
+    import datetime
+
+    from upcycle.runtime import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(distributed, "_destroy_at_exit", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_timeout_s", distributed.DEFAULT_TIMEOUT_S)
+    assert distributed.init_from_env("cpu") is True
+    assert seen == {"backend": "gloo",
+                    "timeout": datetime.timedelta(seconds=distributed.DEFAULT_TIMEOUT_S)}
+    distributed.set_timeout(42)
+    distributed.init_from_env("cpu")
+    assert seen["timeout"] == datetime.timedelta(seconds=42)
+
+
+@pytest.mark.parametrize("verb", ["soup", "tune", "grow"])
+def test_dist_timeout_flag_sets_the_timeout(verb, tmp_path, capsys, monkeypatch):
+    from upcycle.runtime import distributed
+
+    monkeypatch.setattr(distributed, "_timeout_s", distributed.DEFAULT_TIMEOUT_S)
+    nowhere = str(tmp_path / "nowhere")
+    args = {"soup": ["soup", nowhere], "tune": ["tune", "--method", "snell", "--model", nowhere,
+                                                "--data", nowhere + ".jsonl"],
+            "grow": ["grow", "--model", nowhere]}[verb]
+    assert main([*args, "--out", str(tmp_path / "out"), "--dist-timeout", "42"]) == 2
+    assert distributed.timeout_seconds() == 42
+    assert main([*args, "--out", str(tmp_path / "out"), "--dist-timeout", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"upcycle {verb}: error: --dist-timeout must be > 0 seconds, got 0.0"
+
+
+def test_trainer_gets_the_same_timeout(monkeypatch):
+    from upcycle.runtime import distributed
+    from upcycle.training.config import TrainingConfig
+    from upcycle.training.trainer import training_arguments
+
+    monkeypatch.setattr(distributed, "_timeout_s", 77.0)
+    args = training_arguments(TrainingConfig(device="cpu"), output_dir="unused")
+    assert args.ddp_timeout == 77

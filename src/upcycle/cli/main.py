@@ -15,6 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import UpcycleError
+from ..runtime import distributed
 from . import demo, grow, soup, tune
 from .interrupt import interrupt_hint
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         target, message = _suggestions(parser, getattr(args, "command", None), unknown)
         target.error(message)
     try:
+        if getattr(args, "dist_timeout", None) is not None:  # before any process group
+            distributed.set_timeout(args.dist_timeout)
         return int(args.func(args) or 0)
     except UpcycleError as exc:
         print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
