@@ -562,3 +562,42 @@ def test_trainer_gets_the_same_timeout(monkeypatch):
     monkeypatch.setattr(distributed, "_timeout_s", 77.0)
     args = training_arguments(TrainingConfig(device="cpu"), output_dir="unused")
     assert args.ddp_timeout == 77
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                 "3000ms for recv operation to complete"),
+    RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                 "[127.0.0.1]:10671. This is typically caused by a remote worker crashing."),
+])
+def test_a_hung_rank_is_one_error_line(error, tmp_path, capsys, monkeypatch):
+    """What a rank's collective raises when another rank hung past --dist-timeout (gloo's
+    messages, as torch 2.x words them) ends the command with one line."""
+    import upcycle.cli.grow
+
+    def hang(args):
+        raise error
+
+    from upcycle.runtime import distributed
+
+    monkeypatch.setattr(distributed, "_timeout_s", distributed.DEFAULT_TIMEOUT_S)
+    monkeypatch.setattr(upcycle.cli.grow, "run", hang)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["grow", "--model", "m", "--out", str(tmp_path / "out"),
+                 "--dist-timeout", "30"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("upcycle grow: error: torchrun: rank 1: a collective failed, another "
+                          "rank hung or stopped (--dist-timeout 30 s): ")
+    assert "third_party" not in err
+
+
+def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
+    import upcycle.cli.grow
+
+    def bug(args):
+        raise RuntimeError("a bug, not a hung rank")
+
+    monkeypatch.setattr(upcycle.cli.grow, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["grow", "--model", "m", "--out", str(tmp_path / "out")])

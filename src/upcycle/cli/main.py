@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     except UpcycleError as exc:
         print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # under torchrun: another rank hung or died
+        message = distributed.collective_failure(exc)
+        if message is None:
+            raise
+        print(f"upcycle {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         hint = interrupt_hint() or "nothing was written"
         print(f"\nupcycle {args.command}: interrupted; {hint}", file=sys.stderr)

@@ -48,6 +48,26 @@ def timeout_seconds() -> int:
     return max(1, int(round(_timeout_s)))
 
 
+_PEER_FAILURES = ("Timed out waiting", "timed out", "Connection closed by peer",
+                  "Connection reset by peer", "Watchdog caught collective operation timeout")
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank hung or died (torch's
+    ``DistError``, or gloo's RuntimeError naming a timeout or a closed connection); None for
+    any other exception."""
+    dist_error = getattr(dist, "DistError", ())
+    text = str(exc)
+    if not (isinstance(exc, dist_error) if dist_error else False) and not (
+            isinstance(exc, RuntimeError) and any(w in text for w in _PEER_FAILURES)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if first.startswith("[") and "] " in first:  # gloo's "[source.cc:78] ..." prefix
+        first = first.split("] ", 1)[1]
+    return (f"torchrun: rank {os.environ.get('RANK', '?')}: a collective failed, another rank "
+            f"hung or stopped (--dist-timeout {timeout_seconds()} s): {first}")
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
