@@ -601,3 +601,16 @@ def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
     monkeypatch.setattr(upcycle.cli.grow, "run", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["grow", "--model", "m", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_sharded_model_folders_still_grow(safe, tmp_path):
+    """The weights check before transformers loads a model accepts sharded folders
+    (safetensors with its index, and .bin shards with pytorch_model.bin.index.json)."""
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    model.save_pretrained(tmp_path / "src", safe_serialization=safe, max_shard_size="20KB")
+    names = os.listdir(tmp_path / "src")
+    assert ("model.safetensors.index.json" if safe else "pytorch_model.bin.index.json") in names
+    assert main(["grow", "--model", str(tmp_path / "src"), "--hidden-size", "48",
+                 "--out", str(tmp_path / "big")]) == 0

@@ -308,7 +308,13 @@ def check_model_weights(folder: str | os.PathLike, *, role: str = "--model") -> 
     and the pickle of a zip ``.bin`` under weights-only rules; no tensor data read), so that a
     folder without weights, a truncated or foreign weight file or a symlink loop is one error
     naming ``role`` and the file, before transformers reads it. A legacy (non-zip) ``.bin`` is
-    loaded once under weights-only rules and dropped."""
+    loaded once under weights-only rules and dropped. A sharded ``.bin`` folder (only
+    ``pytorch_model.bin.index.json``) is left to transformers, which reads it weights-only."""
+    folder = Path(folder)
+    if (folder / "pytorch_model.bin.index.json").is_file() and not any(
+            os.path.lexists(folder / name)
+            for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "pytorch_model.bin")):
+        return
     Ingredient(folder, role=role)
 
 
