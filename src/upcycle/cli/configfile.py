@@ -63,6 +63,8 @@ def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dic
         text = path.read_text()
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ValueError(f"--config {path}: cannot read it: {exc}") from None
     if path.suffix == ".json":
@@ -78,8 +80,12 @@ def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dic
                              f"or upcycle[hf])") from None
         try:
             raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--config {path}: not a readable YAML file: {exc}") from None
+        except yaml.YAMLError as exc:  # one line: where, and what the parser expected
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            reason = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+            raise ValueError(f"--config {path}: not a readable YAML file: {where}{reason}"
+                             ) from None
     if raw is None:
         raw = {}
     if isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "rows" in raw:

@@ -19,6 +19,7 @@ import warnings
 
 from .. import __version__
 from ..errors import UpcycleError, UpcycleWarning
+from ..runtime import distributed
 from . import demo, grow, soup, tune
 from .interrupt import interrupt_hint
 
@@ -149,10 +150,18 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.showwarning = show
     try:
+        if getattr(args, "dist_timeout", None) is not None:  # before any process group
+            distributed.set_timeout(args.dist_timeout)
         with _sigterm_raises():
             return int(args.func(args) or 0)
     except UpcycleError as exc:
         print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # under torchrun: another rank hung or died
+        message = distributed.collective_failure(exc)
+        if message is None:
+            raise
+        print(f"upcycle {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         hint = interrupt_hint() or "nothing was written"

@@ -92,6 +92,22 @@ def _zip_byteorder(file: Path) -> str | None:
     return None
 
 
+def error_line(exc: BaseException) -> str:
+    """One line saying why a third-party reader failed: torch's weights-only refusal reduced
+    to what it refused, else the message's first non-empty line (the exception's type when
+    it has no message), ANSI escapes dropped."""
+    text = str(exc).replace("\x1b[1m", "").replace("\x1b[0m", "")
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        text = text.split(". ", 1)[0].rstrip(".")
+    text = text.split("  (Could this error message be improved?", 1)[0]  # torch's C++ footer
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = lines[0]
+    return first if len(lines) == 1 or len(first) > 20 else f"{type(exc).__name__}: {first}"
+
+
 def _short(path: Path) -> str:
     try:
         return os.path.relpath(path)
@@ -102,12 +118,14 @@ def _short(path: Path) -> str:
 class Ingredient(SourceReads):
     """One checkpoint on disk, read lazily one tensor at a time.
 
-    ``index`` is 1-based and only used in messages ("ingredient 7 (runs/lr3e-5)").
+    ``index`` is 1-based and only used in messages ("ingredient 7 (runs/lr3e-5)");
+    ``role`` replaces that name in messages (``"--model"``: "--model base-model").
     """
 
-    def __init__(self, path: str | os.PathLike, index: int = 1):
+    def __init__(self, path: str | os.PathLike, index: int = 1, *, role: str | None = None):
         self.path = Path(path)
         self.index = index
+        self.role = role
         self.hf_dir: Path | None = None  # set when the ingredient is a HF model folder
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -119,6 +137,8 @@ class Ingredient(SourceReads):
 
     @property
     def label(self) -> str:
+        if self.role is not None:
+            return f"{self.role} {_short(self.path)}"
         return f"ingredient {self.index} ({_short(self.path)})"
 
     def __repr__(self) -> str:
@@ -131,6 +151,10 @@ class Ingredient(SourceReads):
             raise UpcycleError(f"{self.label}: no such file or folder")
         if path.is_dir():
             self.hf_dir = path
+            for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "pytorch_model.bin"):
+                if (path / name).is_symlink() and not (path / name).exists():
+                    raise UpcycleError(f"{self.label}: {_short(path / name)} is a symlink that "
+                                       f"does not resolve (a loop, or its target is missing)")
             if (path / "config.json").exists():  # written into the soup: must load
                 read_config_json(path, self.label)
             if (path / SAFETENSORS_INDEX).is_file():
@@ -174,7 +198,7 @@ class Ingredient(SourceReads):
         except Exception as exc:  # safetensors raises its own error types
             raise UpcycleError(
                 f"{self.label}: {_short(file)} is not a readable safetensors file "
-                f"(truncated or another format?): {exc}"
+                f"(truncated or another format?): {error_line(exc)}"
             ) from exc
 
     def _open_index(self, index_file: Path) -> None:
@@ -182,7 +206,7 @@ class Ingredient(SourceReads):
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except Exception as exc:
             raise UpcycleError(
-                f"{self.label}: {_short(index_file)} is not a valid index: {exc}"
+                f"{self.label}: {_short(index_file)} is not a valid index: {error_line(exc)}"
             ) from exc
         for shard in sorted(set(weight_map.values())):
             shard_file = index_file.parent / shard
@@ -211,7 +235,7 @@ class Ingredient(SourceReads):
         except Exception as exc:
             raise UpcycleError(
                 f"{self.label}: {_short(file)} is not a loadable PyTorch state dict "
-                f"(truncated, or it holds more than tensors?): {exc}"
+                f"(truncated, or it holds more than tensors?): {error_line(exc)}"
             ) from exc
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(
             state["state_dict"], Mapping
@@ -235,7 +259,7 @@ class Ingredient(SourceReads):
                                            t.storage_offset())
         if whole:
             self._torch_state = dict(state)
-            if legacy:
+            if legacy and self.role is None:
                 _report_legacy(self.label, file)
 
     def _read_torch(self, name: str) -> torch.Tensor:
@@ -290,11 +314,63 @@ class Ingredient(SourceReads):
                 raise
             except Exception as exc:
                 raise UpcycleError(f"{self.label}: cannot read tensor {name!r} from "
-                                   f"{_short(self._files[name])}: {exc}") from exc
+                                   f"{_short(self._files[name])}: {error_line(exc)}") from exc
         try:
             with safe_open(str(self._files[name]), framework="pt") as handle:
                 return handle.get_tensor(name)
         except Exception as exc:
             raise UpcycleError(
-                f"{self.label}: cannot read tensor {name!r} from {_short(self._files[name])}: {exc}"
+                f"{self.label}: cannot read tensor {name!r} from {_short(self._files[name])}: "
+                f"{error_line(exc)}"
             ) from exc
+
+
+def check_model_weights(folder: str | os.PathLike, *, role: str = "--model") -> None:
+    """Open the weights of the HF model folder ``folder`` as an ingredient is opened (headers,
+    and the pickle of a zip ``.bin`` under weights-only rules; no tensor data read), so that a
+    folder without weights, a truncated or foreign weight file or a symlink loop is one error
+    naming ``role`` and the file, before transformers reads it. A legacy (non-zip) ``.bin`` is
+    loaded once under weights-only rules and dropped. A sharded ``.bin`` folder (only
+    ``pytorch_model.bin.index.json``) is left to transformers, which reads it weights-only."""
+    folder = Path(folder)
+    if (folder / "pytorch_model.bin.index.json").is_file() and not any(
+            os.path.lexists(folder / name)
+            for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "pytorch_model.bin")):
+        return
+    Ingredient(folder, role=role)
+
+
+def load_pretrained(cls, folder: str | os.PathLike, *, role: str = "--model", **kwargs):
+    """``cls.from_pretrained(folder, **kwargs)`` (``cls`` a transformers model class), after
+    :func:`check_model_weights`. What transformers still refuses is one error naming ``role``,
+    the folder and the class; so is a weight file that matches none of the model's parameters
+    (which transformers would initialise at random, with a warning)."""
+    from transformers.utils import logging as hf_logging  # only called with transformers
+
+    check_model_weights(folder, role=role)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its loading report is repeated below, or is an error
+    try:
+        model, info = cls.from_pretrained(folder, output_loading_info=True,
+                                          trust_remote_code=False, **kwargs)
+    except UpcycleError:
+        raise
+    except Exception as exc:  # transformers, safetensors and torch raise their own types
+        raise UpcycleError(f"{role} {folder}: cannot load it as {cls.__name__}: "
+                           f"{error_line(exc)}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info.get("missing_keys") or ())
+    if missing and not set(model.state_dict()) - missing:
+        raise UpcycleError(f"{role} {folder}: its weights match none of "
+                           f"{type(model).__name__}'s parameters (e.g. no "
+                           f"{sorted(missing)[0]!r}): the weights of another model?")
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    if info.get("unexpected_keys"):
+        logger.warning(f"Some weights of the model checkpoint at {folder} were not used when "
+                       f"initializing {type(model).__name__}: {info['unexpected_keys']}")
+    if missing:
+        logger.warning(f"Some weights of {type(model).__name__} were not initialized from the "
+                       f"model checkpoint at {folder} and are newly initialized: "
+                       f"{sorted(missing)}")
+    return model

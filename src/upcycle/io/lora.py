@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UpcycleError
-from .checkpoints import Ingredient, _short, read_config_json
+from .checkpoints import Ingredient, _short, error_line, read_config_json
 from .source import SourceReads
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -95,6 +95,9 @@ class LoraIngredient(SourceReads):
             config = json.loads(cfg_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UpcycleError(f"{self.label}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise UpcycleError(f"{self.label}: {ADAPTER_CONFIG} holds a JSON "
+                               f"{type(config).__name__}, expected an object")
         if config.get("peft_type") != "LORA":
             raise UpcycleError(f"{self.label}: peft_type {config.get('peft_type')}; only LoRA "
                                f"adapters (peft_type LORA) can be souped")
@@ -171,10 +174,17 @@ class LoraIngredient(SourceReads):
                         self._adapter_meta[key] = tuple(handle.get_slice(key).get_shape())
             else:
                 state = torch.load(self._file, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(state, dict) or not all(
+                        isinstance(v, torch.Tensor) for v in state.values()):
+                    raise UpcycleError(f"{self.label}: {_short(self._file)} does not hold a "
+                                       f"state dict of tensors")
                 self._torch_state = dict(state)
                 self._adapter_meta = {k: tuple(v.shape) for k, v in state.items()}
+        except UpcycleError:
+            raise
         except Exception as exc:
-            raise UpcycleError(f"{self.label}: {_short(self._file)} is not readable: {exc}") from exc
+            raise UpcycleError(f"{self.label}: {_short(self._file)} is not readable: "
+                               f"{error_line(exc)}") from exc
 
     def _base_name(self, name: str, adapter_key: str) -> str:
         """The base's tensor name for a (prefix-stripped) adapter tensor name."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
-from ..io.checkpoints import read_config_json
+from ..io.checkpoints import load_pretrained, read_config_json
 from ..io.model_files import check_no_custom_code
 from ..io.outputs import guard_output
 from ..io.writing import atomic_dir, check_output, copy_model_files
@@ -140,12 +140,7 @@ def load_source(model_dir: Path) -> nn.Module:
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None) or AutoModel
         break
-    try:
-        model = cls.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UpcycleError(f"--model {model_dir}: cannot load it as {cls.__name__}: "
-                           f"{first}") from exc
+    model = load_pretrained(cls, model_dir, role="--model", dtype=torch.float32)
     for name, tensor in model.state_dict().items():  # before expanding: name the tensor
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"

@@ -119,11 +119,17 @@ def autocast(device: torch.device, precision: str | None):
 
 
 def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                         dtype: bool = True, mixed_precision: bool = True) -> None:
-    """``--device`` (and ``--dtype``, ``--bf16``/``--fp16``) with the same names everywhere."""
+                         dtype: bool = True, mixed_precision: bool = True,
+                         dist_timeout: bool = True) -> None:
+    """``--device`` (and ``--dtype``, ``--bf16``/``--fp16``, ``--dist-timeout``) with the same
+    names everywhere."""
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help=f"where to run: {DEVICE_CHOICES} (default: auto = CUDA if "
                              f"available, else the CPU; under torchrun cuda:LOCAL_RANK)")
+    if dist_timeout:
+        parser.add_argument("--dist-timeout", type=float, default=600, metavar="SECONDS",
+                            help="under torchrun: how long a rank waits for the others before "
+                                 "every rank stops with an error (a hung rank)")
     if dtype:
         parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                             help="dtype of the weights the job loads (default: as stored)")

@@ -7,6 +7,7 @@ default process group once, and offers the few collectives the methods use.
 from __future__ import annotations
 
 import atexit
+import datetime
 import gc
 import os
 import time
@@ -27,6 +28,46 @@ if dist.is_available():
     import torch.distributed.nn  # noqa: F401
 
 
+DEFAULT_TIMEOUT_S = 600
+"""How long a collective waits for the other ranks (``--dist-timeout``): a hung rank ends
+every rank in bounded time instead of torch's 30 minutes."""
+_timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def set_timeout(seconds: float) -> None:
+    """The process-group timeout of the next :func:`init_from_env` (and of Trainer's
+    ``ddp_timeout``), in seconds."""
+    global _timeout_s
+    if not seconds > 0:
+        raise UpcycleError(f"--dist-timeout must be > 0 seconds, got {seconds}")
+    _timeout_s = float(seconds)
+
+
+def timeout_seconds() -> int:
+    """The process-group timeout in whole seconds (at least 1)."""
+    return max(1, int(round(_timeout_s)))
+
+
+_PEER_FAILURES = ("Timed out waiting", "timed out", "Connection closed by peer",
+                  "Connection reset by peer", "Watchdog caught collective operation timeout")
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank hung or died (torch's
+    ``DistError``, or gloo's RuntimeError naming a timeout or a closed connection); None for
+    any other exception."""
+    dist_error = getattr(dist, "DistError", ())
+    text = str(exc)
+    if not (isinstance(exc, dist_error) if dist_error else False) and not (
+            isinstance(exc, RuntimeError) and any(w in text for w in _PEER_FAILURES)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if first.startswith("[") and "] " in first:  # gloo's "[source.cc:78] ..." prefix
+        first = first.split("] ", 1)[1]
+    return (f"torchrun: rank {os.environ.get('RANK', '?')}: a collective failed, another rank "
+            f"hung or stopped (--dist-timeout {timeout_seconds()} s): {first}")
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -36,6 +77,7 @@ def init_from_env(device: torch.device | str | None = None) -> bool:
 
     Returns True when running distributed. Backend: NCCL when the job's ``device`` is CUDA
     (default: when CUDA is available), else gloo; a CUDA rank uses ``cuda:LOCAL_RANK``.
+    Collectives time out after :func:`timeout_seconds` (``--dist-timeout``).
     """
     if dist.is_available() and dist.is_initialized():
         _destroy_at_exit()  # also a group that accelerate or the caller opened
@@ -56,7 +98,8 @@ def init_from_env(device: torch.device | str | None = None) -> bool:
                 f"{torch.cuda.device_count()} processes per node (--nproc-per-node), or run on "
                 f"the CPU with --device cpu (gloo)")
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend,
+                            timeout=datetime.timedelta(seconds=timeout_seconds()))
     _destroy_at_exit()
     return True
 

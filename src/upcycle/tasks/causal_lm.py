@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from ..io.checkpoints import read_config_json
+from ..io.checkpoints import error_line, load_pretrained, read_config_json
 from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
@@ -224,7 +224,11 @@ class CausalLMTask:
                                f"(no config.json)")
         read_config_json(self.model_dir, f"model {self.model_dir}")  # one line, no traceback
         check_no_custom_code(self.model_dir, f"model {self.model_dir}")
-        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        try:
+            self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise UpcycleError(f"model {self.model_dir}: config.json cannot be loaded: "
+                               f"{error_line(exc)}") from exc
         limit = position_limit(self.config)
         if max_length is None:
             max_length = min(512, limit) if limit else 512
@@ -252,7 +256,8 @@ class CausalLMTask:
                     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
                     break
                 except Exception as exc:  # a broken tokenizer file: say which
-                    raise UpcycleError(f"tokenizer in {folder}: cannot be loaded: {exc}") from exc
+                    raise UpcycleError(f"tokenizer in {folder}: cannot be loaded: "
+                                       f"{error_line(exc)}") from exc
         if tokenizer is None:
             where = " or ".join(str(d) for d in tried)
             raise UpcycleError(f"no tokenizer in {where} (expected tokenizer.json or "
@@ -278,8 +283,7 @@ class CausalLMTask:
         from transformers import AutoModelForCausalLM
 
         kwargs = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=False,
-                                                     **kwargs)
+        model = load_pretrained(AutoModelForCausalLM, self.model_dir, role="model", **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         gen = getattr(model, "generation_config", None)

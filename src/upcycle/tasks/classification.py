@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from ..io.checkpoints import read_config_json
+from ..io.checkpoints import error_line, load_pretrained, read_config_json
 from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
@@ -177,7 +177,11 @@ class ClassificationTask:
                                f"(no config.json)")
         read_config_json(self.model_dir, f"model {self.model_dir}")  # one line, no traceback
         check_no_custom_code(self.model_dir, f"model {self.model_dir}")
-        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        try:
+            self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise UpcycleError(f"model {self.model_dir}: config.json cannot be loaded: "
+                               f"{error_line(exc)}") from exc
         archs = self.config.architectures or []
         suffix = "ForSequenceClassification" if kind == "text" else "ForImageClassification"
         self.has_head = any(a.endswith(suffix) for a in archs)
@@ -219,7 +223,7 @@ class ClassificationTask:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.head_seed)
-                model = auto.from_pretrained(self.model_dir, trust_remote_code=False, **kwargs)
+                model = load_pretrained(auto, self.model_dir, role="model", **kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
         return model.eval()
@@ -229,7 +233,12 @@ class ClassificationTask:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
+            except Exception as exc:  # missing or broken tokenizer files: say which folder
+                raise UpcycleError(f"model {self.model_dir}: its tokenizer cannot be loaded "
+                                   f"(expected tokenizer.json, or tokenizer_config.json with "
+                                   f"its vocabulary): {error_line(exc)}") from exc
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token  # a decoder's tokenizer (GPT-2, Llama)
             self._tokenizer = tokenizer

@@ -147,7 +147,7 @@ def weights_digest(path: Path) -> str:
 
 # Arguments that do not change what is trained: they may differ between a run and its --resume.
 _NOT_IN_FINGERPRINT = {"func", "command", "config", "out", "overwrite", "resume", "quiet", "merge", "test",
-                       "device", "save_steps", "logging_steps"}
+                       "device", "save_steps", "logging_steps", "dist_timeout"}
 
 
 def run_fingerprint(args: argparse.Namespace, files: dict[str, str | None]) -> dict:

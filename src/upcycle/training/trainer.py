@@ -189,6 +189,7 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         fp16=config.fp16,
         use_cpu=device.type == "cpu",
         device_spec=None if distributed.launched_by_torchrun() else str(device),
+        ddp_timeout=distributed.timeout_seconds(),  # --dist-timeout, as init_from_env
         disable_tqdm=not config.progress,
         report_to=config.report_to if config.report_to is not None else _default_trackers(),
         logging_dir=str(Path(output_dir) / "runs"),
