@@ -281,7 +281,6 @@ TUNE = ("tune", "--method", "snell", "--model", "{base}", "--data", "{train}",
         "--max-steps", "1", "--batch-size", "4", "--quiet")
 GROW = ("grow", "--model", "{gpt2}", "--hidden-size", "48")
 GREEDY = ("soup", "--method", "greedy", *SOUP_OK, "--quiet")
-PART5 = "part 5 (data reading)"
 
 CASES = [
     # -- soup: paths and ingredients ------------------------------------------------------
@@ -323,7 +322,7 @@ CASES = [
     case("soup", "lora-for-another-base", "soup", "--base", "{bert0}", "{lora_other_base}",
          "{bert1}"),
     case("soup", "base-truncated", "soup", "--base", "{st_trunc}", "{lora}", "{bert1}"),
-    case("soup", "config-not-json", "soup", "{config_notjson}", "{bert1}", xfail="part 5"),
+    case("soup", "config-not-json", "soup", "{config_notjson}", "{bert1}"),
     # -- soup: flags and values ----------------------------------------------------------
     case("soup", "unknown-method", "soup", "--method", "stew", *SOUP_OK),
     case("soup", "unknown-flag", "soup", "--epocs", "3", *SOUP_OK),
@@ -334,8 +333,7 @@ CASES = [
     case("soup", "held-out-fraction-too-big", *GREEDY, "--data", "{train}",
          "--held-out-fraction", "1.5"),
     case("soup", "shard-directions-uniform", "soup", "--shard-directions", *SOUP_OK),
-    case("soup", "out-is-ingredient", "soup", *SOUP_OK, "--out", "{bert0}", "--overwrite",
-         xfail="part 3"),
+    case("soup", "out-is-ingredient", "soup", *SOUP_OK, "--out", "{bert0}", "--overwrite"),
     # -- soup: data files ----------------------------------------------------------------
     case("soup", "missing-held-out", *GREEDY, "--held-out", "{root}/nowhere.jsonl"),
     case("soup", "held-out-is-folder", *GREEDY, "--held-out", "{dir}"),
@@ -350,11 +348,11 @@ CASES = [
     case("soup", "npz-without-images", *GREEDY, "--held-out", "{bad_npz}"),
     case("soup", "labels-outside-head", *GREEDY, "--held-out", "{train}", "--test",
          "{label_str_mix}"),
-    case("soup", "nonutf8-jsonl", *GREEDY, "--held-out", "{nonutf8_jsonl}", xfail=PART5),
-    case("soup", "nonutf8-csv", *GREEDY, "--held-out", "{nonutf8_csv}", xfail=PART5),
-    case("soup", "null-text", *GREEDY, "--held-out", "{null_text}", xfail=PART5),
-    case("soup", "bool-label", *GREEDY, "--held-out", "{bool_label}", xfail=PART5),
-    case("soup", "overflow-label", *GREEDY, "--held-out", "{overflow_label}", xfail=PART5),
+    case("soup", "nonutf8-jsonl", *GREEDY, "--held-out", "{nonutf8_jsonl}"),
+    case("soup", "nonutf8-csv", *GREEDY, "--held-out", "{nonutf8_csv}"),
+    case("soup", "null-text", *GREEDY, "--held-out", "{null_text}"),
+    case("soup", "bool-label", *GREEDY, "--held-out", "{bool_label}"),
+    case("soup", "overflow-label", *GREEDY, "--held-out", "{overflow_label}"),
     case("soup", "model-folder-truncated", *GREEDY, "--held-out", "{held}", "--model",
          "{st_trunc}"),
     # -- soup: --config ------------------------------------------------------------------
@@ -389,9 +387,8 @@ CASES = [
     case("tune", "model-wrong-tensor-names", *TUNE[:3], "--model", "{st_wrong_names}",
          *TUNE[5:]),
     case("tune", "model-config-not-json", *TUNE[:3], "--model", "{config_notjson}",
-         *TUNE[5:], xfail="part 5"),
-    case("tune", "model-auto-map", *TUNE[:3], "--model", "{auto_map}", *TUNE[5:],
-         xfail="part 2"),
+         *TUNE[5:]),
+    case("tune", "model-auto-map", *TUNE[:3], "--model", "{auto_map}", *TUNE[5:]),
     case("tune", "unknown-method", "tune", "--method", "lora", "--model", "{base}", "--data",
          "{train}"),
     case("tune", "zero-epochs", *TUNE, "--epochs", "0"),
@@ -422,12 +419,11 @@ CASES = [
          "{lm_txt}", *TUNE[7:], "--max-length", "4096"),
     case("tune", "lm-without-tokenizer", *TUNE[:3], "--model", "{gpt2}", "--data", "{lm_txt}",
          *TUNE[7:]),
-    case("tune", "nonutf8-jsonl", *TUNE[:5], "--data", "{nonutf8_jsonl}", *TUNE[7:],
-         xfail=PART5),
-    case("tune", "bool-label", *TUNE[:5], "--data", "{bool_label}", *TUNE[7:], xfail=PART5),
+    case("tune", "nonutf8-jsonl", *TUNE[:5], "--data", "{nonutf8_jsonl}", *TUNE[7:]),
+    case("tune", "bool-label", *TUNE[:5], "--data", "{bool_label}", *TUNE[7:]),
     case("tune", "config-wrong-type", *TUNE, "--config", "{cfg_wrong_type}"),
     case("tune", "config-bad-yaml", *TUNE, "--config", "{cfg_bad_yaml}"),
-    case("tune", "out-is-model", *TUNE, "--out", "{base}", "--overwrite", xfail="part 3"),
+    case("tune", "out-is-model", *TUNE, "--out", "{base}", "--overwrite"),
     # -- grow ----------------------------------------------------------------------------
     case("grow", "missing-model", "grow", "--model", "{root}/nowhere", "--hidden-size", "48"),
     case("grow", "model-empty-folder", "grow", "--model", "{empty_dir}", "--hidden-size",
@@ -468,7 +464,7 @@ CASES = [
          "--scratch-lr", "1e-3", "--scratch-warmup", "1"),
     case("grow", "resume-without-checkpoints", *GROW, "--train", "{train}", "--steps", "2",
          "--scratch-lr", "1e-3", "--scratch-warmup", "1", "--resume"),
-    case("grow", "out-is-model", *GROW, "--out", "{gpt2}", "--overwrite", xfail="part 3"),
+    case("grow", "out-is-model", *GROW, "--out", "{gpt2}", "--overwrite"),
 ]
 
 
