@@ -7,7 +7,9 @@ classification) is one module implementing it plus one branch in :func:`upcycle.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -143,3 +145,28 @@ class SplitRegistry:
                           f"unseen data", UpcycleWarning, stacklevel=3)
         else:
             self.seen.setdefault(digest, (split, source))
+
+
+def read_rows(path: Path, split: str, where: str) -> list[tuple[int, object]]:
+    """(line number, row) of a CSV file (dicts) or a JSONL file (any JSON value per non-blank
+    line). ``where`` names the file in errors ("held-out file x.jsonl"); a line that is not
+    JSON or not UTF-8 is one error naming the file and line."""
+    rows = []
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                for row in reader:
+                    rows.append((reader.line_num, row))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((lineno, json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise UpcycleError(f"{where}, line {lineno}: not JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise utf8_error(path, split, exc) from exc
+    return rows

@@ -19,7 +19,6 @@ mean of per-batch means.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -36,7 +35,14 @@ from ..io.checkpoints import error_line, load_pretrained, read_config_json
 from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
-from .base import SplitRegistry, batch_indices, cut_text, examples_digest, text_limit, utf8_error
+from .base import (
+    SplitRegistry,
+    batch_indices,
+    cut_text,
+    examples_digest,
+    read_rows,
+    text_limit,
+)
 
 LM_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 IGNORE_INDEX = -100
@@ -102,25 +108,7 @@ def _read_txt(path: Path, split: str) -> list[tuple[int, str]]:
 
 def _read_rows(path: Path, split: str) -> list[tuple[int, dict]]:
     """(line number, row) of a JSONL or CSV file."""
-    rows = []
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                for row in reader:
-                    rows.append((reader.line_num, row))
-        else:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append((lineno, json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise UpcycleError(f"{split} file {path}, line {lineno}: not JSON: "
-                                           f"{exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise utf8_error(path, split, exc) from exc
+    rows = read_rows(path, split, f"{split} file {path}")
     if not rows:
         raise UpcycleError(f"{split} file {path}: is empty (expected rows with 'text', or with "
                            f"'prompt' and 'completion')")

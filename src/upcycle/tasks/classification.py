@@ -21,7 +21,6 @@ perplexity), ``task.score``...
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
-from .base import SplitRegistry, batch_indices, cut_text, examples_digest, utf8_error
+from .base import SplitRegistry, batch_indices, cut_text, examples_digest, read_rows
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
@@ -82,25 +81,7 @@ def _read_text_rows(path: Path, split: str = "data") -> list[tuple[int, dict]]:
     ``label``; errors name the file and line."""
     if not path.is_file():
         raise UpcycleError(f"data file {path}: no such file")
-    rows = []
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                for row in reader:
-                    rows.append((reader.line_num, row))
-        else:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append((lineno, json.loads(line)))
-                        except json.JSONDecodeError as exc:
-                            raise UpcycleError(
-                                f"data file {path}, line {lineno}: not JSON: {exc}"
-                            ) from exc
-    except UnicodeDecodeError as exc:
-        raise utf8_error(path, split, exc) from exc
+    rows = read_rows(path, split, f"data file {path}")
     for i, (lineno, row) in enumerate(rows):
         if not isinstance(row, dict) or "text" not in row or "label" not in row:
             raise UpcycleError(f"data file {path}, row {i + 1}: expected 'text' and 'label' fields")
