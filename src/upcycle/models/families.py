@@ -254,7 +254,9 @@ DISTILBERT = Architecture(
            Head("vocab_projector", reads="vocab_transform")),
     dims=Dims(hidden="dim", layers="n_layers", heads="n_heads", intermediate="hidden_dim",
               eps=None),
-    call=LayerCall(mask="padding", mask_argument="attn_mask", token_mask_eager=True),
+    # transformers 5: an additive mask as BERT's, under every attention (4.x: attn_mask, and
+    # the (B, T) 0/1 mask under eager)
+    call=LayerCall(mask="padding", mask_argument="attention_mask"),
     classify="pre_classifier", noise_scale=0.1,
 )
 

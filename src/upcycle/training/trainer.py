@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -137,7 +137,17 @@ class UpcycleTrainer(Trainer):
     # checkpoints hold what training changes --------------------------------------------
     def _save(self, output_dir=None, state_dict=None):
         model = self._plain_model()
-        if isinstance(model, PreTrainedModel) or state_dict is not None:
+        if isinstance(model, PreTrainedModel):
+            # transformers 5 writes a model in its checkpoints' original (4.x) names (ViT's
+            # encoder.layer.N...), but Trainer reloads a checkpoint (best model, resume) with a
+            # plain load_state_dict: a checkpoint keeps the modules' own names
+            model.save_pretrained = partial(type(model).save_pretrained, model,
+                                            save_original_format=False)
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                del model.save_pretrained
+        if state_dict is not None:
             return super()._save(output_dir, state_dict)
         return super()._save(output_dir, trained_state_dict(model))
 
