@@ -130,7 +130,7 @@ def _trainer(model, dataset, *, steps: int, lr: float, batch: int, seed: int, ou
 
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
-        learning_rate=lr, warmup_ratio=0.1, lr_scheduler_type="cosine", weight_decay=0.01,
+        learning_rate=lr, warmup_steps=0.1, lr_scheduler_type="cosine", weight_decay=0.01,
         logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], use_cpu=True,
         seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
     )

@@ -42,8 +42,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CACHE = RESULTS / ".snell_cache"
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-           "output.dense"]
+# transformers 5's ViT layer (4.x: query, key, value, ..., intermediate.dense, output.dense)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"]
 VIT = {"image_size": 28, "patch_size": 4, "num_channels": 1, "hidden_size": 192,
        "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768}
 

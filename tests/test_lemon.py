@@ -149,18 +149,18 @@ def test_gpt2_tied_embeddings_stay_tied():
 # -- training: gradients and symmetry breaking ------------------------------------------------
 
 def _mlp_in(model, family, layer):
-    base = {"bert": lambda m: m.bert.encoder.layer, "vit": lambda m: m.vit.encoder.layer,
+    base = {"bert": lambda m: m.bert.encoder.layer, "vit": lambda m: m.vit.layers,
             "gpt2": lambda m: m.transformer.h, "llama": lambda m: m.model.layers}[family](model)
     block = base[layer]
-    return {"bert": lambda b: b.intermediate.dense, "vit": lambda b: b.intermediate.dense,
+    return {"bert": lambda b: b.intermediate.dense, "vit": lambda b: b.mlp.fc1,
             "gpt2": lambda b: b.mlp.c_fc, "llama": lambda b: b.mlp.up_proj}[family](block)
 
 
 def _q_proj(model, family, layer):
-    base = {"bert": lambda m: m.bert.encoder.layer, "vit": lambda m: m.vit.encoder.layer,
+    base = {"bert": lambda m: m.bert.encoder.layer, "vit": lambda m: m.vit.layers,
             "gpt2": lambda m: m.transformer.h, "llama": lambda m: m.model.layers}[family](model)
     block = base[layer]
-    return {"bert": lambda b: b.attention.self.query, "vit": lambda b: b.attention.attention.query,
+    return {"bert": lambda b: b.attention.self.query, "vit": lambda b: b.attention.q_proj,
             "gpt2": lambda b: b.attn.c_attn, "llama": lambda b: b.self_attn.q_proj}[family](block)
 
 

@@ -59,7 +59,12 @@ def _bert(folder: Path, seed: int = 0) -> Path:
                         max_position_embeddings=32)
     BertForSequenceClassification(config).save_pretrained(folder)
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
-    vocab.unlink()
+    # transformers 5 writes tokenizer.json and tokenizer_config.json only; a BERT folder from
+    # the hub (or from transformers 4) also has these
+    os.replace(vocab, folder / "vocab.txt")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+         "sep_token": "[SEP]", "mask_token": "[MASK]"}))
     return folder
 
 

@@ -199,7 +199,7 @@ def test_plain_trainer_trains_one_step(method, family, device, tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(TUNERS))
-def test_trainer_logs_to_tensorboard(method, tmp_path):
+def test_trainer_logs_to_tensorboard(method, tmp_path, monkeypatch):
     """Trainer's TensorBoard callback writes ``model.config.to_json_string()`` at the start:
     every tuner's config offers it (SHERL's and LST's once did not, so training a SHERL model
     failed wherever tensorboard was installed)."""
@@ -216,10 +216,11 @@ def test_trainer_logs_to_tensorboard(method, tmp_path):
         batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
 
+    # transformers 5 reads TensorBoard's folder from the environment (no logging_dir argument)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "runs"))
     args = T.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
                                max_steps=1, use_cpu=True, report_to=["tensorboard"],
-                               logging_dir=str(tmp_path / "runs"), save_strategy="no",
-                               disable_tqdm=True, logging_steps=1)
+                               save_strategy="no", disable_tqdm=True, logging_steps=1)
     T.Trainer(model=model, args=args, train_dataset=_examples(), data_collator=collate).train()
     assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import importlib.util
 import os
 import signal
 import sys
@@ -132,6 +133,30 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _quiet_hf_progress_bars():
+    """transformers 5 draws a progress bar for every model it loads ("Loading weights") or
+    saves ("Writing model shards"), checkpoints included: the verbs show their own progress,
+    so these are off while one runs. Returns what turns them back on."""
+    if importlib.util.find_spec("transformers") is None:
+        return lambda: None
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        return lambda: None
+    downloads = not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if downloads:  # a download's bar stays (disable_progress_bar turns the hub's off too)
+        hub_utils.enable_progress_bars()
+
+    def restore():
+        hf_logging.enable_progress_bar()
+        if not downloads:
+            hub_utils.disable_progress_bars()
+
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -149,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+    restore_bars = _quiet_hf_progress_bars()
     try:
         if getattr(args, "dist_timeout", None) is not None:  # before any process group
             distributed.set_timeout(args.dist_timeout)
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         warnings.showwarning = shown
+        restore_bars()
 
 
 if __name__ == "__main__":

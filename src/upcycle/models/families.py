@@ -254,7 +254,9 @@ DISTILBERT = Architecture(
            Head("vocab_projector", reads="vocab_transform")),
     dims=Dims(hidden="dim", layers="n_layers", heads="n_heads", intermediate="hidden_dim",
               eps=None),
-    call=LayerCall(mask="padding", mask_argument="attn_mask", token_mask_eager=True),
+    # transformers 5: an additive mask as BERT's, under every attention (4.x: attn_mask, and
+    # the (B, T) 0/1 mask under eager)
+    call=LayerCall(mask="padding", mask_argument="attention_mask"),
     classify="pre_classifier", noise_scale=0.1,
 )
 
@@ -266,10 +268,12 @@ VIT = Architecture(
              ("embeddings.patch_embeddings.projection.weight", 0),
              ("embeddings.patch_embeddings.projection.bias", 0)),
     token_embedding=None, positions="patch+absolute",
-    layers="encoder.layer",
-    attention=Attention(q="attention.attention.query", k="attention.attention.key",
-                        v="attention.attention.value", o="attention.output.dense"),
-    mlp=MLP(inputs=("intermediate.dense",), down="output.dense"),
+    # transformers 5's layout (its files keep 4.x's encoder.layer.N.attention.attention.query...:
+    # save_pretrained/from_pretrained rename them)
+    layers="layers",
+    attention=Attention(q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
+                        o="attention.o_proj"),
+    mlp=MLP(inputs=("mlp.fc1",), down="mlp.fc2"),
     norm="layernorm", post_ln=False, attn_norm="layernorm_before", mlp_norm="layernorm_after",
     final_norm="layernorm",
     # the pooler's output size is its own config field (pooler_output_size): it stays
@@ -336,7 +340,7 @@ GPT_NEOX = Architecture(
     norm="layernorm", post_ln=False, parallel_residual="use_parallel_residual",
     attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
     final_norm="final_layer_norm",
-    heads=(Head("embed_out"), *_COMMON_READERS),
+    heads=(Head("lm_head"), *_COMMON_READERS),  # transformers 4: embed_out
     call=LayerCall(mask="causal", rotary="rotary_emb", position_ids=True),
 )
 

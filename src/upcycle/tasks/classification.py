@@ -41,6 +41,9 @@ from .base import SplitRegistry, batch_indices, cut_text, examples_digest, read_
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
+# a folder's tokenizer is one of these (what AutoTokenizer reads)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -214,7 +217,11 @@ class ClassificationTask:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
+            folder = Path(self.model_dir)
             try:
+                if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+                    # transformers 5 would build an empty tokenizer of the model type
+                    raise FileNotFoundError(f"no tokenizer file in {folder}")
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
             except Exception as exc:  # missing or broken tokenizer files: say which folder
                 raise UpcycleError(f"model {self.model_dir}: its tokenizer cannot be loaded "

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from ..errors import UpcycleError
 from ..runtime import distributed
@@ -27,6 +28,9 @@ class UpcycleTrainingArguments(TrainingArguments):
     DataParallel). Under torchrun each rank uses ``cuda:LOCAL_RANK`` as Trainer does."""
 
     device_spec: str | None = field(default=None, metadata={"help": "cpu, cuda:N or mps"})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "TensorBoard's folder (transformers 5 dropped the argument; its callback "
+                "would otherwise write to output_dir/runs/<date>_<host>)"})
 
     @cached_property
     def _setup_devices(self) -> torch.device:
@@ -64,6 +68,11 @@ class UpcycleTrainer(Trainer):
         self.step_losses: list[float] = []
         self._micro_loss = 0.0
         self.add_callback(_StepLosses(self))
+        logging_dir = getattr(self.args, "logging_dir", None)
+        if logging_dir is not None:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                    callback.logging_dir = logging_dir
 
     def _plain_model(self):
         """The model without DDP/accelerate wrappers or a torch.compile shell."""
@@ -128,7 +137,17 @@ class UpcycleTrainer(Trainer):
     # checkpoints hold what training changes --------------------------------------------
     def _save(self, output_dir=None, state_dict=None):
         model = self._plain_model()
-        if isinstance(model, PreTrainedModel) or state_dict is not None:
+        if isinstance(model, PreTrainedModel):
+            # transformers 5 writes a model in its checkpoints' original (4.x) names (ViT's
+            # encoder.layer.N...), but Trainer reloads a checkpoint (best model, resume) with a
+            # plain load_state_dict: a checkpoint keeps the modules' own names
+            model.save_pretrained = partial(type(model).save_pretrained, model,
+                                            save_original_format=False)
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                del model.save_pretrained
+        if state_dict is not None:
             return super()._save(output_dir, state_dict)
         return super()._save(output_dir, trained_state_dict(model))
 
@@ -161,7 +180,6 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
     best = config.best_metric
     kwargs = dict(
         output_dir=str(output_dir),
-        overwrite_output_dir=False,
         per_device_train_batch_size=micro,
         per_device_eval_batch_size=config.eval_batch_size or micro,
         gradient_accumulation_steps=config.grad_accum,
@@ -169,8 +187,8 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         max_steps=config.max_steps if config.max_steps is not None else -1,
         learning_rate=config.lr,
         weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        warmup_steps=config.warmup_steps or 0,
+        # transformers 5: a float below 1 is a ratio (our own schedule reads config's anyway)
+        warmup_steps=config.warmup_steps if config.warmup_steps else config.warmup_ratio,
         lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
         max_grad_norm=config.grad_clip if config.grad_clip is not None else 0.0,
         eval_strategy="steps" if evaluate else "no",
@@ -192,11 +210,10 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         ddp_timeout=distributed.timeout_seconds(),  # --dist-timeout, as init_from_env
         disable_tqdm=not config.progress,
         report_to=config.report_to if config.report_to is not None else _default_trackers(),
-        logging_dir=str(Path(output_dir) / "runs"),
+        logging_dir=str(Path(output_dir) / "runs"),  # ours: TensorBoard's folder
         remove_unused_columns=False,  # our collators choose the columns themselves
         label_names=["labels"],
         dataloader_num_workers=0,
-        save_safetensors=True,
         log_level="warning",
     )
     kwargs.update(overrides)

@@ -19,9 +19,9 @@ from .parts import RowParts, row_parts
 UNMAPPED_TARGET_MODULES: dict[str, list[str]] = {
     "electra": ["attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense"],
-    "deit": ["attention.attention.query", "attention.attention.key",
-             "attention.attention.value", "attention.output.dense", "intermediate.dense",
-             "output.dense"],
+    # transformers 5's DeiT layer (4.x: attention.attention.query, ..., intermediate.dense)
+    "deit": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+             "mlp.fc1", "mlp.fc2"],
 }
 
 # Fused [q; k; v] projections of models outside the map (timm's ``qkv``), split into equal
