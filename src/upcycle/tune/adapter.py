@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UpcycleError
 from ..io.writing import atomic_dir
@@ -37,6 +38,65 @@ class TunerConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+class Checkpointing:
+    """Activation (gradient) checkpointing with ``transformers``' switches, as
+    ``Trainer(gradient_checkpointing=True)`` (or ``activation_checkpointing=True``) calls them:
+    ``activation_checkpointing_enable``/``_disable``, their deprecated ``gradient_*`` aliases
+    and ``is_activation_checkpointing``/``is_gradient_checkpointing``. A tuner says what is
+    recomputed in :meth:`_set_checkpointing`; :meth:`checkpointed` runs one of its own blocks
+    under ``torch.utils.checkpoint`` when the switch is on and the block takes part in
+    autograd. The default ``checkpoint`` arguments are ``use_reentrant=False``, as
+    ``transformers``' own."""
+
+    _checkpointing: dict | None = None
+    """``checkpoint``'s keyword arguments plus ``every_n_layers`` and ``offload``, or None."""
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise UpcycleError(f"every_n_layers: expected a positive integer, got "
+                               f"{every_n_layers!r}")
+        self._set_checkpointing(kwargs, every_n_layers, offload)
+        self._checkpointing = {"kwargs": kwargs, "every_n_layers": every_n_layers,
+                               "offload": bool(offload)}
+
+    def activation_checkpointing_disable(self) -> None:
+        self._set_checkpointing(None, 1, False)
+        self._checkpointing = None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (transformers' older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Alias of :meth:`activation_checkpointing_disable`."""
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self._checkpointing is not None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing is not None
+
+    def _set_checkpointing(self, kwargs: dict | None, every_n_layers: int, offload: bool) -> None:
+        """Switch the tuner's own recomputation on (``kwargs``) or off (None)."""
+
+    def checkpointed(self, index: int, function, *args):
+        """``function(*args)``, recomputed in the backward pass when checkpointing is on, the
+        module trains and this is block ``index`` of every ``every_n_layers``."""
+        state = self._checkpointing
+        if state is None or not self.training or not torch.is_grad_enabled() \
+                or index % state["every_n_layers"]:
+            return function(*args)
+        if state["offload"]:
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return checkpoint(function, *args, **state["kwargs"])
+        return checkpoint(function, *args, **state["kwargs"])
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..models.backbone import Backbone, classifier_output, layer_mask
-from .adapter import TunerConfig, trainable_report
+from .adapter import Checkpointing, TunerConfig, trainable_report
 
 LADDER_TEMPERATURE = 0.1
 
@@ -61,8 +61,10 @@ class SideBlock(nn.Module):
         return x + self.ff2(F.gelu(self.ff1(self.norm2(x))))
 
 
-class LadderSideModel(nn.Module):
-    """A HF classification model with a ladder side network; call it like the HF model."""
+class LadderSideModel(Checkpointing, nn.Module):
+    """A HF classification model with a ladder side network; call it like the HF model.
+    Activation checkpointing (``Trainer(gradient_checkpointing=True)``) recomputes the side
+    blocks in the backward pass; the backbone keeps no activations anyway."""
 
     def __init__(self, model: nn.Module, config: LstConfig):
         super().__init__()
@@ -119,7 +121,8 @@ class LadderSideModel(nn.Module):
         side = self.down[0](taps[0])
         for i, block in enumerate(self.blocks, start=1):
             mu = torch.sigmoid(self.ladder[i - 1] / LADDER_TEMPERATURE)
-            side = block(mu * side + (1 - mu) * self.down[i](taps[i]), mask, False)
+            side = self.checkpointed(i - 1, block, mu * side + (1 - mu) * self.down[i](taps[i]),
+                                     mask, False)
         logits = b.finish(self.up(self.norm(side)), inputs)
         return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 

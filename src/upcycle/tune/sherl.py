@@ -35,7 +35,14 @@ from torch import nn
 from ..errors import UpcycleError
 from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output
 from ..models.families import Architecture
-from .adapter import TunerConfig, copy_saved_tensors, load_adapter, save_adapter, trainable_report
+from .adapter import (
+    Checkpointing,
+    TunerConfig,
+    copy_saved_tensors,
+    load_adapter,
+    save_adapter,
+    trainable_report,
+)
 
 METHOD = "sherl"
 DEFAULT_LR = 3e-3
@@ -183,11 +190,13 @@ def _resolve_taps(config: SherlConfig, num_layers: int) -> list[int]:
     return sorted(taps)
 
 
-class SherlModel(nn.Module):
+class SherlModel(Checkpointing, nn.Module):
     """A HF classification model with SHERL's early route, MTSA and late route.
 
     Call it like the wrapped model (``input_ids``/``attention_mask``/``token_type_ids`` or
     ``pixel_values``); it returns an object with ``.logits`` (and ``.loss`` given ``labels``).
+    Activation checkpointing (``Trainer(gradient_checkpointing=True)``) recomputes the late
+    layers in the backward pass; the early route keeps no activations anyway.
     """
 
     def __init__(self, model: nn.Module, config: SherlConfig):
@@ -267,7 +276,7 @@ class SherlModel(nn.Module):
         taps, h_last, token_mask, arguments = self.early_route(inputs)
         hidden = self.mtsa(taps, h_last, token_mask)
         for i in range(self.num_early, b.num_layers):
-            hidden = b.run_layer(i, hidden, arguments)
+            hidden = self.checkpointed(i - self.num_early, b.run_layer, i, hidden, arguments)
         logits = b.finish(hidden, inputs)
         return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from ...errors import UpcycleError
 from ..adapter import (
+    Checkpointing,
     copy_saved_tensors,
     count_parameters,
     find_modules,
@@ -58,7 +59,7 @@ class _BaseModelForward:
         return forward
 
 
-class SnellModel(nn.Module):
+class SnellModel(Checkpointing, nn.Module):
     """A base model with SNELL layers injected; forward is the base model's forward.
 
     An ordinary module: ``.to()``/``.cuda()``/``.half()``, ``state_dict()``, DDP,
@@ -115,6 +116,27 @@ class SnellModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    # activation checkpointing ----------------------------------------------------------
+    def _set_checkpointing(self, kwargs: dict | None, every_n_layers: int, offload: bool) -> None:
+        """The base model's own checkpointing, with its input embeddings' output requiring
+        grad (as peft does): a frozen embedding would otherwise give the checkpointed layers
+        inputs without grad, and reentrant checkpointing would train no SNELL parameter."""
+        base = self.base_model
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is None or not hasattr(base, "enable_input_require_grads"):
+            if kwargs is None:
+                return
+            raise UpcycleError(f"activation checkpointing: the base model, a "
+                               f"{type(base).__name__}, has no activation_checkpointing_enable "
+                               f"(a transformers PreTrainedModel has)")
+        base.disable_input_require_grads()  # never two hooks
+        if kwargs is None:
+            base.activation_checkpointing_disable()
+            return
+        enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        base.disable_input_require_grads()
+        base.enable_input_require_grads()
 
     # inspection ------------------------------------------------------------------------
     def snell_layers(self) -> dict[str, SnellLayer]:
