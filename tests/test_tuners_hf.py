@@ -131,3 +131,18 @@ def test_snell_checkpointing_needs_a_transformers_base_model():
         model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing is False
     model.gradient_checkpointing_disable()  # nothing to switch off
+
+
+@pytest.mark.parametrize("method", sorted(TUNERS))
+def test_config_is_the_wrapped_models(method):
+    base = tiny_bert()
+    model = TUNERS[method](base)
+    assert model.config is base.config
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_tuner_settings_keep_their_own_names():
+    sherl = get_sherl_model(tiny_bert(), SherlConfig(late_layers=2, reduction=8))
+    assert sherl.sherl_config.late_layers == 2 and sherl.sherl_config.reduction == 8
+    lst = get_lst_model(tiny_bert(), LstConfig(reduction=2))
+    assert lst.lst_config.reduction == 2

@@ -76,7 +76,7 @@ class LadderSideModel(Checkpointing, nn.Module):
         heads = config.num_heads or next(h for h in (4, 2, 1) if width % h == 0)
         if width % heads:
             raise UpcycleError(f"num_heads {heads} does not divide the side width {width}")
-        self.config, self.base, self._backbone = config, model, backbone
+        self.lst_config, self.base, self._backbone = config, model, backbone
         layers = backbone.num_layers
         self.down = nn.ModuleList(nn.Linear(d, width) for _ in range(layers + 1))  # W_0..W_L
         self.ladder = nn.Parameter(torch.zeros(layers))  # alpha_1..alpha_L
@@ -96,6 +96,12 @@ class LadderSideModel(Checkpointing, nn.Module):
             p.requires_grad_(False)
         for _, p in backbone.head_parameters():
             p.requires_grad_(True)
+
+    @property
+    def config(self):
+        """The wrapped model's ``transformers`` config; the LST settings are
+        :attr:`lst_config`."""
+        return self.base.config
 
     def print_trainable_parameters(self) -> None:
         print(trainable_report(self))

@@ -195,6 +195,7 @@ class SherlModel(Checkpointing, nn.Module):
 
     Call it like the wrapped model (``input_ids``/``attention_mask``/``token_type_ids`` or
     ``pixel_values``); it returns an object with ``.logits`` (and ``.loss`` given ``labels``).
+    ``config`` is the wrapped model's config, ``sherl_config`` the SHERL settings.
     Activation checkpointing (``Trainer(gradient_checkpointing=True)``) recomputes the late
     layers in the backward pass; the early route keeps no activations anyway.
     """
@@ -209,7 +210,7 @@ class SherlModel(Checkpointing, nn.Module):
             raise UpcycleError(f"reduction {config.reduction!r} does not divide the hidden size "
                                f"{backbone.hidden_size} (d' = d / reduction must be an integer)")
         self.tap_indices = _resolve_taps(config, backbone.num_layers)
-        self.config = config
+        self.sherl_config = config
         self.base = model
         self._backbone = backbone
         self.num_early = backbone.num_layers - config.late_layers
@@ -224,6 +225,13 @@ class SherlModel(Checkpointing, nn.Module):
 
     # -- structure ----------------------------------------------------------------------------
     @property
+    def config(self):
+        """The wrapped model's ``transformers`` config (``model.config.id2label`` works as on
+        the HF model, and ``Trainer`` and its callbacks read it); SHERL's own settings are
+        :attr:`sherl_config`."""
+        return self.base.config
+
+    @property
     def family(self) -> Architecture:
         """The backbone's entry in :mod:`upcycle.models.families`."""
         return self._backbone.arch
@@ -231,7 +239,7 @@ class SherlModel(Checkpointing, nn.Module):
     def trainable_base_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name in ``self.base``, parameter) of the head and, if trained, the late layers."""
         out = self._backbone.head_parameters()
-        if self.config.train_late_layers:
+        if self.sherl_config.train_late_layers:
             for i in range(self.num_early, self._backbone.num_layers):
                 for name, p in self._backbone.layers[i].named_parameters():
                     out.append((f"{self._backbone.layers_path}.{i}.{name}", p))
@@ -283,7 +291,7 @@ class SherlModel(Checkpointing, nn.Module):
     # -- save / load --------------------------------------------------------------------------
     def save_pretrained(self, out, overwrite: bool = False) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (trainable part only)."""
-        config = {**asdict(self.config), "taps": list(self.tap_indices), "base": self.describe()}
+        config = {**asdict(self.sherl_config), "taps": list(self.tap_indices), "base": self.describe()}
         return save_adapter(out, METHOD, config, self.trainable_state_dict(), overwrite=overwrite,
                             base_model=self.base)
 
