@@ -146,3 +146,30 @@ def test_tuner_settings_keep_their_own_names():
     assert sherl.sherl_config.late_layers == 2 and sherl.sherl_config.reduction == 8
     lst = get_lst_model(tiny_bert(), LstConfig(reduction=2))
     assert lst.lst_config.reduction == 2
+
+
+@pytest.mark.parametrize("method", ["sherl", "snell"])
+def test_trainer_save_model_writes_a_loadable_adapter_folder(method, tmp_path):
+    from upcycle.training.trainer import UpcycleTrainer, training_arguments
+    from upcycle.tune import load
+    from upcycle.tune.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    model = TUNERS[method](tiny_bert())
+    config = TrainingConfig(max_steps=2, lr=1e-2, warmup_ratio=0.0, batch_size=4, device="cpu",
+                            progress=False, report_to=[])
+    trainer = UpcycleTrainer(model=model, args=training_arguments(config, tmp_path / "run"),
+                             train_dataset=examples(), data_collator=collate)
+    trainer.train()
+    out = tmp_path / "saved"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # a second save replaces the adapter files
+    assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                                           "notes.txt"])
+    loaded = load(out, base_model=tiny_bert())
+    batch = collate(examples())
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)

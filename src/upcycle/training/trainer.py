@@ -5,6 +5,8 @@ pickle its arguments into checkpoints."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
@@ -133,6 +135,29 @@ class UpcycleTrainer(Trainer):
                     f"training stopped and no checkpoint was saved for it; {self._last_good()}. Lower the "
                     f"learning rate, or use bf16 instead of fp16")
         return super()._save_checkpoint(model, trial)
+
+    # save_model of a tuner: its adapter folder -------------------------------------------
+    def save_model(self, output_dir=None, _internal_call: bool = False):
+        """A user's ``save_model(d)`` of a tuner whose class sets ``writes_adapter_folder``
+        (SNELL, SHERL) writes its adapter folder (``adapter_config.json`` +
+        ``adapter_model.safetensors``, what ``upcycle.tune.load(d)`` reads) into ``d``, beside
+        whatever ``d`` already holds (checkpoints stay); Trainer's own saves (checkpoints,
+        the Hub) are unchanged."""
+        model = self._plain_model()
+        if _internal_call or not getattr(type(model), "writes_adapter_folder", False):
+            return super().save_model(output_dir, _internal_call)
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:
+            out.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+            try:
+                folder = model.save_pretrained(staging / "adapter")
+                for item in sorted(Path(folder).iterdir()):
+                    os.replace(item, out / item.name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # checkpoints hold what training changes --------------------------------------------
     def _save(self, output_dir=None, state_dict=None):

@@ -200,6 +200,9 @@ class SherlModel(Checkpointing, nn.Module):
     layers in the backward pass; the early route keeps no activations anyway.
     """
 
+    writes_adapter_folder = True
+    """``transformers.Trainer.save_model(d)`` (upcycle's trainer) writes the adapter folder."""
+
     def __init__(self, model: nn.Module, config: SherlConfig):
         super().__init__()
         if not isinstance(config, SherlConfig):

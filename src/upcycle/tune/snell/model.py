@@ -65,6 +65,9 @@ class SnellModel(Checkpointing, nn.Module):
     An ordinary module: ``.to()``/``.cuda()``/``.half()``, ``state_dict()``, DDP,
     ``torch.compile`` and ``transformers.Trainer`` treat it as they treat the base model."""
 
+    writes_adapter_folder = True
+    """``transformers.Trainer.save_model(d)`` (upcycle's trainer) writes the adapter folder."""
+
     def __init__(self, model: nn.Module, config: SnellConfig):
         super().__init__()
         if isinstance(model, SnellModel):
