@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError, UpcycleWarning
+from ..io.checkpoints import error_line, read_config_json
+from ..io.model_files import check_no_custom_code
 from ..runtime import distributed
 
 CHARS_PER_TOKEN = 32
@@ -170,3 +172,22 @@ def read_rows(path: Path, split: str, where: str) -> list[tuple[int, object]]:
     except UnicodeDecodeError as exc:
         raise utf8_error(path, split, exc) from exc
     return rows
+
+
+def load_model_config(model_dir: Path):
+    """The HF config of a task's model folder, checked first: a folder without config.json,
+    a config that is not a JSON object, or one asking for custom code is one error naming
+    the folder; transformers' own refusal is cut to one line."""
+    # deferred: transformers (an optional dependency) loads only when a task is built
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise UpcycleError(f"model {model_dir}: not a HuggingFace model folder "
+                           f"(no config.json)")
+    read_config_json(model_dir, f"model {model_dir}")  # one line, no traceback
+    check_no_custom_code(model_dir, f"model {model_dir}")
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise UpcycleError(f"model {model_dir}: config.json cannot be loaded: "
+                           f"{error_line(exc)}") from exc

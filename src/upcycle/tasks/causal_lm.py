@@ -40,6 +40,7 @@ from .base import (
     batch_indices,
     cut_text,
     examples_digest,
+    load_model_config,
     read_rows,
     text_limit,
 )
@@ -203,20 +204,10 @@ class CausalLMTask:
 
     def __init__(self, model_dir: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
                  max_length: int | None = None, pack: bool = True, chunk: bool = False):
-        from transformers import AutoConfig
 
         self.model_dir = Path(model_dir)
         self.base_dir = Path(base_dir) if base_dir is not None else None
-        if not (self.model_dir / "config.json").is_file():
-            raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
-                               f"(no config.json)")
-        read_config_json(self.model_dir, f"model {self.model_dir}")  # one line, no traceback
-        check_no_custom_code(self.model_dir, f"model {self.model_dir}")
-        try:
-            self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            raise UpcycleError(f"model {self.model_dir}: config.json cannot be loaded: "
-                               f"{error_line(exc)}") from exc
+        self.config = load_model_config(self.model_dir)
         limit = position_limit(self.config)
         if max_length is None:
             max_length = min(512, limit) if limit else 512

@@ -32,12 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from ..io.checkpoints import error_line, load_pretrained, read_config_json
-from ..io.model_files import check_no_custom_code
+from ..io.checkpoints import error_line, load_pretrained
 from ..runtime import distributed
 from ..runtime.devices import autocast, model_device
 from ..training.fit import accuracy_metrics
-from .base import SplitRegistry, batch_indices, cut_text, examples_digest, read_rows
+from .base import (
+    SplitRegistry,
+    batch_indices,
+    cut_text,
+    examples_digest,
+    load_model_config,
+    read_rows,
+)
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 IMAGE_SUFFIXES = (".npz",)
@@ -150,22 +156,12 @@ class ClassificationTask:
     metric_names = ("accuracy", "loss")
     def __init__(self, model_dir: str | os.PathLike, kind: str, *, num_labels: int | None = None,
                  max_length: int = 128, head_seed: int = 0):
-        from transformers import AutoConfig
 
         self.model_dir = Path(model_dir)
         self.kind = kind
         self.max_length = max_length
         self.head_seed = head_seed
-        if not (self.model_dir / "config.json").is_file():
-            raise UpcycleError(f"model {self.model_dir}: not a HuggingFace model folder "
-                               f"(no config.json)")
-        read_config_json(self.model_dir, f"model {self.model_dir}")  # one line, no traceback
-        check_no_custom_code(self.model_dir, f"model {self.model_dir}")
-        try:
-            self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            raise UpcycleError(f"model {self.model_dir}: config.json cannot be loaded: "
-                               f"{error_line(exc)}") from exc
+        self.config = load_model_config(self.model_dir)
         archs = self.config.architectures or []
         suffix = "ForSequenceClassification" if kind == "text" else "ForImageClassification"
         self.has_head = any(a.endswith(suffix) for a in archs)
