@@ -52,3 +52,32 @@ def torchrun(args, env=None, *, check=True, nproc=2):
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+SENTIMENT = (["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"])
+"""Positive and negative words of the tiny sentiment data (label 1, label 0)."""
+
+
+def write_sentiment_jsonl(path, n, seed):
+    """``n`` rows of ``{"text": "the film was W W", "label": 0|1}``, seeded; returns ``path``."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = int(rng.integers(2))
+            pool = SENTIMENT[0] if label else SENTIMENT[1]
+            f.write(json.dumps({"text": " ".join(["the", "film", "was", *rng.choice(pool, 2)]),
+                                "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy CPU threads spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

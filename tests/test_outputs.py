@@ -6,9 +6,9 @@ import json
 import os
 import stat
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_sentiment_jsonl
 
 from upcycle.cli.main import main
 from upcycle.errors import UpcycleError
@@ -19,15 +19,6 @@ WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", 
          "a", "day", "really"]
 
 
-def _write_data(path, n, seed):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            label = int(rng.integers(2))
-            pool = WORDS[:4] if label else WORDS[4:8]
-            f.write(json.dumps({"text": " ".join(["the", "film", "was", *rng.choice(pool, 2)]),
-                                "label": label}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +46,9 @@ def tiny(tmp_path_factory):
         tokenizer.save_pretrained(root / name)
         folders.append(root / name)
     return {"root": root, "base": folders[0], "runs": folders[1:],
-            "train": _write_data(root / "train.jsonl", 40, 0),
-            "held_out": _write_data(root / "held_out.jsonl", 16, 1),
-            "test": _write_data(root / "test.jsonl", 16, 2)}
+            "train": write_sentiment_jsonl(root / "train.jsonl", 40, 0),
+            "held_out": write_sentiment_jsonl(root / "held_out.jsonl", 16, 1),
+            "test": write_sentiment_jsonl(root / "test.jsonl", 16, 2)}
 
 
 # -- permissions ------------------------------------------------------------------------------

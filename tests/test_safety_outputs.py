@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_sentiment_jsonl
 
 from upcycle.cli.main import main
 from upcycle.errors import UpcycleError
@@ -26,15 +27,6 @@ transformers = pytest.importorskip("transformers")
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "film", "was"]
 
 
-def _write_data(path, n, seed):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            label = int(rng.integers(2))
-            pool = WORDS[:4] if label else WORDS[4:8]
-            f.write(json.dumps({"text": " ".join(["the", "film", "was", *rng.choice(pool, 2)]),
-                                "label": label}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +52,8 @@ def tiny(tmp_path_factory):
                                           n_positions=32))
     gpt2.save_pretrained(root / "gpt2")
     return {"root": root, "base": folders[0], "runs": folders[1:], "gpt2": root / "gpt2",
-            "train": _write_data(root / "train.jsonl", 24, 0),
-            "held_out": _write_data(root / "held_out.jsonl", 8, 1)}
+            "train": write_sentiment_jsonl(root / "train.jsonl", 24, 0),
+            "held_out": write_sentiment_jsonl(root / "held_out.jsonl", 8, 1)}
 
 
 def _digest(folder: Path) -> dict:

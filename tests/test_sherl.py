@@ -15,13 +15,7 @@ from upcycle.tune.sherl import MTSA, SherlConfig, SherlModel, get_sherl_model
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy CPU threads spin-wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(layers=3, hidden=32, num_labels=3, seed=0):
