@@ -86,7 +86,7 @@ def test_tune_snell_text_end_to_end(text_task, tmp_path, capsys):
     (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
     (["--r", "3"], "r=3 is not divisible by num_pieces=2"),
     (["--target-modules", "qkv"], "'qkv' matches no module"),
-    (["--target-modules", "LayerNorm"], "only nn.Linear"),
+    (["--target-modules", "LayerNorm"], "SNELL adapts nn.Linear"),
 ])
 def test_tune_bad_input_is_a_clear_error(text_task, tmp_path, capsys, extra, message):
     model_dir, train_file, _ = text_task
@@ -154,7 +154,7 @@ def test_tune_snell_compile_is_saved_with_the_adapter(text_task, tmp_path):
     assert config["compile"] is True
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     adapted = SnellModel.from_pretrained(base, out / "adapter").eval()
-    assert all(layer.compile for layer in adapted.snell_layers().values())
+    assert all(layer.settings().compile for layer in adapted.snell_layers().values())
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
     ids = torch.tensor([[2, 13, 14, 15, 5, 6, 3]])
     with torch.no_grad():
@@ -275,5 +275,5 @@ def test_tune_bf16_weights_and_autocast_on_cpu(text_task, tmp_path):
     assert report["precision"] == "bf16" and report["dtype"] == "bfloat16"
     assert report["steps"] == 6
     adapter = _adapter(out)  # trained in float32 under autocast, saved as loaded
-    assert adapter["classifier.weight"].dtype == torch.bfloat16
+    assert adapter["base_model.model.classifier.weight"].dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for k, t in adapter.items() if ".snell_" in k)

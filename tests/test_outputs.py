@@ -214,7 +214,7 @@ def test_adapter_load_with_a_missing_base_says_what_to_pass(tiny, tmp_path):
                                            r".*base_model='path/to/base-model'"):
         upcycle.tune.load(tmp_path / "adapter")
     loaded = upcycle.tune.load(tmp_path / "adapter", base_model=tiny["base"])
-    assert type(loaded).__name__ == "SnellModel"
+    assert type(loaded).__name__ == "PeftModelForSequenceClassification"
 
 
 def test_tune_card_config_and_load(tiny, tmp_path):

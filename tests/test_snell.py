@@ -13,6 +13,7 @@ from upcycle.tune.snell import (
     SnellLayer,
     SnellModel,
     get_snell_model,
+    save_snell,
     snell_kernel,
     sparsify,
 )
@@ -68,8 +69,8 @@ def randomize(model: SnellModel, scale=3.0):
     """Spread A and B so the kernel is far from zero (as after training)."""
     with torch.no_grad():
         for layer in model.snell_layers().values():
-            layer.snell_A.normal_(0, scale)
-            layer.snell_B.normal_(0, scale)
+            layer.snell_A["default"].normal_(0, scale)
+            layer.snell_B["default"].normal_(0, scale)
 
 
 # -- the kernel -----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_kernel_is_full_rank_unlike_lora():
 
 def test_trainable_count_matches_lora():
     layer = SnellLayer(nn.Linear(20, 12), SnellConfig(r=8))
-    assert layer.snell_A.numel() + layer.snell_B.numel() == 8 * (20 + 12)
+    assert layer.snell_A["default"].numel() + layer.snell_B["default"].numel() == 8 * (20 + 12)
 
 
 # -- the competition mask ---------------------------------------------------------------------
@@ -129,8 +130,8 @@ def test_gpt2_c_attn_sparsified_per_slice():
     model = get_snell_model(tiny_gpt2(), SnellConfig(r=4, sparsity=0.7))
     layers = model.snell_layers()
     c_attn = [m for n, m in layers.items() if n.endswith("c_attn")]
-    assert c_attn and all(m.num_slices == 3 for m in c_attn)
-    assert all(m.num_slices == 1 for n, m in layers.items() if not n.endswith("c_attn"))
+    assert c_attn and all(m.parts.count == 3 for m in c_attn)
+    assert all(m.parts.count == 1 for n, m in layers.items() if not n.endswith("c_attn"))
     delta = c_attn[0].delta_weight()
     assert delta.shape == (96, 32)
     per_slice = (delta != 0).reshape(3, -1).sum(1)
@@ -160,7 +161,7 @@ def test_sparsity_zero_is_dense_klora():
     assert sparsify(K, 0.0) is K
     layer = SnellLayer(nn.Linear(5, 8), SnellConfig(r=4, sparsity=0.0))
     torch.testing.assert_close(layer.delta_weight(),
-                               snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs))
+                               snell_kernel(layer.snell_A["default"], layer.snell_B["default"], layer.coeffs()))
     assert (layer.delta_weight() != 0).all()
 
 
@@ -183,7 +184,7 @@ def test_nothing_d_out_by_d_in_saved_for_backward(recompute):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = layer(torch.randn(3, 24, requires_grad=True))
         y.sum().backward()
-        assert layer.snell_A.grad is not None
+        assert layer.snell_A["default"].grad is not None
         return shapes
 
     big = {(40, 24), (24, 40), (2, 40, 24), (2, 24, 40), (3, 320), (1, 960), (960,)}
@@ -210,8 +211,8 @@ def test_recompute_modes_give_same_gradients(transposed, regularised):
         torch.manual_seed(1)
         y = layer(x)
         y.pow(2).sum().backward()
-        results.append((y.detach(), x.grad, layer.snell_A.grad, layer.snell_B.grad,
-                        layer.snell_coeffs.grad, base.weight.grad, base.bias.grad))
+        results.append((y.detach(), x.grad, layer.snell_A["default"].grad, layer.snell_B["default"].grad,
+                        layer.coeffs().grad, base.weight.grad, base.bias.grad))
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -239,10 +240,10 @@ def test_tiny_families_train_merge_save_load(family, tmp_path):
     with torch.no_grad():
         adapter_logits = model(**inputs).logits
         model.save_pretrained(tmp_path / "adapter")
-        model.merge()
+        model.merge_adapter()
         merged_logits = model(**inputs).logits
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=0)
-    model.unmerge()
+    model.unmerge_adapter()
     # save -> load into a fresh base with the same initial weights -> same outputs
     torch.manual_seed(0)
     reloaded = SnellModel.from_pretrained(FAMILIES[family](), tmp_path / "adapter")
@@ -263,11 +264,11 @@ def test_merge_unmerge_restores_w0_and_merge_and_unload():
     originals = {n: p.detach().clone() for n, p in base.state_dict().items()}
     model = get_snell_model(base, SnellConfig(r=4, sparsity=0.3))
     randomize(model, scale=0.5)
-    model.merge()
+    model.merge_adapter()
     layer = model.snell_layers()["bert.encoder.layer.0.attention.self.query"]
     assert not torch.equal(layer.base_layer.weight,
                            originals["bert.encoder.layer.0.attention.self.query.weight"])
-    model.unmerge()
+    model.unmerge_adapter()
     for name, layer in model.snell_layers().items():
         torch.testing.assert_close(layer.base_layer.weight, originals[f"{name}.weight"],
                                    atol=1e-6, rtol=0)
@@ -292,18 +293,20 @@ def test_only_adapter_and_head_change_in_training_loop():
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(1, 99, (4, 9), generator=g),
                 "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
-    A0 = {n: m.snell_A.detach().clone() for n, m in model.snell_layers().items()}
+    A0 = {n: m.snell_A["default"].detach().clone() for n, m in model.snell_layers().items()}
     examples = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
     fit(model, examples, TrainingConfig(max_steps=4, lr=1e-2, batch_size=4, device="cpu",
                                         progress=False))
     for name, p in base.named_parameters():
         if ".snell_" in name:
             continue
-        stem = name.replace(".base_layer.", ".")
+        # peft trains a copy of the head (modules_to_save) and keeps the original
+        stem = name.replace(".base_layer.", ".").replace(".original_module.", ".").replace(
+            ".modules_to_save.default.", ".")
         changed = not torch.equal(p.detach(), before[stem])
-        assert changed == name.startswith("classifier."), name
-    assert any(not torch.equal(m.snell_A, A0[n]) for n, m in model.snell_layers().items())
-    assert any(not torch.equal(m.snell_coeffs.detach(), torch.tensor([0.1, -0.1]))
+        assert changed == name.startswith("classifier.modules_to_save."), name
+    assert any(not torch.equal(m.snell_A["default"], A0[n]) for n, m in model.snell_layers().items())
+    assert any(not torch.equal(m.coeffs().detach(), torch.tensor([0.1, -0.1]))
                for m in model.snell_layers().values())
 
 
@@ -332,12 +335,14 @@ def test_saved_adapter_holds_only_adapter_and_head(tmp_path):
     model.save_pretrained(tmp_path / "a")
     with safe_open(str(tmp_path / "a" / ADAPTER_WEIGHTS), "pt") as f:
         keys = list(f.keys())
-    assert keys and all(k.endswith((".snell_A", ".snell_B")) or k.startswith("classifier.")
-                        for k in keys)
-    assert not any(k.endswith("snell_coeffs") for k in keys)  # fixed coefficients
+    # peft's names: A, B and the (fixed) coefficients of each layer, and the head
+    assert keys and all(k.startswith("base_model.model.") for k in keys)
+    assert all(k.endswith((".snell_A", ".snell_B", ".snell_coeffs"))
+               or k.startswith("base_model.model.classifier.") for k in keys)
+    save_snell(model, tmp_path / "b")
     with pytest.raises(UpcycleError, match="already holds"):
-        model.save_pretrained(tmp_path / "a")
-    model.save_pretrained(tmp_path / "a", overwrite=True)
+        save_snell(model, tmp_path / "b")
+    save_snell(model, tmp_path / "b", overwrite=True)
 
 
 def test_print_trainable_parameters(capsys):
@@ -368,7 +373,7 @@ def test_regex_targets_and_custom_module():
     x = torch.randn(5, 6)
     with torch.no_grad():
         a = model(x)
-        model.merge()
+        model.merge_adapter()
         torch.testing.assert_close(model(x), a, atol=1e-5, rtol=0)
 
 
@@ -391,7 +396,7 @@ def test_error_sparsity_out_of_range(s):
 
 
 def test_error_module_cannot_be_adapted():
-    with pytest.raises(UpcycleError, match="a LayerNorm; only nn.Linear"):
+    with pytest.raises(UpcycleError, match="a LayerNorm; SNELL adapts nn.Linear"):
         get_snell_model(tiny_bert(), SnellConfig(target_modules=["attention.output.LayerNorm"]))
     with pytest.raises(UpcycleError, match="a ReLU"):
         get_snell_model(nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
@@ -400,7 +405,7 @@ def test_error_module_cannot_be_adapted():
 
 def test_error_load_into_different_shapes(tmp_path):
     get_snell_model(tiny_bert(hidden=32), SnellConfig(r=4)).save_pretrained(tmp_path / "a")
-    with pytest.raises(UpcycleError, match=r"tensor 'bert\.encoder\.layer\.0\.attention\.self"
+    with pytest.raises(UpcycleError, match=r"tensor 'base_model\.model\.bert\.encoder\.layer\.0\.attention\.self"
                                            r"\.query\.snell_A' has shape"):
         SnellModel.from_pretrained(tiny_bert(hidden=48), tmp_path / "a")
 
@@ -440,6 +445,6 @@ def test_real_minilm(minilm_path):
     model.eval()
     with torch.no_grad():
         a = model(**enc).logits
-        model.merge()
+        model.merge_adapter()
         b = model(**enc).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

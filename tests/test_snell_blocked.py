@@ -100,17 +100,17 @@ def _layer(d_in, d_out, *, mode="reference", s=0.5, slices=1, block_rows=7, dtyp
                       drop_path=0.0)
     layer = SnellLayer(base, cfg, num_slices=slices)
     with torch.no_grad():
-        layer.snell_A.normal_(0, 1.0)
-        layer.snell_B.normal_(0, 1.0)
+        layer.snell_A["default"].normal_(0, 1.0)
+        layer.snell_B["default"].normal_(0, 1.0)
         if scale_slices:  # q's kernel is ~100x k's and v's: one threshold would keep all of q
-            layer.snell_B[:, : d_out // 3] *= 100
+            layer.snell_B["default"][:, : d_out // 3] *= 100
     layer.block_rows = block_rows
     return layer
 
 
 def _dense_delta(layer):
-    return sparsify(snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs),
-                    layer.sparsity, layer.sparsify_mode, layer.num_slices)
+    return sparsify(snell_kernel(layer.snell_A["default"], layer.snell_B["default"], layer.coeffs()),
+                    layer.settings().sparsity, layer.settings().mode, layer.num_slices)
 
 
 CASES = [
@@ -131,13 +131,13 @@ def test_blocked_mask_is_the_dense_kthvalue_mask(d_in, d_out, mode, s, slices, b
     with torch.no_grad():
         dense = _dense_delta(layer)
         blocked = torch.cat([delta for _, _, delta in layer._delta_blocks()])
-        tau = snell_thresholds(layer.snell_A, layer.snell_B, layer.snell_coeffs, s, slices,
+        tau = snell_thresholds(layer.snell_A["default"], layer.snell_B["default"], layer.coeffs(), s, slices,
                                block_rows)
     assert torch.equal(blocked, dense)  # same values, hence exactly the same mask
     n = d_out // slices * d_in
     zeroed = math.floor(s * n + 1e-9)
     if s > 0:
-        K = snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs).detach()
+        K = snell_kernel(layer.snell_A["default"], layer.snell_B["default"], layer.coeffs()).detach()
         want = K.abs().reshape(slices, -1).kthvalue(zeroed, dim=1).values
         assert torch.equal(tau.view(torch.int32), want.view(torch.int32))
     kept = (blocked != 0).reshape(slices, -1).sum(1)
@@ -146,8 +146,8 @@ def test_blocked_mask_is_the_dense_kthvalue_mask(d_in, d_out, mode, s, slices, b
 
 def _step(layer, x, recompute=None):
     if recompute is not None:
-        layer.recompute = recompute
-    for p in (layer.snell_A, layer.snell_B, layer.snell_coeffs, layer.base_layer.weight,
+        layer.settings().recompute = recompute
+    for p in (layer.snell_A["default"], layer.snell_B["default"], layer.coeffs(), layer.base_layer.weight,
               layer.base_layer.bias):
         p.grad = None
     layer.base_layer.weight.requires_grad_(True)
@@ -156,7 +156,7 @@ def _step(layer, x, recompute=None):
     y = layer(x)
     g = torch.Generator().manual_seed(3)
     y.backward(torch.randn(y.shape, generator=g, dtype=y.dtype))
-    return [y.detach(), x.grad, layer.snell_A.grad, layer.snell_B.grad, layer.snell_coeffs.grad,
+    return [y.detach(), x.grad, layer.snell_A["default"].grad, layer.snell_B["default"].grad, layer.coeffs().grad,
             layer.base_layer.weight.grad, layer.base_layer.bias.grad]
 
 
@@ -180,10 +180,10 @@ def test_blocked_step_equals_dense_step(d_in, d_out, mode, s, slices, block_rows
 def _independent_reference(layer, x):
     """delta_W from the kernel's definition (explicit differences, float64 autograd)."""
     A, B, c = (t.detach().clone().requires_grad_(True) for t in
-               (layer.snell_A, layer.snell_B, layer.snell_coeffs))
+               (layer.snell_A["default"], layer.snell_B["default"], layer.coeffs()))
     dist = ((B[:, :, None, :] - A[:, None, :, :]) ** 2).sum(-1).sqrt()  # (P, d_out, d_in)
     K = (c[:, None, None] * dist).sum(0)
-    delta = sparsify(K, layer.sparsity, layer.sparsify_mode, layer.num_slices)
+    delta = sparsify(K, layer.settings().sparsity, layer.settings().mode, layer.num_slices)
     W = layer._weight_oi().detach()
     x = x.clone().requires_grad_(True)
     y = x @ (W + delta).t() + layer.base_layer.bias.detach()
@@ -277,8 +277,8 @@ def test_kernel_blocks_identical_in_every_pass():
     from upcycle.tune.snell.kernel import _kernel_rows, _padded_factors, _Scratch
 
     layer = _layer(29, 150, block_rows=64)
-    A, B = layer.snell_A.detach(), layer.snell_B.detach()
-    c = layer.snell_coeffs.detach()
+    A, B = layer.snell_A["default"].detach(), layer.snell_B["default"].detach()
+    c = layer.coeffs().detach()
     pads = _padded_factors(A, B)
     dense = snell_kernel(A, B, c)
     fwd, bwd = _Scratch(), _Scratch()
@@ -300,7 +300,7 @@ needs_compiler = pytest.mark.skipif(
 
 def _compiled_layer(*args, **kwargs):
     layer = _layer(*args, **kwargs)
-    layer.compile = True
+    layer.settings().compile = True
     return layer
 
 
@@ -311,8 +311,8 @@ def test_compiled_kernel_blocks_identical_in_every_pass():
     from upcycle.tune.snell.kernel import _kernel_rows, _padded_factors, _Scratch
 
     layer = _layer(29, 150, block_rows=64)
-    A, B = layer.snell_A.detach(), layer.snell_B.detach()
-    c = layer.snell_coeffs.detach()
+    A, B = layer.snell_A["default"].detach(), layer.snell_B["default"].detach()
+    c = layer.coeffs().detach()
     pads = _padded_factors(A, B, compiled=True)
     dense = snell_kernel(A, B, c, compiled=True)
     torch.testing.assert_close(dense, snell_kernel(A, B, c), rtol=1e-6, atol=1e-6)
@@ -337,7 +337,7 @@ def test_compiled_blocked_mask_is_the_dense_kthvalue_mask(d_in, d_out, mode, s, 
     layer = _compiled_layer(d_in, d_out, mode=mode, s=s, slices=slices, block_rows=block_rows,
                             scale_slices=scaled)
     with torch.no_grad():
-        K = snell_kernel(layer.snell_A, layer.snell_B, layer.snell_coeffs, compiled=True)
+        K = snell_kernel(layer.snell_A["default"], layer.snell_B["default"], layer.coeffs(), compiled=True)
         dense = sparsify(K, s, mode, slices)
         blocked = torch.cat([delta for _, _, delta in layer._delta_blocks()])
     assert torch.equal(blocked, dense)
@@ -411,23 +411,23 @@ def test_threshold_hint_gives_the_exact_threshold_while_training(slices):
     from upcycle.tune.snell import ThresholdHint
 
     layer = _layer(48, 3 * 64, slices=slices, block_rows=16, seed=1)
-    opt = torch.optim.AdamW([layer.snell_A, layer.snell_B], lr=1e-3)
+    opt = torch.optim.AdamW([layer.snell_A["default"], layer.snell_B["default"]], lr=1e-3)
     x = torch.randn(4, 48)
-    A, B, c = layer.snell_A, layer.snell_B, layer.snell_coeffs
+    A, B, c = layer.snell_A["default"], layer.snell_B["default"], layer.coeffs()
     for _ in range(25):
-        plain = snell_thresholds(A, B, c, layer.sparsity, slices, layer.block_rows)
+        plain = snell_thresholds(A, B, c, layer.settings().sparsity, slices, layer.block_rows)
         layer(x).pow(2).mean().backward()  # the forward records the tau it used
-        assert layer.threshold_hint.last == plain.tolist()
+        assert layer.threshold_hint["default"].last == plain.tolist()
         opt.step()
         opt.zero_grad()
-    assert layer.threshold_hint.hits > 5
+    assert layer.threshold_hint["default"].hits > 5
     # a guess far off (a reloaded or re-initialised adapter): a miss, still exact
     hint = ThresholdHint()
-    hint.last = hint.before = [float(layer.threshold_hint.last[0]) * 10] * slices
+    hint.last = hint.before = [float(layer.threshold_hint["default"].last[0]) * 10] * slices
     hint.errors, hint.width = [0.0], ThresholdHint.MIN_WINDOW
-    hinted = snell_thresholds(A, B, c, layer.sparsity, slices, layer.block_rows, hint=hint)
+    hinted = snell_thresholds(A, B, c, layer.settings().sparsity, slices, layer.block_rows, hint=hint)
     assert hint.misses == 1
-    assert torch.equal(hinted, snell_thresholds(A, B, c, layer.sparsity, slices,
+    assert torch.equal(hinted, snell_thresholds(A, B, c, layer.settings().sparsity, slices,
                                                 layer.block_rows))
 
 
@@ -439,10 +439,10 @@ def test_threshold_hint_is_not_state():
     layer = _layer(16, 64, block_rows=8)
     layer.train()
     layer(torch.randn(2, 16)).sum().backward()
-    assert layer.threshold_hint.last is not None
+    assert layer.threshold_hint["default"].last is not None
     assert not any("hint" in key for key in layer.state_dict())
     twin = copy.deepcopy(layer)
-    assert twin.threshold_hint is not layer.threshold_hint
+    assert twin.threshold_hint["default"] is not layer.threshold_hint["default"]
 
 
 @needs_compiler

@@ -96,7 +96,7 @@ def big_update(model):
     """A larger update than the init's, so merged vs unmerged compares something."""
     with torch.no_grad():
         for layer in model.snell_layers().values():
-            layer.snell_B.mul_(3.0)
+            layer.snell_B["default"].mul_(3.0)
 
 
 def cfg(**over):
@@ -117,7 +117,7 @@ def expected_targets(model) -> set[str]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_defaults_adapt_every_layer_projection_merge_and_reload(family, tmp_path):
     model = get_snell_model(build(family), cfg(sparsity=0.6))
-    base = model.base_model
+    base = model.get_base_model()
     assert set(model.snell_layers()) == expected_targets(base)
     layouts = model_fused_layouts(base)
     for name, layer in model.snell_layers().items():  # the map's parts, or one part
@@ -128,9 +128,9 @@ def test_defaults_adapt_every_layer_projection_merge_and_reload(family, tmp_path
     inputs = inputs_for(family)
     unmerged = logits(model, inputs)
     model.save_pretrained(tmp_path / "adapter")
-    model.merge()
+    model.merge_adapter()
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=2e-5, rtol=1e-4)
-    model.unmerge()
+    model.unmerge_adapter()
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=2e-5, rtol=1e-4)
     reloaded = SnellModel.from_pretrained(build(family), tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded, inputs), unmerged, atol=1e-6, rtol=0)
@@ -152,7 +152,7 @@ def test_electra_and_deit_keep_their_snell_only_defaults():
         # ELECTRA's encoder.layer.N, transformers 5's DeiT layers.N
         assert all(re.search(r"\.(encoder\.layer|layers)\.\d\.", n)
                    for n in model.snell_layers())
-        assert model.modules_to_save == ["classifier"]
+        assert "classifier" in model.modules_to_save
 
 
 def test_unknown_family_asks_for_target_modules():
@@ -166,22 +166,22 @@ def test_unknown_family_asks_for_target_modules():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_causal_lm_head_stays_frozen(family):
     model = get_snell_model(build(family), cfg())
-    assert model.modules_to_save == []
+    assert not model.modules_to_save
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".snell_" in n for n in trainable)
-    adapter_params = sum(layer.snell_A.numel() + layer.snell_B.numel()
+    adapter_params = sum(layer.snell_A["default"].numel() + layer.snell_B["default"].numel()
                          for layer in model.snell_layers().values())
     assert model.get_nb_trainable_parameters()[0] == adapter_params
     # a classifier of the same family still trains its head
     classifier = get_snell_model(build(family, MAIN[family].split("For")[0].replace(
         "LMHeadModel", "") + "ForSequenceClassification"), cfg())
-    assert classifier.modules_to_save == ["score"]
+    assert "score" in classifier.modules_to_save
 
 
 def test_masked_lm_head_holding_the_output_embedding_stays_frozen():
     model = get_snell_model(build("roberta", "RobertaForMaskedLM"), cfg())
-    assert model.modules_to_save == []
-    assert not model.base_model.lm_head.decoder.weight.requires_grad
+    assert not model.modules_to_save
+    assert not model.get_base_model().lm_head.decoder.weight.requires_grad
 
 
 # -- per-part thresholds on fused projections -----------------------------------------------------
@@ -197,10 +197,10 @@ def fused_layer(family, module, mode="reference", block_rows=5, recompute="backw
     name = next(n for n in model.snell_layers() if n.endswith(module))
     layer = model.snell_layers()[name]
     layer.block_rows = block_rows  # blocks that cross the parts' boundaries
-    idx = model_fused_layouts(model.base_model)[name].indices()
+    idx = model_fused_layouts(model.get_base_model())[name].indices()
     with torch.no_grad():  # the first part's kernel ~100x the others'
-        layer.snell_B[:, idx[0]] *= 100.0
-        layer.snell_A.mul_(0.01)
+        layer.snell_B["default"][:, idx[0]] *= 100.0
+        layer.snell_A["default"].mul_(0.01)
     return model, layer, idx
 
 
@@ -213,13 +213,13 @@ def blocked_delta(layer):
 def test_fused_parts_have_their_own_threshold(family, module, sizes, mode):
     _, layer, idx = fused_layer(family, module, mode)
     assert layer.parts.sizes == sizes
-    K = snell_kernel(layer.snell_A.detach(), layer.snell_B.detach(), layer.snell_coeffs)
+    K = snell_kernel(layer.snell_A["default"].detach(), layer.snell_B["default"].detach(), layer.coeffs())
     scale = [float(K[i].abs().mean()) for i in idx]
     assert scale[0] > 30 * max(scale[1:])  # the parts differ in scale
     blocked = blocked_delta(layer)
     dense = layer.delta_weight().detach()
     assert torch.equal(blocked, dense)  # blocked (threshold, rows) = whole-matrix path
-    tau = snell_thresholds(layer.snell_A, layer.snell_B, layer.snell_coeffs, 0.7, layer.parts,
+    tau = snell_thresholds(layer.snell_A["default"], layer.snell_B["default"], layer.coeffs(), 0.7, layer.parts,
                            block_rows=3)
     d_in = K.shape[1]
     for p, rows in enumerate(idx):
@@ -247,7 +247,7 @@ def test_fused_blocked_step_equals_whole_matrix_step(family, module, sizes):
                         requires_grad=True)
         y = layer(x)
         (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-        grads[recompute] = (y.detach(), x.grad, layer.snell_A.grad, layer.snell_B.grad)
+        grads[recompute] = (y.detach(), x.grad, layer.snell_A["default"].grad, layer.snell_B["default"].grad)
     for other in ("none", "checkpoint"):
         for mine, theirs in zip(grads["backward"], grads[other]):
             torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
@@ -283,10 +283,10 @@ def test_nan_in_a_factor_propagates(mode, factor):
         name = next(n for n in model.snell_layers() if n.endswith(module))
         layer = model.snell_layers()[name]
         with torch.no_grad():
-            getattr(layer, factor)[0, 1, 0] = float("nan")  # one entry
+            getattr(layer, factor)["default"][0, 1, 0] = float("nan")  # one entry
         x = torch.randn(2, 3, layer.in_features)
         for recompute in ("backward", "none", "checkpoint"):
-            layer.recompute = recompute
+            layer.settings().recompute = recompute
             for rows in (64, 5):  # a part in one block (kthvalue), in several (radix select)
                 layer.block_rows = rows
                 for training in (True, False):
@@ -299,7 +299,7 @@ def test_nan_in_a_factor_propagates(mode, factor):
         assert torch.isnan(layer.base_layer.weight).any()
         layer.unmerge()
         with torch.no_grad():
-            getattr(layer, factor)[0, 1, 0] = 0.0
+            getattr(layer, factor)["default"][0, 1, 0] = 0.0
             layer.base_layer.weight.copy_(torch.nan_to_num(layer.base_layer.weight))
 
 
@@ -314,7 +314,7 @@ def test_nan_in_snell_a_stops_training(tmp_path):
             if state.global_step == 1:
                 layer = next(iter(model.snell_layers().values()))
                 with torch.no_grad():
-                    layer.snell_A[0, 0, 0] = float("nan")
+                    layer.snell_A["default"][0, 0, 0] = float("nan")
 
     model = get_snell_model(build("bert"), cfg())
     g = torch.Generator().manual_seed(0)
@@ -339,7 +339,7 @@ def test_block_mb_flag():
     args = parser.parse_args(["--block-mb", "0.5"])
     model = snell.get_model(build("bert"), tuner_config(snell, args))
     assert model.snell_config.block_mb == 0.5
-    assert {layer.block_mb for layer in model.snell_layers().values()} == {0.5}
+    assert {layer.settings().block_mb for layer in model.snell_layers().values()} == {0.5}
     assert parser.parse_args([]).block_mb is None  # the device's default
     with pytest.raises(UpcycleError, match="block_mb must be a positive number of MiB, got 0"):
         tuner_config(snell, parser.parse_args(["--block-mb", "0"]))

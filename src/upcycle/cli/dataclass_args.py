@@ -87,9 +87,18 @@ def value_type(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
+def _declared_here(cls: type, name: str) -> bool:
+    """Whether field ``name`` of ``cls`` is declared in ``cls``'s own package (not by a
+    library base such as peft's ``PeftConfig``, whose fields are not the method's flags)."""
+    owner = next(k for k in cls.__mro__ if name in k.__dict__.get("__annotations__", {}))
+    return owner.__module__.split(".")[0] == cls.__module__.split(".")[0]
+
+
 def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of ``cls`` that are flags (all but those with ``metadata["cli"] = False``)."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    """The fields of ``cls`` that are flags: those its package declares, but those with
+    ``metadata["cli"] = False``."""
+    return [f for f in dataclasses.fields(cls)
+            if f.metadata.get("cli", True) and _declared_here(cls, f.name)]
 
 
 def add_dataclass_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup,

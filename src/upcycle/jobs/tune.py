@@ -239,7 +239,7 @@ def _run_tune(job: TuneJob, *, callbacks: Iterable = ()) -> TuneResult:
     }
     if main_rank:
         with atomic_dir(out, overwrite=job.overwrite) as tmp:
-            tuned.save_pretrained(tmp / "adapter", overwrite=True)
+            tuner.save(tuned, tmp / "adapter", overwrite=True)
             report["adapter"] = str(out / "adapter")
             if job.merge:
                 probe = held_batches[0] if held_batches else task.batches(held_out, 4)[0]

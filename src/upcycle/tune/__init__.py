@@ -22,21 +22,24 @@ from .adapter import ADAPTER_CONFIG, TunerConfig
 from .sherl import DEFAULT_LR as SHERL_DEFAULT_LR
 from .sherl import SherlConfig, SherlModel, get_sherl_model
 from .snell import DEFAULT_LR as SNELL_DEFAULT_LR
-from .snell import SnellConfig, SnellModel, get_snell_model
+from .snell import SnellConfig, SnellModel, get_snell_model, save_snell
 
 
 @dataclass(frozen=True)
 class Tuner:
     """One tuner: its config dataclass (whose fields and docstrings are the CLI flags), the
     function wrapping a loaded HF model, the model class (``from_pretrained(base, folder)``
-    loads a saved adapter), whether ``merge_and_unload`` folds it into a plain model, whether
-    it tunes causal LMs (else classifiers only), and its default peak learning rate."""
+    loads a saved adapter), the function writing a wrapped model's adapter folder
+    atomically (``save(model, out, overwrite=)``), whether ``merge_and_unload`` folds it into
+    a plain model, whether it tunes causal LMs (else classifiers only), and its default peak
+    learning rate."""
 
     name: str
     help: str
     config_class: type[TunerConfig]
     get_model: object
     model_class: type[nn.Module]
+    save: object
     mergeable: bool
     causal_lm: bool = True
     default_lr: float = 1e-3
@@ -44,10 +47,12 @@ class Tuner:
 
 TUNERS: dict[str, Tuner] = {
     "snell": Tuner("snell", "SNELL: sparse tuning with kernelized LoRA", SnellConfig,
-                   get_snell_model, SnellModel, mergeable=True, default_lr=SNELL_DEFAULT_LR),
+                   get_snell_model, SnellModel, save_snell, mergeable=True,
+                   default_lr=SNELL_DEFAULT_LR),
     "sherl": Tuner("sherl", "SHERL: frozen early route fused by an MTSA, then the last "
                             "pretrained layers (memory-efficient)", SherlConfig,
-                   get_sherl_model, SherlModel, mergeable=False, causal_lm=False,
+                   get_sherl_model, SherlModel, SherlModel.save_pretrained, mergeable=False,
+                   causal_lm=False,
                    default_lr=SHERL_DEFAULT_LR),
 }
 
@@ -72,7 +77,9 @@ def load(adapter_dir: str | os.PathLike, base_model: str | os.PathLike | nn.Modu
         record = json.loads((folder / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as exc:
         raise UpcycleError(f"{folder / ADAPTER_CONFIG}: not valid JSON: {exc}") from exc
-    method = record.get("method")
+    method = record.get("method") if isinstance(record, dict) else None
+    if isinstance(record, dict) and record.get("peft_type") == "SNELL":
+        method = "snell"  # SNELL is a peft method: its folders are peft's
     if method not in TUNERS:
         raise UpcycleError(f"{folder / ADAPTER_CONFIG}: method {method!r} is not an upcycle "
                            f"tuner ({', '.join(TUNERS)}); a peft adapter loads with peft's "

@@ -20,13 +20,16 @@ product with the input, and again in backward, which rebuilds each block from A 
 Nothing of size ``d_out x d_in`` is stored for backward or kept between steps, and no
 more than a block of it exists at any time.
 
-The interface follows HuggingFace peft::
+SNELL is a peft method: importing this package registers it with peft (``PeftType.SNELL``),
+so everything peft does for LoRA it does for SNELL::
 
-    model = get_snell_model(hf_model, SnellConfig(r=8, sparsity=0.5))
+    import upcycle  # registers SNELL with peft
+    from peft import PeftModel, get_peft_model
+    model = get_peft_model(hf_model, SnellConfig(r=8, sparsity=0.5))   # or get_snell_model
     model.print_trainable_parameters()
-    ... train ...
-    model.save_pretrained("adapter")                       # adapter_config.json + safetensors
-    model = SnellModel.from_pretrained(fresh_hf_model, "adapter")
+    ... train (Trainer, TRL's SFTTrainer(peft_config=SnellConfig(...))) ...
+    model.save_pretrained("adapter")                       # peft's adapter folder
+    model = PeftModel.from_pretrained(fresh_hf_model, "adapter")
     merged = model.merge_and_unload()                      # a plain HF model again
 
 The package, one concern a module: :mod:`.config` (SnellConfig and the defaults),
@@ -34,9 +37,10 @@ The package, one concern a module: :mod:`.config` (SnellConfig and the defaults)
 ``compile=True`` fused loop), :mod:`.parts` (a fused projection's row parts),
 :mod:`.mask` (the competition mask), :mod:`.threshold` (its exact threshold, found block by
 block; the radix select itself is the generic :mod:`upcycle.ops.kselect`), :mod:`.autograd`
-(the blocked autograd Function), :mod:`.layer` (SnellLayer), :mod:`.targets` (default
-targets, fused parts and heads from the architecture map) and :mod:`.model` (SnellModel,
-get_snell_model, save and load).
+(the blocked autograd Function), :mod:`.layer` (SnellLayer, peft's tuner layer), :mod:`.targets`
+(default targets, fused parts and heads from the architecture map), :mod:`.model`
+(SnellModel, peft's tuner; get_snell_model, save and load) and :mod:`.peft_type` (the tested
+peft versions and ``PeftType.SNELL``).
 """
 
 from ...ops.kselect import kthvalue_blocked
@@ -51,8 +55,9 @@ from .config import (
 from .kernel import KERNEL_TILE_ROWS, KERNEL_TILE_ROWS_ACCELERATOR, snell_kernel
 from .layer import SnellLayer, adaptable_types
 from .mask import sparsify
-from .model import SnellModel, get_snell_model
+from .model import SnellModel, get_snell_model, load_snell, save_snell
 from .parts import RowParts, row_parts
+from .peft_type import PEFT_ERROR, TESTED_PEFT
 from .targets import (
     HEAD_NAMES,
     UNMAPPED_FUSED_QKV,
@@ -63,6 +68,19 @@ from .targets import (
 )
 from .threshold import ThresholdHint, snell_thresholds
 
+
+def _register() -> None:
+    """Register SNELL with peft (once; only on the tested peft versions)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import register_peft_method
+
+    if PEFT_ERROR is None and "SNELL" not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name="snell", config_cls=SnellConfig, model_cls=SnellModel,
+                             prefix="snell_")
+
+
+_register()
+
 __all__ = [
     "DEFAULT_BLOCK_MB",
     "DEFAULT_LR",
@@ -72,6 +90,7 @@ __all__ = [
     "METHOD",
     "RECOMPUTE_MODES",
     "SPARSIFY_MODES",
+    "TESTED_PEFT",
     "UNMAPPED_FUSED_QKV",
     "UNMAPPED_TARGET_MODULES",
     "RowParts",
@@ -84,6 +103,8 @@ __all__ = [
     "default_target_modules",
     "fused_parts",
     "get_snell_model",
+    "load_snell",
+    "save_snell",
     "kthvalue_blocked",
     "row_parts",
     "snell_kernel",

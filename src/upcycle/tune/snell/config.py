@@ -4,10 +4,12 @@ the command line and the layer fall back on."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+
+from peft import PeftConfig
 
 from ...errors import UpcycleError
-from ..adapter import TunerConfig
+from .peft_type import snell_peft_type
 
 METHOD = "snell"
 DEFAULT_LR = 3e-3
@@ -30,8 +32,11 @@ DEFAULT_BLOCK_MB = {"cpu": 4.0, "cuda": 16.0}
 
 
 @dataclass
-class SnellConfig(TunerConfig):
-    """Configuration of a SNELL adapter (field names follow peft where peft has one).
+class SnellConfig(PeftConfig):
+    """Configuration of a SNELL adapter: a peft ``PeftConfig`` (``get_peft_model(model,
+    SnellConfig(...))``, ``save_pretrained``, ``PeftConfig.from_pretrained``), its field names
+    following peft's where peft has one (``r``, ``target_modules``, ``exclude_modules``,
+    ``modules_to_save``).
 
     Each field's docstring opens with its ``upcycle tune`` help (the first paragraph, up to
     the first blank line), then documents the field. Each field is a flag
@@ -82,6 +87,11 @@ class SnellConfig(TunerConfig):
     classification head if the model has one ('classifier', 'score', 'head'); a language
     model's head (its output embedding, tied to the input embedding on GPT-2) stays frozen;
     [] for none."""
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"cli": False})
+    """Modules not to adapt among those target_modules matches (peft's rule: names matching
+    the full dotted name or its ending, or one regex)."""
+    target_parameters: list[str] | None = field(default=None, metadata={"cli": False})
+    """peft's field for adapting bare parameters; SNELL adapts modules only (must stay None)."""
     fused_qkv: list[str] | str | None = field(default=None, metadata={"cli": False})
     """Fused projections are sparsified per part (a separate threshold for the q, k and v
     rows, and for gate and up, wherever the layout puts them). The parts of a mapped
@@ -138,8 +148,18 @@ class SnellConfig(TunerConfig):
     the Linear(4096 -> 11008) from 2.97x to 2.44x peft LoRA's at 256 tokens, 1.82x to 1.69x
     at 1024 (x needing a gradient; ``benchmarks/snell_spike.py --input-grad``)."""
 
+    base_model_class: str | None = field(default=None, metadata={"cli": False})
+    """The transformers class of the base model the adapter was trained on, recorded when it
+    is saved so that ``upcycle.tune.load`` rebuilds the base model from the folder alone."""
+    base_model_labels: dict | None = field(default=None, metadata={"cli": False})
+    """The label mapping (id -> name) of a classification base model, recorded likewise."""
+
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = snell_peft_type()
         self.piece_coeffs = tuple(float(c) for c in self.piece_coeffs)
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
         self.validate()
 
     def validate(self) -> None:
@@ -175,6 +195,9 @@ class SnellConfig(TunerConfig):
                 isinstance(self.block_mb, (int, float)) and self.block_mb > 0):
             raise UpcycleError(f"SNELL block_mb must be a positive number of MiB, got "
                                f"{self.block_mb!r}")
+        if self.target_parameters:
+            raise UpcycleError("SNELL adapts modules (target_modules), not bare parameters: "
+                               "target_parameters must be empty")
         if not isinstance(self.compile, bool):
             raise UpcycleError(f"SNELL compile must be true or false, got {self.compile!r}")
         if isinstance(self.target_modules, str):
@@ -183,12 +206,19 @@ class SnellConfig(TunerConfig):
             _check_regex(self.fused_qkv, "fused_qkv")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = super().to_dict()
         d["piece_coeffs"] = list(self.piece_coeffs)
         return d
 
+    def method_dict(self) -> dict:
+        """SNELL's own settings (the fields of this class, none of PeftConfig's)."""
+        own = {f.name for f in fields(SnellConfig)} - {f.name for f in fields(PeftConfig)}
+        return {k: v for k, v in self.to_dict().items() if k in own}
+
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "adapter config") -> SnellConfig:
+        """A config from the settings of an adapter folder written by upcycle before SNELL
+        was a peft method (``"method": "snell"``), refusing fields it does not know."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
