@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient, _short
-from ..io.ingredients import open_ingredients, validate_ingredients
+from ..io.ingredients import expand_ingredient_paths, open_ingredients, validate_ingredients
 from ..io.model_files import model_files
 from ..io.outputs import expand_globs, guard_output
 from ..io.writing import check_output, write_json
@@ -30,7 +30,8 @@ from ..runtime.devices import check_precision, resolve_device, resolve_dtype
 from ..runtime.memory import peak_rss_mb
 from ..soup import SoupContext, SoupResult, get_method
 from ..soup.common import load_state
-from ..soup.registry import method_names
+from ..soup.merge import check_base
+from ..soup.registry import check_count, method_names
 from ..soup.resume import checkpoint_path
 from ..tasks import Task, load_task
 from ..tasks.causal_lm import LMData, is_causal_lm
@@ -77,6 +78,9 @@ class SoupJob:
     tokenizer_dir: Path | None = None
     """Causal LM: the folder the tokenizer comes from (the model folder, an ingredient or the
     base), None when none has one."""
+    base: Ingredient | None = None
+    """The base model (``--base``), opened when a method merges relative to it or LoRA
+    adapters are among the ingredients."""
 
     @property
     def task_name(self) -> str:
@@ -140,6 +144,7 @@ def prepare_soup_job(
     eval_batch_size: int = 128, progress: bool = True, check_finite: bool = True,
     device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
     precision: str | None = None, base=None, task: str | None = "auto", chunk: bool = False,
+    need_base: bool = False,
 ) -> SoupJob:
     """Open and validate the ingredients and read the data (all checks before any work).
 
@@ -150,6 +155,8 @@ def prepare_soup_job(
     LM's tokenizer is also looked for there). ``task``: "auto" (from the model's config),
     "classification" or "causal-lm". ``max_length``: default 128 tokens for classification,
     min(512, position limit) for a causal LM; ``chunk``: a causal-LM .txt file is one stream.
+    ``need_base``: the method merges relative to ``base`` (required then, opened and checked
+    against the ingredients: same tensors and shapes).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
@@ -158,10 +165,18 @@ def prepare_soup_job(
     precision = check_precision(device, bf16=precision == "bf16", fp16=precision == "fp16")
     if base is not None and not isinstance(base, Ingredient) and not Path(base).exists():
         raise UpcycleError(f"--base {base}: no such folder")
+    if need_base and base is None:
+        raise UpcycleError("this method needs --base: the model the ingredients were "
+                           "fine-tuned from")
+    if need_base and not isinstance(base, Ingredient):
+        base = Ingredient(base, index=0, role="--base")
     ingredients = open_ingredients(ingredient_specs, base=base)
+    if need_base:
+        check_base(base, ingredients)
     validate_ingredients(ingredients, check_finite=check_finite)
     job = SoupJob(ingredients, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)
+    job.base = base if isinstance(base, Ingredient) else None
     config_dir = model_dir or ingredients[0].hf_dir
     job.causal_lm = task == "causal-lm" or (
         task in (None, "auto") and config_dir is not None and is_causal_lm(config_dir))
@@ -220,7 +235,7 @@ def soup_context(job: SoupJob, *, checkpoint_dir=None, resume: bool = False,
         score_fn=job.score if data else None, ingredient_scores=known,
         device=job.device, precision=job.precision, dtype=job.dtype, progress=job.progress,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-        resume=resume, callback=callback)
+        resume=resume, callback=callback, base=job.base)
 
 
 def check_resume(job: SoupJob, method: str, config, checkpoint_dir) -> dict:
@@ -254,9 +269,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
     if resume and not entry.resumable:
         raise UpcycleError(f"resume applies to {_resumable()}, not {method}")
     n = len(job.ingredients)
-    if n < entry.min_ingredients:
-        raise UpcycleError(f"method {method!r} needs at least {entry.min_ingredients} "
-                           f"ingredients, got {n}")
+    check_count(entry, n)
     if config is None:
         config = entry.make_config(n, **settings)
     context = soup_context(job, checkpoint_dir=checkpoint_dir, resume=resume,
@@ -440,13 +453,15 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
     if config.resume and not checkpoint_path(partial).is_file():
         raise UpcycleError(f"--resume: no checkpoint of an interrupted soup for {out} (looked "
                            f"for {checkpoint_path(partial)}); run without --resume to start")
+    _check_method_early(config, entry)
     job = prepare_soup_job(
         config.ingredients, model_dir=config.model, held_out=config.held_out, data=config.data,
         held_out_fraction=config.held_out_fraction, test=config.test, seed=config.seed,
         max_length=config.max_length, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, progress=config.progress,
         check_finite=config.check_finite, device=config.device, dtype=config.dtype,
-        precision=config.precision, base=config.base, task=config.task, chunk=config.chunk)
+        precision=config.precision, base=config.base, task=config.task, chunk=config.chunk,
+        need_base=entry.needs_base)
     n = len(job.ingredients)
     if n == 1 and distributed.is_main():
         say(f"warning: only one ingredient ({job.ingredients[0].path}): the soup is a copy "
@@ -489,6 +504,18 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
         if partial is not None and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return SoupRun(result, rows, report, job, method_config)
+
+
+def _check_method_early(config: SoupConfig, entry) -> None:
+    """Before any ingredient is opened: the method's --base, its number of ingredients (from
+    the paths alone) and its settings."""
+    if entry.needs_base and config.base is None:
+        raise UpcycleError(f"method {entry.name!r} needs --base: the model the ingredients were "
+                           f"fine-tuned from (their task vectors are theta_i - theta_0)")
+    n = len(expand_ingredient_paths(config.ingredients))
+    check_count(entry, n)
+    if entry.check is not None and config.method_config is None:
+        entry.check(entry.make_config(n, **{"seed": config.seed, **config.method_settings}), n)
 
 
 def _report_config(config: SoupConfig, entry, n: int) -> dict | None:
