@@ -32,6 +32,19 @@ def _num(value, fmt: str = ".4f") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _how(result) -> list[str]:
+    """What the soup is in terms of its ingredients: a weighted sum with the coefficients C,
+    or (TIES, DARE, SLERP: not linear in the ingredients) the settings it was made with."""
+    if result.coefficients is not None:
+        return ["Every weight tensor is a weighted sum of the ingredients' tensors, "
+                "soup[l] = sum_i C[i, l] * ingredient_i[l], with the coefficients C of the table "
+                "below (also in `coefficients.safetensors`, and the full record in `soup.json`)."]
+    settings = ", ".join(f"{k} = {v}" for k, v in result.info.items())
+    return ["It is not a weighted sum of the ingredients (sign election, random masks or "
+            "angles), so it has no coefficients; it was made with " + (settings or "no settings")
+            + " (also in `soup.json`)."]
+
+
 def soup_card(result, rows: Sequence[dict], command: str, *,
               names: Sequence[str] | None = None) -> str:
     """The model card (Markdown) of ``result`` (a :class:`upcycle.soup.SoupResult`).
@@ -58,9 +71,7 @@ def soup_card(result, rows: Sequence[dict], command: str, *,
         f"# {title} of {len(paths)} fine-tunes",
         "",
         f"Made with upcycle `{method}`: {method_note(method)}.",
-        "Every weight tensor is a weighted sum of the ingredients' tensors, "
-        "soup[l] = sum_i C[i, l] * ingredient_i[l], with the coefficients C of the table below "
-        "(also in `coefficients.safetensors`, and the full record in `soup.json`).",
+        *_how(result),
         "",
         "Made by:",
         "",
