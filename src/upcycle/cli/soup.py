@@ -70,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "first ingredient, when it is a HF folder)")
     add_task_arguments(data)
     data.add_argument("--batch-size", type=int, default=128, help="held-out batch size")
+    data.add_argument("--eval-batch-size", type=int, default=None,
+                      help="batch size of scoring and evaluation (default: --batch-size)")
     titles = [next(m.title for m in SOUP_METHODS.values() if m.config_class is c)
               for c in config_classes() if _fitted(c)]
     merges = p.add_argument_group(
@@ -210,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         held_out=args.held_out, data=args.data, held_out_fraction=args.held_out_fraction,
         test=args.test, model=args.model, base=args.base, task=args.task,
         max_length=args.max_length, chunk=args.chunk, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
         device=device, dtype=args.dtype, precision=precision, seed=args.seed,
         max_shard_bytes=args.max_shard_size, check_finite=not args.no_finite_check,
         progress=not args.quiet, resume=args.resume, command=command_line("soup"),
