@@ -116,3 +116,20 @@ def test_a_mistyped_path_is_reported_before_any_ingredient_is_opened(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == (f"upcycle soup: error: --held-out {tmp_path / 'held_outt.txt'}:"
                                  f" no such file or folder")
+
+
+def test_an_lm_soup_card_is_an_lm_card(lm, tmp_path):
+    root, folders = lm
+    out = tmp_path / "soup"
+    run_soup(SoupConfig([str(f) for f in folders[1:]], out=out, method="task-arithmetic",
+                        base=str(folders[0]), method_settings={"lambda_": 0.5},
+                        held_out=root / "held.txt", test=root / "test.txt", max_length=16,
+                        device="cpu", progress=False))
+    card = (out / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "pipeline_tag: text-generation" in meta and "base_model_relation: merge" in meta
+    assert f'- "{folders[0]}"' in meta  # base_model: the --base
+    assert "held-out ppl" in card and "test ppl" in card and "held-out acc" not in card
+    assert "AutoModelForCausalLM.from_pretrained" in card
+    assert "lambda = 0.5" in card and "# Task arithmetic of 1 fine-tune\n" in card
+    assert f"| 1 | {folders[0]} (base) |" in card

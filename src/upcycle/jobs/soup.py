@@ -520,6 +520,8 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
     if out is not None and distributed.is_main():
         result.save(out, source_dir=job.source_dir, overwrite=config.overwrite,
                     max_shard_bytes=config.max_shard_bytes, rows=rows, command=config.command,
+                    card={"task": job.task_name,
+                          "base_model": None if job.base is None else str(job.base.path)},
                     extra_files={**tokenizer_files(job), **config_with_dtype(job, result.state),
                                  "report.json": json.dumps(report, indent=2, default=str)})
         row["peak_rss_mb"] = peak_rss_mb()  # the whole run's, saving included
