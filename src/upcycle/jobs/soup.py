@@ -537,10 +537,11 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
 def _check_paths(config: SoupConfig) -> None:
     """Every input path exists, before any ingredient is opened (a mistyped --held-out is
     reported at once, not after N checkpoints were read)."""
-    for label, path in soup_inputs(config):
+    paths = [("ingredient", p) for p in expand_ingredient_paths(config.ingredients)]
+    for label, path in paths + [(label, p) for label, p in soup_inputs(config)
+                                if label != "ingredient"]:
         if path is not None and not isinstance(path, Ingredient) and not Path(path).exists():
-            what = "ingredient" if label == "ingredient" else label
-            raise UpcycleError(f"{what} {path}: no such file or folder")
+            raise UpcycleError(f"{label} {path}: no such file or folder")
 
 
 def _check_method_early(config: SoupConfig, entry) -> None:
