@@ -124,7 +124,7 @@ def test_lm_soup_cli_uniform_is_the_mean_and_mehl_lowers_held_out_loss(lm_runs, 
     report = json.loads((out / "report.json").read_text())
     best, uni = uniform_report["rows"]
     _, soup = report["rows"]
-    assert best["method"] == "best ingredient (1)"  # the least perturbed, chosen on held-out
+    assert best["method"] == f"best ingredient (1: {kind}-run0)"  # the least perturbed
     for row in (best, uni, soup):
         assert row["held_out_perplexity"] == pytest.approx(2.718281828 ** row["held_out_loss"])
         assert {"test_loss", "test_perplexity"} <= set(row) and "held_out_accuracy" not in row

@@ -1,6 +1,7 @@
-"""Adding a soup method: one function and one ``register`` line (docs/architecture.md quotes
-the example). Task arithmetic, theta = base + scale * sum_i (theta_i - base), is registered
-here, run through the job and the CLI, and checked exactly."""
+"""Adding a soup method: one function and one ``register`` line (docs/architecture.md shows
+the same with soup/linear.py). A toy method, theta = theta_1 + scale * sum_{i>1} (theta_i -
+theta_1) (task arithmetic with the first ingredient as its base), is registered here, run
+through the job and the CLI, and checked exactly."""
 
 from dataclasses import dataclass
 
@@ -16,12 +17,12 @@ from upcycle.soup.common import ingredient_names
 
 # -- the example method: a module of its own in upcycle/soup/ ----------------------------------
 @dataclass
-class TaskArithmeticConfig:
+class AnchoredConfig:
     scale: float = 0.5
     """The task vectors' scale (lambda)."""
 
 
-def task_arithmetic(ingredients, context: SoupContext, config: TaskArithmeticConfig):
+def anchored(ingredients, context: SoupContext, config: AnchoredConfig):
     """theta = theta_1 + scale * sum_{i>1} (theta_i - theta_1): the first ingredient is the base."""
     base, others = ingredients[0], ingredients[1:]
     state = {}
@@ -32,13 +33,13 @@ def task_arithmetic(ingredients, context: SoupContext, config: TaskArithmeticCon
         state[name] = acc.to(context.dtype or base.dtype(name))
     coefficients = torch.tensor([[1.0 - config.scale * len(others)]] + [[config.scale]] * len(others),
                                 dtype=torch.float64)
-    return SoupResult("task-arithmetic", state, ingredient_names(ingredients), coefficients, ["<model>"])
+    return SoupResult("anchored", state, ingredient_names(ingredients), coefficients, ["<model>"])
 
 
 # -- its registry line ------------------------------------------------------------------------
-ENTRY = SoupMethod("task-arithmetic", task_arithmetic, "Task arithmetic",
-                   "the first ingredient plus the scaled sum of the others' task vectors",
-                   config_class=TaskArithmeticConfig, min_ingredients=2)
+ENTRY = SoupMethod("anchored", anchored, "Anchored sum",
+                   "the first ingredient plus the scaled sum of the others' differences from it",
+                   config_class=AnchoredConfig, min_ingredients=2)
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def expected(paths, scale):
 
 
 def test_a_registered_method_runs_through_the_job(registered, ingredients, tmp_path):
-    run = run_soup(SoupConfig([str(p) for p in ingredients], method="task-arithmetic",
+    run = run_soup(SoupConfig([str(p) for p in ingredients], method="anchored",
                               out=tmp_path / "soup.safetensors", method_settings={"scale": 0.3},
                               device="cpu", progress=False))
     want = expected(ingredients, 0.3)
@@ -74,14 +75,14 @@ def test_a_registered_method_runs_through_the_job(registered, ingredients, tmp_p
     for name, value in want.items():
         assert torch.equal(run.soup.state[name], value)
         assert torch.equal(written[name], value)
-    assert run.rows[-1]["method"] == "task-arithmetic"
+    assert run.rows[-1]["method"] == "anchored"
     assert run.soup.coefficients[:, 0].tolist() == pytest.approx([0.4, 0.3, 0.3])
 
 
 def test_a_registered_method_is_a_cli_choice_with_flags_from_its_config(
         registered, ingredients, tmp_path, capsys):
     out = tmp_path / "soup"
-    assert main(["soup", "--method", "task-arithmetic", *map(str, ingredients), "--scale",
+    assert main(["soup", "--method", "anchored", *map(str, ingredients), "--scale",
                  "0.25", "--out", str(out / "soup.safetensors"), "--quiet"]) == 0
     want = expected(ingredients, 0.25)
     written = load_file(out / "soup.safetensors")
@@ -89,5 +90,5 @@ def test_a_registered_method_is_a_cli_choice_with_flags_from_its_config(
     with pytest.raises(SystemExit):
         main(["soup", "--help"])
     help_text = capsys.readouterr().out
-    assert "task-arithmetic" in help_text
+    assert "anchored" in help_text
     assert "--scale SCALE" in help_text and "The task vectors' scale (lambda)." in help_text

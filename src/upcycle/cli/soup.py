@@ -52,8 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output: a folder (HF layout) or a .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--base", metavar="HF_DIR", default=None,
-                   help="the base model of peft LoRA adapter ingredients (each enters the soup "
-                        "as base + scale * B @ A); also searched for a causal LM's tokenizer")
+                   help="the base model the ingredients were fine-tuned from: theta_0 of "
+                        f"{', '.join(method_names(needs_base=True))} (required there), and the "
+                        "base of peft LoRA adapter ingredients (each enters the soup as base + "
+                        "scale * B @ A); also searched for a causal LM's tokenizer")
     needing = method_names(needs_data=True)
     data = p.add_argument_group(f"data (needed by {', '.join(needing[:-1])} and {needing[-1]})")
     data.add_argument("--held-out", help="held-out split the soup is fitted on: CSV/JSONL with "
@@ -68,10 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "first ingredient, when it is a HF folder)")
     add_task_arguments(data)
     data.add_argument("--batch-size", type=int, default=128, help="held-out batch size")
+    data.add_argument("--eval-batch-size", type=int, default=None,
+                      help="batch size of scoring and evaluation (default: --batch-size)")
     titles = [next(m.title for m in SOUP_METHODS.values() if m.config_class is c)
-              for c in config_classes()]
+              for c in config_classes() if _fitted(c)]
+    merges = p.add_argument_group(
+        f"fixed-weight merge options ({', '.join(method_names(needs_data=False))})")
     fit = p.add_argument_group(f"{' / '.join(titles)} options")
-    add_method_arguments(fit)
+    add_method_arguments(fit, merges)
     fit.add_argument("--resume", action="store_true",
                      help="MEHL: continue an interrupted soup from its last finished round "
                           "(checkpointed in .OUT.partial beside --out); same command otherwise")
@@ -116,14 +122,23 @@ def method_flags() -> dict[str, list[tuple[str, type, dataclasses.Field]]]:
     return flags
 
 
-def add_method_arguments(group: argparse._ArgumentGroup) -> None:
+def _fitted(cls: type) -> bool:
+    """Whether a config class belongs to a method fitted on data (learned, MEHL)."""
+    return any(m.needs_data for m in SOUP_METHODS.values() if m.config_class is cls)
+
+
+def add_method_arguments(group: argparse._ArgumentGroup,
+                         merge_group: argparse._ArgumentGroup | None = None) -> None:
     """One flag per setting of the registered methods' config classes: ``--model-batch`` from
     ``model_batch``; type and default from the field, help from its ``metadata["help"]``
     (the first class that has one) or else its docstring. A setting whose default differs
     between methods defaults to None (each method's own) and the help says each;
     ``metadata["default_help"]`` says how a default depends on the ingredients (the flag then
-    defaults to None, resolved by the job)."""
+    defaults to None, resolved by the job). With ``merge_group``, the flags of the methods
+    that need no data (the fixed-weight merges) go there."""
     for name, owners in method_flags().items():
+        target = group if merge_group is None or any(_fitted(c) for _, c, _ in owners) \
+            else merge_group
         _, cls, first = next(((lb, c, f) for lb, c, f in owners if "help" in f.metadata),
                              owners[0])
         help_text = field_help(cls, name)
@@ -136,12 +151,31 @@ def add_method_arguments(group: argparse._ArgumentGroup) -> None:
         elif len(set(defaults.values())) > 1:
             help_text += " (default: " + ", ".join(f"{k} {v}" for k, v in defaults.items()) + ")"
             default = None
-        flags = [f"--{name.replace('_', '-')}", *first.metadata.get("aliases", ())]
-        kind, _ = value_type(typing.get_type_hints(cls)[name])
-        if kind is bool:
-            group.add_argument(*flags, action="store_true", help=help_text)
+        flags = [_flag_name(first), *first.metadata.get("aliases", ())]
+        kind, several = value_type(typing.get_type_hints(cls)[name])
+        extra = {key: first.metadata[key] for key in ("choices", "metavar")
+                 if key in first.metadata}
+        if several:
+            extra["nargs"] = "+"
+        dest = flag_dest(first)
+        if kind is bool and any(f.default for _, _, f in owners):
+            # a switch some method turns on by default: --name / --no-name, None = its own
+            target.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif kind is bool:
+            target.add_argument(*flags, dest=dest, action="store_true", help=help_text)
         else:
-            group.add_argument(*flags, type=kind, default=default, help=help_text)
+            target.add_argument(*flags, dest=dest, type=kind, default=default, help=help_text,
+                                **extra)
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f"--{f.name.replace('_', '-')}")
+
+
+def flag_dest(f: dataclasses.Field) -> str:
+    """Where argparse puts a method setting's flag: its name (``--lambda`` -> ``lambda``)."""
+    return _flag_name(f).lstrip("-").replace("-", "_")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,10 +207,12 @@ def run(args: argparse.Namespace) -> int:
         on_interrupt(f"the checkpoint in {partial} is kept; {resume_cmd}")
     config = SoupConfig(
         args.ingredients, method=args.method, out=out, overwrite=args.overwrite,
-        method_settings={name: getattr(args, name) for name in flags},
+        method_settings={name: getattr(args, flag_dest(owners[0][2]))
+                         for name, owners in flags.items()},
         held_out=args.held_out, data=args.data, held_out_fraction=args.held_out_fraction,
         test=args.test, model=args.model, base=args.base, task=args.task,
         max_length=args.max_length, chunk=args.chunk, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
         device=device, dtype=args.dtype, precision=precision, seed=args.seed,
         max_shard_bytes=args.max_shard_size, check_finite=not args.no_finite_check,
         progress=not args.quiet, resume=args.resume, command=command_line("soup"),

@@ -30,6 +30,7 @@ from .source import SourceReads
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
@@ -151,7 +152,7 @@ class Ingredient(SourceReads):
             raise UpcycleError(f"{self.label}: no such file or folder")
         if path.is_dir():
             self.hf_dir = path
-            for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "pytorch_model.bin"):
+            for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "pytorch_model.bin", TORCH_INDEX):
                 if (path / name).is_symlink() and not (path / name).exists():
                     raise UpcycleError(f"{self.label}: {_short(path / name)} is a symlink that "
                                        f"does not resolve (a loop, or its target is missing)")
@@ -163,10 +164,12 @@ class Ingredient(SourceReads):
                 self._open_safetensors(path / SAFETENSORS_SINGLE)
             elif (path / "pytorch_model.bin").is_file():
                 self._open_torch(path / "pytorch_model.bin")
+            elif (path / TORCH_INDEX).is_file():
+                self._open_index(path / TORCH_INDEX, self._open_torch)
             else:
                 raise UpcycleError(
                     f"{self.label}: folder holds no model weights (expected {SAFETENSORS_SINGLE}, "
-                    f"{SAFETENSORS_INDEX} or pytorch_model.bin)"
+                    f"{SAFETENSORS_INDEX}, pytorch_model.bin or {TORCH_INDEX})"
                 )
         elif path.suffix == ".safetensors":
             self._open_safetensors(path)
@@ -201,7 +204,10 @@ class Ingredient(SourceReads):
                 f"(truncated or another format?): {error_line(exc)}"
             ) from exc
 
-    def _open_index(self, index_file: Path) -> None:
+    def _open_index(self, index_file: Path, open_shard=None) -> None:
+        """A sharded checkpoint: the index's shards, each opened with ``open_shard``
+        (safetensors by default; ``.bin`` shards: :meth:`_open_torch`)."""
+        open_shard = open_shard or self._open_safetensors
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except Exception as exc:
@@ -214,7 +220,7 @@ class Ingredient(SourceReads):
                 raise UpcycleError(
                     f"{self.label}: shard {shard} named in {_short(index_file)} is missing"
                 )
-            self._open_safetensors(shard_file)
+            open_shard(shard_file)
         missing = set(weight_map) - set(self._meta)
         if missing:
             raise UpcycleError(
@@ -257,8 +263,8 @@ class Ingredient(SourceReads):
                                        f"{_short(file)} (torch {torch.__version__})")
                 self._torch_index[name] = (int(offset), t.dtype, tuple(t.shape), t.stride(),
                                            t.storage_offset())
-        if whole:
-            self._torch_state = dict(state)
+        if whole:  # (shards of a sharded .bin add to it)
+            self._torch_state = {**(self._torch_state or {}), **state}
             if legacy and self.role is None:
                 _report_legacy(self.label, file)
 
@@ -305,7 +311,7 @@ class Ingredient(SourceReads):
         """
         if name not in self._meta:
             raise UpcycleError(f"{self.label}: has no tensor {name!r}")
-        if self._torch_state is not None:
+        if self._torch_state is not None and name in self._torch_state:
             return self._torch_state[name]
         if name in self._torch_index:
             try:
@@ -330,13 +336,8 @@ def check_model_weights(folder: str | os.PathLike, *, role: str = "--model") -> 
     and the pickle of a zip ``.bin`` under weights-only rules; no tensor data read), so that a
     folder without weights, a truncated or foreign weight file or a symlink loop is one error
     naming ``role`` and the file, before transformers reads it. A legacy (non-zip) ``.bin`` is
-    loaded once under weights-only rules and dropped. A sharded ``.bin`` folder (only
-    ``pytorch_model.bin.index.json``) is left to transformers, which reads it weights-only."""
-    folder = Path(folder)
-    if (folder / "pytorch_model.bin.index.json").is_file() and not any(
-            os.path.lexists(folder / name)
-            for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "pytorch_model.bin")):
-        return
+    loaded once under weights-only rules and dropped; so are the shards of a sharded ``.bin``
+    folder (``pytorch_model.bin.index.json``)."""
     Ingredient(folder, role=role)
 
 

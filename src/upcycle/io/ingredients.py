@@ -9,16 +9,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
-from .checkpoints import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, WEIGHT_FILE_SUFFIXES, Ingredient
+from .checkpoints import (
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    TORCH_INDEX,
+    WEIGHT_FILE_SUFFIXES,
+    Ingredient,
+)
 from .lora import is_adapter, open_adapter
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
     if path.is_dir():
         return any((path / f).is_file() for f in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX,
-                                                   "pytorch_model.bin", "adapter_config.json"))
+                                                   "pytorch_model.bin", TORCH_INDEX,
+                                                   "adapter_config.json"))
     return path.is_file() and path.suffix in WEIGHT_FILE_SUFFIXES
 
 
@@ -68,11 +76,14 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: bool = True) -> None:
+def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: bool = True,
+                         dtype: torch.dtype | None = None, progress: bool = False) -> None:
     """Check that all ingredients are checkpoints of one model, before any work is done.
 
-    Same tensor names, shapes and dtypes as the first ingredient, and (by default) only
-    finite floating values. Reads every tensor once when ``check_finite`` is set.
+    Same tensor names, shapes and dtypes as the first ingredient (floating tensors may differ
+    in dtype when the soup converts them all to ``dtype``, e.g. fp32 and bf16 ingredients with
+    ``--dtype float32``), and (by default) only finite floating values. Reads every tensor
+    once when ``check_finite`` is set (``progress``: a progress bar over the ingredients).
     """
     if not ingredients:
         raise UpcycleError("no ingredients given")
@@ -97,13 +108,19 @@ def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: boo
                     f"{ing.label}: {name!r} has shape {_shape_str(ing.shape(name))}, "
                     f"{ref.label.split(' (')[0]} has {_shape_str(ref.shape(name))}"
                 )
-            if ing.dtype(name) != ref.dtype(name):
+            if ing.dtype(name) != ref.dtype(name) and not (
+                    dtype is not None and ing.dtype(name).is_floating_point
+                    and ref.dtype(name).is_floating_point):
+                hint = (" (pass --dtype to convert every ingredient to one dtype)"
+                        if ing.dtype(name).is_floating_point and ref.dtype(name).is_floating_point
+                        else "")
                 raise UpcycleError(
                     f"{ing.label}: {name!r} has dtype {ing.dtype(name)}, "
-                    f"{ref.label.split(' (')[0]} has {ref.dtype(name)}"
+                    f"{ref.label.split(' (')[0]} has {ref.dtype(name)}{hint}"
                 )
     if check_finite:
-        for ing in ingredients:
+        for ing in tqdm(ingredients, desc="checking ingredients", disable=not progress,
+                        leave=False):
             for name in ing.keys():
                 t = ing.get(name)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):

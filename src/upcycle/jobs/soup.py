@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
-from ..io.checkpoints import Ingredient, _short
-from ..io.ingredients import open_ingredients, validate_ingredients
+from ..io.checkpoints import Ingredient, _short, read_config_json
+from ..io.ingredients import expand_ingredient_paths, open_ingredients, validate_ingredients
 from ..io.model_files import model_files
 from ..io.outputs import expand_globs, guard_output
 from ..io.writing import check_output, write_json
@@ -30,7 +31,8 @@ from ..runtime.devices import check_precision, resolve_device, resolve_dtype
 from ..runtime.memory import peak_rss_mb
 from ..soup import SoupContext, SoupResult, get_method
 from ..soup.common import load_state
-from ..soup.registry import method_names
+from ..soup.merge import check_base
+from ..soup.registry import check_count, method_names
 from ..soup.resume import checkpoint_path
 from ..tasks import Task, load_task
 from ..tasks.causal_lm import LMData, is_causal_lm
@@ -77,6 +79,9 @@ class SoupJob:
     tokenizer_dir: Path | None = None
     """Causal LM: the folder the tokenizer comes from (the model folder, an ingredient or the
     base), None when none has one."""
+    base: Ingredient | None = None
+    """The base model (``--base``), opened when a method merges relative to it or LoRA
+    adapters are among the ingredients."""
 
     @property
     def task_name(self) -> str:
@@ -137,9 +142,10 @@ def _tokenizer_candidates(ingredients, model_dir, base) -> list[Path]:
 def prepare_soup_job(
     ingredient_specs, *, model_dir=None, held_out=None, data=None, held_out_fraction=None,
     test=None, seed: int = 0, max_length: int | None = None, batch_size: int = 128,
-    eval_batch_size: int = 128, progress: bool = True, check_finite: bool = True,
+    eval_batch_size: int | None = None, progress: bool = True, check_finite: bool = True,
     device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
     precision: str | None = None, base=None, task: str | None = "auto", chunk: bool = False,
+    need_base: bool = False,
 ) -> SoupJob:
     """Open and validate the ingredients and read the data (all checks before any work).
 
@@ -150,6 +156,9 @@ def prepare_soup_job(
     LM's tokenizer is also looked for there). ``task``: "auto" (from the model's config),
     "classification" or "causal-lm". ``max_length``: default 128 tokens for classification,
     min(512, position limit) for a causal LM; ``chunk``: a causal-LM .txt file is one stream.
+    ``eval_batch_size``: the batch size of scoring and evaluation (None: ``batch_size``).
+    ``need_base``: the method merges relative to ``base`` (required then, opened and checked
+    against the ingredients: same tensors and shapes).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
@@ -158,10 +167,20 @@ def prepare_soup_job(
     precision = check_precision(device, bf16=precision == "bf16", fp16=precision == "fp16")
     if base is not None and not isinstance(base, Ingredient) and not Path(base).exists():
         raise UpcycleError(f"--base {base}: no such folder")
+    if need_base and base is None:
+        raise UpcycleError("this method needs --base: the model the ingredients were "
+                           "fine-tuned from")
+    if need_base and not isinstance(base, Ingredient):
+        base = Ingredient(base, index=0, role="--base")
     ingredients = open_ingredients(ingredient_specs, base=base)
-    validate_ingredients(ingredients, check_finite=check_finite)
-    job = SoupJob(ingredients, batch_size=batch_size, eval_batch_size=eval_batch_size,
+    if need_base:
+        check_base(base, ingredients)
+    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,  # bar: terminal
+                         progress=progress and distributed.is_main() and sys.stderr.isatty())
+    job = SoupJob(ingredients, batch_size=batch_size,
+                  eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)
+    job.base = base if isinstance(base, Ingredient) else None
     config_dir = model_dir or ingredients[0].hf_dir
     job.causal_lm = task == "causal-lm" or (
         task in (None, "auto") and config_dir is not None and is_causal_lm(config_dir))
@@ -220,7 +239,7 @@ def soup_context(job: SoupJob, *, checkpoint_dir=None, resume: bool = False,
         score_fn=job.score if data else None, ingredient_scores=known,
         device=job.device, precision=job.precision, dtype=job.dtype, progress=job.progress,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-        resume=resume, callback=callback)
+        resume=resume, callback=callback, base=job.base)
 
 
 def check_resume(job: SoupJob, method: str, config, checkpoint_dir) -> dict:
@@ -254,9 +273,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
     if resume and not entry.resumable:
         raise UpcycleError(f"resume applies to {_resumable()}, not {method}")
     n = len(job.ingredients)
-    if n < entry.min_ingredients:
-        raise UpcycleError(f"method {method!r} needs at least {entry.min_ingredients} "
-                           f"ingredients, got {n}")
+    check_count(entry, n)
     if config is None:
         config = entry.make_config(n, **settings)
     context = soup_context(job, checkpoint_dir=checkpoint_dir, resume=resume,
@@ -268,6 +285,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
     if job.device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(job.device) / 2**20
     if job.task is not None:
+        # (the row's peak_rss_mb is updated once the soup is evaluated, and again once saved)
         # A fitted soup whose last record evaluated the held-out split already did so on
         # exactly these weights, unless the soup is stored in another dtype than the model
         # ran in (bf16 ingredients)
@@ -276,6 +294,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
         held = ({k: last[f"held_out_{k}"] for k in keys}
                 if all(f"held_out_{k}" in last for k in keys) else None)
         row.update(_metrics(job, result.state, held_out=held))
+        row["peak_rss_mb"] = peak_rss_mb()
     return result, row
 
 
@@ -315,11 +334,12 @@ def ingredient_rows(job: SoupJob, *, names: list[str] | None = None,
 
 def best_ingredient_row(job: SoupJob, rows: list[dict]) -> dict:
     """The ingredient with the best held-out score (accuracy, ties broken by loss; a causal
-    LM: the lowest token loss), chosen on held-out, never on test, with its test metrics."""
+    LM: the lowest token loss), chosen on held-out, never on test, with its test metrics;
+    called "best ingredient (i: its file or folder name)"."""
     i = max(range(len(rows)), key=lambda j: (rows[j].get("held_out_accuracy", 0.0),
                                              -rows[j]["held_out_loss"]))
     return {**rows[i], **_metrics(job, job.ingredients[i].state_dict()),
-            "method": f"best ingredient ({i + 1})", "index": i}
+            "method": f"best ingredient ({i + 1}: {job.ingredients[i].path.name})", "index": i}
 
 
 # -- the whole job: config in, soup + rows + report out ----------------------------------------
@@ -351,7 +371,9 @@ class SoupConfig:
     max_length: int | None = None
     chunk: bool = False
     batch_size: int = 128
-    eval_batch_size: int = 128
+    """Held-out batch size of the fitted soups (learned, MEHL)."""
+    eval_batch_size: int | None = None
+    """Batch size of scoring and evaluation (None: ``batch_size``)."""
     device: str | torch.device = "auto"
     dtype: str | torch.dtype | None = None
     precision: str | None = None
@@ -397,6 +419,22 @@ def tokenizer_files(job: SoupJob) -> dict[str, bytes]:
     return {name: path.read_bytes() for name, path in model_files(tok, names).items()}
 
 
+def config_with_dtype(job: SoupJob, state: dict) -> dict[str, str]:
+    """The copied ``config.json`` with its ``dtype`` (and ``torch_dtype``, when present) set
+    to the soup's floating dtype, which ``--dtype`` or the ingredients decide (empty when no
+    config is copied)."""
+    source = job.source_dir
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    if source is None or not (Path(source) / "config.json").is_file() or not floating:
+        return {}
+    config = read_config_json(source, "the soup's config")
+    name = str(floating[0]).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    return {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+
+
 def _quiet(message: str) -> None:
     pass
 
@@ -440,13 +478,16 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
     if config.resume and not checkpoint_path(partial).is_file():
         raise UpcycleError(f"--resume: no checkpoint of an interrupted soup for {out} (looked "
                            f"for {checkpoint_path(partial)}); run without --resume to start")
+    _check_method_early(config, entry)
+    _check_paths(config)
     job = prepare_soup_job(
         config.ingredients, model_dir=config.model, held_out=config.held_out, data=config.data,
         held_out_fraction=config.held_out_fraction, test=config.test, seed=config.seed,
         max_length=config.max_length, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, progress=config.progress,
         check_finite=config.check_finite, device=config.device, dtype=config.dtype,
-        precision=config.precision, base=config.base, task=config.task, chunk=config.chunk)
+        precision=config.precision, base=config.base, task=config.task, chunk=config.chunk,
+        need_base=entry.needs_base)
     n = len(job.ingredients)
     if n == 1 and distributed.is_main():
         say(f"warning: only one ingredient ({job.ingredients[0].path}): the soup is a copy "
@@ -465,7 +506,7 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
             f"--resume to continue it instead)")
     rows, ing_rows = [], None
     if job.task is not None:
-        ing_rows = ingredient_rows(job)
+        ing_rows = ingredient_rows(job, progress=job.progress)
         rows.append(best_ingredient_row(job, ing_rows))
     resumable = {} if partial is None else dict(checkpoint_dir=partial, resume=config.resume,
                                                 callback=on_round)
@@ -479,16 +520,40 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
     if out is not None and distributed.is_main():
         result.save(out, source_dir=job.source_dir, overwrite=config.overwrite,
                     max_shard_bytes=config.max_shard_bytes, rows=rows, command=config.command,
-                    extra_files={**tokenizer_files(job),
+                    card={"task": job.task_name,
+                          "base_model": None if job.base is None else str(job.base.path)},
+                    extra_files={**tokenizer_files(job), **config_with_dtype(job, result.state),
                                  "report.json": json.dumps(report, indent=2, default=str)})
-        if out.suffix == ".safetensors":
-            write_json(out.with_name(out.name + ".report.json"), json.loads(
-                json.dumps(report, default=str)))
+        row["peak_rss_mb"] = peak_rss_mb()  # the whole run's, saving included
+        write_json(out.with_name(out.name + ".report.json") if out.suffix == ".safetensors"
+                   else out / "report.json", json.loads(json.dumps(report, default=str)))
         if on_saved is not None:
             on_saved(out)
         if partial is not None and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return SoupRun(result, rows, report, job, method_config)
+
+
+def _check_paths(config: SoupConfig) -> None:
+    """Every input path exists, before any ingredient is opened (a mistyped --held-out is
+    reported at once, not after N checkpoints were read)."""
+    paths = [("ingredient", p) for p in expand_ingredient_paths(config.ingredients)]
+    for label, path in paths + [(label, p) for label, p in soup_inputs(config)
+                                if label != "ingredient"]:
+        if path is not None and not isinstance(path, Ingredient) and not Path(path).exists():
+            raise UpcycleError(f"{label} {path}: no such file or folder")
+
+
+def _check_method_early(config: SoupConfig, entry) -> None:
+    """Before any ingredient is opened: the method's --base, its number of ingredients (from
+    the paths alone) and its settings."""
+    if entry.needs_base and config.base is None:
+        raise UpcycleError(f"method {entry.name!r} needs --base: the model the ingredients were "
+                           f"fine-tuned from (their task vectors are theta_i - theta_0)")
+    n = len(expand_ingredient_paths(config.ingredients))
+    check_count(entry, n)
+    if entry.check is not None and config.method_config is None:
+        entry.check(entry.make_config(n, **{"seed": config.seed, **config.method_settings}), n)
 
 
 def _report_config(config: SoupConfig, entry, n: int) -> dict | None:

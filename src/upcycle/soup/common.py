@@ -55,13 +55,13 @@ class SoupResult:
     def save(self, out: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
              overwrite: bool = False, max_shard_bytes: int | None = None,
              extra_files: dict | None = None, rows: Sequence[dict] = (),
-             command: str | None = None) -> Path:
+             command: str | None = None, card: dict | None = None) -> Path:
         """Write the soup atomically: a HF folder (config/tokenizer copied from ``source_dir``)
         with ``soup.json``, ``coefficients.safetensors`` and a ``README.md`` model card
         (:func:`upcycle.soup.card.soup_card`: ``rows`` are metric rows such as ``{"method": ...,
-        "held_out_accuracy": ...}``, ``command`` the command that made it) beside the
-        weights, or, for an ``out`` ending in .safetensors, one file plus
-        ``<out>.soup.json``. A tied parameter is written once under the name
+        "held_out_accuracy": ...}``, ``command`` the command that made it, ``card`` the card's
+        ``task`` and ``base_model``) beside the weights, or, for an ``out`` ending in
+        .safetensors, one file plus ``<out>.soup.json``. A tied parameter is written once under the name
         ``from_pretrained`` re-ties (as ``save_pretrained`` does) when ``source_dir``'s config
         tells the model. Paths are checked before anything is written: on an error the soup
         is still in this object, to save again."""
@@ -83,8 +83,9 @@ class SoupResult:
                 tmp.write_text(summary)
             return out
         state = _untie_for_writing(self.state, source_dir)
-        card = soup_card(self, list(rows), command or "# made in Python with upcycle.soup")
-        files = {"soup.json": summary, "README.md": card,
+        text = soup_card(self, list(rows), command or "# made in Python with upcycle.soup",
+                         **(card or {}))
+        files = {"soup.json": summary, "README.md": text,
                  **(extra_files or {})}
         return save_model(out, state, source_dir=source_dir, overwrite=overwrite,
                           extra_files=files, extra_tensors=tensors, **kwargs)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError
+from ..io.source import TensorSource
 
 
 @dataclass
@@ -50,6 +51,10 @@ class SoupContext:
     resume: bool = False
     callback: Callable[[dict], None] | None = None
     """Resumable methods: called with each round's record once its checkpoint is written."""
+    base: TensorSource | None = None
+    """The base model theta_0 the ingredients are fine-tunes of (``--base``), read one tensor
+    at a time; the merges relative to a base (task arithmetic, TIES, DARE, Model Stock) need
+    it (see :attr:`SoupMethod.needs_base`)."""
 
     @property
     def model(self) -> nn.Module | None:
@@ -77,6 +82,11 @@ class SoupMethod:
     needs_data: bool = False
     """Needs held-out data (and the model) to make the soup."""
     min_ingredients: int = 1
+    max_ingredients: int | None = None
+    """At most this many ingredients (SLERP: exactly 2); None: no limit."""
+    needs_base: bool = False
+    """Needs the base model (``--base``, :attr:`SoupContext.base`): task vectors are
+    theta_i - theta_0."""
     defaults: Callable[[int], dict] | None = None
     """Settings whose default depends on the number of ingredients: ``n -> {field: value}``
     (MEHL's K is min(18, N)); used where a setting is not given."""
@@ -123,12 +133,24 @@ def get_method(name: str) -> SoupMethod:
     return SOUP_METHODS[name]
 
 
-def method_names(*, resumable: bool | None = None, needs_data: bool | None = None) -> list[str]:
+def check_count(method: SoupMethod, n: int) -> None:
+    """Refuse ``n`` ingredients when ``method`` takes fewer or more (one line naming both)."""
+    low, high = method.min_ingredients, method.max_ingredients
+    if low <= n and (high is None or n <= high):
+        return
+    want = (f"exactly {low}" if low == high else f"at least {low}" if high is None
+            else f"{low} to {high}")
+    raise UpcycleError(f"method {method.name!r} needs {want} ingredients, got {n}")
+
+
+def method_names(*, resumable: bool | None = None, needs_data: bool | None = None,
+                 needs_base: bool | None = None) -> list[str]:
     """Names of the registered methods, optionally only the (non-)resumable or those that
-    (do not) need data."""
+    (do not) need data or a base."""
     return [m.name for m in SOUP_METHODS.values()
             if (resumable is None or m.resumable == resumable)
-            and (needs_data is None or m.needs_data == needs_data)]
+            and (needs_data is None or m.needs_data == needs_data)
+            and (needs_base is None or m.needs_base == needs_base)]
 
 
 def config_classes() -> list[type]:
