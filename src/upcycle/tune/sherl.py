@@ -44,7 +44,7 @@ from .adapter import (
     save_adapter,
     trainable_report,
 )
-from .sherl_lm import DecoderRoute, is_causal_lm_model
+from .sherl_lm import DecoderRoute, RoutedDecoder, is_causal_lm_model
 
 METHOD = "sherl"
 DEFAULT_LR = 3e-3
@@ -287,8 +287,8 @@ class SherlModel(Checkpointing, nn.Module):
                          start_as_identity=config.init == "base")
         param = next(model.parameters())
         self.mtsa.to(device=param.device, dtype=param.dtype)
-        self._route = DecoderRoute(model, layers, self.num_early, self.tap_indices, self.mtsa) \
-            if self.causal_lm else None
+        self._route = DecoderRoute(model.base_model, layers, self.num_early, self.tap_indices,
+                                   self.mtsa) if self.causal_lm else None
         for p in model.parameters():
             p.requires_grad_(False)
         for _, p in self.trainable_base_parameters():
@@ -381,6 +381,17 @@ class SherlModel(Checkpointing, nn.Module):
         base = self._lm("generate")
         with self._route.active():
             return base.generate(*args, **kwargs)
+
+    @property
+    def base_model(self) -> RoutedDecoder:
+        """A causal LM's inner decoder (``LlamaForCausalLM.model``, ...) run through the SHERL
+        route, as HF's ``base_model`` is the decoder: calling it returns the
+        ``BaseModelOutputWithPast`` whose ``last_hidden_state`` the LM head reads (TRL's
+        fused LM-head loss calls it)."""
+        if not self.causal_lm:
+            raise AttributeError("SherlModel.base_model: the wrapped model is a classifier, "
+                                 "not a causal LM (its HF model is .base)")
+        return RoutedDecoder(self._route)
 
     def can_generate(self) -> bool:
         return self.causal_lm and self.base.can_generate()

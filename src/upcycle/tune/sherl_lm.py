@@ -45,14 +45,16 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 class DecoderRoute:
-    """SHERL's early route -> ``fuse`` -> late route, inside ``model``'s own forward (see the
-    module's docstring). ``layers``: the model's decoder layers; ``num_early``: how many run
-    frozen; ``taps``: the layer inputs kept for ``fuse`` (0 = embedding output, ``i`` = output
-    of layer ``i``, at most ``num_early``)."""
+    """SHERL's early route -> ``fuse`` -> late route, inside ``decoder``'s own forward (see
+    the module's docstring). ``decoder``: the causal LM's inner model (its ``base_model``,
+    e.g. ``LlamaForCausalLM.model``), whose 2-D ``attention_mask`` gives the MTSA its token
+    mask; ``layers``: its layers; ``num_early``: how many run frozen; ``taps``: the layer inputs
+    kept for ``fuse`` (0 = embedding output, ``i`` = output of layer ``i``, at most
+    ``num_early``)."""
 
-    def __init__(self, model: nn.Module, layers: nn.ModuleList, num_early: int,
+    def __init__(self, decoder: nn.Module, layers: nn.ModuleList, num_early: int,
                  taps: Sequence[int], fuse: Callable):
-        self.model, self.layers, self.num_early = model, layers, num_early
+        self.decoder, self.layers, self.num_early = decoder, layers, num_early
         self.taps, self.fuse = frozenset(taps), fuse
         self._state: dict | None = None
 
@@ -64,7 +66,7 @@ class DecoderRoute:
             return
         grad = torch.is_grad_enabled()
         self._state = {"kept": [], "grad": grad, "mask": None}
-        handles = [self.model.register_forward_pre_hook(self._record_mask, with_kwargs=True)]
+        handles = [self.decoder.register_forward_pre_hook(self._record_mask, with_kwargs=True)]
         handles += [self.layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True)
                     for i in range(self.num_early + 1)]
         try:
@@ -107,4 +109,23 @@ class DecoderRoute:
         return hook
 
 
-__all__ = ["DecoderRoute", "LM_CLASS_SUFFIXES", "is_causal_lm_model"]
+
+
+class RoutedDecoder:
+    """The inner decoder as seen through :class:`DecoderRoute`: calling it runs the SHERL
+    route and returns the decoder's own output (``last_hidden_state``, the cache). What TRL
+    calls as ``model.base_model`` (its fused LM-head loss); other attributes are the
+    decoder's."""
+
+    def __init__(self, route: DecoderRoute):
+        self._route = route
+
+    def __call__(self, *args, **kwargs):
+        with self._route.active():
+            return self._route.decoder(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._route.decoder, name)
+
+
+__all__ = ["DecoderRoute", "LM_CLASS_SUFFIXES", "RoutedDecoder", "is_causal_lm_model"]
