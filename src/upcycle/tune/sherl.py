@@ -25,7 +25,7 @@ the map says where the embeddings, layers, final norm and head live and how a la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from ..models.matching import Match, architecture_of, sizes_of
 from .adapter import (
     Checkpointing,
     TunerConfig,
+    check_recorded_backbone,
     copy_saved_tensors,
     load_adapter,
     save_adapter,
@@ -180,14 +181,6 @@ class SherlConfig(TunerConfig):
     new anyway)."""
     init_std: float = field(default=0.02, metadata={"cli": False})
     """Standard deviation of the MTSA linears' normal init (biases start at 0)."""
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "SHERL config") -> SherlConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UpcycleError(f"{source}: unknown field {unknown[0]!r} (known: {sorted(known)})")
-        return cls(**data)
 
 
 def _resolve_taps(config: SherlConfig, num_layers: int) -> list[int]:
@@ -449,13 +442,8 @@ class SherlModel(Checkpointing, nn.Module):
         here = _description(base_model, match, layers, hidden, backbone is None)
         if saved_base is not None:
             saved_base.setdefault("head", "classification")  # folders written before LMs
-            mismatch = [(k, saved_base.get(k), here[k]) for k in
-                        ("head", "family", "hidden_size", "num_layers", "num_labels")
-                        if saved_base.get(k) != here[k]]
-            if mismatch:
-                what = ", ".join(f"{k} {saved!r} (base model: {now!r})"
-                                 for k, saved, now in mismatch)
-                raise UpcycleError(f"{source} were trained on another backbone: {what}")
+        here = {k: here[k] for k in ("head", "family", "hidden_size", "num_layers", "num_labels")}
+        check_recorded_backbone(saved_base, here, source)
         model = cls(base_model, config)
         expected = model.trainable_state_dict()
         copy_saved_tensors(expected, tensors, source)
