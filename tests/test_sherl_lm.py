@@ -20,12 +20,7 @@ VOCAB = 60
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def causal_lm(family: str, layers: int = 3, seed: int = 0):
@@ -208,10 +203,26 @@ def test_generate_on_a_classifier_is_a_clear_error():
 
 # -- Trainer, TRL and the CLI ---------------------------------------------------------------------
 
-def lm_dataset(tokenizer, rows: int = 16):
+def lm_dataset(rows: int = 16):
     from lm_models import CORPUS
 
     return [{"text": line} for line in CORPUS[:rows]]
+
+
+def sft(kind: str, tmp_path, rows, **settings):
+    """A SHERL model on a tiny ``kind`` LM trained by TRL's SFTTrainer on ``rows``."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    model = get_sherl_model(tiny_lm(kind, vocab_size=len(tokenizer)), SherlConfig(late_layers=1))
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4,
+                         bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+                         max_length=32, **settings)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(rows))
+    return trainer, model, tokenizer
 
 
 def test_upcycle_trainer_with_checkpointing_saves_the_adapter(tmp_path):
@@ -220,7 +231,7 @@ def test_upcycle_trainer_with_checkpointing_saves_the_adapter(tmp_path):
     tokenizer = tiny_tokenizer()
     base = tiny_lm("llama", vocab_size=len(tokenizer))
     model = get_sherl_model(base, SherlConfig(late_layers=1))
-    rows = [tokenizer(r["text"])["input_ids"][:16] for r in lm_dataset(tokenizer)]
+    rows = [tokenizer(r["text"])["input_ids"][:16] for r in lm_dataset()]
     data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows
             if len(r) == 16]
     args = UpcycleTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3,
@@ -239,20 +250,9 @@ def test_upcycle_trainer_with_checkpointing_saves_the_adapter(tmp_path):
 
 
 def test_trl_sft_trainer_trains_saves_and_reloads(tmp_path):
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token
-    model = get_sherl_model(tiny_lm("llama", vocab_size=len(tokenizer)),
-                            SherlConfig(late_layers=1))
+    trainer, model, tokenizer = sft("llama", tmp_path, lm_dataset(), max_steps=3,
+                                    learning_rate=1e-2, logging_steps=1)
     before = model.mtsa.up.weight.detach().clone()
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3,
-                         per_device_train_batch_size=4, learning_rate=1e-2, bf16=False,
-                         use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-                         max_length=32)
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(lm_dataset(tokenizer)))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -266,26 +266,14 @@ def test_trl_sft_trainer_trains_saves_and_reloads(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     again = SherlModel.from_pretrained(tiny_lm("llama", vocab_size=len(tokenizer)),
                                        tmp_path / "adapter")
-    ids = torch.tensor([tokenizer("the cat sat")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_trl_sft_trainer_on_prompt_completion_data(tmp_path):
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token
-    model = get_sherl_model(tiny_lm("gpt2", vocab_size=len(tokenizer)),
-                            SherlConfig(late_layers=1))
     rows = [{"prompt": r["text"][:20], "completion": r["text"][20:]}
-            for r in lm_dataset(tokenizer, 8)]
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2,
-                         per_device_train_batch_size=4, bf16=False, use_cpu=True,
-                         report_to=[], save_strategy="no", max_length=32)
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(rows))
+            for r in lm_dataset(8)]
+    trainer, _, _ = sft("gpt2", tmp_path, rows, max_steps=2)
     trainer.train()
     assert trainer.state.global_step == 2
 
