@@ -32,6 +32,7 @@ from upcycle.jobs.bench import main  # noqa: E402
 CONTENDERS = {
     "base (no training)": {"kind": "base"},
     "SHERL M=1": {"kind": "sherl", "lr": 3e-3},
+    "SHERL M=1, lr 1e-2": {"kind": "sherl", "lr": 1e-2},
     "SHERL M=1 + late layer": {"kind": "sherl", "lr": 1e-3, "train_late_layers": True},
     "LoRA r=8": {"kind": "lora", "lr": 3e-3},
     "full fine-tuning": {"kind": "full", "lr": 1e-3},
