@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,18 +116,10 @@ def run_worker(spec: dict) -> dict:
     return row
 
 
-def _sizes(args):
-    from lm_setup import QUICK, Sizes
-
-    sizes = QUICK if args.quick else Sizes()
-    over = {f.name: getattr(args, f.name) for f in fields(Sizes)
-            if getattr(args, f.name) is not None}
-    return Sizes(**{**asdict(sizes), **over})
-
-
 def contenders(args) -> list[dict]:
     import torch
     from lm_setup import make_base, splits
+    from lm_soup import _sizes  # the same sizes and overrides as lm_soup
 
     from upcycle.io.writing import atomic_file
 
