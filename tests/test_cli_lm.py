@@ -350,7 +350,7 @@ def test_tune_lm_collator_counts_target_tokens(lm_runs, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--max-length", "65"], "max_length 65 exceeds the position limit"),
-    (["--method", "sherl"], "--method sherl tunes classifiers"),
+    (["--method", "sherl", "--reduction", "5"], "reduction 5 does not divide the hidden size"),
     (["--chunk", "--task", "classification"], "--chunk applies to causal-LM tasks"),
 ])
 def test_tune_lm_bad_input(lm_runs, tmp_path, capsys, extra, message):

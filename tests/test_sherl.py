@@ -240,7 +240,7 @@ def test_save_load_gives_identical_outputs(family, tmp_path):
         model.save_pretrained(tmp_path / "adapter")
     model.save_pretrained(tmp_path / "adapter", overwrite=True)
     loaded = SherlModel.from_pretrained(make(seed=0), tmp_path / "adapter").eval()
-    assert loaded.sherl_config == SherlConfig(late_layers=1, reduction=4,
+    assert loaded.sherl_config == SherlConfig(late_layers=1, reduction=4, init="paper",
                                               train_late_layers=(family == "bert"), taps=[0, 1, 2])
     batch = batch_of()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)

@@ -320,9 +320,9 @@ def test_a_clone_that_computes_something_else_is_refused():
 
 def test_a_model_without_a_classification_head_is_refused():
     torch.manual_seed(0)
-    with pytest.raises(UpcycleError, match="LlamaForCausalLM: a Llama model without the module "
+    with pytest.raises(UpcycleError, match="LlamaModel: a Llama model without the module "
                                            "'score'.*AutoModelForSequenceClassification"):
-        get_sherl_model(T.LlamaForCausalLM(config_of("llama")))
+        get_sherl_model(T.LlamaModel(config_of("llama")))
     with pytest.raises(UpcycleError, match="BertModel: a BERT/MiniLM model without the module "
                                            "'classifier'"):
         get_sherl_model(T.BertModel(config_of("bert")))

@@ -42,6 +42,18 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_
 _UNSUPPORTED = {"use_dora": "DoRA", "target_parameters": "LoRA on nn.Parameter targets",
                 "layer_replication": "layer replication", "use_qalora": "QALoRA",
                 "trainable_token_indices": "trainable tokens", "use_bdlora": "BD-LoRA"}
+UPCYCLE_ADAPTER_KEY = "upcycle_adapter"
+"""The marker of an adapter folder written for an upcycle tuner: ``adapter_config.json`` holds
+``"upcycle_adapter": "<method>"`` (beside ``"method"``) and no ``peft_type``, so that it is never
+taken for a peft adapter."""
+_NOT_SOUPABLE = {
+    "snell": "soup the folder written by `upcycle tune --merge` (its merged/ folder, a plain "
+             "HF model with the update folded in), not the adapter",
+    "sherl": "it cannot be souped (it replaces the forward; its MTSA is no weight update of "
+             "the base model); soup full fine-tunes or LoRA adapters instead",
+    "lst": "it cannot be souped (it replaces the forward; its side network is no weight "
+           "update of the base model); soup full fine-tunes or LoRA adapters instead",
+}
 # config.json fields that are bookkeeping, not architecture
 _CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
                        "architectures", "_attn_implementation_autoset", "use_cache"}
@@ -284,9 +296,36 @@ class LoraIngredient(SourceReads):
 
 
 
+def upcycle_tuner_of(config: dict) -> str | None:
+    """The upcycle tuner ("snell", "sherl", "lst") an ``adapter_config.json`` belongs to: its
+    :data:`UPCYCLE_ADAPTER_KEY` marker, the ``method`` of folders written before it, or
+    ``"peft_type": "SNELL"`` (SNELL as a peft method); None for anything else."""
+    for value in (config.get(UPCYCLE_ADAPTER_KEY), config.get("method"),
+                  config.get("peft_type")):
+        if isinstance(value, str) and value.lower() in _NOT_SOUPABLE:
+            return value.lower()
+    return None
+
+
+def refuse_upcycle_adapter(path: str | os.PathLike, index: int) -> None:
+    """One error saying what to do instead when ``path`` is the adapter folder of an upcycle
+    tuner (SNELL: soup its ``--merge`` folder; SHERL, LST: not soupable)."""
+    try:
+        config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # LoraIngredient reports it
+    method = upcycle_tuner_of(config) if isinstance(config, dict) else None
+    if method is not None:
+        raise UpcycleError(f"ingredient {index} ({_short(Path(path))}): a {method.upper()} "
+                           f"adapter (upcycle tune --method {method}), not a LoRA adapter: "
+                           f"{_NOT_SOUPABLE[method]}")
+
+
 def open_adapter(path: str | os.PathLike, base: Ingredient | str | os.PathLike | None,
                  index: int = 1) -> LoraIngredient:
-    """A LoRA adapter folder as an ingredient on ``base`` (a path or an opened Ingredient)."""
+    """A LoRA adapter folder as an ingredient on ``base`` (a path or an opened Ingredient);
+    an upcycle tuner's adapter folder is refused with what to do instead."""
+    refuse_upcycle_adapter(path, index)
     if base is None:
         raise UpcycleError(f"ingredient {index} ({_short(Path(path))}): a LoRA adapter "
                            f"({ADAPTER_CONFIG}): pass --base (base=) with the model it was "

@@ -134,6 +134,9 @@ def _run_tune(job: TuneJob, *, callbacks: Iterable = ()) -> TuneResult:
     if tuner is None:
         raise UpcycleError(f"method {job.method!r}: expected one of {', '.join(TUNERS)}")
     tuner_config = job.tuner_config if job.tuner_config is not None else tuner.config_class()
+    if job.merge and not tuner.mergeable:  # refuse before anything loads
+        raise UpcycleError(f"--merge: a {job.method} model cannot be merged into a plain model "
+                           f"(it is not a weight update); drop --merge")
     settings = job.settings if job.settings is not None else _settings(job, tuner_config)
     out = Path(job.out)
     check_output(out, job.overwrite)
@@ -155,6 +158,8 @@ def _run_tune(job: TuneJob, *, callbacks: Iterable = ()) -> TuneResult:
         others = ", ".join(f"--method {t.name}" for t in TUNERS.values() if t.causal_lm)
         raise UpcycleError(f"--method {job.method} tunes classifiers; {job.model} is a causal "
                            f"LM (use {others}, or --task classification for a new head)")
+    if tuner.check_model_config is not None:  # from config.json, before the weights load
+        tuner.check_model_config(task.config, tuner_config)
     train_data = task.read_training(job.data)
     if job.held_out:
         held_out = task.read(job.held_out, split="held-out")
@@ -166,9 +171,6 @@ def _run_tune(job: TuneJob, *, callbacks: Iterable = ()) -> TuneResult:
     model = task.load_model(dtype=dtype)
     rss_after_load = current_rss_mb()
     tuned = tuner.get_model(model, tuner_config)
-    if job.merge and not tuner.mergeable:  # refuse before training
-        raise UpcycleError(f"--merge: a {job.method} model cannot be merged into a plain model "
-                           f"(it is not a weight update); drop --merge")
     trainable, total = count_parameters(tuned)
     if main_rank and not job.quiet:
         tuned.print_trainable_parameters()

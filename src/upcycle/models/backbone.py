@@ -246,6 +246,13 @@ class Backbone:
         """The family's name in the map ('bert', 'llama', ...)."""
         return self.arch.name
 
+    def describe(self) -> dict:
+        """What an adapter records about the backbone it was trained on (and checks on
+        loading): family, model type, hidden size, layers and labels."""
+        return {"family": self.name, "model_type": self.model.config.model_type,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "num_labels": self.num_labels}
+
     def head_modules(self) -> list[str]:
         """Dotted names of the family's head modules (``arch.heads``) present in the model."""
         modules = dict(self.model.named_modules())

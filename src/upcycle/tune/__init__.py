@@ -21,6 +21,7 @@ from ..io.model_files import check_no_custom_code
 from .adapter import ADAPTER_CONFIG, TunerConfig
 from .sherl import DEFAULT_LR as SHERL_DEFAULT_LR
 from .sherl import SherlConfig, SherlModel, get_sherl_model
+from .sherl import check_model_config as sherl_check_model_config
 from .snell import DEFAULT_LR as SNELL_DEFAULT_LR
 from .snell import SnellConfig, SnellModel, get_snell_model, save_snell
 
@@ -31,8 +32,9 @@ class Tuner:
     function wrapping a loaded HF model, the model class (``from_pretrained(base, folder)``
     loads a saved adapter), the function writing a wrapped model's adapter folder
     atomically (``save(model, out, overwrite=)``), whether ``merge_and_unload`` folds it into
-    a plain model, whether it tunes causal LMs (else classifiers only), and its default peak
-    learning rate."""
+    a plain model, whether it tunes causal LMs (else classifiers only), its default peak
+    learning rate, and ``check_model_config(hf_config, config)``: what it refuses from the
+    model's config.json alone, before the weights load (None: nothing)."""
 
     name: str
     help: str
@@ -43,6 +45,7 @@ class Tuner:
     mergeable: bool
     causal_lm: bool = True
     default_lr: float = 1e-3
+    check_model_config: object = None
 
 
 TUNERS: dict[str, Tuner] = {
@@ -52,8 +55,7 @@ TUNERS: dict[str, Tuner] = {
     "sherl": Tuner("sherl", "SHERL: frozen early route fused by an MTSA, then the last "
                             "pretrained layers (memory-efficient)", SherlConfig,
                    get_sherl_model, SherlModel, SherlModel.save_pretrained, mergeable=False,
-                   causal_lm=False,
-                   default_lr=SHERL_DEFAULT_LR),
+                   default_lr=SHERL_DEFAULT_LR, check_model_config=sherl_check_model_config),
 }
 
 __all__ = ["TUNERS", "SherlConfig", "SherlModel", "SnellConfig", "SnellModel", "Tuner",

@@ -1,6 +1,7 @@
 """What the tuning methods share: the trainable-parameter report and adapter save/load.
 
-An adapter folder holds ``adapter_config.json`` (the method name, its config and, as peft
+An adapter folder holds ``adapter_config.json`` (the method name, the marker
+``"upcycle_adapter": "<method>"`` that tells it from a peft adapter, its config and, as peft
 does, the base model it was trained on: ``base_model_name_or_path``, plus the model class
 and its label mapping) and ``adapter_model.safetensors`` (only the trained tensors),
 written atomically. :func:`load` rebuilds base + adapter from the folder alone.
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UpcycleError
+from ..io.lora import UPCYCLE_ADAPTER_KEY
 from ..io.writing import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -38,6 +40,29 @@ class TunerConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "adapter config"):
+        """The config a saved ``adapter_config.json`` describes; an unknown field is an
+        error naming ``source``."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UpcycleError(f"{source}: unknown field {unknown[0]!r} (known: {sorted(known)})")
+        return cls(**data)
+
+
+def check_recorded_backbone(saved: dict | None, here: dict, source: str) -> None:
+    """An adapter's recorded ``base`` description (family, sizes, head) against the model it
+    is loaded onto (``here``, same keys); None (an old folder) is not checked."""
+    if saved is None:
+        return
+    mismatch = [(k, saved.get(k), now) for k, now in here.items() if saved.get(k) != now]
+    if mismatch:
+        what = ", ".join(f"{k} {was!r} (base model: {now!r})" for k, was, now in mismatch)
+        raise UpcycleError(f"{source} were trained on another backbone: {what}")
 
 
 class Checkpointing:
@@ -142,7 +167,8 @@ def save_adapter(out: str | os.PathLike, method: str, config: Mapping, tensors: 
                  *, overwrite: bool = False, base_model: nn.Module | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``out``;
     ``base_model`` (the HF model the adapter was trained on) is recorded for :func:`load`."""
-    record = {"method": method, **base_model_record(base_model), **config}
+    record = {"method": method, UPCYCLE_ADAPTER_KEY: method, **base_model_record(base_model),
+              **config}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
@@ -166,7 +192,7 @@ def load_adapter(folder: str | os.PathLike, method: str) -> tuple[dict, dict[str
         raise UpcycleError(f"{folder / ADAPTER_CONFIG}: holds a {config.get('method')!r} adapter, "
                            f"expected {method!r}")
     config.pop("method")
-    for key in BASE_MODEL_KEYS:
+    for key in (UPCYCLE_ADAPTER_KEY, *BASE_MODEL_KEYS):
         config.pop(key, None)
     try:
         with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:

@@ -14,7 +14,8 @@ own classification head. Trainable: the side network and the head. Same call con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,17 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..models.backbone import Backbone, classifier_output, layer_mask
-from .adapter import Checkpointing, TunerConfig, trainable_report
+from .adapter import (
+    Checkpointing,
+    TunerConfig,
+    check_recorded_backbone,
+    copy_saved_tensors,
+    load_adapter,
+    save_adapter,
+    trainable_report,
+)
 
+METHOD = "lst"
 LADDER_TEMPERATURE = 0.1
 
 
@@ -64,7 +74,11 @@ class SideBlock(nn.Module):
 class LadderSideModel(Checkpointing, nn.Module):
     """A HF classification model with a ladder side network; call it like the HF model.
     Activation checkpointing (``Trainer(gradient_checkpointing=True)``) recomputes the side
-    blocks in the backward pass; the backbone keeps no activations anyway."""
+    blocks in the backward pass; the backbone keeps no activations anyway. ``save_pretrained``
+    writes an adapter folder (the side network and the head), ``from_pretrained`` reads it."""
+
+    writes_adapter_folder = True
+    """``transformers.Trainer.save_model(d)`` (upcycle's trainer) writes the adapter folder."""
 
     def __init__(self, model: nn.Module, config: LstConfig):
         super().__init__()
@@ -105,6 +119,32 @@ class LadderSideModel(Checkpointing, nn.Module):
 
     def print_trainable_parameters(self) -> None:
         print(trainable_report(self))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The side network and the backbone's head (``base.<name>``): what is saved."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+        state.update({f"base.{n}": p for n, p in self._backbone.head_parameters()})
+        return state
+
+    def save_pretrained(self, out, overwrite: bool = False) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (trainable part only)."""
+        config = {**asdict(self.lst_config), "base": self._backbone.describe()}
+        return save_adapter(out, METHOD, config, self.trainable_state_dict(), overwrite=overwrite,
+                            base_model=self.base)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, folder, *,
+                        is_trainable: bool = False) -> LadderSideModel:
+        """Rebuild an LST model on ``base_model`` from a folder written by save_pretrained
+        (its trainable parts stay trainable, as SHERL's)."""
+        raw, tensors = load_adapter(folder, METHOD)
+        saved_base = raw.pop("base", None)
+        config = LstConfig.from_dict(raw, source=f"{folder}/adapter_config.json")
+        source = f"LST weights in {folder}"
+        check_recorded_backbone(saved_base, Backbone(base_model, method="LST").describe(), source)
+        model = cls(base_model, config)
+        copy_saved_tensors(model.trainable_state_dict(), tensors, source)
+        return model
 
     def side_mask(self, hidden: torch.Tensor, token_mask: torch.Tensor | None):
         """The side blocks' additive mask: the backbone's padding or causal mask (the map's,

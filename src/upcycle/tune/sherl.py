@@ -25,7 +25,7 @@ the map says where the embeddings, layers, final norm and head live and how a la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,22 +33,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
-from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output
-from ..models.families import Architecture
+from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output, layer_list
+from ..models.families import ARCHITECTURES, Architecture
+from ..models.matching import Match, architecture_of, sizes_of
 from .adapter import (
     Checkpointing,
     TunerConfig,
+    check_recorded_backbone,
     copy_saved_tensors,
     load_adapter,
     save_adapter,
     trainable_report,
 )
+from .sherl_lm import DecoderRoute, RoutedDecoder, is_causal_lm_model
 
 METHOD = "sherl"
 DEFAULT_LR = 3e-3
 """The peak learning rate ``upcycle tune --method sherl`` uses unless told otherwise."""
 GATE_TEMPERATURE = 0.1
 """The skip gate is ``tanh(gamma / GATE_TEMPERATURE)`` (spec: 0.1)."""
+OPEN_GATE = 1.0
+"""gamma of an open gate: tanh(1 / 0.1) = tanh(10) is 1.0 in float32 and bfloat16."""
+INITS = ("auto", "base", "paper")
 WEIGHT_EPS = 1e-6
 """The L1 normaliser of the tap weights: ``alpha_i = a_i / (sum_k |a_k| + WEIGHT_EPS)``."""
 
@@ -67,7 +73,8 @@ class MTSA(nn.Module):
     Padded tokens get zero weights (``e = g`` there).
     """
 
-    def __init__(self, hidden_size: int, num_taps: int, reduction: int, init_std: float = 0.02):
+    def __init__(self, hidden_size: int, num_taps: int, reduction: int, init_std: float = 0.02,
+                 start_as_identity: bool = False):
         super().__init__()
         if num_taps < 1:
             raise UpcycleError(f"MTSA needs at least one tap, got {num_taps}")
@@ -84,15 +91,21 @@ class MTSA(nn.Module):
         self.up = nn.Linear(inner, hidden_size)  # W_o
         self.skip_gate = nn.Parameter(torch.zeros(()))  # gamma
         self.init_std = init_std
+        self.start_as_identity = start_as_identity
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """N(0, init_std) linears, zero biases, gate closed (the paper); with
+        ``start_as_identity`` the gate starts open and W_o at zero, so ``x = h_last``."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, self.init_std)
                 module.bias.zero_()
         self.skip_gate.zero_()
+        if self.start_as_identity:
+            self.up.weight.zero_()
+            self.skip_gate.fill_(OPEN_GATE)
 
     def project(self, index: int, tap: torch.Tensor) -> torch.Tensor:
         """``z_i``: the gated residual MLP of tap ``index`` (d -> d')."""
@@ -157,16 +170,17 @@ class SherlConfig(TunerConfig):
     """also train the late pretrained layers (default: frozen)
 
     Also train the late pretrained layers (the reference keeps them frozen)."""
+    init: str = field(default="auto", metadata={"choices": INITS})
+    """how the MTSA starts: base (the fresh model computes the base model), paper (gate
+    closed), auto (default: base for causal LMs, paper for classifiers)
+
+    "paper": every MTSA linear N(0, init_std), biases 0, skip gate closed (tanh(0) = 0), as
+    the reference code; "base": the skip gate open (tanh(10) = 1) and W_o zero, so the fresh
+    model's logits are the base model's (for LMs, where drifting from a good base costs
+    perplexity); "auto": "base" for a causal LM, "paper" for a classifier (whose head is
+    new anyway)."""
     init_std: float = field(default=0.02, metadata={"cli": False})
     """Standard deviation of the MTSA linears' normal init (biases start at 0)."""
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "SHERL config") -> SherlConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UpcycleError(f"{source}: unknown field {unknown[0]!r} (known: {sorted(known)})")
-        return cls(**data)
 
 
 def _resolve_taps(config: SherlConfig, num_layers: int) -> list[int]:
@@ -190,12 +204,56 @@ def _resolve_taps(config: SherlConfig, num_layers: int) -> list[int]:
     return sorted(taps)
 
 
-class SherlModel(Checkpointing, nn.Module):
-    """A HF classification model with SHERL's early route, MTSA and late route.
+def _check_sizes(config: SherlConfig, hidden: int, num_layers: int) -> list[int]:
+    """The tap indices; an UpcycleError when ``config`` does not fit a backbone of
+    ``num_layers`` layers of width ``hidden``."""
+    if config.init not in INITS:
+        raise UpcycleError(f"init {config.init!r}: expected one of {', '.join(INITS)}")
+    if config.reduction is None or int(config.reduction) < 1 or hidden % int(config.reduction):
+        raise UpcycleError(f"reduction {config.reduction!r} does not divide the hidden size "
+                           f"{hidden} (d' = d / reduction must be an integer)")
+    return _resolve_taps(config, num_layers)
 
-    Call it like the wrapped model (``input_ids``/``attention_mask``/``token_type_ids`` or
-    ``pixel_values``); it returns an object with ``.logits`` (and ``.loss`` given ``labels``).
-    ``config`` is the wrapped model's config, ``sherl_config`` the SHERL settings.
+
+def check_model_config(hf_config, config: SherlConfig) -> None:
+    """Refuse from the HF config alone (before any weight loads) what :class:`SherlModel`
+    would refuse: late layers, taps, reduction or init that do not fit the model. A model
+    type outside :mod:`upcycle.models.families` is checked once loaded (it may be laid out
+    exactly like a family)."""
+    model_type = getattr(hf_config, "model_type", None)
+    arch = next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
+    if arch is not None:
+        sizes = sizes_of(hf_config, arch)
+        _check_sizes(config, sizes.hidden, sizes.layers)
+
+
+def _layout(model: nn.Module) -> tuple[Match, nn.ModuleList, int, Backbone | None]:
+    """(family match, decoder/encoder layers, hidden size, the piecewise runner of a
+    classifier or None for a causal LM)."""
+    if is_causal_lm_model(model):
+        match = architecture_of(model, method="SHERL")
+        return match, layer_list(model, match), sizes_of(model.config, match.arch).hidden, None
+    backbone = Backbone(model)
+    return backbone.match, backbone.layers, backbone.hidden_size, backbone
+
+
+def _description(model: nn.Module, match: Match, layers: nn.ModuleList, hidden: int,
+                 causal_lm: bool) -> dict:
+    return {"family": match.arch.name, "model_type": model.config.model_type,
+            "hidden_size": hidden, "num_layers": len(layers),
+            "num_labels": 0 if causal_lm else int(getattr(model.config, "num_labels", 0) or 0),
+            "head": "causal-lm" if causal_lm else "classification"}
+
+
+class SherlModel(Checkpointing, nn.Module):
+    """A HF classification model or causal LM with SHERL's early route, MTSA and late route.
+
+    Call it like the wrapped model. A classifier (``input_ids``/``attention_mask``/
+    ``token_type_ids`` or ``pixel_values``) returns an object with ``.logits`` (and ``.loss``
+    given ``labels``). A causal LM runs its own forward with the route switched in by hooks
+    (:mod:`upcycle.tune.sherl_lm`): its outputs, HF's causal-LM loss (labels shifted inside),
+    ``past_key_values`` and :meth:`generate` (KV cache included) are the HF model's; the LM head
+    stays frozen. ``config`` is the wrapped model's config, ``sherl_config`` the SHERL settings.
     Activation checkpointing (``Trainer(gradient_checkpointing=True)``) recomputes the late
     layers in the backward pass; the early route keeps no activations anyway.
     """
@@ -207,20 +265,23 @@ class SherlModel(Checkpointing, nn.Module):
         super().__init__()
         if not isinstance(config, SherlConfig):
             raise UpcycleError(f"config: expected a SherlConfig, got {type(config).__name__}")
-        backbone = Backbone(model)
-        if config.reduction is None or int(config.reduction) < 1 \
-                or backbone.hidden_size % int(config.reduction):
-            raise UpcycleError(f"reduction {config.reduction!r} does not divide the hidden size "
-                               f"{backbone.hidden_size} (d' = d / reduction must be an integer)")
-        self.tap_indices = _resolve_taps(config, backbone.num_layers)
+        match, layers, hidden, backbone = _layout(model)
+        self.causal_lm = backbone is None
+        self.tap_indices = _check_sizes(config, hidden, len(layers))
+        if config.init == "auto":
+            config = replace(config, init="base" if self.causal_lm else "paper")
         self.sherl_config = config
         self.base = model
         self._backbone = backbone
-        self.num_early = backbone.num_layers - config.late_layers
-        self.mtsa = MTSA(backbone.hidden_size, len(self.tap_indices), int(config.reduction),
-                         config.init_std)
+        self._match = match
+        self._description = _description(model, match, layers, hidden, self.causal_lm)
+        self.num_early = len(layers) - config.late_layers
+        self.mtsa = MTSA(hidden, len(self.tap_indices), int(config.reduction), config.init_std,
+                         start_as_identity=config.init == "base")
         param = next(model.parameters())
         self.mtsa.to(device=param.device, dtype=param.dtype)
+        self._route = DecoderRoute(model.base_model, layers, self.num_early, self.tap_indices,
+                                   self.mtsa) if self.causal_lm else None
         for p in model.parameters():
             p.requires_grad_(False)
         for _, p in self.trainable_base_parameters():
@@ -235,17 +296,25 @@ class SherlModel(Checkpointing, nn.Module):
         return self.base.config
 
     @property
+    def _layers(self) -> nn.ModuleList:
+        """The wrapped model's layers (not a submodule of this one: no second state-dict
+        name)."""
+        return layer_list(self.base, self._match)
+
+    @property
     def family(self) -> Architecture:
         """The backbone's entry in :mod:`upcycle.models.families`."""
-        return self._backbone.arch
+        return self._match.arch
 
     def trainable_base_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name in ``self.base``, parameter) of the head and, if trained, the late layers."""
-        out = self._backbone.head_parameters()
+        """(name in ``self.base``, parameter) of a classifier's head and, if trained, the late
+        layers (a causal LM's head stays frozen)."""
+        out = [] if self.causal_lm else self._backbone.head_parameters()
         if self.sherl_config.train_late_layers:
-            for i in range(self.num_early, self._backbone.num_layers):
-                for name, p in self._backbone.layers[i].named_parameters():
-                    out.append((f"{self._backbone.layers_path}.{i}.{name}", p))
+            path = f"{self._match.prefix}{self._match.arch.layers}"
+            for i in range(self.num_early, len(self._layers)):
+                for name, p in self._layers[i].named_parameters():
+                    out.append((f"{path}.{i}.{name}", p))
         return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -258,15 +327,12 @@ class SherlModel(Checkpointing, nn.Module):
         print(trainable_report(self))
 
     def describe(self) -> dict:
-        b = self._backbone
-        return {"family": b.name, "model_type": b.model.config.model_type,
-                "hidden_size": b.hidden_size, "num_layers": b.num_layers,
-                "num_labels": b.num_labels}
+        return dict(self._description)
 
     # -- forward ------------------------------------------------------------------------------
     def early_route(self, inputs: dict):
-        """(taps, h_last, token_mask, per-layer keyword arguments), computed without
-        autograd."""
+        """A classifier's (taps, h_last, token_mask, per-layer keyword arguments), computed
+        without autograd."""
         return self._backbone.frozen_route(inputs, self.num_early, self.tap_indices)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -274,14 +340,19 @@ class SherlModel(Checkpointing, nn.Module):
                 interpolate_pos_encoding=None, num_items_in_batch=None, **unused):
         """The wrapped model's call: ``.logits`` (and ``.loss`` given ``labels``).
         ``num_items_in_batch`` (passed by ``transformers.Trainer``) normalises the loss."""
-        rest = {k: v for k, v in unused.items()
-                if v is not None and v is not False and k not in IGNORED_ARGUMENTS}
-        if rest:
-            raise UpcycleError(f"SherlModel.forward: unsupported argument {min(rest)!r}")
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "token_type_ids": token_type_ids, "position_ids": position_ids,
                   "pixel_values": pixel_values, "inputs_embeds": inputs_embeds,
                   "interpolate_pos_encoding": interpolate_pos_encoding}
+        if self.causal_lm:
+            named = {**inputs, "labels": labels, "return_dict": return_dict,
+                     "num_items_in_batch": num_items_in_batch}
+            with self._route.active():
+                return self.base(**{k: v for k, v in named.items() if v is not None}, **unused)
+        rest = {k: v for k, v in unused.items()
+                if v is not None and v is not False and k not in IGNORED_ARGUMENTS}
+        if rest:
+            raise UpcycleError(f"SherlModel.forward: unsupported argument {min(rest)!r}")
         b = self._backbone
         b.check_inputs(inputs)
         taps, h_last, token_mask, arguments = self.early_route(inputs)
@@ -291,10 +362,69 @@ class SherlModel(Checkpointing, nn.Module):
         logits = b.finish(hidden, inputs)
         return classifier_output(logits, labels, b.num_labels, num_items_in_batch)
 
+    # -- a causal LM's generation and HF hooks (TRL, Trainer) ---------------------------------
+    def _lm(self, what: str) -> nn.Module:
+        if not self.causal_lm:
+            raise UpcycleError(f"SherlModel.{what}: the wrapped {type(self.base).__name__} is "
+                               f"a classifier, not a causal LM")
+        return self.base
+
+    def generate(self, *args, **kwargs):
+        """The HF model's ``generate`` (KV cache included) through the SHERL route."""
+        base = self._lm("generate")
+        with self._route.active():
+            return base.generate(*args, **kwargs)
+
+    @property
+    def base_model(self) -> RoutedDecoder:
+        """A causal LM's inner decoder (``LlamaForCausalLM.model``, ...) run through the SHERL
+        route, as HF's ``base_model`` is the decoder: calling it returns the
+        ``BaseModelOutputWithPast`` whose ``last_hidden_state`` the LM head reads (TRL's
+        fused LM-head loss calls it)."""
+        if not self.causal_lm:
+            raise AttributeError("SherlModel.base_model: the wrapped model is a classifier, "
+                                 "not a causal LM (its HF model is .base)")
+        return RoutedDecoder(self._route)
+
+    def can_generate(self) -> bool:
+        return self.causal_lm and self.base.can_generate()
+
+    @property
+    def generation_config(self):
+        return getattr(self.base, "generation_config", None)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self._lm("prepare_inputs_for_generation").prepare_inputs_for_generation(
+            *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.base.get_output_embeddings()
+
+    def add_model_tags(self, tags) -> None:
+        """Passed to the HF model (TRL tags the models it trains)."""
+        if hasattr(self.base, "add_model_tags"):
+            self.base.add_model_tags(tags)
+
+    def _set_checkpointing(self, kwargs: dict | None, every_n_layers: int, offload: bool) -> None:
+        """A causal LM: transformers' own checkpointing of its layers (the early ones run
+        without autograd, so only the late ones are recomputed); a classifier: the late
+        layers through :meth:`checkpointed`."""
+        if not self.causal_lm:
+            return
+        if kwargs is None:
+            self.base.activation_checkpointing_disable()
+        else:
+            self.base.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers,
+                                                      offload=offload)
+
     # -- save / load --------------------------------------------------------------------------
     def save_pretrained(self, out, overwrite: bool = False) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (trainable part only)."""
-        config = {**asdict(self.sherl_config), "taps": list(self.tap_indices), "base": self.describe()}
+        config = {**asdict(self.sherl_config), "taps": list(self.tap_indices),
+                  "base": self.describe()}
         return save_adapter(out, METHOD, config, self.trainable_state_dict(), overwrite=overwrite,
                             base_model=self.base)
 
@@ -308,16 +438,12 @@ class SherlModel(Checkpointing, nn.Module):
         saved_base = raw.pop("base", None)
         source = f"SHERL weights in {folder}"
         config = SherlConfig.from_dict(raw, source=f"{folder}/adapter_config.json")
-        here = Backbone(base_model)
+        match, layers, hidden, backbone = _layout(base_model)
+        here = _description(base_model, match, layers, hidden, backbone is None)
         if saved_base is not None:
-            mismatch = [(k, saved_base.get(k), v) for k, v in
-                        (("family", here.name), ("hidden_size", here.hidden_size),
-                         ("num_layers", here.num_layers), ("num_labels", here.num_labels))
-                        if saved_base.get(k) != v]
-            if mismatch:
-                what = ", ".join(f"{k} {saved!r} (base model: {now!r})"
-                                 for k, saved, now in mismatch)
-                raise UpcycleError(f"{source} were trained on another backbone: {what}")
+            saved_base.setdefault("head", "classification")  # folders written before LMs
+        here = {k: here[k] for k in ("head", "family", "hidden_size", "num_layers", "num_labels")}
+        check_recorded_backbone(saved_base, here, source)
         model = cls(base_model, config)
         expected = model.trainable_state_dict()
         copy_saved_tensors(expected, tensors, source)
@@ -325,10 +451,10 @@ class SherlModel(Checkpointing, nn.Module):
 
 
 def get_sherl_model(model: nn.Module, config: SherlConfig | None = None) -> SherlModel:
-    """Wrap a HF sequence/image classification model of any family in
+    """Wrap a HF sequence/image classification model or causal LM of any family in
     :mod:`upcycle.models.families` for SHERL training.
 
-    Freezes every backbone parameter except the head (and the late layers when
+    Freezes every backbone parameter except a classifier's head (and the late layers when
     ``config.train_late_layers``); the new MTSA is trainable.
     """
     return SherlModel(model, config or SherlConfig())
@@ -341,5 +467,6 @@ __all__ = [
     "Backbone",
     "SherlConfig",
     "SherlModel",
+    "check_model_config",
     "get_sherl_model",
 ]
