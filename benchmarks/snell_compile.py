@@ -14,8 +14,9 @@ Reported: graphs (dynamo frames compiled, training and evaluation), recompiles (
 compiled after the first training step and the first evaluation: 0 when nothing is
 recompiled per step), graph breaks, compile seconds (the first step minus the steady step,
 training plus evaluation), the steady seconds per training step (median of the steps after
-the second) and per evaluation, and the peak RSS of the process. One torch thread and one
-inductor compile thread (the CPU is shared).
+the second) and per evaluation, the median CPU time of the process per training step (less
+disturbed than wall time when other jobs share the CPU), and the peak RSS of the process.
+One torch thread and one inductor compile thread (the CPU is shared).
 
     .venv/bin/python benchmarks/snell_compile.py                  # the Llama-shaped stack
     .venv/bin/python benchmarks/snell_compile.py --model small    # a tiny Llama (hidden 64)
@@ -108,13 +109,14 @@ def run_worker(spec: dict) -> dict:
         return counter.frame_count if counter is not None else 0
 
     model.train()
-    train_s = []
+    train_s, train_cpu = [], []
     for step in range(spec["steps"]):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         run(**_batch(kind, vocab, seq, step)).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         train_s.append(time.perf_counter() - t)
+        train_cpu.append(time.process_time() - c)
         graphs.append(frames())
     model.eval()
     eval_s = []
@@ -134,15 +136,18 @@ def run_worker(spec: dict) -> dict:
         "compile_s": (train_s[0] - steady) + (eval_s[0] - steady_eval),
         "first_step_s": train_s[0],
         "s_per_step": steady,
+        "cpu_s_per_step": statistics.median(train_cpu[2:] or train_cpu[-1:]),
         "eval_s": steady_eval,
         "train_s": train_s,
+        "train_cpu_s": train_cpu,
     }
 
 
 COLUMNS = [("name", "contender", ""), ("graphs", "graphs", "d"),
            ("recompiles", "recompiles", "d"), ("graph_breaks", "graph breaks", "d"),
            ("compile_s", "compile s", ".1f"), ("first_step_s", "first step s", ".2f"),
-           ("s_per_step", "steady s/step", ".3f"), ("eval_s", "eval s/pass", ".3f"),
+           ("s_per_step", "steady s/step", ".3f"), ("cpu_s_per_step", "CPU s/step", ".3f"),
+           ("eval_s", "eval s/pass", ".3f"),
            ("peak_rss_mb", "peak RSS MiB", ".0f")]
 
 
@@ -164,12 +169,16 @@ def contenders(args) -> list[dict]:
             {"name": "snell compiled, kernel compile=True", "method": "snell",
              "compiled": True, "kernel_compile": True},
         ]
-    return [{**common, **s} for s in specs]
+    return [{**common, **s, "name": s["name"] + (f" #{r + 1}" if args.rounds > 1 else "")}
+            for r in range(args.rounds) for s in specs]
 
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--model", default="llama", choices=sorted(MODELS))
     parser.add_argument("--steps", type=int, default=8, help="training steps (default 8)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every contender this many times, round after round (a "
+                             "shared CPU's timings vary)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--kernel-compile", action="store_true",
                         help="also SNELL with SnellConfig(compile=True)")

@@ -4,6 +4,7 @@ the compiled passes are the eager ones bit for bit."""
 
 import pytest
 import torch
+import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -11,6 +12,15 @@ from upcycle.tune.snell import SnellConfig, ThresholdHint, get_snell_model, row_
 from upcycle.tune.snell.autograd import _SnellLinear
 
 STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test counts its own graphs: no sizes remembered from another test's models
+    (dynamo would compile for dynamic shapes at once)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _llama(intermediate=192, layers=2):
@@ -152,3 +162,14 @@ def test_hint_handles_are_unique_and_follow_copies():
     assert len({hint.handle, twin.handle, thawed.handle}) == 3
     assert ThresholdHint.find(twin.handle) is twin and twin.last == [0.5]
     assert ThresholdHint.find(hint.handle) is hint and ThresholdHint.find(-1) is None
+
+
+def test_compiled_snell_model_with_varying_lengths_is_traced_twice():
+    """Sequences of another length: one recompile with a dynamic length, then none."""
+    model = get_snell_model(_llama(), SnellConfig(r=8, block_mb=0.001))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    for length in (8, 12, 10):
+        ids = torch.randint(0, 64, (2, length))
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    assert counter.frame_count == 2
