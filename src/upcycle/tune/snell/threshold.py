@@ -5,7 +5,9 @@ bit for bit what ``kthvalue`` gives on the whole |K|."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 
@@ -31,18 +33,44 @@ class ThresholdHint:
     entries below the window and keeps the few inside it, instead of a radix select. The
     result is exact either way: when the k-th value is not inside the window (or the window
     holds too many entries) the radix select runs as without a hint. Not saved and not
-    part of the state; plain floats, so it follows the layer to any device."""
+    part of the state; plain floats, so it follows the layer to any device.
+
+    Under ``torch.compile`` the hint is never read by the traced code (its floats change
+    every step and would be guards, a recompile per step): the compiled graph passes its
+    ``handle``, an int fixed for the hint's life, to SNELL's custom operator, whose eager
+    body finds the hint again with :meth:`find`. A copy (``copy.deepcopy`` of a layer, a
+    pickle) gets a handle of its own."""
 
     MIN_WINDOW, MAX_WINDOW = 2e-3, 0.05
     """Bounds of the window's relative half-width around the guess; no guess is tried while
     the recent errors call for a wider window (early steps, a large learning rate)."""
 
+    _handles = itertools.count()
+    _live: weakref.WeakValueDictionary[int, ThresholdHint] = weakref.WeakValueDictionary()
+
     def __init__(self):
+        self._register()
         self.last: list[float] | None = None
         self.before: list[float] | None = None
         self.width = 0.01
         self.errors: list[float] = []
         self.hits = self.misses = 0
+
+    def _register(self) -> None:
+        self.handle = next(ThresholdHint._handles)
+        ThresholdHint._live[self.handle] = self
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "handle"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    @classmethod
+    def find(cls, handle: int) -> ThresholdHint | None:
+        """The live hint of ``handle`` (None for a negative handle or a hint gone)."""
+        return cls._live.get(handle) if handle >= 0 else None
 
     def guesses(self, parts: int) -> list[float | None]:
         if self.last is None or len(self.last) != parts:
