@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import UpcycleError
 from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output
 from ..models.families import Architecture
+from ..models.quantized import check_quantized_base, float_dtype
 from .adapter import (
     Checkpointing,
     TunerConfig,
@@ -217,10 +218,13 @@ class SherlModel(Checkpointing, nn.Module):
         self.base = model
         self._backbone = backbone
         self.num_early = backbone.num_layers - config.late_layers
+        late = [f"{backbone.layers_path}.{i}" for i in range(self.num_early, backbone.num_layers)]
+        check_quantized_base("SHERL", model, grad_through=late, trained=backbone.head_modules()
+                             + (late if config.train_late_layers else []))
         self.mtsa = MTSA(backbone.hidden_size, len(self.tap_indices), int(config.reduction),
                          config.init_std)
         param = next(model.parameters())
-        self.mtsa.to(device=param.device, dtype=param.dtype)
+        self.mtsa.to(device=param.device, dtype=float_dtype(model))  # not a packed weight's
         for p in model.parameters():
             p.requires_grad_(False)
         for _, p in self.trainable_base_parameters():
