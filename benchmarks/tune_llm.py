@@ -22,8 +22,8 @@ Contenders, each in a fresh process (upcycle.jobs.bench), at the same adapter dr
 - full fine-tuning (fp32).
 
 Per contender: the peak RSS of the process (Linux VmHWM, loading included), the training
-extra (the peak while training minus the RSS just before it: activations, gradients and
-optimizer state), the bytes saved for backward in one step (the distinct storages packed by
+extra (the peak while training minus the RSS just before it, every weight read once before:
+activations, gradients, optimizer state and allocator slack), the bytes saved for backward in one step (the distinct storages packed by
 ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded), and the median seconds
 per step over ``--steps`` steps after ``--warmup`` warm-up steps. Ratios are against LoRA on
 the same base (QLoRA for a 4-bit base). Targets (issue #20): SNELL <= 1.05x LoRA's memory
@@ -81,6 +81,7 @@ CONTENDERS = [
 COLUMNS = [
     ("name", "contender", ""),
     ("base", "base", ""),
+    ("rss_before_train_mb", "RSS before training (MB)", ".0f"),
     ("peak_rss_mb", "peak RSS (MB)", ".0f"),
     ("train_extra_mb", "training extra (MB)", ".0f"),
     ("saved_mb", "saved for backward (MB)", ".1f"),
@@ -209,6 +210,20 @@ def _storage_bytes(tensor) -> int:
         return tensor.numel() * tensor.element_size()
 
 
+def touch(model) -> None:
+    """Read every parameter once: ``from_pretrained`` may leave weights memory-mapped and
+    not yet resident, and they would count as training memory when the first step reads
+    them."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            try:
+                p.detach().sum()
+            except (RuntimeError, NotImplementedError, TypeError):  # a quantized subclass
+                pass
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
@@ -233,6 +248,7 @@ def run_worker(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    touch(tuned)
     gc.collect()
     load_peak = peak_rss_mb()
     rss_before = current_rss_mb()

@@ -15,7 +15,7 @@ from upcycle.models import quantized as Q
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
-warnings.filterwarnings("ignore", message="MatMul8bitLt")
+pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
 
 
 def _torchao():
