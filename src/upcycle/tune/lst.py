@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..models.backbone import Backbone, classifier_output, layer_mask
+from ..models.quantized import check_quantized_base, float_dtype
 from .adapter import (
     Checkpointing,
     TunerConfig,
@@ -90,6 +91,7 @@ class LadderSideModel(Checkpointing, nn.Module):
         heads = config.num_heads or next(h for h in (4, 2, 1) if width % h == 0)
         if width % heads:
             raise UpcycleError(f"num_heads {heads} does not divide the side width {width}")
+        check_quantized_base("LST", model, trained=backbone.head_modules())
         self.lst_config, self.base, self._backbone = config, model, backbone
         layers = backbone.num_layers
         self.down = nn.ModuleList(nn.Linear(d, width) for _ in range(layers + 1))  # W_0..W_L
@@ -103,9 +105,9 @@ class LadderSideModel(Checkpointing, nn.Module):
                 if isinstance(m, nn.Linear):
                     m.weight.normal_(0.0, config.init_std)
                     m.bias.zero_()
-        param = next(model.parameters())
-        side.to(device=param.device, dtype=param.dtype)
-        self.ladder.data = self.ladder.data.to(device=param.device, dtype=param.dtype)
+        param, dtype = next(model.parameters()), float_dtype(model)  # a quantized base: its
+        side.to(device=param.device, dtype=dtype)  # compute dtype, not the packed weights'
+        self.ladder.data = self.ladder.data.to(device=param.device, dtype=dtype)
         for p in model.parameters():
             p.requires_grad_(False)
         for _, p in backbone.head_parameters():

@@ -36,6 +36,7 @@ from ..errors import UpcycleError
 from ..models.backbone import IGNORED_ARGUMENTS, Backbone, classifier_output, layer_list
 from ..models.families import ARCHITECTURES, Architecture
 from ..models.matching import Match, architecture_of, sizes_of
+from ..models.quantized import check_quantized_base, float_dtype
 from .adapter import (
     Checkpointing,
     TunerConfig,
@@ -276,10 +277,15 @@ class SherlModel(Checkpointing, nn.Module):
         self._match = match
         self._description = _description(model, match, layers, hidden, self.causal_lm)
         self.num_early = len(layers) - config.late_layers
+        layers_path = f"{match.prefix}{match.arch.layers}"
+        late = [f"{layers_path}.{i}" for i in range(self.num_early, len(layers))]
+        heads = backbone.head_modules() if backbone is not None else []
+        check_quantized_base("SHERL", model, grad_through=late,
+                             trained=heads + (late if config.train_late_layers else []))
         self.mtsa = MTSA(hidden, len(self.tap_indices), int(config.reduction), config.init_std,
                          start_as_identity=config.init == "base")
         param = next(model.parameters())
-        self.mtsa.to(device=param.device, dtype=param.dtype)
+        self.mtsa.to(device=param.device, dtype=float_dtype(model))  # not a packed weight's
         self._route = DecoderRoute(model.base_model, layers, self.num_early, self.tap_indices,
                                    self.mtsa) if self.causal_lm else None
         for p in model.parameters():
