@@ -155,21 +155,22 @@ def test_a_peft_outside_the_tested_range_is_one_clear_error(tmp_path):
                                          "tested with peft") and "9.0.0" in lines[0]
 
 
-def test_bitsandbytes_4bit_base_trains_and_merges():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_base_trains_and_merges(bits, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
-    from transformers.integrations import replace_with_bnb_linear  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = tiny_lm("llama")
-    layer = model.model.layers[0].self_attn.q_proj
-    q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False,
-                          compute_dtype=torch.float32, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False,
-                                 quant_type="nf4")
-    q = q.to("cpu")  # quantizes
-    model.model.layers[0].self_attn.q_proj = q
-    peft_model = get_snell_model(model, cfg(target_modules=["q_proj"]))
+    folder = save_lm(tiny_lm("llama"), tmp_path / "base")
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.float32) if bits == 4
+                    else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization)
+    kind = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    peft_model = get_snell_model(model, cfg(target_modules=["q_proj", "v_proj"]))
     wrapped = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(wrapped, SnellLayer) and wrapped.quantization_backend is not None
+    assert isinstance(wrapped, SnellLayer) and isinstance(wrapped.base_layer, kind)
+    assert wrapped.snell_A["default"].dtype == torch.float32  # the compute dtype
+    packed = wrapped.base_layer.weight
     x = ids()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     A0 = wrapped.snell_A["default"].detach().clone()
@@ -180,13 +181,29 @@ def test_bitsandbytes_4bit_base_trains_and_merges():
         opt.step()
         opt.zero_grad()
     assert torch.isfinite(loss) and not torch.equal(A0, wrapped.snell_A["default"])
+    assert wrapped.base_layer.weight is packed  # the base was never dequantized nor replaced
     bump(peft_model)
     peft_model.eval()
     before = logits(peft_model, x)
     merged = peft_model.merge_and_unload()
-    assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    # requantized after the merge: equal up to 4-bit rounding of the updated weight
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, kind)
+    # requantized after the merge: equal up to the rounding of the updated weights
     assert (logits(merged, x) - before).abs().max() < 0.5
+
+
+def test_torchao_int8_base_trains():
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny_lm("llama")
+    quantize_(model.model.layers, Int8WeightOnlyConfig())
+    peft_model = get_snell_model(model, cfg(target_modules=["q_proj"]))
+    x = ids()
+    loss = peft_model(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    del torchao
 
 
 def test_trl_sft_trainer_with_peft_config(tmp_path):
