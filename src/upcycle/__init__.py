@@ -21,7 +21,20 @@ from .soup import (
 )
 from .training.config import TrainingConfig
 from .training.fit import FitResult, fit
-from .tune import SherlConfig, SherlModel, SnellConfig, SnellModel, get_sherl_model, get_snell_model
+
+_TUNE = ("SherlConfig", "SherlModel", "SnellConfig", "SnellModel", "get_sherl_model",
+         "get_snell_model")
+"""Names of ``upcycle.tune`` offered here too, imported on first use: importing the tuners
+imports peft (SNELL is a peft method), seconds that a soup or a grow does not need."""
+
+
+def __getattr__(name: str):
+    if name in _TUNE:
+        from . import tune  # deferred: peft and transformers load only when a tuner is used
+
+        return getattr(tune, name)
+    raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
+
 
 __version__ = "0.2.0"
 __all__ = [

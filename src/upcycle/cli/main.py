@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import importlib
 import importlib.util
 import os
 import signal
@@ -21,10 +22,11 @@ import warnings
 from .. import __version__
 from ..errors import UpcycleError, UpcycleWarning
 from ..runtime import distributed
-from . import demo, grow, soup, tune
 from .interrupt import interrupt_hint
 
-COMMANDS = {"soup": soup, "tune": tune, "grow": grow, "demo": demo}
+COMMANDS = {"soup": "soup", "tune": "tune", "grow": "grow", "demo": "demo"}
+"""Each subcommand's module in this package, imported only when the command line needs it
+(``upcycle soup`` never imports the tuners, which import peft and transformers)."""
 SUBCOMMANDS = tuple(COMMANDS)
 
 EXAMPLES = {
@@ -75,7 +77,20 @@ class Parser(argparse.ArgumentParser):
             self.description = self.description.replace("``", "")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_module(name: str):
+    # deferred: a subcommand's module (and what it imports) loads only when it runs
+    return importlib.import_module(f"{__package__}.{COMMANDS[name]}")
+
+
+def _commands_needed(argv: list[str] | None) -> tuple[str, ...]:
+    """The subcommands whose parsers ``argv`` needs: the one it names, else all (``upcycle``
+    alone, ``--help``, a mistyped command: the full parser answers)."""
+    words = sys.argv[1:] if argv is None else argv
+    first = next((w for w in words if not w.startswith("-")), None)
+    return (first,) if first in COMMANDS else SUBCOMMANDS
+
+
+def build_parser(commands: tuple[str, ...] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = Parser(
         prog="upcycle",
         description="Get more out of pretrained models on one GPU or a CPU: model soups "
@@ -85,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
-    for name, module in COMMANDS.items():
-        module.register(sub)
+    for name in commands:
+        _command_module(name).register(sub)
         sub.choices[name].epilog = EXAMPLES.get(name)
     return parser
 
@@ -160,7 +175,7 @@ def _quiet_hf_progress_bars():
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    parser = build_parser(_commands_needed(argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         target, message = _suggestions(parser, getattr(args, "command", None), unknown)

@@ -23,7 +23,7 @@ more than a block of it exists at any time.
 SNELL is a peft method: importing this package registers it with peft (``PeftType.SNELL``),
 so everything peft does for LoRA it does for SNELL::
 
-    import upcycle  # registers SNELL with peft
+    import upcycle.tune  # registers SNELL with peft
     from peft import PeftModel, get_peft_model
     model = get_peft_model(hf_model, SnellConfig(r=8, sparsity=0.5))   # or get_snell_model
     model.print_trainable_parameters()
