@@ -65,6 +65,21 @@ def read_config_json(folder: str | os.PathLike, label: str) -> dict:
     return value
 
 
+CONFIG_BOOKKEEPING = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                                "architectures", "_attn_implementation_autoset", "use_cache",
+                                "_commit_hash"})
+"""config.json fields that are bookkeeping, not what the model computes."""
+_SHAPE_WORDS = ("hidden", "size", "layer", "head", "vocab", "position", "embd")
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """The fields two config.json dicts disagree on (bookkeeping left out), those that
+    decide shapes first."""
+    return sorted((k for k in set(a) | set(b) if k not in CONFIG_BOOKKEEPING
+                   and a.get(k) != b.get(k)),
+                  key=lambda k: (not any(w in k for w in _SHAPE_WORDS), k))
+
+
 def _report_legacy(label: str, file: Path) -> None:
     """Say once per process that legacy pickles are loaded whole, and how to convert them."""
     if _legacy_reported:

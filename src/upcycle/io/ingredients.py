@@ -18,6 +18,8 @@ from .checkpoints import (
     TORCH_INDEX,
     WEIGHT_FILE_SUFFIXES,
     Ingredient,
+    config_differences,
+    read_config_json,
 )
 from .lora import is_adapter, open_adapter
 
@@ -126,3 +128,39 @@ def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: boo
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                     raise UpcycleError(f"{ing.label}: {name!r} contains {bad} values")
+
+
+def check_configs(ingredients: Sequence[Ingredient], *,
+                  config_from: int | None = None) -> Path | None:
+    """The ingredients' ``config.json`` agree on every field but bookkeeping (``rope_theta``
+    1e4 vs 5e5 is two different models, not a choice for the first to win), else one error
+    naming the field. ``config_from`` (1-based, ``--config-from N``): the ingredient whose
+    config the soup takes instead; its folder is returned (None when not given)."""
+    if config_from is not None:
+        if not 1 <= config_from <= len(ingredients):
+            raise UpcycleError(f"--config-from {config_from}: expected an ingredient number "
+                               f"from 1 to {len(ingredients)}")
+        chosen = ingredients[config_from - 1]
+        if chosen.hf_dir is None or not (chosen.hf_dir / "config.json").is_file():
+            raise UpcycleError(f"--config-from {config_from}: {chosen.label} has no "
+                               f"config.json")
+        return chosen.hf_dir
+    with_config = [ing for ing in ingredients
+                   if ing.hf_dir is not None and (ing.hf_dir / "config.json").is_file()]
+    if len(with_config) < 2:
+        return None
+    ref = with_config[0]
+    ref_config = read_config_json(ref.hf_dir, ref.label)
+    for ing in with_config[1:]:
+        if ing.hf_dir == ref.hf_dir:
+            continue
+        diff = config_differences(ref_config, read_config_json(ing.hf_dir, ing.label))
+        if diff:
+            field = diff[0]
+            other = read_config_json(ing.hf_dir, ing.label)
+            raise UpcycleError(
+                f"{ing.label}: its config.json differs from {ref.label.split(' (')[0]}'s in "
+                f"{field!r} ({other.get(field)!r} vs {ref_config.get(field)!r}"
+                f"{f', and {len(diff) - 1} more field(s)' if len(diff) > 1 else ''}): pass "
+                f"--config-from N to choose the ingredient whose config the soup takes")
+    return None

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UpcycleError
-from .checkpoints import Ingredient, _short, error_line, read_config_json
+from .checkpoints import Ingredient, _short, config_differences, error_line, read_config_json
 from .source import SourceReads
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,9 +54,6 @@ _NOT_SOUPABLE = {
     "lst": "it cannot be souped (it replaces the forward; its side network is no weight "
            "update of the base model); soup full fine-tunes or LoRA adapters instead",
 }
-# config.json fields that are bookkeeping, not architecture
-_CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                       "architectures", "_attn_implementation_autoset", "use_cache"}
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -146,10 +143,7 @@ class LoraIngredient(SourceReads):
             return
         a = read_config_json(rec, f"{self.label}: its recorded base")
         b = read_config_json(self.base.hf_dir, f"{self.label}: its base")
-        shape_words = ("hidden", "size", "layer", "head", "vocab", "position", "embd")
-        diff = sorted((k for k in set(a) | set(b)
-                       if k not in _CONFIG_BOOKKEEPING and a.get(k) != b.get(k)),
-                      key=lambda k: (not any(w in k for w in shape_words), k))
+        diff = config_differences(a, b)
         if diff:
             shown = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:3])
             raise UpcycleError(f"{self.label}: trained on {recorded}, whose config differs from "
