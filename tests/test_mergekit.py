@@ -7,6 +7,7 @@ A cross-check against mergekit itself runs only where mergekit is importable."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,14 +60,15 @@ def _yaml_combination(config: dict, tensor: str, read) -> torch.Tensor:
     return base + params.get("lambda", 1.0) * merged
 
 
-def _check_yaml_reproduces(out, cache={}):
+def _check_yaml_reproduces(out):
+    cache: dict = {}
     config = yaml.safe_load((out / "mergekit_config.yml").read_text())
     soup = _weights(out)
 
     def read(ref, name):
         path = ref.split("+")[0]
         if path not in cache:
-            cache[path] = _weights(__import__("pathlib").Path(path))
+            cache[path] = _weights(Path(path))
         state = cache[path]
         t = state.get(name, state.get("transformer.wte.weight") if name == "lm_head.weight"
                       else None)

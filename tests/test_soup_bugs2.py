@@ -1,0 +1,102 @@
+"""Soup bugs an LLM merger hits (issue 21, second part): the LM loss in chunks of positions,
+configs that differ, Trainer state in checkpoint folders, a soup without a tokenizer, tied
+heads with LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_models import save_lm, tiny_lm, tiny_tokenizer
+
+from upcycle.errors import UpcycleError
+from upcycle.jobs.soup import SoupConfig, run_soup
+from upcycle.tasks import causal_lm
+from upcycle.tasks.causal_lm import IGNORE_INDEX, _token_losses
+
+
+def _full_logits_loss(model, batch):
+    """The loss from the model's whole (batch, seq, vocab) logits (what it was before)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@pytest.mark.parametrize("kind,tie", [("gpt2", True), ("llama", False)])
+def test_chunked_lm_loss_is_the_whole_logits_loss(kind, tie, monkeypatch):
+    model = tiny_lm(kind, tie=tie, dtype=torch.float64)
+    ids = torch.randint(0, 320, (3, 17), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE_INDEX
+    labels[2, 10:] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    monkeypatch.setattr(causal_lm, "LOGITS_BUDGET", 320 * 7)  # chunks of 7 positions
+    calls = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
+    with torch.no_grad():
+        loss, count = _token_losses(model, batch, "sum")
+    handle.remove()
+    assert calls and all(shape[0] <= 7 and len(shape) == 2 for shape in calls)  # never whole
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        expected = _full_logits_loss(model, batch)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    # the same gradient under autograd (each chunk's logits recomputed in backward)
+    mean, _ = _token_losses(model, batch, "mean")
+    grads = torch.autograd.grad(mean, list(model.parameters()), allow_unused=True)
+    ref = torch.autograd.grad(_full_logits_loss(model, batch) / count,
+                              list(model.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+
+
+# -- configs, Trainer state, tokenizers ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _llama(folder, tokenizer=None, **config):
+    model = tiny_lm("llama", tie=False)
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    return save_lm(model, folder, tokenizer)
+
+
+def test_differing_config_fields_are_refused_unless_config_from(tmp_path, tokenizer):
+    a = _llama(tmp_path / "a", tokenizer, rope_theta=1e4)
+    b = _llama(tmp_path / "b", tokenizer, rope_theta=5e5)
+    json.loads((b / "config.json").read_text())
+    with pytest.raises(UpcycleError, match="rope_theta.*--config-from"):
+        run_soup(SoupConfig([str(a), str(b)], out=tmp_path / "s", device="cpu",
+                            progress=False))
+    assert not (tmp_path / "s").exists()
+    run_soup(SoupConfig([str(a), str(b)], out=tmp_path / "s", device="cpu", progress=False,
+                        config_from=2))
+    written = json.loads((tmp_path / "s" / "config.json").read_text())
+    rope = written.get("rope_theta", (written.get("rope_parameters") or {}).get("rope_theta"))
+    assert rope == 5e5
+
+
+def test_trainer_state_is_never_copied_and_no_tokenizer_warns(tmp_path, tokenizer):
+    folders = []
+    for i in range(2):
+        f = _llama(tmp_path / f"run{i}" / "checkpoint-10")
+        for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                     "training_args.bin", "scaler.pt"):
+            (f / name).write_bytes(b"{}")
+        folders.append(f)
+    said = []
+    run_soup(SoupConfig([str(f) for f in folders], out=tmp_path / "s", device="cpu",
+                        progress=False), say=said.append)
+    written = {p.name for p in (tmp_path / "s").iterdir()}
+    assert not written & {"trainer_state.json", "optimizer.pt", "scheduler.pt",
+                          "rng_state.pth", "training_args.bin", "scaler.pt"}
+    assert sum("no tokenizer" in m for m in said) == 1, said
