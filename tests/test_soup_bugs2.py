@@ -100,3 +100,63 @@ def test_trainer_state_is_never_copied_and_no_tokenizer_warns(tmp_path, tokenize
     assert not written & {"trainer_state.json", "optimizer.pt", "scheduler.pt",
                           "rng_state.pth", "training_args.bin", "scaler.pt"}
     assert sum("no tokenizer" in m for m in said) == 1, said
+
+
+# -- tied heads and LoRA adapters (peft) -----------------------------------------------------
+
+def _train_adapter(base_dir, folder, **lora):
+    """A real peft LoRA adapter folder: a few optimizer steps on random tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, **lora))
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 320, (4, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def _soup_of(adapter, base_dir, out):
+    run_soup(SoupConfig([str(adapter)], base=str(base_dir), out=out, device="cpu",
+                        progress=False))
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_tied_model_with_modules_to_save_head_is_one_tied_tensor(tmp_path, tokenizer, capsys):
+    base_dir = save_lm(tiny_lm("llama", tie=True), tmp_path / "base", tokenizer)
+    peft_model = _train_adapter(base_dir, tmp_path / "ad", target_modules=["q_proj"],
+                                modules_to_save=["lm_head"])
+    capsys.readouterr()
+    soup = _soup_of(tmp_path / "ad", base_dir, tmp_path / "s")
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "'lm_head.weight'" in err and "tied" in err
+    trained_head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight
+    assert soup.config.tie_word_embeddings
+    torch.testing.assert_close(soup.lm_head.weight, trained_head.detach())
+    assert soup.lm_head.weight.data_ptr() == soup.model.embed_tokens.weight.data_ptr()
+    merged = peft_model.merge_and_unload().state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(soup.state_dict()[q], merged[q], rtol=0, atol=1e-6)
+
+
+def test_lora_on_a_tied_embedding_is_peft_merge_and_says_so(tmp_path, tokenizer, capsys):
+    base_dir = save_lm(tiny_lm("llama", tie=True), tmp_path / "base", tokenizer)
+    peft_model = _train_adapter(base_dir, tmp_path / "ad", target_modules=["embed_tokens",
+                                                                           "q_proj"])
+    capsys.readouterr()
+    soup = _soup_of(tmp_path / "ad", base_dir, tmp_path / "s")
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "embed_tokens" in err and "lm_head" in err
+    merged = peft_model.merge_and_unload()
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(soup.state_dict()[name], tensor, rtol=0, atol=1e-6,
+                                   msg=name)
+    # the head changed with the embedding: one tensor, as in peft's merged model
+    torch.testing.assert_close(soup.lm_head.weight, merged.model.embed_tokens.weight,
+                               rtol=0, atol=1e-6)

@@ -79,13 +79,18 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 
 
 def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: bool = True,
-                         dtype: torch.dtype | None = None, progress: bool = False) -> None:
+                         dtype: torch.dtype | None = None, progress: bool = False,
+                         defer_finite: bool = False) -> None:
     """Check that all ingredients are checkpoints of one model, before any work is done.
 
     Same tensor names, shapes and dtypes as the first ingredient (floating tensors may differ
     in dtype when the soup converts them all to ``dtype``, e.g. fp32 and bf16 ingredients with
-    ``--dtype float32``), and (by default) only finite floating values. Reads every tensor
-    once when ``check_finite`` is set (``progress``: a progress bar over the ingredients).
+    ``--dtype float32``), from the headers, and (by default) only finite floating values.
+    ``check_finite``: reads every tensor once now (``progress``: a progress bar over the
+    ingredients), or with ``defer_finite`` marks each ingredient to check every tensor as
+    the soup reads it (``check_finite`` on the source): one read instead of two, and an
+    ingredient with NaN/Inf still stops the soup before anything is written (a soup is
+    written only once made).
     """
     if not ingredients:
         raise UpcycleError("no ingredients given")
@@ -120,7 +125,10 @@ def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: boo
                     f"{ing.label}: {name!r} has dtype {ing.dtype(name)}, "
                     f"{ref.label.split(' (')[0]} has {ref.dtype(name)}{hint}"
                 )
-    if check_finite:
+    if check_finite and defer_finite:
+        for ing in ingredients:
+            ing.check_finite = True
+    elif check_finite:
         for ing in tqdm(ingredients, desc="checking ingredients", disable=not progress,
                         leave=False):
             for name in ing.keys():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,8 +187,8 @@ def prepare_soup_job(
     ingredients = open_ingredients(ingredient_specs, base=base)
     if need_base:
         check_base(base, ingredients)
-    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,  # bar: terminal
-                         progress=progress and distributed.is_main() and sys.stderr.isatty())
+    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,  # headers now,
+                         defer_finite=True)  # NaN/Inf as the soup reads each tensor, once
     job = SoupJob(ingredients, batch_size=batch_size,
                   eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)

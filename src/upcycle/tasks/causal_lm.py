@@ -422,12 +422,14 @@ def _backbone_and_head(model: nn.Module):
     """(the transformer under the LM head, the head) of a HF ``*ForCausalLM`` whose logits
     are ``head(backbone(...)[0])``; (None, None) for anything else (a wrapped model, a head
     that transforms its logits)."""
-    prefix = getattr(model, "base_model_prefix", None)
-    backbone = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) and backbone is not None else None
+    prefix = getattr(type(model), "base_model_prefix", None)
+    # direct children only: a wrapper (peft) forwards attribute reads to the model it wraps
+    backbone = model._modules.get(prefix) if isinstance(prefix, str) and prefix else None
+    get_head = getattr(type(model), "get_output_embeddings", None)
+    head = get_head(model) if callable(get_head) and backbone is not None else None
     config = getattr(model, "config", None)
-    if (not isinstance(backbone, nn.Module) or not isinstance(head, nn.Linear)
+    if (not isinstance(backbone, nn.Module) or type(head) is not nn.Linear
+            or not any(child is head for child in model.children())
             or config is None or any(getattr(config, k, None) not in (None, 1, 1.0)
                                      for k in _HEAD_TRANSFORMS)):
         return None, None
