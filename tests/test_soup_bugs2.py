@@ -160,3 +160,34 @@ def test_lora_on_a_tied_embedding_is_peft_merge_and_says_so(tmp_path, tokenizer,
     # the head changed with the embedding: one tensor, as in peft's merged model
     torch.testing.assert_close(soup.lm_head.weight, merged.model.embed_tokens.weight,
                                rtol=0, atol=1e-6)
+
+
+# -- one read of every tensor ----------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["uniform", "linear", "task-arithmetic"])
+def test_the_merge_reads_each_tensor_once_and_still_refuses_nan(tmp_path, method, monkeypatch):
+    from safetensors.torch import save_file
+
+    from upcycle.io.checkpoints import Ingredient
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"ft{i}.safetensors")
+        save_file({"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)},
+                  paths[-1])
+    base = paths.pop()
+    reads: list[tuple[str, str]] = []
+    original = Ingredient._read
+    monkeypatch.setattr(Ingredient, "_read",
+                        lambda self, name: reads.append((self.path.name, name))
+                        or original(self, name))
+    config = dict(method=method, device="cpu", progress=False,
+                  base=str(base) if method == "task-arithmetic" else None)
+    run_soup(SoupConfig([str(p) for p in paths], out=tmp_path / "s.safetensors", **config))
+    ingredient_reads = [r for r in reads if r[0] != base.name]
+    assert sorted(ingredient_reads) == sorted({(p.name, k) for p in paths for k in "ab"})
+    save_file({"a": torch.full((3, 4), float("nan")), "b": torch.zeros(5)}, paths[1])
+    with pytest.raises(UpcycleError, match=r"ingredient 2 .*'a' contains NaN"):
+        run_soup(SoupConfig([str(p) for p in paths], out=tmp_path / "t.safetensors", **config))
+    assert not (tmp_path / "t.safetensors").exists()

@@ -42,11 +42,6 @@ UPCYCLE_RECORDS = frozenset({"train.json", "report.json", "soup.json", "growth.j
 """The records upcycle writes beside its own outputs (how the input was made): an output
 writes its own, so the input's are left out without a warning."""
 
-TRAINER_STATE = frozenset({"trainer_state.json", "training_args.bin", "optimizer.pt",
-                           "scheduler.pt", "scaler.pt", "rng_state.pth"})
-"""What ``Trainer`` saves in a ``checkpoint-*`` folder besides the model (optimizer,
-scheduler, RNG and trainer state): never copied into an output, without a warning."""
-
 _OTHER_WEIGHTS = (".h5", ".msgpack", ".ckpt", ".ckpt.index", ".gguf")
 
 
@@ -69,8 +64,7 @@ def _inside(target: Path, folder: Path) -> bool:
 def _classify(item: Path, real_folder: Path) -> tuple[Path | None, str | None]:
     """(the regular file to copy, None) or (None, why it is left out; None: silently)."""
     name = item.name
-    if (name.startswith(".") or _is_weight_file(name) or name in UPCYCLE_RECORDS
-            or name in TRAINER_STATE or name.startswith("rng_state")):
+    if name.startswith(".") or _is_weight_file(name) or name in UPCYCLE_RECORDS:
         return None, None
     if name not in MODEL_FILES:
         if item.is_dir():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +188,11 @@ def prepare_soup_job(
     ingredients = open_ingredients(ingredient_specs, base=base)
     if need_base:
         check_base(base, ingredients)
-    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,  # headers now,
-                         defer_finite=True)  # NaN/Inf as the soup reads each tensor, once
+    # headers now; NaN/Inf as the soup reads each tensor (one read, not two), unless bars are
+    # drawn into a log (then an error would follow half a bar: read them all first)
+    logged_bars = progress and distributed.is_main() and not sys.stderr.isatty()
+    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,
+                         defer_finite=not logged_bars)
     job = SoupJob(ingredients, batch_size=batch_size,
                   eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)
