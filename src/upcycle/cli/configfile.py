@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import UpcycleError
+
 # Namespace entries that are not flags (the handler, the sub-command, --config itself).
 NOT_CONFIG = ("func", "command", "config", "help")
 
@@ -53,9 +55,12 @@ def _flag_name(action: argparse.Action) -> str:
     return longs[0] if longs else action.dest
 
 
-def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dict:
+def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike,
+                translate=None) -> dict:
     """Read ``path`` (YAML, or a report.json holding ``"config"``) into dest -> value.
-    Raises ValueError naming the file and the key at fault."""
+    ``translate(raw, path)``: a command's reader of another tool's format (``upcycle soup``:
+    mergekit's YAML), returning flag names -> values, or None when ``raw`` is not in that
+    format. Raises ValueError naming the file and the key at fault."""
     import json
 
     path = Path(path)
@@ -90,6 +95,11 @@ def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dic
         raw = {}
     if isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "rows" in raw:
         raw = raw["config"]  # a report.json written by the command
+    if translate is not None:
+        try:
+            raw = translate(raw, path) or raw
+        except UpcycleError as exc:
+            raise ValueError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got "
                          f"{type(raw).__name__}")
@@ -113,7 +123,10 @@ def load_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dic
 
 def _check_value(action: argparse.Action, key, value, path: Path):
     where = f"--config {path}: {key!r}"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        if value is None and isinstance(action, argparse.BooleanOptionalAction):
+            return None  # the method's own default
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")
         return value
@@ -184,10 +197,12 @@ def _same(a, b) -> bool:
                       and list(a) == list(b))
 
 
-def add_config_option(parser: argparse.ArgumentParser, *, command: str | None = None) -> None:
+def add_config_option(parser: argparse.ArgumentParser, *, command: str | None = None,
+                      translate=None) -> None:
     """Add ``--config FILE`` to ``parser``: the file's values replace the defaults (and
     satisfy required flags and positionals); flags typed on the command line win, with a
-    one-line note for each one that disagrees with the file."""
+    one-line note for each one that disagrees with the file. ``translate``: see
+    :func:`load_config`."""
     command = command or parser.prog
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="read the flags from a YAML file (keys: the long flag names, "
@@ -203,7 +218,7 @@ def add_config_option(parser: argparse.ArgumentParser, *, command: str | None = 
             return original(args, namespace)
         args = _without_config(args)
         try:
-            values = load_config(parser, path)
+            values = load_config(parser, path, translate)
         except ValueError as exc:
             parser.error(str(exc))
         saved = [(a, a.default, a.required, a.nargs) for a in parser._actions]

@@ -19,6 +19,7 @@ from ..runtime import distributed
 from ..runtime.devices import add_device_arguments, check_precision, resolve_device
 from ..soup import SOUP_METHODS, get_method
 from ..soup.mehl import check_shard_directions
+from ..soup.mergekit import is_mergekit_config, read_mergekit
 from ..soup.registry import config_classes, method_names
 from .arguments import add_task_arguments
 from .configfile import add_config_option, command_line, resolved_config
@@ -88,9 +89,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shard the output above this size (e.g. 2GB; default 5GB like HF)")
     p.add_argument("--no-finite-check", action="store_true",
                    help="skip the NaN/Inf scan of every ingredient tensor")
+    p.add_argument("--config-from", type=int, default=None, metavar="N",
+                   help="take the config.json of ingredient N (1-based) when the "
+                        "ingredients' configs differ (refused otherwise, naming the field)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_option(p, command="soup")
+    add_config_option(p, command="soup", translate=_mergekit_flags)
     p.set_defaults(func=run)
+
+
+def _mergekit_flags(raw, path) -> dict | None:
+    """A mergekit YAML (``merge_method``) as this command's flags; None for upcycle's own."""
+    return read_mergekit(raw, path) if is_mergekit_config(raw) else None
 
 
 def _label(cls: type) -> str:
@@ -215,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size,
         device=device, dtype=args.dtype, precision=precision, seed=args.seed,
         max_shard_bytes=args.max_shard_size, check_finite=not args.no_finite_check,
-        progress=not args.quiet, resume=args.resume, command=command_line("soup"),
+        progress=not args.quiet, config_from=args.config_from, resume=args.resume,
+        command=command_line("soup"),
         report_config=resolved_config(args))
     done = run_soup(config, say=say, on_round=saved,
                     on_saved=lambda path: on_interrupt(f"the soup is written to {path}"))

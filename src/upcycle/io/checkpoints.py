@@ -65,6 +65,21 @@ def read_config_json(folder: str | os.PathLike, label: str) -> dict:
     return value
 
 
+CONFIG_BOOKKEEPING = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                                "architectures", "_attn_implementation_autoset", "use_cache",
+                                "_commit_hash"})
+"""config.json fields that are bookkeeping, not what the model computes."""
+_SHAPE_WORDS = ("hidden", "size", "layer", "head", "vocab", "position", "embd")
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """The fields two config.json dicts disagree on (bookkeeping left out), those that
+    decide shapes first."""
+    return sorted((k for k in set(a) | set(b) if k not in CONFIG_BOOKKEEPING
+                   and a.get(k) != b.get(k)),
+                  key=lambda k: (not any(w in k for w in _SHAPE_WORDS), k))
+
+
 def _report_legacy(label: str, file: Path) -> None:
     """Say once per process that legacy pickles are loaded whole, and how to convert them."""
     if _legacy_reported:
@@ -300,7 +315,18 @@ class Ingredient(SourceReads):
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
+    check_finite = False
+    """Check every floating tensor for NaN/Inf as it is read (:func:`checked`): set by
+    :func:`upcycle.io.ingredients.validate_ingredients` so that the soup's own read is the
+    check (one read of every tensor, not two)."""
+
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (see :meth:`_read`), checked for NaN/Inf when
+        :attr:`check_finite` is set."""
+        t = self._read(name)
+        return checked(self, name, t) if self.check_finite else t
+
+    def _read(self, name: str) -> torch.Tensor:
         """Read one tensor as a private (copy-on-write) CPU tensor.
 
         Safetensors files are opened per read and closed again, so pages of the memory map
@@ -329,6 +355,19 @@ class Ingredient(SourceReads):
                 f"{self.label}: cannot read tensor {name!r} from {_short(self._files[name])}: "
                 f"{error_line(exc)}"
             ) from exc
+
+
+def checked(source, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (tensor ``name`` of ``source``), or one error naming both when a floating tensor
+    holds NaN or Inf; each name is checked once per source (a fitted soup reads it again)."""
+    done = source.__dict__.setdefault("_finite_names", set())
+    if name in done or not t.is_floating_point():
+        return t
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise UpcycleError(f"{source.label}: {name!r} contains {bad} values")
+    done.add(name)
+    return t
 
 
 def check_model_weights(folder: str | os.PathLike, *, role: str = "--model") -> None:

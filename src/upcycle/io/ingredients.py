@@ -18,6 +18,8 @@ from .checkpoints import (
     TORCH_INDEX,
     WEIGHT_FILE_SUFFIXES,
     Ingredient,
+    config_differences,
+    read_config_json,
 )
 from .lora import is_adapter, open_adapter
 
@@ -77,13 +79,18 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 
 
 def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: bool = True,
-                         dtype: torch.dtype | None = None, progress: bool = False) -> None:
+                         dtype: torch.dtype | None = None, progress: bool = False,
+                         defer_finite: bool = False) -> None:
     """Check that all ingredients are checkpoints of one model, before any work is done.
 
     Same tensor names, shapes and dtypes as the first ingredient (floating tensors may differ
     in dtype when the soup converts them all to ``dtype``, e.g. fp32 and bf16 ingredients with
-    ``--dtype float32``), and (by default) only finite floating values. Reads every tensor
-    once when ``check_finite`` is set (``progress``: a progress bar over the ingredients).
+    ``--dtype float32``), from the headers, and (by default) only finite floating values.
+    ``check_finite``: reads every tensor once now (``progress``: a progress bar over the
+    ingredients), or with ``defer_finite`` marks each ingredient to check every tensor as
+    the soup reads it (``check_finite`` on the source): one read instead of two, and an
+    ingredient with NaN/Inf still stops the soup before anything is written (a soup is
+    written only once made).
     """
     if not ingredients:
         raise UpcycleError("no ingredients given")
@@ -118,7 +125,10 @@ def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: boo
                     f"{ing.label}: {name!r} has dtype {ing.dtype(name)}, "
                     f"{ref.label.split(' (')[0]} has {ref.dtype(name)}{hint}"
                 )
-    if check_finite:
+    if check_finite and defer_finite:
+        for ing in ingredients:
+            ing.check_finite = True
+    elif check_finite:
         for ing in tqdm(ingredients, desc="checking ingredients", disable=not progress,
                         leave=False):
             for name in ing.keys():
@@ -126,3 +136,39 @@ def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: boo
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                     raise UpcycleError(f"{ing.label}: {name!r} contains {bad} values")
+
+
+def check_configs(ingredients: Sequence[Ingredient], *,
+                  config_from: int | None = None) -> Path | None:
+    """The ingredients' ``config.json`` agree on every field but bookkeeping (``rope_theta``
+    1e4 vs 5e5 is two different models, not a choice for the first to win), else one error
+    naming the field. ``config_from`` (1-based, ``--config-from N``): the ingredient whose
+    config the soup takes instead; its folder is returned (None when not given)."""
+    if config_from is not None:
+        if not 1 <= config_from <= len(ingredients):
+            raise UpcycleError(f"--config-from {config_from}: expected an ingredient number "
+                               f"from 1 to {len(ingredients)}")
+        chosen = ingredients[config_from - 1]
+        if chosen.hf_dir is None or not (chosen.hf_dir / "config.json").is_file():
+            raise UpcycleError(f"--config-from {config_from}: {chosen.label} has no "
+                               f"config.json")
+        return chosen.hf_dir
+    with_config = [ing for ing in ingredients
+                   if ing.hf_dir is not None and (ing.hf_dir / "config.json").is_file()]
+    if len(with_config) < 2:
+        return None
+    ref = with_config[0]
+    ref_config = read_config_json(ref.hf_dir, ref.label)
+    for ing in with_config[1:]:
+        if ing.hf_dir == ref.hf_dir:
+            continue
+        diff = config_differences(ref_config, read_config_json(ing.hf_dir, ing.label))
+        if diff:
+            field = diff[0]
+            other = read_config_json(ing.hf_dir, ing.label)
+            raise UpcycleError(
+                f"{ing.label}: its config.json differs from {ref.label.split(' (')[0]}'s in "
+                f"{field!r} ({other.get(field)!r} vs {ref_config.get(field)!r}"
+                f"{f', and {len(diff) - 1} more field(s)' if len(diff) > 1 else ''}): pass "
+                f"--config-from N to choose the ingredient whose config the soup takes")
+    return None

@@ -24,13 +24,22 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import UpcycleError
-from .checkpoints import Ingredient, _short, error_line, read_config_json
+from .checkpoints import (
+    Ingredient,
+    _short,
+    checked,
+    config_differences,
+    error_line,
+    read_config_json,
+)
+from .model_files import tied_groups_of_folder
 from .source import SourceReads
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,9 +63,6 @@ _NOT_SOUPABLE = {
     "lst": "it cannot be souped (it replaces the forward; its side network is no weight "
            "update of the base model); soup full fine-tunes or LoRA adapters instead",
 }
-# config.json fields that are bookkeeping, not architecture
-_CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                       "architectures", "_attn_implementation_autoset", "use_cache"}
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -133,6 +139,8 @@ class LoraIngredient(SourceReads):
             raise UpcycleError(f"{self.label}: the adapter holds no LoRA tensors")
         for module, parts in lora_parts.items():
             self._add_lora(module, parts, config)
+        for group in self._tied:
+            self._tie(group)
 
     def _check_recorded_base(self, recorded) -> None:
         """When the adapter names its base as an existing folder, that folder must describe the
@@ -146,10 +154,7 @@ class LoraIngredient(SourceReads):
             return
         a = read_config_json(rec, f"{self.label}: its recorded base")
         b = read_config_json(self.base.hf_dir, f"{self.label}: its base")
-        shape_words = ("hidden", "size", "layer", "head", "vocab", "position", "embd")
-        diff = sorted((k for k in set(a) | set(b)
-                       if k not in _CONFIG_BOOKKEEPING and a.get(k) != b.get(k)),
-                      key=lambda k: (not any(w in k for w in shape_words), k))
+        diff = config_differences(a, b)
         if diff:
             shown = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:3])
             raise UpcycleError(f"{self.label}: trained on {recorded}, whose config differs from "
@@ -198,9 +203,48 @@ class LoraIngredient(SourceReads):
             raise UpcycleError(f"{self.label}: {_short(self._file)} is not readable: "
                                f"{error_line(exc)}") from exc
 
+    @property
+    def _tied(self) -> list[list[str]]:
+        """The base's tied parameter groups (``[model.embed_tokens.weight, lm_head.weight]``)."""
+        if not hasattr(self, "_tied_groups"):
+            folder = self.base.hf_dir
+            self._tied_groups = (tied_groups_of_folder(folder) if folder is not None
+                                 and (folder / "config.json").is_file() else [])
+        return self._tied_groups
+
+    def _tie(self, group: list[str]) -> None:
+        """A tied parameter is one tensor: the adapter's change of any of its names (a
+        ``modules_to_save`` head, a LoRA on the embedding) is the change of that one tensor,
+        under every name the base stores, as peft does with ``ensure_weight_tying=True`` and
+        as its ``merge_and_unload`` does for a LoRA on a tied embedding. When the adapter
+        trained only some names of the group, one warning says so (peft without
+        ``ensure_weight_tying`` would leave a saved head untied from the embedding)."""
+        touched = [n for n in group if n in self._lora or n in self._replace]
+        if not touched:
+            return
+        stored = [n for n in group if n in set(self.base.keys())]
+        source = next((n for n in touched if n in stored), touched[0])
+        replaced, lora = self._replace.get(source), self._lora.get(source)
+        for name in group:
+            self._replace.pop(name, None)
+            self._lora.pop(name, None)
+        for name in stored:
+            if replaced is not None:
+                self._replace[name] = replaced
+            if lora is not None:
+                self._lora[name] = lora
+        if len(touched) < len(group):
+            how = "has a LoRA on" if lora is not None else "saves"
+            others = ", ".join(repr(n) for n in group if n not in touched)
+            print(f"upcycle: warning: {self.label}: the adapter {how} {touched[0]!r} of a model "
+                  f"whose {others} is the same tensor (tied): it enters the soup as that one "
+                  f"tensor, so {others} changes too (as peft's ensure_weight_tying=True and its "
+                  f"merge_and_unload of a tied embedding do)", file=sys.stderr)
+
     def _base_name(self, name: str, adapter_key: str) -> str:
-        """The base's tensor name for a (prefix-stripped) adapter tensor name."""
-        keys = self.base.keys()
+        """The base's tensor name for a (prefix-stripped) adapter tensor name (a name of a
+        tied parameter the base does not store, e.g. ``lm_head.weight``, as it is)."""
+        keys = [*self.base.keys(), *(n for g in self._tied for n in g)]
         if name in keys:
             return name
         parts = name.split(".")
@@ -237,7 +281,7 @@ class LoraIngredient(SourceReads):
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         delta_shape = (b_shape[0], a_shape[1])  # (out, in)
-        base_shape = self.base.shape(target)
+        base_shape = self._shape_of(target)
         transpose = bool(embedding or config.get("fan_in_fan_out"))
         shape = delta_shape[::-1] if transpose else delta_shape
         if shape != base_shape:
@@ -248,6 +292,13 @@ class LoraIngredient(SourceReads):
                                    f"{delta_shape}, the base's {target!r} has {base_shape}: an "
                                    f"adapter for another base")
         self._lora[target] = (a_key, b_key, float(scale), transpose)
+
+    def _shape_of(self, name: str) -> tuple[int, ...]:
+        """The base's shape of ``name``, or of the stored name of its tied group."""
+        if name in set(self.base.keys()):
+            return self.base.shape(name)
+        group = next(g for g in self._tied if name in g)
+        return self.base.shape(next(n for n in group if n in set(self.base.keys())))
 
     # -- reading ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -273,7 +324,15 @@ class LoraIngredient(SourceReads):
         with safe_open(str(self._file), framework="pt") as handle:
             return handle.get_tensor(key)
 
+    check_finite = False
+    """Check every merged tensor for NaN/Inf as it is formed (see :class:`Ingredient`)."""
+
     def get(self, name: str) -> torch.Tensor:
+        """The merged tensor (:meth:`_merged`), checked when :attr:`check_finite` is set."""
+        t = self._merged(name)
+        return checked(self, name, t) if self.check_finite else t
+
+    def _merged(self, name: str) -> torch.Tensor:
         """The merged tensor ``name`` (base + scale * B @ A, fp32 arithmetic, base dtype),
         formed now and not kept."""
         if name in self._replace:  # saved whole (modules_to_save, a trained bias, or an

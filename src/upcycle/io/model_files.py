@@ -136,3 +136,28 @@ def check_no_custom_code(folder: str | os.PathLike, label: str) -> None:
             raise UpcycleError(f"{label}: {name} asks for custom code (auto_map: "
                                f"{_auto_map_entry(record['auto_map'])}); upcycle never runs "
                                f"code from a model folder")
+
+
+
+def tied_groups_of_folder(folder: str | os.PathLike) -> list[list[str]]:
+    """The parameters sharing one tensor in the model a HF folder's config describes (built
+    on the meta device, nothing read): groups of two or more names, in ``named_parameters()``
+    order (e.g. ``[transformer.wte.weight, lm_head.weight]``); empty without a usable
+    config."""
+    try:  # transformers: deferred, as io reads plain checkpoints without it
+        import torch
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return []
+        with torch.device("meta"):
+            model = cls._from_config(config)
+    except Exception:  # no usable config: no tied groups known
+        return []
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]

@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient, _short, read_config_json
-from ..io.ingredients import expand_ingredient_paths, open_ingredients, validate_ingredients
+from ..io.ingredients import (
+    check_configs,
+    expand_ingredient_paths,
+    open_ingredients,
+    validate_ingredients,
+)
 from ..io.model_files import model_files
 from ..io.outputs import expand_globs, guard_output
 from ..io.writing import check_output, write_json
@@ -32,6 +37,7 @@ from ..runtime.memory import peak_rss_mb
 from ..soup import SoupContext, SoupResult, get_method
 from ..soup.common import load_state
 from ..soup.merge import check_base
+from ..soup.mergekit import mergekit_files
 from ..soup.registry import check_count, method_names
 from ..soup.resume import checkpoint_path
 from ..tasks import Task, load_task
@@ -82,6 +88,9 @@ class SoupJob:
     base: Ingredient | None = None
     """The base model (``--base``), opened when a method merges relative to it or LoRA
     adapters are among the ingredients."""
+    config_dir: Path | None = None
+    """The ingredient folder whose config the soup takes (``--config-from N``; None: the
+    first ingredient's, or ``--model``'s)."""
 
     @property
     def task_name(self) -> str:
@@ -92,6 +101,8 @@ class SoupJob:
 
     @property
     def source_dir(self) -> Path | None:
+        if self.config_dir is not None:
+            return self.config_dir
         return self.task.model_dir if self.task is not None else self.ingredients[0].hf_dir
 
     def batches(self, split: str, *, fit: bool = False) -> list[dict]:
@@ -145,7 +156,7 @@ def prepare_soup_job(
     eval_batch_size: int | None = None, progress: bool = True, check_finite: bool = True,
     device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
     precision: str | None = None, base=None, task: str | None = "auto", chunk: bool = False,
-    need_base: bool = False,
+    need_base: bool = False, config_from: int | None = None,
 ) -> SoupJob:
     """Open and validate the ingredients and read the data (all checks before any work).
 
@@ -158,7 +169,9 @@ def prepare_soup_job(
     min(512, position limit) for a causal LM; ``chunk``: a causal-LM .txt file is one stream.
     ``eval_batch_size``: the batch size of scoring and evaluation (None: ``batch_size``).
     ``need_base``: the method merges relative to ``base`` (required then, opened and checked
-    against the ingredients: same tensors and shapes).
+    against the ingredients: same tensors and shapes). ``config_from``: the ingredient
+    (1-based) whose config.json the soup takes when the ingredients' configs differ (else
+    differing configs are refused, naming the field).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
@@ -175,13 +188,17 @@ def prepare_soup_job(
     ingredients = open_ingredients(ingredient_specs, base=base)
     if need_base:
         check_base(base, ingredients)
-    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,  # bar: terminal
-                         progress=progress and distributed.is_main() and sys.stderr.isatty())
+    # headers now; NaN/Inf as the soup reads each tensor (one read, not two), unless bars are
+    # drawn into a log (then an error would follow half a bar: read them all first)
+    logged_bars = progress and distributed.is_main() and not sys.stderr.isatty()
+    validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,
+                         defer_finite=not logged_bars)
     job = SoupJob(ingredients, batch_size=batch_size,
                   eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)
     job.base = base if isinstance(base, Ingredient) else None
-    config_dir = model_dir or ingredients[0].hf_dir
+    job.config_dir = check_configs(ingredients, config_from=config_from)
+    config_dir = model_dir or job.config_dir or ingredients[0].hf_dir
     job.causal_lm = task == "causal-lm" or (
         task in (None, "auto") and config_dir is not None and is_causal_lm(config_dir))
     base_dir = base.hf_dir if isinstance(base, Ingredient) else (
@@ -382,6 +399,8 @@ class SoupConfig:
     max_shard_bytes: int | None = None
     check_finite: bool = True
     progress: bool = True
+    config_from: int | None = None
+    """The ingredient (1-based) whose config.json the soup takes when theirs differ."""
     resume: bool = False
     """Resumable methods: continue from the checkpoint an interrupted run left beside ``out``."""
     command: str | None = None
@@ -487,7 +506,7 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
         eval_batch_size=config.eval_batch_size, progress=config.progress,
         check_finite=config.check_finite, device=config.device, dtype=config.dtype,
         precision=config.precision, base=config.base, task=config.task, chunk=config.chunk,
-        need_base=entry.needs_base)
+        need_base=entry.needs_base, config_from=config.config_from)
     n = len(job.ingredients)
     if n == 1 and distributed.is_main():
         say(f"warning: only one ingredient ({job.ingredients[0].path}): the soup is a copy "
@@ -518,11 +537,17 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
     if ing_rows is not None:
         report["ingredient_rows"] = ing_rows
     if out is not None and distributed.is_main():
+        if out.suffix != ".safetensors" and job.tokenizer_dir is None and find_tokenizer_dir(
+                [job.source_dir]) is None:
+            say(f"warning: no tokenizer in any ingredient, --model or --base: {out} will "
+                f"have none (save one beside it with tokenizer.save_pretrained)")
         result.save(out, source_dir=job.source_dir, overwrite=config.overwrite,
                     max_shard_bytes=config.max_shard_bytes, rows=rows, command=config.command,
                     card={"task": job.task_name,
                           "base_model": None if job.base is None else str(job.base.path)},
                     extra_files={**tokenizer_files(job), **config_with_dtype(job, result.state),
+                                 **mergekit_files(result, job.ingredients, base=job.base,
+                                                  dtype=job.dtype, model=job._model),
                                  "report.json": json.dumps(report, indent=2, default=str)})
         row["peak_rss_mb"] = peak_rss_mb()  # the whole run's, saving included
         write_json(out.with_name(out.name + ".report.json") if out.suffix == ".safetensors"

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient
+from ..io.model_files import tied_groups_of_folder as _tied_groups_of_folder
 from ..io.writing import atomic_file, save_model
 from ..runtime import distributed
 from ..runtime.devices import model_device, resolve_device
@@ -159,23 +160,6 @@ def tie_state(state: dict[str, torch.Tensor], ingredients: Sequence[Ingredient],
     for alias, key in tied_aliases(model, keys).items():
         state[alias] = state[key]
     return {key: state[key] for key in keys}
-
-
-def _tied_groups_of_folder(folder: Path) -> list[list[str]]:
-    """Tied groups of the model a HF folder's config describes (built on the meta device)."""
-    try:
-        import transformers
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        cls = getattr(transformers, (config.architectures or [""])[0], None)
-        if cls is None:
-            return []
-        with torch.device("meta"):
-            model = cls._from_config(config)
-    except Exception:  # no usable config: keep every key (written as separate copies)
-        return []
-    return [g for g in tied_groups(model) if len(g) > 1]
 
 
 def _untie_for_writing(state: dict[str, torch.Tensor], source_dir) -> dict[str, torch.Tensor]:

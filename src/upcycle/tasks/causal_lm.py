@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import UpcycleError
@@ -406,16 +407,73 @@ class CausalLMTask:
 
 # -- loss and evaluation -------------------------------------------------------------------------
 
+LOGITS_BUDGET = 2**22
+"""The most logits (positions x vocabulary) that exist at once while the LM loss is computed:
+the head and the cross-entropy run over chunks of max(1, LOGITS_BUDGET // vocab) positions
+of the final hidden states (16 MiB of fp32 logits), whatever the batch, the sequence length
+or the held-out size."""
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                    "output_multiplier_scale")
+"""Config fields of families whose forward transforms the logits after the head: their loss
+is computed from the model's own logits (whole)."""
+
+
+def _backbone_and_head(model: nn.Module):
+    """(the transformer under the LM head, the head) of a HF ``*ForCausalLM`` whose logits
+    are ``head(backbone(...)[0])``; (None, None) for anything else (a wrapped model, a head
+    that transforms its logits)."""
+    prefix = getattr(type(model), "base_model_prefix", None)
+    # direct children only: a wrapper (peft) forwards attribute reads to the model it wraps
+    backbone = model._modules.get(prefix) if isinstance(prefix, str) and prefix else None
+    get_head = getattr(type(model), "get_output_embeddings", None)
+    head = get_head(model) if callable(get_head) and backbone is not None else None
+    config = getattr(model, "config", None)
+    if (not isinstance(backbone, nn.Module) or type(head) is not nn.Linear
+            or not any(child is head for child in model.children())
+            or config is None or any(getattr(config, k, None) not in (None, 1, 1.0)
+                                     for k in _HEAD_TRANSFORMS)):
+        return None, None
+    return backbone, head
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: fp32, or fp64 when the model computes in fp64."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _chunk_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_upcast(head(hidden)), targets, reduction="sum")
+
+
 def _token_losses(model: nn.Module, batch: dict, reduction: str) -> tuple[torch.Tensor, int]:
+    """The summed (or mean) next-token cross-entropy of a batch and its number of targets.
+    A HF causal LM's head and loss run over chunks of positions (:data:`LOGITS_BUDGET`), only
+    where a target is, so the (batch, seq, vocab) logits never exist; under autograd each
+    chunk's logits are recomputed in the backward pass rather than kept."""
     device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    logits = out.logits if hasattr(out, "logits") else out[0]
     targets = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
     count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    backbone, head = _backbone_and_head(model)
+    if backbone is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = _upcast((out.logits if hasattr(out, "logits") else out[0])[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        keep = targets != IGNORE_INDEX
+        hidden, wanted = hidden[:, :-1][keep], targets[keep]
+        step = max(1, LOGITS_BUDGET // head.out_features)
+        loss = _upcast(hidden.sum() * 0)  # (keeps the graph when no position has a target)
+        for start in range(0, len(wanted), step):
+            h, t = hidden[start:start + step], wanted[start:start + step]
+            if torch.is_grad_enabled() and h.requires_grad:
+                loss = loss + torch.utils.checkpoint.checkpoint(_chunk_loss, head, h, t,
+                                                                use_reentrant=False)
+            else:
+                loss = loss + _chunk_loss(head, h, t)
     if reduction == "mean":
         loss = loss / max(count, 1)
     return loss, count
