@@ -118,6 +118,8 @@ def new_model(model: nn.Module, config, seed: int, match: Match, *, empty: bool 
     for name in match.arch.optional:
         if getattr(src_base, name, None) is None and getattr(new_base, name, None) is not None:
             setattr(new_base, name, None)
+    if empty and hasattr(new, "tie_weights"):  # its tied names are read from the tensors' ids
+        new.tie_weights()
     return new
 
 
