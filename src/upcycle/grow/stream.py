@@ -254,7 +254,7 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
                   noise_std: float | None = None, method: str = "lemon",
                   dtype: torch.dtype | None = None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                  check: bool = True, judge: Callable[[dict], dict] | None = None,
+                  check: bool = True, judge: Callable[[FolderGrowth], dict] | None = None,
                   say: Callable[[str], None] = lambda line: None) -> FolderGrowth:
     """Grow the HF model folder ``src_dir`` into ``out_dir`` (written atomically), streamed.
 
@@ -282,7 +282,8 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
     writer_probe = ShardWriter(out, entries, max_shard_bytes=max_shard_bytes)
     check_free_space(out, writer_probe.planned_bytes + (1 << 20))
     state = _WorkState(source, g.work)
-    difference = None
+    result = FolderGrowth(out=out, plan=g.plan, parameters=(n_source, n_grown), difference=None,
+                          bytes_written=writer_probe.planned_bytes, dtype=dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with ShardWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
             written: set[str] = set()
@@ -297,14 +298,11 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
         g.new_config.dtype = dtype
         g.new_config.save_pretrained(tmp)
         if check:
-            difference = check_folders(source, g, tmp, files, aliases)
+            result.difference = check_folders(source, g, tmp, files, aliases)
             if judge is not None:
-                report = judge(difference)
+                report = judge(result)
                 (tmp / "growth.json").write_text(json.dumps(report, indent=2))
-    g.new_model.growth_plan = g.plan
-    return FolderGrowth(out=out, plan=g.plan, parameters=(n_source, n_grown),
-                        difference=difference, bytes_written=writer_probe.planned_bytes,
-                        dtype=dtype)
+    return result
 
 
 def check_folders(source: _Source, g: Growth, grown_dir: Path, files: Mapping[str, str],
