@@ -199,10 +199,25 @@ def consumed_keys(g: Growth, shapes: Mapping[str, tuple[int, ...]]) -> set[str]:
 
 
 def check_layout(g: Growth, shapes: Mapping[str, tuple[int, ...]]) -> set[str]:
-    """Refuse a source tensor the rules do not expand that lies in a layer or whose shape the
-    growth changes (nothing has been read or written yet); returns the tensors the rules
+    """Refuse a dense head that is not hidden -> hidden (or normalised, at a width that is not
+    a multiple), a source tensor the rules do not expand that lies in a layer or whose shape
+    the growth changes (nothing has been read or written yet); returns the tensors the rules
     expand (the others are copied as they are)."""
     consumed = consumed_keys(g, shapes)
+    d = g.plan.hidden[0]
+    for head in g.arch.heads:
+        key = g.head_key(head)
+        shape = shapes.get(key + ".weight")
+        if head.kind != "dense" or shape is None or len(shape) != 2 or shape[1] != d:
+            continue
+        if shape[0] != d:
+            raise UpcycleError(f"model: tensor {key + '.weight'!r} {tuple(shape)}: expected a "
+                               f"({d}, {d}) hidden -> hidden projection")
+        if head.norm and g.plan.r:
+            nkey = (g.prefix if head.base else "") + head.norm
+            raise UpcycleError(f"model: tensor {nkey + '.weight'!r} normalises the head's "
+                               f"hidden vector; LEMON grows it losslessly only to multiples "
+                               f"of the hidden size ({d})")
     layer_prefix = f"{g.prefix}{g.arch.layers}."
     title = g.arch.title
     for key, shape in shapes.items():

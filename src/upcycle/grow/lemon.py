@@ -289,34 +289,27 @@ def _grow_layer(P: dict, sp: _Splitter, maps: dict, *, identity: bool,
 
 # -- the expansion, one piece at a time -------------------------------------------------------
 
-def _global_piece(state: Mapping[str, torch.Tensor], g: Growth, sp: _Splitter,
-                  shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The tensors outside the layers: the writers, the embedding and final norms, the heads."""
+def _global_pieces(state: Mapping[str, torch.Tensor], g: Growth, sp: _Splitter,
+                   shapes: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors outside the layers, one module at a time: the writers, the embedding and
+    final norms, the heads (their layout was checked by :func:`check_layout`)."""
     arch, prefix, plan = g.arch, g.prefix, g.plan
     d = plan.hidden[0]
-    out: dict[str, torch.Tensor] = {}
     for name, axis in arch.writers:
         key = prefix + name
         if key in shapes:
-            out[key] = sp.stream(state[key], axis)
+            yield {key: sp.stream(state[key], axis)}
     for key in [prefix + n for n in (arch.embedding_norm, arch.final_norm) if n]:
-        if key + ".weight" not in shapes:
-            continue
-        scale = 1.0 / plan.k if key == g.tied_norm else 1.0
-        gamma, beta = sp.norm(state[key + ".weight"], state.get(key + ".bias"), scale)
-        out[key + ".weight"] = gamma
-        if beta is not None:
-            out[key + ".bias"] = beta
+        if key + ".weight" in shapes:
+            yield _norm_piece(state, sp, key, 1.0 / plan.k if key == g.tied_norm else 1.0)
     for head in arch.heads:
         key = g.head_key(head)
         shape = shapes.get(key + ".weight")
         if shape is None or len(shape) != 2 or shape[1] != d:
             continue  # absent, or it does not read a hidden-size vector (left to the check)
         w, b = state[key + ".weight"], state.get(key + ".bias")
+        out: dict[str, torch.Tensor] = {}
         if head.kind == "dense":  # output grows: k copies + zero rows (f(0) = 0 after it)
-            if w.shape[0] != d:
-                raise UpcycleError(f"model: tensor {key + '.weight'!r} {tuple(w.shape)}: "
-                                   f"expected a ({d}, {d}) hidden -> hidden projection")
             rows = torch.cat([w] * plan.k + [torch.zeros(plan.r, d, dtype=w.dtype)])
             out[key + ".weight"] = sp.split_in(rows)
             if b is not None:
@@ -324,16 +317,8 @@ def _global_piece(state: Mapping[str, torch.Tensor], g: Growth, sp: _Splitter,
                                                                             dtype=b.dtype)])
             if head.norm:
                 nkey = (prefix if head.base else "") + head.norm
-                if plan.r:
-                    raise UpcycleError(f"model: tensor {nkey + '.weight'!r} normalises the "
-                                       f"head's hidden vector; LEMON grows it losslessly only "
-                                       f"to multiples of the hidden size ({d})")
-                scale = 1.0 / plan.k if nkey == g.tied_norm else 1.0
-                gamma, beta = sp.norm(state[nkey + ".weight"], state.get(nkey + ".bias"),
-                                      scale)
-                out[nkey + ".weight"] = gamma
-                if beta is not None:
-                    out[nkey + ".bias"] = beta
+                out.update(_norm_piece(state, sp, nkey,
+                                       1.0 / plan.k if nkey == g.tied_norm else 1.0))
         elif key == g.tied:  # the weight is the input embedding's; the bias stays
             if b is not None:
                 out[key + ".bias"] = b
@@ -341,29 +326,24 @@ def _global_piece(state: Mapping[str, torch.Tensor], g: Growth, sp: _Splitter,
             out[key + ".weight"] = sp.split_in(w)
             if b is not None:
                 out[key + ".bias"] = b
-    return out
+        del w, b
+        yield out
 
 
-def _layer_groups(layer_map: list[tuple[int, str]]) -> list[list[tuple[int, int, str]]]:
-    """(target index, source layer, kind), grouped in runs of the same source layer: a new
-    block follows the layer it copies, and a post-LN new block changes that layer's norm."""
-    groups: list[list[tuple[int, int, str]]] = []
-    for target, (src, kind) in enumerate(layer_map):
-        if groups and groups[-1][-1][1] == src:
-            groups[-1].append((target, src, kind))
-        else:
-            groups.append([(target, src, kind)])
-    return groups
+def _norm_piece(state, sp: _Splitter, key: str, scale: float) -> dict[str, torch.Tensor]:
+    gamma, beta = sp.norm(state[key + ".weight"], state.get(key + ".bias"), scale)
+    return {key + ".weight": gamma} if beta is None else {key + ".weight": gamma,
+                                                          key + ".bias": beta}
 
 
 def grow_pieces(state: Mapping[str, torch.Tensor], g: Growth,
                 shapes: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, torch.Tensor]]:
     """The grown model's tensors (work dtype; a tied output embedding left out), one piece at
-    a time: the tensors outside the layers, then the target layers grown from each source
+    a time: each module outside the layers, then the target layers grown from each source
     layer, then the source tensors copied as they are. ``state`` maps the source's names to
     its tensors in ``g.work`` (a dict, or a mapping reading each from disk when asked);
-    ``shapes``: their shapes. At most two source layers (AKI reads the next one) and the
-    target layers grown from one of them are held at a time. The symmetry-breaking noise is
+    ``shapes``: their shapes. One source layer (two for AKI, which reads the next one) and
+    one target layer are held at a time. The symmetry-breaking noise is
     drawn in one order, so the pieces are the same however they are consumed."""
     arch, prefix, plan = g.arch, g.prefix, g.plan
     consumed = check_layout(g, shapes)
@@ -382,47 +362,46 @@ def grow_pieces(state: Mapping[str, torch.Tensor], g: Growth,
                                    f"{g.new_shapes.get(key)}")
         return piece
 
-    yield check(_global_piece(state, g, sp, shapes))
+    for piece in _global_pieces(state, g, sp, shapes):
+        yield check(piece)
     layer_prefix = f"{prefix}{arch.layers}."
+    aki = g.method == "aki"
     cache: dict[int, dict] = {}
 
     def layer(i: int) -> dict:
         if i not in cache:
-            while len(cache) >= 2:
+            while len(cache) >= (2 if aki else 1):  # AKI reads the next layer too
                 cache.pop(next(iter(cache)))
             cache[i] = _read_layer(state, arch, f"{layer_prefix}{i}.", src_layouts)
         return cache[i]
 
     regular = _regular_maps(plan)
     identity_maps = _new_block_maps(plan) if g.method == "lemon" else regular
-    for group in _layer_groups(plan.layer_map):
-        grown: list[tuple[int, dict]] = []
-        for target, src, kind in group:
-            P = layer(src)
-            if kind == "new":
-                maps = identity_maps or regular
-                # with no way to pair copies (a single head), fall back to zero output projections
-                G = _grow_layer(P, sp, maps, identity=True)
-                if identity_maps is None:
-                    G["o"] = torch.zeros_like(G["o"])
-                    G["down"] = torch.zeros_like(G["down"])
-                if arch.post_ln:
-                    prev = grown[-1][1]
-                    ones = torch.ones(D, dtype=g.work)
-                    zeros = torch.zeros(D, dtype=g.work)
-                    G["mn"] = prev["mn"]  # the new block's output norm takes over layer src's
-                    G["an"] = (ones, zeros)  # pass the normalised stream through
-                    prev["mn"] = (ones.clone(), zeros.clone())
-            else:
-                aki = g.method == "aki"
-                G = _grow_layer(P, sp, regular, identity=False,
-                                P_next=layer(min(src + 1, L - 1)) if aki else None, aki=aki)
-            grown.append((target, G))
+    ones, zeros = torch.ones(D, dtype=g.work), torch.zeros(D, dtype=g.work)
+    handed_over = None  # post-LN: the output norm a new block takes over from its layer
+    for target, (src, kind) in enumerate(plan.layer_map):
+        P = layer(src)
+        if kind == "new":
+            maps = identity_maps or regular
+            # with no way to pair copies (a single head), fall back to zero output projections
+            G = _grow_layer(P, sp, maps, identity=True)
+            if identity_maps is None:
+                G["o"] = torch.zeros_like(G["o"])
+                G["down"] = torch.zeros_like(G["down"])
+            if arch.post_ln:
+                G["mn"] = handed_over  # the new block's output norm takes over layer src's
+                G["an"] = (ones, zeros)  # pass the normalised stream through
+        else:
+            G = _grow_layer(P, sp, regular, identity=False,
+                            P_next=layer(min(src + 1, L - 1)) if aki else None, aki=aki)
+            following = plan.layer_map[target + 1] if target + 1 < len(plan.layer_map) else None
+            if arch.post_ln and following == (src, "new"):
+                handed_over, G["mn"] = G["mn"], (ones.clone(), zeros.clone())
         piece: dict[str, torch.Tensor] = {}
-        for target, G in grown:
-            _write_layer(piece, G, arch, f"{layer_prefix}{target}.", new_layouts)
-        del grown
+        _write_layer(piece, G, arch, f"{layer_prefix}{target}.", new_layouts)
+        del G
         yield check(piece)
+        del piece
     yield check({key: state[key] for key in shapes if key not in consumed})
 
 
