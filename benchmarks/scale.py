@@ -3,6 +3,7 @@ in bf16 on this CPU, every contender in a fresh process, one table per section.
 
     .venv/bin/python benchmarks/scale.py                    # every section, full size
     .venv/bin/python benchmarks/scale.py --section lemon    # LEMON only
+    .venv/bin/python benchmarks/scale.py --size mid         # 0.3B: in memory runs too
     .venv/bin/python benchmarks/scale.py --quick            # tiny model (seconds; the test)
 
 Sections (:data:`SECTIONS`; a section is a source model, named contenders and a table):
@@ -51,6 +52,10 @@ FULL = {"vocab_size": 32000, "hidden_size": 2048, "num_hidden_layers": 22,
 """TinyLlama-1.1B's shape."""
 FULL_TARGET = {"hidden_size": 2560, "layers": 28}
 """Heads 40 (head_dim 64), key/value heads 5, intermediate 7040: ~1.8x the parameters."""
+MID = {**FULL, "num_hidden_layers": 4}
+MID_TARGET = {"hidden_size": 2560, "layers": 5}
+"""The full width with 4 layers (0.3B): small enough for the in-memory contender to run, to
+check its predicted need against its measured peak."""
 QUICK = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 160,
          "max_position_embeddings": 64}
@@ -190,12 +195,13 @@ def _check_disk(where: Path, need: float) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    dims, target = (QUICK, QUICK_TARGET) if args.quick else (FULL, FULL_TARGET)
+    dims, target = {"quick": (QUICK, QUICK_TARGET), "mid": (MID, MID_TARGET),
+                    "full": (FULL, FULL_TARGET)}[args.size]
     n_grown = grown_parameters(dims, target)
     n_source_est = sum(p.numel() for p in _empty(_llama_config(dims)).parameters())
     _check_disk(Path(args.workdir), 2 * n_source_est + 4 * n_grown + 0.5 * GB)
     work = Path(tempfile.mkdtemp(prefix="upcycle-scale-", dir=args.workdir))
-    results = {"argv": sys.argv, "quick": args.quick, "source": dims, "target": target,
+    results = {"argv": sys.argv, "size": args.size, "source": dims, "target": target,
                "machine": f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
                "sections": {}}
     try:
@@ -237,7 +243,11 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="a tiny model (seconds)")
+    parser.add_argument("--size", choices=["full", "mid", "quick"], default="full",
+                        help="full: 1.1B -> 2.1B; mid: 4 layers of the full width (both "
+                             "contenders run); quick: tiny (seconds)")
+    parser.add_argument("--quick", dest="size", action="store_const", const="quick",
+                        help="--size quick")
     parser.add_argument("--section", choices=list(SECTIONS), default=None)
     parser.add_argument("--memory-budget", type=float, default=10.0, metavar="GB",
                         help="run an in-memory contender only when its predicted need is "

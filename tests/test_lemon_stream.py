@@ -144,6 +144,7 @@ def no_shard_written(monkeypatch):
 def test_legacy_pickle_source_is_refused_with_advice(tmp_path, capsys, no_shard_written):
     model = build("GPT2LMHeadModel", "gpt2", dtype=torch.float32)
     src = tmp_path / "src"
+    model.config.architectures = ["GPT2LMHeadModel"]
     model.config.save_pretrained(src)
     state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
@@ -235,7 +236,7 @@ def test_scale_benchmark_quick(tmp_path, monkeypatch):
         return {"spec": spec, **bench.WORKERS[spec["section"]](spec)}
 
     monkeypatch.setattr(bench, "run_contender", in_process)
-    args = argparse.Namespace(quick=True, section=None, memory_budget=10.0,
+    args = argparse.Namespace(size="quick", section=None, memory_budget=10.0,
                               workdir=str(tmp_path), out=str(tmp_path / "r.json"))
     results = bench.run(args)
     rows = results["sections"]["lemon"]["rows"]
@@ -247,3 +248,25 @@ def test_scale_benchmark_quick(tmp_path, monkeypatch):
     args.memory_budget, args.out = 1e-6, None
     rows = bench.run(args)["sections"]["lemon"]["rows"]
     assert rows[1]["status"].startswith("not run") and rows[1]["predicted_gb"] > 0
+
+
+def test_zip_bin_source_streams_and_nan_is_named(tmp_path, capsys):
+    model = build("LlamaForCausalLM", "llama", dtype=torch.float32)
+    src = tmp_path / "src"
+    model.config.architectures = ["LlamaForCausalLM"]  # as save_pretrained writes it
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")  # zip format: read per tensor
+    reference = expand(model, hidden_size=64)
+    expand_folder(src, tmp_path / "out", hidden_size=64)
+    _same_tensors(reference, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hidden_size"] == 64 and config["dtype"] == "float32"
+
+    state = model.state_dict()
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(state, src / "pytorch_model.bin")
+    out = tmp_path / "nan"
+    assert main(["grow", "--model", str(src), "--hidden-size", "64", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert "'model.layers.1.mlp.up_proj.weight' contains NaN" in line
+    assert not out.exists()

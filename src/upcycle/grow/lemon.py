@@ -59,7 +59,7 @@ class _Splitter:
         self.zero_residue = arch.norm == "rmsnorm"  # V_zero for RMSNorm, V_avg for LayerNorm
 
     def noise(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen, dtype=self.dtype) * self.std
+        return torch.randn(*shape, generator=self.gen, dtype=self.dtype).mul_(self.std)
 
     def stream(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """A tensor that writes to the residual stream: k copies along ``axis`` + residue."""
@@ -99,7 +99,10 @@ class _Splitter:
             residue = torch.zeros(out, self.r, dtype=w.dtype)
         else:
             noise = self.noise(out, self.k, self.d)
-            body = (noise - (noise.sum(1, keepdim=True) - w[:, None, :]) / self.k).reshape(out, kd)
+            # noise - (sum - w) / k, in place (the same values, a third of the memory)
+            excess = noise.sum(1, keepdim=True).sub_(w[:, None, :]).div_(self.k)
+            body = noise.sub_(excess).reshape(out, kd)
+            del excess
             residue = self.noise(out, self.r)
         return torch.cat([body, residue], dim=1)
 
@@ -137,7 +140,9 @@ class _Splitter:
         else:
             noise = self.noise(out, n_new, block)
             sums = torch.zeros(out, n_src, block, dtype=w.dtype).index_add_(1, umap, noise)
-            cols = noise - (sums[:, umap] - tgt_copy) / c
+            excess = sums[:, umap].sub_(tgt_copy).div_(c)  # in place, as in split_in
+            del sums, tgt_copy
+            cols = noise.sub_(excess)
         return cols.reshape(out, n_new * block)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
 from ..io.checkpoints import TORCH_INDEX, Ingredient, _short, read_config_json
@@ -255,7 +256,8 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
                   dtype: torch.dtype | None = None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                   check: bool = True, judge: Callable[[FolderGrowth], dict] | None = None,
-                  say: Callable[[str], None] = lambda line: None) -> FolderGrowth:
+                  say: Callable[[str], None] = lambda line: None,
+                  progress: bool = False) -> FolderGrowth:
     """Grow the HF model folder ``src_dir`` into ``out_dir`` (written atomically), streamed.
 
     The dimensions, ``seed``, ``noise_std`` and ``method`` are :func:`upcycle.grow.expand`'s;
@@ -279,13 +281,15 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
     n_grown = sum(p.numel() for p in g.new_model.parameters())
     say(f"grown {g.plan.describe()} (streamed)")
     say(f"parameters: {n_source:,} -> {n_grown:,}")
-    writer_probe = ShardWriter(out, entries, max_shard_bytes=max_shard_bytes)
-    check_free_space(out, writer_probe.planned_bytes + (1 << 20))
+    planned = ShardWriter(out, entries, max_shard_bytes=max_shard_bytes).planned_bytes
+    check_free_space(out, planned + (1 << 20))  # the shards, and config/tokenizer files
     state = _WorkState(source, g.work)
     result = FolderGrowth(out=out, plan=g.plan, parameters=(n_source, n_grown), difference=None,
-                          bytes_written=writer_probe.planned_bytes, dtype=dtype)
+                          bytes_written=planned, dtype=dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        with ShardWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+        with ShardWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer, \
+                tqdm(total=len(entries), desc="growing", unit="tensor", leave=False,
+                     disable=None if progress else True) as bar:
             written: set[str] = set()
             for piece in grow_pieces(state, g, source.shapes):
                 for key, value in piece.items():
@@ -293,6 +297,7 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
                     if name not in written:
                         writer.write(name, value)
                         written.add(name)
+                        bar.update(1)
                 del piece
         copy_model_files(src, tmp)
         g.new_config.dtype = dtype

@@ -266,7 +266,8 @@ def _run_streamed(job: GrowJob, say: Callable[[str], None]) -> GrowResult:
         job.model, job.out, hidden_size=job.hidden_size, num_layers=job.layers,
         num_heads=job.heads, intermediate_size=job.intermediate_size, seed=job.seed,
         method=job.method, dtype=torch.float32, overwrite=job.overwrite,
-        max_shard_bytes=job.max_shard_size or DEFAULT_MAX_SHARD_BYTES, judge=judge, say=say)
+        max_shard_bytes=job.max_shard_size or DEFAULT_MAX_SHARD_BYTES, judge=judge, say=say,
+        progress=not job.quiet)
     say(f"wrote {result.out}")
     return GrowResult(out=result.out, report=reports[0])
 
