@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -286,6 +287,7 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
     state = _WorkState(source, g.work)
     result = FolderGrowth(out=out, plan=g.plan, parameters=(n_source, n_grown), difference=None,
                           bytes_written=planned, dtype=dtype)
+    start = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with ShardWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer, \
                 tqdm(total=len(entries), desc="growing", unit="tensor", leave=False,
@@ -302,8 +304,12 @@ def expand_folder(src_dir: str | Path, out_dir: str | Path, *, hidden_size: int 
         copy_model_files(src, tmp)
         g.new_config.dtype = dtype
         g.new_config.save_pretrained(tmp)
+        say(f"wrote {planned / 1e9:.2f} GB in {len(writer.files)} shard(s) in "
+            f"{time.perf_counter() - start:.0f}s" + ("; checking it piecewise" if check else ""))
         if check:
+            start = time.perf_counter()
             result.difference = check_folders(source, g, tmp, files, aliases)
+            say(f"checked in {time.perf_counter() - start:.0f}s")
             if judge is not None:
                 report = judge(result)
                 (tmp / "growth.json").write_text(json.dumps(report, indent=2))
