@@ -147,13 +147,14 @@ def lemon_worker(spec: dict) -> dict:
                   max_shard_size=2 * 10**9)
     start_rss = current_rss_mb()
     start = time.perf_counter()
-    result = run_grow(job, say=lambda line: print(line, file=sys.stderr))
+    lines: list[str] = []
+    result = run_grow(job, say=lines.append)
     wall = time.perf_counter() - start
     out = Path(spec["out"])
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"wall_s": wall, "peak_rss_gb": peak_rss_mb() * 2**20 / GB,
             "start_rss_gb": start_rss * 2**20 / GB, "output_gb": size / GB,
-            "max_rel": result.report["max_rel_difference"], "status": "done"}
+            "max_rel": result.report["max_rel_difference"], "status": "done", "log": lines}
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """``upcycle.grow``: lossless model expansion (LEMON) and its baselines.
 
 - :mod:`.plan`: the target dimensions checked against the model (:func:`plan_expansion`);
-- :mod:`.lemon`: the lossless expansion itself (:func:`expand`);
+- :mod:`.growth`: what an expansion needs, worked out from shapes (the grown config, the
+  tied head, the layout check);
+- :mod:`.lemon`: the lossless expansion itself, piece by piece (:func:`expand`);
 - :mod:`.stream`: the same expansion of a model folder, streamed tensor by tensor
   (:func:`expand_folder`);
 - :mod:`.baselines`: Net2Net and bert2BERT-AKI on the same machinery;
