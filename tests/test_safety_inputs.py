@@ -122,7 +122,8 @@ def test_grow_with_a_nan_output_difference_writes_nothing(tiny_gpt2, tmp_path, c
 
     monkeypatch.setattr(job, "max_output_difference", nan_in_one)
     out = tmp_path / "big"
-    line = _fails(capsys, "grow", "--model", tiny_gpt2, "--hidden-size", "64", "--out", out)
+    line = _fails(capsys, "grow", "--model", tiny_gpt2, "--hidden-size", "64", "--out", out,
+                  "--in-memory")  # the streamed check: tests/test_lemon_stream.py
     assert "not finite (nan)" in line and "nothing written" in line
     assert not out.exists()
 

@@ -1,10 +1,15 @@
 """``upcycle grow``: LEMON-expand a HF model folder, check it is lossless, optionally train it.
 
     upcycle grow --model small/ --hidden-size 768 --layers 12 --out big/
+    upcycle grow --model llama-1b/ --hidden-size 2560 --layers 28 --out llama-2b/ \
+        --max-shard-size 2GB
     upcycle grow --model small/ --hidden-size 768 --layers 12 --out big/ \
         --train train.jsonl --steps 500 --scratch-lr 1e-4 --scratch-warmup 50
 
-The output folder loads with ``from_pretrained``. The maximum output difference against the
+The growth is streamed (:func:`upcycle.grow.expand_folder`): the source is read one tensor at
+a time and the grown model written shard by shard, so a model far larger than memory grows;
+``--in-memory`` (and ``--train``) build it whole. The output folder loads with
+``from_pretrained``. The maximum output difference against the
 source (fp32, a few seeded inputs) is printed and must be within ``--tolerance`` (relative to
 max(1, max |output|)), or nothing is written and the command fails. The job itself is
 :func:`upcycle.jobs.grow.run_grow`.
@@ -22,6 +27,7 @@ from ..training.runs import checkpoints_folder
 from .arguments import add_checkpoint_arguments
 from .dataclass_args import config_from_args
 from .interrupt import interrupt_callback
+from .soup import _size as parse_size
 
 
 def register(subparsers) -> None:
@@ -50,6 +56,12 @@ def register(subparsers) -> None:
     p.add_argument("--tolerance", type=float, default=1e-5,
                    help="max relative output difference (fp32) allowed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the source and build the grown model whole (default: streamed "
+                        "tensor by tensor, holding about one layer; --train, legacy .bin "
+                        "pickles and families matched by layout are grown in memory)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="shard the output above this size (e.g. 2GB; default 5GB like HF)")
     p.add_argument("--train", default=None, metavar="DATA",
                    help="then train the grown model on this classification file (.csv/.jsonl "
                         "with text,label or .npz with images,labels)")

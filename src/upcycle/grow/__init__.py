@@ -1,7 +1,11 @@
 """``upcycle.grow``: lossless model expansion (LEMON) and its baselines.
 
 - :mod:`.plan`: the target dimensions checked against the model (:func:`plan_expansion`);
-- :mod:`.lemon`: the lossless expansion itself (:func:`expand`);
+- :mod:`.growth`: what an expansion needs, worked out from shapes (the grown config, the
+  tied head, the layout check);
+- :mod:`.lemon`: the lossless expansion itself, piece by piece (:func:`expand`);
+- :mod:`.stream`: the same expansion of a model folder, streamed tensor by tensor
+  (:func:`expand_folder`);
 - :mod:`.baselines`: Net2Net and bert2BERT-AKI on the same machinery;
 - :mod:`.recipe`: the grown model's training recipe (:func:`lemon_train_config`,
   :func:`lemon_schedule`);
@@ -22,6 +26,7 @@ from .check import example_inputs, max_output_difference
 from .lemon import POST_LN_DEPTH_NOTE, expand
 from .plan import METHODS, GrowthPlan, plan_expansion
 from .recipe import SCHEDULES, LemonRecipe, lemon_schedule, lemon_train_config
+from .stream import FolderGrowth, expand_folder, stream_blocker
 
 
 def family_of(model) -> Family:
@@ -32,8 +37,8 @@ def family_of(model) -> Family:
 
 
 __all__ = [
-    "FAMILIES", "METHODS", "POST_LN_DEPTH_NOTE", "SCHEDULES", "Family", "GrowthPlan", "LemonRecipe",
-    "example_inputs", "expand", "expand_aki", "expand_net2net", "family_of",
-    "lemon_schedule", "lemon_train_config", "max_output_difference", "plan_expansion",
+    "FAMILIES", "METHODS", "FolderGrowth", "POST_LN_DEPTH_NOTE", "SCHEDULES", "Family", "GrowthPlan", "LemonRecipe",
+    "example_inputs", "expand", "expand_aki", "expand_folder", "expand_net2net", "family_of",
+    "lemon_schedule", "lemon_train_config", "max_output_difference", "plan_expansion", "stream_blocker",
     "supported",
 ]

@@ -51,7 +51,13 @@ def max_output_difference(source: nn.Module, grown: nn.Module, inputs: dict) -> 
         if model.training and _has_active_dropout(model):
             raise UpcycleError(f"{label} model: in train mode with dropout; LEMON is lossless "
                                f"only in eval mode (or with dropout p=0): call model.eval() first")
-    a_out, b_out = _outputs(source(**inputs)), _outputs(grown(**inputs))
+    return compare_outputs(source(**inputs), grown(**inputs))
+
+
+def compare_outputs(a_out, b_out) -> dict:
+    """Compare the source's outputs ``a_out`` with the grown model's ``b_out`` (model outputs
+    or dicts of tensors) as :func:`max_output_difference` does."""
+    a_out, b_out = _outputs(a_out), _outputs(b_out)
     if not a_out:
         raise UpcycleError("source model: its output holds no tensor to compare")
     diff, scale, argmax = 0.0, 1.0, True
@@ -69,12 +75,14 @@ def max_output_difference(source: nn.Module, grown: nn.Module, inputs: dict) -> 
     return {"max_abs": diff, "max_rel": rel, "argmax_equal": argmax}
 
 
-def example_inputs(model: nn.Module, *, batch: int = 2, length: int = 16, seed: int = 0) -> dict:
-    """A few seeded inputs for ``model`` on its device (token ids, with a padded row for
-    encoders, or random images)."""
+def example_inputs(model: nn.Module, *, batch: int = 2, length: int = 16, seed: int = 0,
+                   device: torch.device | str | None = None) -> dict:
+    """A few seeded inputs for ``model`` on its device (or ``device``: a model on the meta
+    device) (token ids, with a padded row for encoders, or random images)."""
     arch = architecture_of(model).arch
     config = model.config
     first = next(model.parameters())
+    first = torch.empty(0, dtype=first.dtype, device=device or first.device)
     gen = torch.Generator().manual_seed(seed)
     if arch.embed == "vit":
         size = config.image_size

@@ -22,17 +22,17 @@ same machinery, with equal splits, gives the Net2Net and bert2BERT-AKI baselines
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import UpcycleError
-from ..models.backbone import base_model
 from ..models.families import Architecture
-from ..models.matching import FusedLayout, Match, architecture_of, eps_of, fused_layouts, sizes_of
+from ..models.matching import FusedLayout, fused_layouts, sizes_of
 from .check import check_clone
-from .plan import GrowthPlan, plan_expansion
+from .growth import Growth, check_finite, check_layout, prepare_growth
+from .plan import GrowthPlan
 
 POST_LN_DEPTH_NOTE = (
     "post-LN depth: the new block's attention LayerNorm and the preceding layer's output "
@@ -59,7 +59,7 @@ class _Splitter:
         self.zero_residue = arch.norm == "rmsnorm"  # V_zero for RMSNorm, V_avg for LayerNorm
 
     def noise(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen, dtype=self.dtype) * self.std
+        return torch.randn(*shape, generator=self.gen, dtype=self.dtype).mul_(self.std)
 
     def stream(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """A tensor that writes to the residual stream: k copies along ``axis`` + residue."""
@@ -99,7 +99,10 @@ class _Splitter:
             residue = torch.zeros(out, self.r, dtype=w.dtype)
         else:
             noise = self.noise(out, self.k, self.d)
-            body = (noise - (noise.sum(1, keepdim=True) - w[:, None, :]) / self.k).reshape(out, kd)
+            # noise - (sum - w) / k, in place (the same values, a third of the memory)
+            excess = noise.sum(1, keepdim=True).sub_(w[:, None, :]).div_(self.k)
+            body = noise.sub_(excess).reshape(out, kd)
+            del excess
             residue = self.noise(out, self.r)
         return torch.cat([body, residue], dim=1)
 
@@ -137,7 +140,9 @@ class _Splitter:
         else:
             noise = self.noise(out, n_new, block)
             sums = torch.zeros(out, n_src, block, dtype=w.dtype).index_add_(1, umap, noise)
-            cols = noise - (sums[:, umap] - tgt_copy) / c
+            excess = sums[:, umap].sub_(tgt_copy).div_(c)  # in place, as in split_in
+            del sums, tgt_copy
+            cols = noise.sub_(excess)
         return cols.reshape(out, n_new * block)
 
 
@@ -154,12 +159,8 @@ def _put_linear(out, name, w, b, conv1d):
         out[name + ".bias"] = b
 
 
-def _suffixes(module: str) -> set[str]:
-    return {module + ".weight", module + ".bias"}
-
-
-def _read_layer(state, arch: Architecture, prefix: str, layouts: dict[str, FusedLayout],
-                consumed: set) -> dict:
+def _read_layer(state, arch: Architecture, prefix: str, layouts: dict[str, FusedLayout]
+                ) -> dict:
     """One layer's tensors in canonical form (nn.Linear orientation): q/k/v (+ ".b"), o,
     "up" = [(w, b) per MLP input: fc1, or gate and up], down, and the norms "an"/"mn"."""
     P: dict = {}
@@ -172,12 +173,10 @@ def _read_layer(state, arch: Architecture, prefix: str, layouts: dict[str, Fused
         bs = layout.split(b) if b is not None else [None] * 3
         for part, wp, bp in zip(layout.parts, ws, bs):
             P[part], P[part + ".b"] = wp, bp
-        consumed.update(_suffixes(name))
     else:
         for part in ("q", "k", "v"):
             name = prefix + getattr(att, part)
             P[part], P[part + ".b"] = _get_linear(state, name, conv)
-            consumed.update(_suffixes(name))
     P["o"], P["o.b"] = _get_linear(state, prefix + att.o, conv)
     if mlp.fused:
         w, b = _get_linear(state, prefix + mlp.fused.module, conv)
@@ -188,11 +187,8 @@ def _read_layer(state, arch: Architecture, prefix: str, layouts: dict[str, Fused
     else:
         P["up"] = [_get_linear(state, prefix + m, conv) for m in mlp.inputs]
     P["down"], P["down.b"] = _get_linear(state, prefix + mlp.down, conv)
-    for m in arch.layer_modules():
-        consumed.update(_suffixes(prefix + m))
     for key, mod in (("an", arch.attn_norm), ("mn", arch.mlp_norm)):
         P[key] = (state[prefix + mod + ".weight"], state.get(prefix + mod + ".bias"))
-        consumed.update(_suffixes(prefix + mod))
     return P
 
 
@@ -296,73 +292,125 @@ def _grow_layer(P: dict, sp: _Splitter, maps: dict, *, identity: bool,
     return G
 
 
+# -- the expansion, one piece at a time -------------------------------------------------------
+
+def _global_pieces(state: Mapping[str, torch.Tensor], g: Growth, sp: _Splitter,
+                   shapes: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors outside the layers, one module at a time: the writers, the embedding and
+    final norms, the heads (their layout was checked by :func:`check_layout`)."""
+    arch, prefix, plan = g.arch, g.prefix, g.plan
+    d = plan.hidden[0]
+    for name, axis in arch.writers:
+        key = prefix + name
+        if key in shapes:
+            yield {key: sp.stream(state[key], axis)}
+    for key in [prefix + n for n in (arch.embedding_norm, arch.final_norm) if n]:
+        if key + ".weight" in shapes:
+            yield _norm_piece(state, sp, key, 1.0 / plan.k if key == g.tied_norm else 1.0)
+    for head in arch.heads:
+        key = g.head_key(head)
+        shape = shapes.get(key + ".weight")
+        if shape is None or len(shape) != 2 or shape[1] != d:
+            continue  # absent, or it does not read a hidden-size vector (left to the check)
+        w, b = state[key + ".weight"], state.get(key + ".bias")
+        out: dict[str, torch.Tensor] = {}
+        if head.kind == "dense":  # output grows: k copies + zero rows (f(0) = 0 after it)
+            rows = torch.cat([w] * plan.k + [torch.zeros(plan.r, d, dtype=w.dtype)])
+            out[key + ".weight"] = sp.split_in(rows)
+            if b is not None:
+                out[key + ".bias"] = torch.cat([b] * plan.k + [torch.zeros(plan.r,
+                                                                            dtype=b.dtype)])
+            if head.norm:
+                nkey = (prefix if head.base else "") + head.norm
+                out.update(_norm_piece(state, sp, nkey,
+                                       1.0 / plan.k if nkey == g.tied_norm else 1.0))
+        elif key == g.tied:  # the weight is the input embedding's; the bias stays
+            if b is not None:
+                out[key + ".bias"] = b
+        else:
+            out[key + ".weight"] = sp.split_in(w)
+            if b is not None:
+                out[key + ".bias"] = b
+        del w, b
+        yield out
+
+
+def _norm_piece(state, sp: _Splitter, key: str, scale: float) -> dict[str, torch.Tensor]:
+    gamma, beta = sp.norm(state[key + ".weight"], state.get(key + ".bias"), scale)
+    return {key + ".weight": gamma} if beta is None else {key + ".weight": gamma,
+                                                          key + ".bias": beta}
+
+
+def grow_pieces(state: Mapping[str, torch.Tensor], g: Growth,
+                shapes: Mapping[str, tuple[int, ...]]) -> Iterator[dict[str, torch.Tensor]]:
+    """The grown model's tensors (work dtype; a tied output embedding left out), one piece at
+    a time: each module outside the layers, then the target layers grown from each source
+    layer, then the source tensors copied as they are. ``state`` maps the source's names to
+    its tensors in ``g.work`` (a dict, or a mapping reading each from disk when asked);
+    ``shapes``: their shapes. One source layer (two for AKI, which reads the next one) and
+    one target layer are held at a time. The symmetry-breaking noise is
+    drawn in one order, so the pieces are the same however they are consumed."""
+    arch, prefix, plan = g.arch, g.prefix, g.plan
+    consumed = check_layout(g, shapes)
+    gen = torch.Generator().manual_seed(g.seed)
+    sp = _Splitter(plan, arch, symmetric=g.method != "lemon", std=g.std, generator=gen,
+                   dtype=g.work)
+    D, L = plan.hidden[1], plan.layers[0]
+    src_layouts = fused_layouts(arch, sizes_of(g.config, arch))
+    new_layouts = fused_layouts(arch, sizes_of(g.new_config, arch))
+
+    def check(piece: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for key, value in piece.items():
+            if g.new_shapes.get(key) != tuple(value.shape):
+                raise UpcycleError(f"internal: expanded {key!r} has shape "
+                                   f"{tuple(value.shape)}, the new model expects "
+                                   f"{g.new_shapes.get(key)}")
+        return piece
+
+    for piece in _global_pieces(state, g, sp, shapes):
+        yield check(piece)
+    layer_prefix = f"{prefix}{arch.layers}."
+    aki = g.method == "aki"
+    cache: dict[int, dict] = {}
+
+    def layer(i: int) -> dict:
+        if i not in cache:
+            while len(cache) >= (2 if aki else 1):  # AKI reads the next layer too
+                cache.pop(next(iter(cache)))
+            cache[i] = _read_layer(state, arch, f"{layer_prefix}{i}.", src_layouts)
+        return cache[i]
+
+    regular = _regular_maps(plan)
+    identity_maps = _new_block_maps(plan) if g.method == "lemon" else regular
+    ones, zeros = torch.ones(D, dtype=g.work), torch.zeros(D, dtype=g.work)
+    handed_over = None  # post-LN: the output norm a new block takes over from its layer
+    for target, (src, kind) in enumerate(plan.layer_map):
+        P = layer(src)
+        if kind == "new":
+            maps = identity_maps or regular
+            # with no way to pair copies (a single head), fall back to zero output projections
+            G = _grow_layer(P, sp, maps, identity=True)
+            if identity_maps is None:
+                G["o"] = torch.zeros_like(G["o"])
+                G["down"] = torch.zeros_like(G["down"])
+            if arch.post_ln:
+                G["mn"] = handed_over  # the new block's output norm takes over layer src's
+                G["an"] = (ones, zeros)  # pass the normalised stream through
+        else:
+            G = _grow_layer(P, sp, regular, identity=False,
+                            P_next=layer(min(src + 1, L - 1)) if aki else None, aki=aki)
+            following = plan.layer_map[target + 1] if target + 1 < len(plan.layer_map) else None
+            if arch.post_ln and following == (src, "new"):
+                handed_over, G["mn"] = G["mn"], (ones.clone(), zeros.clone())
+        piece: dict[str, torch.Tensor] = {}
+        _write_layer(piece, G, arch, f"{layer_prefix}{target}.", new_layouts)
+        del G
+        yield check(piece)
+        del piece
+    yield check({key: state[key] for key in shapes if key not in consumed})
+
+
 # -- the public API -------------------------------------------------------------------------
-
-def _tied_reader(model: nn.Module) -> str | None:
-    """The module name of the output embedding when it shares the input embedding's weight."""
-    try:
-        out_emb = model.get_output_embeddings()
-        in_emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if out_emb is None or in_emb is None or out_emb.weight is not in_emb.weight:
-        return None
-    return next((name for name, m in model.named_modules() if m is out_emb), None)
-
-
-def _new_model(model: nn.Module, config, seed: int, match: Match) -> nn.Module:
-    try:  # deferred: transformers is heavy, and only expand() needs this
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        import contextlib
-
-        no_init_weights = contextlib.nullcontext
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with no_init_weights():
-            new = type(model)(config)
-    # modules the source was built without (a BertModel without pooler) are left out too
-    src_base, new_base = base_model(model, match), base_model(new, match)
-    for name in match.arch.optional:
-        if getattr(src_base, name, None) is None and getattr(new_base, name, None) is not None:
-            setattr(new_base, name, None)
-    return new
-
-
-def _grown_config(config, arch: Architecture, plan: GrowthPlan):
-    dims = arch.dims
-    new = copy.deepcopy(config)
-    setattr(new, dims.hidden, plan.hidden[1])
-    setattr(new, dims.layers, plan.layers[1])
-    setattr(new, dims.heads, plan.heads[1])
-    if dims.kv_heads:
-        setattr(new, dims.kv_heads, plan.kv_heads[1])
-    setattr(new, dims.intermediate, plan.intermediate[1])
-    if dims.head_dim:
-        setattr(new, dims.head_dim, plan.head_dim)
-    eps = eps_of(config, arch)
-    if eps is not None:
-        setattr(new, dims.eps, eps * plan.eta ** 2)
-    for key in dims.per_layer:
-        value = getattr(config, key, None)
-        if value is None:
-            continue
-        if len(value) != plan.layers[0]:
-            raise UpcycleError(f"model: config.{key} has {len(value)} entries, expected one per "
-                               f"layer ({plan.layers[0]})")
-        setattr(new, key, [value[src] for src, _ in plan.layer_map])
-    return new
-
-
-def check_finite(state: dict[str, torch.Tensor]) -> None:
-    """Refuse a source with a NaN or Inf weight, naming the tensor: growing it would spread
-    the value and the lossless check could not vouch for the result."""
-    for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = "NaN" if bool(torch.isnan(value).any()) else "Inf"
-            raise UpcycleError(f"model: tensor {key!r} contains {bad} values; a model with "
-                               f"non-finite weights cannot be grown")
-
 
 def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int | None = None,
            num_heads: int | None = None, intermediate_size: int | None = None, seed: int = 0,
@@ -376,163 +424,25 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
     give the baselines (see :mod:`upcycle.grow.baselines`). The source is not modified; the
     result is in eval mode, in the source's dtype, on the source's device. A model matched to
     a family by its tensor layout only (unknown model_type) is checked to be lossless on a
-    few inputs, or refused.
+    few inputs, or refused. The whole source and grown model are held in memory: a model
+    folder too large for that is grown by :func:`upcycle.grow.expand_folder`, which streams
+    the same tensors.
     """
-    plan = plan_expansion(model, hidden_size=hidden_size, num_layers=num_layers,
-                          num_heads=num_heads, intermediate_size=intermediate_size, method=method)
-    match = architecture_of(model, method="LEMON")
-    arch, prefix = match.arch, match.prefix
-    config = model.config
+    g = prepare_growth(model, hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=num_heads, intermediate_size=intermediate_size, seed=seed,
+                       noise_std=noise_std, method=method)
     first = next(model.parameters())
     dtype, device = first.dtype, first.device
     # the rules are computed in float64 for float64 models and in float32 otherwise (the
     # splits then sum to the original up to float32 rounding, far below the 1e-5 tolerance)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    state = {k: v.detach().to("cpu", work) if v.is_floating_point() else v.detach().cpu()
+    state = {k: v.detach().to("cpu", g.work) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
     check_finite(state)
-    tied = _tied_reader(model)
-    std = noise_std if noise_std is not None else float(
-        getattr(config, "initializer_range", 0.02)) * arch.noise_scale
-    gen = torch.Generator().manual_seed(int(seed))
-    sp = _Splitter(plan, arch, symmetric=method != "lemon", std=std, generator=gen,
-                   dtype=work)
-    d, D = plan.hidden
-    L = plan.layers[0]
-
-    new_config = _grown_config(config, arch, plan)
-    new = _new_model(model, new_config, seed, match)
-    new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
-    src_sizes = sizes_of(config, arch)
-    src_layouts = fused_layouts(arch, src_sizes)
-    new_layouts = fused_layouts(arch, sizes_of(new_config, arch))
-
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
-    consumed: set[str] = set()
-    for name, axis in arch.writers:
-        key = prefix + name
-        if key in state:
-            out[key] = sp.stream(state[key], axis)
-            consumed.add(key)
-
-    # heads: which norm feeds a tied output embedding (its logits become k x E y: scale 1/k)
-    head_keys = {h.path: (prefix if h.base else "") + h.path for h in arch.heads}
-    tied_norm = None
-    if tied is not None:
-        reader = next((h for h in arch.heads if head_keys[h.path] == tied), None)
-        if reader is None:
-            raise UpcycleError(f"model: the output embedding {tied!r} is tied to the input "
-                               f"embedding but is not a head LEMON knows in {arch.title}")
-        feeder = next((h for h in arch.heads if h.path == reader.reads), None)
-        norm = None
-        if feeder is not None and feeder.norm:
-            norm = (prefix if feeder.base else "") + feeder.norm
-        elif arch.final_norm:
-            norm = prefix + arch.final_norm
-        if norm is None:
-            raise UpcycleError(f"model: the tied output embedding {tied!r} reads no norm; "
-                               f"LEMON cannot undo the k copies of its input")
-        tied_norm = norm
-
-    norms = [prefix + n for n in (arch.embedding_norm, arch.final_norm) if n]
-    for key in norms:
-        if key + ".weight" not in state:
-            continue
-        scale = 1.0 / plan.k if key == tied_norm else 1.0
-        gamma, beta = sp.norm(state[key + ".weight"], state.get(key + ".bias"), scale)
-        out[key + ".weight"] = gamma
-        consumed.add(key + ".weight")
-        if beta is not None:
-            out[key + ".bias"] = beta
-            consumed.add(key + ".bias")
-
-    for head in arch.heads:
-        key = head_keys[head.path]
-        if key + ".weight" not in state or state[key + ".weight"].ndim != 2 \
-                or state[key + ".weight"].shape[1] != d:
-            continue  # absent, or it does not read a hidden-size vector (left to the check)
-        w, b = state[key + ".weight"], state.get(key + ".bias")
-        consumed.update(_suffixes(key))
-        if head.kind == "dense":  # output grows: k copies + zero rows (f(0) = 0 after it)
-            if w.shape[0] != d:
-                raise UpcycleError(f"model: tensor {key + '.weight'!r} {tuple(w.shape)}: "
-                                   f"expected a ({d}, {d}) hidden -> hidden projection")
-            rows = torch.cat([w] * plan.k + [torch.zeros(plan.r, d, dtype=w.dtype)])
-            out[key + ".weight"] = sp.split_in(rows)
-            if b is not None:
-                out[key + ".bias"] = torch.cat([b] * plan.k + [torch.zeros(plan.r,
-                                                                            dtype=b.dtype)])
-            if head.norm:
-                nkey = (prefix if head.base else "") + head.norm
-                if plan.r:
-                    raise UpcycleError(f"model: tensor {nkey + '.weight'!r} normalises the "
-                                       f"head's hidden vector; LEMON grows it losslessly only "
-                                       f"to multiples of the hidden size ({d})")
-                scale = 1.0 / plan.k if nkey == tied_norm else 1.0
-                gamma, beta = sp.norm(state[nkey + ".weight"], state.get(nkey + ".bias"),
-                                      scale)
-                out[nkey + ".weight"] = gamma
-                if beta is not None:
-                    out[nkey + ".bias"] = beta
-                consumed.update(_suffixes(nkey))
-        elif key == tied:  # the weight is the input embedding's (set below); the bias stays
-            if b is not None:
-                out[key + ".bias"] = b
-        else:
-            out[key + ".weight"] = sp.split_in(w)
-            if b is not None:
-                out[key + ".bias"] = b
-
-    layer_prefix = f"{prefix}{arch.layers}."
-    layers = [_read_layer(state, arch, f"{layer_prefix}{i}.", src_layouts, consumed)
-              for i in range(L)]
-    regular = _regular_maps(plan)
-    identity_maps = _new_block_maps(plan) if method == "lemon" else regular
-    grown = []
-    for src, kind in plan.layer_map:
-        P = layers[src]
-        if kind == "new":
-            maps = identity_maps or regular
-            # with no way to pair copies (a single head), fall back to zero output projections
-            G = _grow_layer(P, sp, maps, identity=True)
-            if identity_maps is None:
-                G["o"] = torch.zeros_like(G["o"])
-                G["down"] = torch.zeros_like(G["down"])
-            if arch.post_ln:
-                prev = grown[-1]
-                ones = torch.ones(D, dtype=work)
-                zeros = torch.zeros(D, dtype=work)
-                G["mn"] = prev["mn"]  # the new block's output norm takes over layer src's
-                G["an"] = (ones, zeros)  # pass the normalised stream through
-                prev["mn"] = (ones.clone(), zeros.clone())
-        else:
-            P_next = layers[min(src + 1, L - 1)]
-            G = _grow_layer(P, sp, regular, identity=False, P_next=P_next,
-                            aki=(method == "aki"))
-        grown.append(G)
-    for target, G in enumerate(grown):
-        _write_layer(out, G, arch, f"{layer_prefix}{target}.", new_layouts)
-    if tied is not None:
-        out[tied + ".weight"] = out[prefix + arch.token_embedding + ".weight"]
-        consumed.add(tied + ".weight")
-
-    # everything else must keep its shape (e.g. a classifier bias), or we do not know it
-    for key, value in state.items():
-        if key in consumed or key in out:
-            continue
-        if key.startswith(layer_prefix):
-            raise UpcycleError(f"model: tensor {key!r} in a {arch.title} layer is not one LEMON "
-                               f"knows how to expand")
-        if new_shapes.get(key) != tuple(value.shape):
-            raise UpcycleError(f"model: tensor {key!r} {tuple(value.shape)} depends on the "
-                               f"model size but is not one LEMON knows how to expand "
-                               f"({arch.title}: a head or module missing from its entry in "
-                               f"upcycle.models.families)")
-        out[key] = value
-    for key, value in out.items():
-        if new_shapes.get(key) != tuple(value.shape):
-            raise UpcycleError(f"internal: expanded {key!r} has shape {tuple(value.shape)}, the "
-                               f"new model expects {new_shapes.get(key)}")
+    for piece in grow_pieces(state, g, shapes):
+        out.update(piece)
+    new = g.new_model
     new.to(dtype)
     missing, unexpected = new.load_state_dict(out, strict=False)
     shared: dict[int, list[str]] = {}  # tied parameters: one name loaded is all of them
@@ -544,11 +454,11 @@ def expand(model: nn.Module, *, hidden_size: int | None = None, num_layers: int 
     if missing or unexpected:
         raise UpcycleError(f"internal: expanded state does not fit the new model: missing "
                            f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if tied is not None and hasattr(new, "tie_weights"):
+    if g.tied is not None and hasattr(new, "tie_weights"):
         new.tie_weights()
     new.to(device)
     new.eval()
-    new.growth_plan = plan  # for reports
-    if match.by_structure:
-        check_clone(model, new, config)
+    new.growth_plan = g.plan  # for reports
+    if g.match.by_structure:
+        check_clone(model, new, g.config)
     return new

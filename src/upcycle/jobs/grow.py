@@ -28,11 +28,19 @@ import torch
 from torch import nn
 
 from ..errors import UpcycleError
-from ..grow import LemonRecipe, example_inputs, expand, max_output_difference
+from ..grow import (
+    FolderGrowth,
+    LemonRecipe,
+    example_inputs,
+    expand,
+    expand_folder,
+    max_output_difference,
+    stream_blocker,
+)
 from ..io.checkpoints import load_pretrained, read_config_json
 from ..io.model_files import check_no_custom_code
 from ..io.outputs import guard_output
-from ..io.writing import atomic_dir, check_output, copy_model_files
+from ..io.writing import DEFAULT_MAX_SHARD_BYTES, atomic_dir, check_output, copy_model_files
 from ..models.families import supported
 from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
@@ -77,6 +85,11 @@ class GrowJob(RunSettings):
     grad_accum: int = 1
     save_steps: int | None = None
     resume: str | None = None
+    in_memory: bool = False
+    """Load the source and build the grown model whole (the only way for ``train``, a legacy
+    pickle, or a family matched by its tensor layout); otherwise the growth is streamed."""
+    max_shard_size: int | None = None
+    """Bytes per safetensors shard of the output (default: HF's 5 GB)."""
 
 
 @dataclass
@@ -112,11 +125,12 @@ def _check_training(job: GrowJob) -> None:
         int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def load_source(model_dir: Path) -> nn.Module:
-    """The model of a HF folder, in its own class (from config.architectures), fp32, eval."""
+def source_config(model_dir: Path):
+    """The config of the HF folder ``model_dir``, checked: a folder with weights, a readable
+    config.json of a model_type transformers knows, no custom code."""
     # deferred: transformers (an optional dependency) loads only when a model is grown
     import transformers
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     if not (model_dir / "config.json").is_file():
         raise UpcycleError(f"--model {model_dir}: not a HuggingFace model folder (no config.json)")
@@ -136,6 +150,15 @@ def load_source(model_dir: Path) -> nn.Module:
     if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise UpcycleError(f"--model {model_dir}: no weights (expected one of "
                            f"{', '.join(WEIGHT_FILES)})")
+    return config
+
+
+def load_source(model_dir: Path) -> nn.Module:
+    """The model of a HF folder, in its own class (from config.architectures), fp32, eval."""
+    import transformers  # deferred: as above
+    from transformers import AutoModel
+
+    config = source_config(model_dir)
     cls = AutoModel
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None) or AutoModel
@@ -169,6 +192,12 @@ def _run_grow(job: GrowJob, *, callbacks: Iterable, say: Callable[[str], None]) 
     if job.train is not None:
         _check_training(job)
     check_output(out, job.overwrite)
+    config = source_config(src)
+    blocker = stream_blocker(config)
+    if job.train is None and not job.in_memory and blocker is None:
+        return _run_streamed(job, say)
+    if job.train is None and not job.in_memory:
+        say(f"(grown in memory: {blocker})")
     source = load_source(src)
     grown = expand(source, hidden_size=job.hidden_size, num_layers=job.layers,
                    num_heads=job.heads, intermediate_size=job.intermediate_size,
@@ -177,12 +206,29 @@ def _run_grow(job: GrowJob, *, callbacks: Iterable, say: Callable[[str], None]) 
     say(f"grown {plan.describe()}")
     n_source, n_grown = (sum(p.numel() for p in m.parameters()) for m in (source, grown))
     say(f"parameters: {n_source:,} -> {n_grown:,}")
+    diffs = [max_output_difference(source, grown, example_inputs(source, seed=s))
+             for s in range(3)]
+    report = _judge(job, plan, n_source, n_grown, diffs, say)
+    if job.train is not None:
+        grown, report["train"] = _train(src, grown, job, callbacks, say)
+    with atomic_dir(out, overwrite=job.overwrite) as tmp:
+        copy_model_files(src, tmp)
+        grown.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "growth.json").write_text(json.dumps(report, indent=2))
+    if job.train is not None and distributed.is_main():
+        shutil.rmtree(checkpoints_folder(out), ignore_errors=True)  # the run is complete
+    say(f"wrote {out}")
+    return GrowResult(out=out, report=report)
+
+
+def _judge(job: GrowJob, plan, n_source: int, n_grown: int, diffs: list[dict],
+           say: Callable[[str], None]) -> dict:
+    """Say the output difference against the source; refuse it above ``job.tolerance``
+    (nothing is written); the report (growth.json)."""
     if n_grown == n_source:
         print("upcycle grow: warning: the target size equals --model's (pass --hidden-size, "
               "--layers, --heads or --intermediate-size larger than the source's): the output "
               "is a copy of it", file=sys.stderr)
-    diffs = [max_output_difference(source, grown, example_inputs(source, seed=s))
-             for s in range(3)]
     nan = [r for r in diffs if math.isnan(r["max_rel"]) or math.isnan(r["max_abs"])]
     worst = nan[0] if nan else max(diffs, key=lambda r: r["max_rel"])  # NaN is the worst
     argmax_ok = all(r["argmax_equal"] for r in diffs)
@@ -198,20 +244,32 @@ def _run_grow(job: GrowJob, *, callbacks: Iterable, say: Callable[[str], None]) 
                            f"(relative), above --tolerance {job.tolerance:g}; nothing written")
     if lossy:
         say(f"(method {job.method} is lossy by design: the tolerance is not enforced)")
-    report = {"plan": plan.describe(), "family": plan.family,
-              "matched_by_structure": plan.by_structure, "method": job.method, "seed": job.seed,
-              "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
-              "source": str(src)}
-    if job.train is not None:
-        grown, report["train"] = _train(src, grown, job, callbacks, say)
-    with atomic_dir(out, overwrite=job.overwrite) as tmp:
-        copy_model_files(src, tmp)
-        grown.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "growth.json").write_text(json.dumps(report, indent=2))
-    if job.train is not None and distributed.is_main():
-        shutil.rmtree(checkpoints_folder(out), ignore_errors=True)  # the run is complete
-    say(f"wrote {out}")
-    return GrowResult(out=out, report=report)
+    return {"plan": plan.describe(), "family": plan.family,
+            "matched_by_structure": plan.by_structure, "method": job.method, "seed": job.seed,
+            "max_abs_difference": worst["max_abs"], "max_rel_difference": worst["max_rel"],
+            "source": str(job.model)}
+
+
+def _run_streamed(job: GrowJob, say: Callable[[str], None]) -> GrowResult:
+    """The growth streamed tensor by tensor (:func:`upcycle.grow.expand_folder`): the grown
+    model is written in float32, as the in-memory path writes it, checked piecewise before
+    it is moved into place."""
+    reports: list[dict] = []
+
+    def judge(growth: FolderGrowth) -> dict:
+        report = _judge(job, growth.plan, *growth.parameters, [growth.difference], say)
+        report["streamed"] = True
+        reports.append(report)
+        return report
+
+    result = expand_folder(
+        job.model, job.out, hidden_size=job.hidden_size, num_layers=job.layers,
+        num_heads=job.heads, intermediate_size=job.intermediate_size, seed=job.seed,
+        method=job.method, dtype=torch.float32, overwrite=job.overwrite,
+        max_shard_bytes=job.max_shard_size or DEFAULT_MAX_SHARD_BYTES, judge=judge, say=say,
+        progress=not job.quiet)
+    say(f"wrote {result.out}")
+    return GrowResult(out=result.out, report=reports[0])
 
 
 def _train(src: Path, grown: nn.Module, job: GrowJob, callbacks: Iterable,
