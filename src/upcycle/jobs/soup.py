@@ -30,6 +30,7 @@ from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
 from ..runtime.memory import peak_rss_mb
 from ..soup import SoupContext, SoupResult, get_method
+from ..soup.anchor import check_merges, merges_need_base, resolve_merge_configs
 from ..soup.common import load_state
 from ..soup.merge import check_base
 from ..soup.registry import check_count, method_names
@@ -275,7 +276,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
     n = len(job.ingredients)
     check_count(entry, n)
     if config is None:
-        config = entry.make_config(n, **settings)
+        config = make_method_config(entry, n, settings)
     context = soup_context(job, checkpoint_dir=checkpoint_dir, resume=resume,
                            callback=callback)
     start = time.perf_counter()
@@ -290,12 +291,33 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
         # exactly these weights, unless the soup is stored in another dtype than the model
         # ran in (bf16 ingredients)
         last = result.history[-1] if result.history and _same_dtypes(job, result.state) else {}
+        kept = result.info.get("keep_best")
+        if kept is not None and last:  # the state kept: the start or the best round's
+            last = {f"held_out_{k}": v for k, v in kept["kept_held_out"].items()}
         keys = job.task.metric_names
         held = ({k: last[f"held_out_{k}"] for k in keys}
                 if all(f"held_out_{k}" in last for k in keys) else None)
         row.update(_metrics(job, result.state, held_out=held))
         row["peak_rss_mb"] = peak_rss_mb()
     return result, row
+
+
+def make_method_config(entry, n: int, settings: dict):
+    """The method's config from the command's settings (by field name), with the configs of
+    the merges it starts from or compares (``--init``, ``--candidates``) made from the same
+    settings."""
+    return resolve_merge_configs(entry.make_config(n, **settings), n, settings)
+
+
+def not_kept_row(method: str, result: SoupResult) -> dict | None:
+    """A table row for a fit that did not beat its start (the soup is the start): the
+    held-out metrics of its best round, or None when the fit improved."""
+    kept = result.info.get("keep_best")
+    if not kept or kept["improved"] or not kept["fit_best_held_out"]:
+        return None
+    return {"method": f"{method} fit, not kept ({kept['fit_best']}; the soup is its start, "
+                      f"--init {kept['init']})",
+            **{f"held_out_{k}": v for k, v in kept["fit_best_held_out"].items()}}
 
 
 def _same_dtypes(job: SoupJob, state: dict) -> bool:
@@ -487,13 +509,13 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
         eval_batch_size=config.eval_batch_size, progress=config.progress,
         check_finite=config.check_finite, device=config.device, dtype=config.dtype,
         precision=config.precision, base=config.base, task=config.task, chunk=config.chunk,
-        need_base=entry.needs_base)
+        need_base=entry.needs_base or bool(merges_need_base(
+            config.method_config or _early_config(config, entry))))
     n = len(job.ingredients)
     if n == 1 and distributed.is_main():
         say(f"warning: only one ingredient ({job.ingredients[0].path}): the soup is a copy "
             f"of it")
-    method_config = config.method_config or entry.make_config(
-        n, **{"seed": config.seed, **config.method_settings})
+    method_config = config.method_config or _early_config(config, entry, n)
     if entry.check is not None:
         entry.check(method_config, n)
     if config.resume and job.task is not None:
@@ -512,6 +534,8 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
                                                 callback=on_round)
     result, row = run_method(job, config.method, method_config, **resumable)
     rows.append(row)
+    if (extra := not_kept_row(config.method, result)) is not None:
+        rows.append(extra)
     report = {"method": config.method, "ingredients": [str(i.path) for i in job.ingredients],
               "rows": rows, "soup": result.summary(),
               "config": _report_config(config, entry, n), "command": config.command}
@@ -552,8 +576,18 @@ def _check_method_early(config: SoupConfig, entry) -> None:
                            f"fine-tuned from (their task vectors are theta_i - theta_0)")
     n = len(expand_ingredient_paths(config.ingredients))
     check_count(entry, n)
+    method_config = config.method_config or _early_config(config, entry, n)
     if entry.check is not None and config.method_config is None:
-        entry.check(entry.make_config(n, **{"seed": config.seed, **config.method_settings}), n)
+        entry.check(method_config, n)
+    check_merges(method_config, n, has_base=config.base is not None)
+
+
+def _early_config(config: SoupConfig, entry, n: int | None = None):
+    """The method's config from the job's settings (``n``: the number of ingredients; None:
+    counted from the paths)."""
+    if n is None:
+        n = len(expand_ingredient_paths(config.ingredients))
+    return make_method_config(entry, n, {"seed": config.seed, **config.method_settings})
 
 
 def _report_config(config: SoupConfig, entry, n: int) -> dict | None:
