@@ -33,9 +33,9 @@ from upcycle.jobs.bench import main  # noqa: E402
 
 GRIDS = {
     "task-arithmetic": {"lambda_": (0.3, 0.5, 1.0)},
-    "ties": {"density": (0.2, 0.5), "lambda_": (0.5, 1.0)},
-    "dare-linear": {"density": (0.3, 0.6), "lambda_": (0.5, 1.0)},
-    "dare-ties": {"density": (0.3, 0.6), "lambda_": (0.5, 1.0)},
+    "ties": {"density": (0.5,), "lambda_": (0.5, 1.0)},
+    "dare-linear": {"density": (0.5,), "lambda_": (0.5, 1.0)},
+    "dare-ties": {"density": (0.5,), "lambda_": (0.5, 1.0)},
 }
 """Settings picked on held-out for each merge (the others use their defaults)."""
 MERGES = ("uniform", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp",
@@ -92,7 +92,10 @@ def run_worker(spec: dict) -> dict:
     job = _job(paths, spec)
     out: dict = {}
     start = time.perf_counter()
-    if kind != "base":
+    settings = dict(spec.get("settings", {}))
+    uses_scores = kind == "best" or method in ("linear", "slerp", "greedy") or \
+        settings.get("init") in ("linear", "slerp")
+    if uses_scores:  # each ingredient's held-out loss (greedy starts from them)
         ing_rows = ingredient_rows(job)
     if kind == "base":
         from upcycle.io import Ingredient
@@ -104,7 +107,6 @@ def run_worker(spec: dict) -> dict:
         state = job.ingredients[row["index"]].state_dict()
         out["picked"] = job.ingredients[row["index"]].path.name
     else:
-        settings = dict(spec.get("settings", {}))
         if method == "linear" or settings.get("init") == "linear":
             settings["weights"] = _linear_weights(job)
         if method == "slerp" or settings.get("init") == "slerp":
