@@ -147,16 +147,11 @@ def run_worker(spec: dict) -> dict:
 
 
 def contenders(args) -> list[dict]:
-    from lm_setup import prepare
-    from lm_soup import _sizes
+    import lm_soup
 
-    sizes = _sizes(args)
-    cache = Path(args.cache or Path(os.environ.get("UPCYCLE_CACHE", Path.home() / ".cache" /
-                                                   "upcycle")) / ("lm_soup-quick" if args.quick
-                                                                   else "lm_soup"))
-    paths = prepare(cache, sizes, log=lambda m: print(m, file=sys.stderr, flush=True))
-    common = {"paths": paths, "seq": sizes.seq, "batch": sizes.batch,
-              "threads": int(os.environ.get("UPCYCLE_THREADS", "1"))}
+    sizes = lm_soup._sizes(args)
+    common = {k: v for k, v in lm_soup.contenders(args)[0].items()  # lm_soup's cache and sizes
+              if k in ("paths", "seq", "batch", "threads")}
     fit = {"epochs": args.epochs}
     mehl = {**fit, "model_batch": min(args.K, sizes.n)}
     inits = args.inits.split(",")

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from lm_models import CORPUS, save_lm, tiny_lm, tiny_tokenizer
+from lm_models import CORPUS
+from test_soup_init import lm_ingredients
 
 from upcycle.errors import UpcycleWarning
 
@@ -29,18 +29,7 @@ def bench():
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("mq")
-    tok = tiny_tokenizer()
-    model = tiny_lm("llama", tie=True)
-    base = save_lm(model, root / "base", tok)
-    folders = []
-    for i in range(3):
-        gen = torch.Generator().manual_seed(i)
-        m = type(model)(model.config)
-        m.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        folders.append(str(save_lm(m, root / f"ing{i}", tok)))
+    base, folders = lm_ingredients(root)
     files = {}
     for split, lines in (("held_out", CORPUS[:6]), ("test", CORPUS[6:] or CORPUS)):
         files[split] = str(root / f"{split}.jsonl")

@@ -167,19 +167,25 @@ def test_bad_init_is_one_error_line_and_nothing_is_written(tmp_path, capsys, arg
     assert not out.exists()
 
 
-def test_cli_mehl_from_task_arithmetic_and_greedy_over_merges(tmp_path, capsys):
+def lm_ingredients(root, n=3):
+    """A tiny tied Llama saved as the base and ``n`` perturbed copies of it (folders)."""
     tok = tiny_tokenizer()
     model = tiny_lm("llama", tie=True)
-    base = save_lm(model, tmp_path / "base", tok)
+    base = save_lm(model, root / "base", tok)
     folders = []
-    for i in range(3):
+    for i in range(n):
         gen = torch.Generator().manual_seed(i)
         m = type(model)(model.config)
         m.load_state_dict(model.state_dict())
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        folders.append(str(save_lm(m, tmp_path / f"ing{i}", tok)))
+        folders.append(str(save_lm(m, root / f"ing{i}", tok)))
+    return base, folders
+
+
+def test_cli_mehl_from_task_arithmetic_and_greedy_over_merges(tmp_path, capsys):
+    base, folders = lm_ingredients(tmp_path)
     held = write_lines(tmp_path / "held.txt", CORPUS)
     common = [*folders, "--held-out", str(held), "--base", str(base), "--quiet",
               "--max-length", "16", "--batch-size", "4"]
