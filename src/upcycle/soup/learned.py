@@ -66,7 +66,9 @@ class LearnedConfig:
     """Linear warm-up fraction before the cosine decay (as MEHL, for a like-for-like run)."""
     seed: int = 0
     init: str = field(default=INIT_DEFAULT, metadata={"metavar": "MERGE"})
-    """the start of the fit: a fixed-weight merge of all ingredients (see MehlConfig.init)"""
+    """learned/MEHL: the start of the fit (its anchor), a fixed-weight merge of all ingredients
+    with that merge's settings (--weights, --lambda, --density, --t, --base...): uniform,
+    linear, task-arithmetic, ties, dare-linear, dare-ties, slerp or model-stock"""
     merge_configs: dict | None = field(default=None, metadata={"cli": False})
     """The ``init`` merge's config by name (None: its defaults)."""
     progress: bool = False

@@ -104,9 +104,8 @@ class MehlConfig:
     seed: int = 0
     """Seeds the ingredient order and the order of held-out batches."""
     init: str = field(default=INIT_DEFAULT, metadata={"metavar": "MERGE"})
-    """the start of the fit (its anchor): a fixed-weight merge of all ingredients, with that
-    merge's settings (--weights, --lambda, --density, --t, --base...): uniform, linear,
-    task-arithmetic, ties, dare-linear, dare-ties, slerp or model-stock"""
+    """The start of the fit (its anchor): a fixed-weight merge of all ingredients, with that
+    merge's settings (as :attr:`LearnedConfig.init`)."""
     merge_configs: dict | None = field(default=None, metadata={"cli": False})
     """The ``init`` merge's config by name (None: made from its defaults; the job fills it
     from the command's settings, :func:`upcycle.soup.anchor.resolve_merge_configs`)."""
