@@ -32,7 +32,10 @@ from .common import SoupResult
 from .registry import SoupContext, SoupMethod, check_count, get_method, method_names
 
 INIT_DEFAULT = "uniform"
-"""The default start of learned(+) and MEHL(+) (chosen by benchmarks/merge_quality.py)."""
+"""The default start of learned(+) and MEHL(+): benchmarks/merge_quality.py (--quick, 10 LM
+fine-tunes) gave MEHL+ its best held-out and test perplexity from the uniform soup (model stock
+and task arithmetic within the interval, TIES behind); it needs no --base and is the
+reference's start."""
 INGREDIENTS = "ingredients"
 """Greedy's candidate that stands for every ingredient."""
 
