@@ -14,7 +14,6 @@ from upcycle import UpcycleError
 from upcycle.cli.main import main
 from upcycle.errors import UpcycleWarning
 from upcycle.io.checkpoints import Ingredient
-from upcycle.jobs.soup import not_kept_row
 from upcycle.soup import (
     GreedyConfig,
     LearnedConfig,
@@ -25,6 +24,7 @@ from upcycle.soup import (
 )
 from upcycle.soup.anchor import merge_choices
 from upcycle.soup.greedy import _run as greedy_run
+from upcycle.soup.keep_best import not_kept_row
 from upcycle.soup.registry import get_method
 
 SETTINGS = {"ties": {"density": 0.5}, "dare-linear": {"density": 0.5},

@@ -32,6 +32,7 @@ from ..runtime.memory import peak_rss_mb
 from ..soup import SoupContext, SoupResult, get_method
 from ..soup.anchor import check_merges, merges_need_base, resolve_merge_configs
 from ..soup.common import load_state
+from ..soup.keep_best import not_kept_row
 from ..soup.merge import check_base
 from ..soup.registry import check_count, method_names
 from ..soup.resume import checkpoint_path
@@ -307,17 +308,6 @@ def make_method_config(entry, n: int, settings: dict):
     the merges it starts from or compares (``--init``, ``--candidates``) made from the same
     settings."""
     return resolve_merge_configs(entry.make_config(n, **settings), n, settings)
-
-
-def not_kept_row(method: str, result: SoupResult) -> dict | None:
-    """A table row for a fit that did not beat its start (the soup is the start): the
-    held-out metrics of its best round, or None when the fit improved."""
-    kept = result.info.get("keep_best")
-    if not kept or kept["improved"] or not kept["fit_best_held_out"]:
-        return None
-    return {"method": f"{method} fit, not kept ({kept['fit_best']}; the soup is its start, "
-                      f"--init {kept['init']})",
-            **{f"held_out_{k}": v for k, v in kept["fit_best_held_out"].items()}}
 
 
 def _same_dtypes(job: SoupJob, state: dict) -> bool:

@@ -121,3 +121,14 @@ class KeepBest:
                 f"{metrics['loss']:.4f} at best ({label}); the soup is the start",
                 UpcycleWarning, stacklevel=3)
         return summary
+
+
+def not_kept_row(method: str, result) -> dict | None:
+    """A table row for a fit that did not beat its start (the soup is the start): the
+    held-out metrics of its best round, or None when the fit improved."""
+    kept = result.info.get("keep_best")
+    if not kept or kept["improved"] or not kept["fit_best_held_out"]:
+        return None
+    return {"method": f"{method} fit, not kept ({kept['fit_best']}; the soup is its start, "
+                      f"--init {kept['init']})",
+            **{f"held_out_{k}": v for k, v in kept["fit_best_held_out"].items()}}
