@@ -20,7 +20,7 @@ from upcycle.cli.main import main
 from upcycle.errors import UpcycleError
 from upcycle.io.model_files import MODEL_FILES, check_no_custom_code, model_files
 from upcycle.io.writing import copy_model_files
-from upcycle.jobs.soup import tokenizer_files
+from upcycle.jobs.soup_files import tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 

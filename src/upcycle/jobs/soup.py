@@ -21,21 +21,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UpcycleError
-from ..io.checkpoints import Ingredient, _short, read_config_json
+from ..io.checkpoints import Ingredient, _short
 from ..io.ingredients import (
     check_configs,
     expand_ingredient_paths,
     open_ingredients,
     validate_ingredients,
 )
-from ..io.model_files import model_files
 from ..io.outputs import expand_globs, guard_output
 from ..io.writing import check_output, write_json
 from ..runtime import distributed
 from ..runtime.devices import check_precision, resolve_device, resolve_dtype
 from ..runtime.memory import peak_rss_mb
 from ..soup import SoupContext, SoupResult, get_method
+from ..soup.anchor import check_merges, merges_need_base, resolve_merge_configs
 from ..soup.common import load_state
+from ..soup.keep_best import not_kept_row
 from ..soup.merge import check_base
 from ..soup.mergekit import mergekit_files
 from ..soup.registry import check_count, method_names
@@ -43,9 +44,12 @@ from ..soup.resume import checkpoint_path
 from ..tasks import Task, load_task
 from ..tasks.causal_lm import LMData, is_causal_lm
 from ..tasks.classification import LabeledData
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
+from .soup_files import (
+    _tokenizer_candidates,
+    config_with_dtype,
+    find_tokenizer_dir,
+    tokenizer_files,
+)
 
 REPORT_COLUMNS = [
     ("method", "method", ""), ("held_out_accuracy", "held-out acc", ".4f"),
@@ -129,25 +133,6 @@ class SoupJob:
         """Held-out score for greedy (higher is better): accuracy, ties broken by lower loss;
         for a causal LM minus the held-out token loss."""
         return self.task.score(self.evaluate_state(state))
-
-
-def find_tokenizer_dir(folders) -> Path | None:
-    """The first of ``folders`` (None entries skipped) holding tokenizer files."""
-    for folder in folders:
-        if folder is not None and any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
-            return Path(folder)
-    return None
-
-
-def _tokenizer_candidates(ingredients, model_dir, base) -> list[Path]:
-    """Where a causal LM's tokenizer may be: --model, each ingredient's folder (an adapter's
-    own folder, then its base), then --base; each once, in that order."""
-    found: list[Path] = []
-    for folder in [model_dir, *[d for ing in ingredients for d in (
-            ing.path if ing.path.is_dir() else None, ing.hf_dir)], base]:
-        if folder is not None and Path(folder).is_dir() and Path(folder) not in found:
-            found.append(Path(folder))
-    return found
 
 
 def prepare_soup_job(
@@ -292,7 +277,7 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
     n = len(job.ingredients)
     check_count(entry, n)
     if config is None:
-        config = entry.make_config(n, **settings)
+        config = make_method_config(entry, n, settings)
     context = soup_context(job, checkpoint_dir=checkpoint_dir, resume=resume,
                            callback=callback)
     start = time.perf_counter()
@@ -307,12 +292,22 @@ def run_method(job: SoupJob, method: str, config=None, *, checkpoint_dir=None,
         # exactly these weights, unless the soup is stored in another dtype than the model
         # ran in (bf16 ingredients)
         last = result.history[-1] if result.history and _same_dtypes(job, result.state) else {}
+        kept = result.info.get("keep_best")
+        if kept is not None and last:  # the state kept: the start or the best round's
+            last = {f"held_out_{k}": v for k, v in kept["kept_held_out"].items()}
         keys = job.task.metric_names
         held = ({k: last[f"held_out_{k}"] for k in keys}
                 if all(f"held_out_{k}" in last for k in keys) else None)
         row.update(_metrics(job, result.state, held_out=held))
         row["peak_rss_mb"] = peak_rss_mb()
     return result, row
+
+
+def make_method_config(entry, n: int, settings: dict):
+    """The method's config from the command's settings (by field name), with the configs of
+    the merges it starts from or compares (``--init``, ``--candidates``) made from the same
+    settings."""
+    return resolve_merge_configs(entry.make_config(n, **settings), n, settings)
 
 
 def _same_dtypes(job: SoupJob, state: dict) -> bool:
@@ -426,34 +421,6 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def tokenizer_files(job: SoupJob) -> dict[str, bytes]:
-    """A causal LM's tokenizer files when they come from another folder than the one whose
-    config is copied (e.g. the base of LoRA adapters, or one ingredient), so that the soup
-    folder has its tokenizer too."""
-    source, tok = job.source_dir, job.tokenizer_dir
-    if tok is None or source is None or find_tokenizer_dir([source]) is not None:
-        return {}
-    names = {*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json",
-             "chat_template.jinja"}
-    return {name: path.read_bytes() for name, path in model_files(tok, names).items()}
-
-
-def config_with_dtype(job: SoupJob, state: dict) -> dict[str, str]:
-    """The copied ``config.json`` with its ``dtype`` (and ``torch_dtype``, when present) set
-    to the soup's floating dtype, which ``--dtype`` or the ingredients decide (empty when no
-    config is copied)."""
-    source = job.source_dir
-    floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    if source is None or not (Path(source) / "config.json").is_file() or not floating:
-        return {}
-    config = read_config_json(source, "the soup's config")
-    name = str(floating[0]).removeprefix("torch.")
-    config["dtype"] = name
-    if "torch_dtype" in config:
-        config["torch_dtype"] = name
-    return {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
-
-
 def _quiet(message: str) -> None:
     pass
 
@@ -506,13 +473,14 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
         eval_batch_size=config.eval_batch_size, progress=config.progress,
         check_finite=config.check_finite, device=config.device, dtype=config.dtype,
         precision=config.precision, base=config.base, task=config.task, chunk=config.chunk,
-        need_base=entry.needs_base, config_from=config.config_from)
+        need_base=entry.needs_base or bool(merges_need_base(
+            config.method_config or _early_config(config, entry))),
+        config_from=config.config_from)
     n = len(job.ingredients)
     if n == 1 and distributed.is_main():
         say(f"warning: only one ingredient ({job.ingredients[0].path}): the soup is a copy "
             f"of it")
-    method_config = config.method_config or entry.make_config(
-        n, **{"seed": config.seed, **config.method_settings})
+    method_config = config.method_config or _early_config(config, entry, n)
     if entry.check is not None:
         entry.check(method_config, n)
     if config.resume and job.task is not None:
@@ -531,6 +499,8 @@ def _run_soup(config: SoupConfig, *, say=_quiet, on_round=None, on_saved=None) -
                                                 callback=on_round)
     result, row = run_method(job, config.method, method_config, **resumable)
     rows.append(row)
+    if (extra := not_kept_row(config.method, result)) is not None:
+        rows.append(extra)
     report = {"method": config.method, "ingredients": [str(i.path) for i in job.ingredients],
               "rows": rows, "soup": result.summary(),
               "config": _report_config(config, entry, n), "command": config.command}
@@ -577,8 +547,18 @@ def _check_method_early(config: SoupConfig, entry) -> None:
                            f"fine-tuned from (their task vectors are theta_i - theta_0)")
     n = len(expand_ingredient_paths(config.ingredients))
     check_count(entry, n)
+    method_config = config.method_config or _early_config(config, entry, n)
     if entry.check is not None and config.method_config is None:
-        entry.check(entry.make_config(n, **{"seed": config.seed, **config.method_settings}), n)
+        entry.check(method_config, n)
+    check_merges(method_config, n, has_base=config.base is not None)
+
+
+def _early_config(config: SoupConfig, entry, n: int | None = None):
+    """The method's config from the job's settings (``n``: the number of ingredients; None:
+    counted from the paths)."""
+    if n is None:
+        n = len(expand_ingredient_paths(config.ingredients))
+    return make_method_config(entry, n, {"seed": config.seed, **config.method_settings})
 
 
 def _report_config(config: SoupConfig, entry, n: int) -> dict | None:

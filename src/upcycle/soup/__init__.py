@@ -13,7 +13,7 @@ from .ties import TiesConfig, ties_soup
 from .dare import DareConfig, dare_soup
 from .slerp import SlerpConfig, slerp_soup
 from .model_stock import model_stock_soup
-from .greedy import greedy_soup
+from .greedy import GreedyConfig, greedy_soup
 from .learned import LearnedConfig, learned_soup
 from .mehl import MehlConfig, mehl_soup
 # isort: on
@@ -24,7 +24,7 @@ METHODS = tuple(SOUP_METHODS)
 """The registered methods' names when the package was imported (kept for old imports; the
 registry itself is :data:`SOUP_METHODS`)."""
 
-__all__ = ["METHODS", "SOUP_METHODS", "DareConfig", "LearnedConfig", "LinearConfig", "MehlConfig",
+__all__ = ["METHODS", "SOUP_METHODS", "DareConfig", "GreedyConfig", "LearnedConfig", "LinearConfig", "MehlConfig",
            "SlerpConfig", "SoupContext", "SoupMethod", "SoupResult", "TaskArithmeticConfig",
            "TiesConfig", "dare_soup", "get_method", "greedy_soup", "learned_soup",
            "linear_soup", "mehl_soup", "model_stock_soup", "register", "slerp_soup",

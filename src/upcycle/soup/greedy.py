@@ -1,15 +1,66 @@
-"""Greedy soup (Wortsman et al. 2022): add ingredients best-first while held-out improves."""
+"""Greedy soup (Wortsman et al. 2022): add ingredients best-first while held-out improves.
+
+Candidates (``--candidates``): what greedy sorts and adds, by default every ingredient; a
+fixed-weight merge of all ingredients (``ties``, ``task-arithmetic``... with its own settings,
+:mod:`upcycle.soup.anchor`) is one more candidate, scored and averaged like an ingredient, so
+``--candidates ingredients ties task-arithmetic`` lets greedy compare the merges with the
+ingredients and with averages of both, and ``--candidates uniform ties model-stock`` picks
+among merges only (each merge is held in memory as one model while greedy runs).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..io.checkpoints import Ingredient
+from ..io.source import SourceReads
+from .anchor import INGREDIENTS, check_merges, merge_names, run_merge
 from .common import SoupResult, ingredient_names, out_dtype
 from .registry import SoupContext, SoupMethod, register
+
+
+@dataclass
+class GreedyConfig:
+    candidates: list[str] | None = field(default=None, metadata={"metavar": "C"})
+    """greedy: what it sorts by held-out score and adds while the average improves:
+    "ingredients" (each one) and/or fixed-weight merges of all of them (uniform, linear,
+    task-arithmetic, ties, dare-linear, dare-ties, slerp, model-stock, with their settings);
+    space- or comma-separated (default: ingredients)"""
+    merge_configs: dict | None = field(default=None, metadata={"cli": False})
+    """Each merge candidate's config by name (None: its defaults)."""
+
+    def __post_init__(self):
+        self.candidates = [c.strip() for item in self.candidates or [INGREDIENTS]
+                           for c in item.split(",") if c.strip()]
+
+
+class MergedSource(SourceReads):
+    """A merge's state as a candidate (in memory; the TensorSource protocol)."""
+
+    def __init__(self, result: SoupResult, like: Ingredient, index: int):
+        self.state, self.index, self.hf_dir = result.state, index, like.hf_dir
+        self.path = Path(f"<{result.method} merge>")
+
+    @property
+    def label(self) -> str:
+        return f"the {self.path.name[1:-1]}"
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name].clone()
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
@@ -90,11 +141,32 @@ def greedy_soup(ingredients: Sequence[Ingredient], score: ScoreFn, *, progress: 
     )
 
 
-def _run(ingredients: Sequence[Ingredient], context: SoupContext, config: None) -> SoupResult:
-    return greedy_soup(ingredients, context.score_fn, progress=context.progress,
-                       ingredient_scores=context.ingredient_scores, dtype=context.dtype)
+def _run(ingredients: Sequence[Ingredient], context: SoupContext,
+         config: GreedyConfig | None) -> SoupResult:
+    config = config or GreedyConfig()
+    merges = merge_names(config)
+    if not merges:
+        return greedy_soup(ingredients, context.score_fn, progress=context.progress,
+                           ingredient_scores=context.ingredient_scores, dtype=context.dtype)
+    check_merges(config, len(ingredients), has_base=context.base is not None)
+    use_ingredients = INGREDIENTS in config.candidates
+    sources = list(ingredients) if use_ingredients else []
+    scores = list(context.ingredient_scores) if use_ingredients and \
+        context.ingredient_scores is not None else None
+    for name in merges:
+        sources.append(MergedSource(run_merge(name, ingredients, context, config),
+                                    ingredients[0], len(sources) + 1))
+        if scores is not None:
+            scores.append(context.score_fn(sources[-1].state))
+    result = greedy_soup(sources, context.score_fn, progress=context.progress,
+                         ingredient_scores=scores, dtype=context.dtype)
+    result.info["candidates"] = [str(s.path) for s in sources]
+    result.info["coefficient_rows"] = "the candidates: ingredients, then merges"
+    return result
 
 
 register(SoupMethod("greedy", _run, "Greedy soup",
-                    "ingredients added in order of held-out accuracy, each kept only if the "
-                    "held-out accuracy of the average does not drop", needs_data=True))
+                    "candidates (the ingredients, and any merges asked for) added in order of "
+                    "held-out score, each kept only if the held-out score of the average "
+                    "improves", config_class=GreedyConfig, needs_data=True,
+                    check=lambda config, n: check_merges(config, n)))

@@ -5,6 +5,19 @@ soup), theta^l = sum_i alpha[l, i] theta_i^l. All N ingredients are kept residen
 autograd runs through the weighted sum, exactly as the reference does, so the comparison
 with MEHL-Soup is honest: its memory grows with N.
 
+The start (``init``): w = 0 is the uniform soup, the reference's start and the default. From
+another fixed-weight merge A (``--init ties``...; :mod:`upcycle.soup.anchor`) the soup is
+theta^l = A^l + sum_i (alpha[l, i] - 1/N) (theta_i^l - A^l) = sum_i alpha[l, i] theta_i^l + delta^l
+with the fixed offset delta = A - the uniform soup: at w = 0 it is exactly A, the learned
+coefficients move the same convex combination as from the uniform start, and what the merge
+adds beyond an average (TIES' trimmed, sign-elected task vectors; task arithmetic's lambda)
+rides along unchanged. The coefficients are then those of the anchor's rows (composed with a
+linear merge's own, else "the anchor" with weight 1 plus alpha - 1/N over the ingredients).
+The offset costs one more model in memory (none from the uniform start).
+
+Keep-best (:mod:`upcycle.soup.keep_best`): the held-out loss is measured at the start and
+after every epoch and the soup is the best of those states, the start included.
+
 The N ingredients, the mixing logits and the weighted sums live on the model's device (read
 there one tensor at a time); under torch.distributed each rank fits on its share of every
 held-out batch and the logits' gradient is all-reduced.
@@ -22,8 +35,10 @@ from torch.func import functional_call
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient
+from ..io.source import TensorSource
 from ..runtime import distributed
 from ..training.schedules import cosine_with_warmup
+from .anchor import INIT_DEFAULT, check_merges, compose_coefficients, run_merge
 from .common import (
     SoupResult,
     accumulator_dtype,
@@ -35,6 +50,7 @@ from .common import (
     out_dtype,
 )
 from .fit_loop import finish_state, grad_scaler, held_out_epoch, progress_bar, ready_model
+from .keep_best import KeepBest, held_out_loss, warn_few_steps
 from .registry import SoupContext, SoupMethod, register
 
 
@@ -49,6 +65,12 @@ class LearnedConfig:
     warmup_ratio: float = field(default=0.2, metadata={"cli": False})
     """Linear warm-up fraction before the cosine decay (as MEHL, for a like-for-like run)."""
     seed: int = 0
+    init: str = field(default=INIT_DEFAULT, metadata={"metavar": "MERGE"})
+    """learned/MEHL: the start of the fit (its anchor), a fixed-weight merge of all ingredients
+    with that merge's settings (--weights, --lambda, --density, --t, --base...): uniform,
+    linear, task-arithmetic, ties, dare-linear, dare-ties, slerp or model-stock"""
+    merge_configs: dict | None = field(default=None, metadata={"cli": False})
+    """The ``init`` merge's config by name (None: its defaults)."""
     progress: bool = False
 
 
@@ -75,11 +97,14 @@ def learned_soup(
     device: str | torch.device | None = None,
     precision: str | None = None,
     dtype: torch.dtype | None = None,
+    base: TensorSource | None = None,
 ) -> SoupResult:
     """Learn softmax mixing coefficients on ``held_out`` batches with all ingredients resident.
 
     ``device`` (None: where ``model`` is), ``precision`` ("bf16"/"fp16" autocast) and
-    ``dtype`` (the soup's dtype; None: the ingredients') as for :func:`mehl_soup`.
+    ``dtype`` (the soup's dtype; None: the ingredients') as for :func:`mehl_soup`;
+    ``eval_fn(model)`` (optional) gives the held-out metrics kept in the history and whose
+    ``loss`` decides the state kept; ``base``: for an ``init`` merge that reads it.
     """
     config = config or LearnedConfig()
     check_precision_name(precision)
@@ -87,6 +112,10 @@ def learned_soup(
         raise UpcycleError(f"a learned soup needs at least 2 ingredients, got {len(ingredients)}")
     if not held_out:
         raise UpcycleError("the held-out set is empty: a learned soup needs data to fit on")
+    check_merges(config, len(ingredients), has_base=base is not None)
+    method = "learned+" if config.blockwise else "learned"
+    warn_few_steps(method, config.epochs * len(held_out), config.epochs, len(held_out),
+                   config.lr, what="the fit")
     torch.manual_seed(config.seed)
     names, others, device, params = ready_model(model, ingredients, device)
     # All N ingredients resident on the device (the reference's memory profile), in the
@@ -95,25 +124,44 @@ def learned_soup(
               for ing in ingredients]
     block_names, block_of = make_blocks(names, config.blockwise)
     n_ing, n_blocks = len(ingredients), len(block_names)
+    merged = offset = None
+    if config.init != "uniform":  # (w = 0 is the uniform soup itself: no offset)
+        merged = run_merge(config.init, ingredients, SoupContext(base=base), config)
+        offset = _offset(merged, thetas, names, params)
+        merged.state = {}  # only its coefficients are kept
     w = torch.zeros(n_blocks, n_ing, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([w], lr=config.lr, weight_decay=0.0)
     total = config.epochs * len(held_out)
     scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     fmodel = FunctionalModel(model)
 
-    def prepare() -> None:  # the weighted sums, through which autograd runs
-        alpha = torch.softmax(w, dim=1)
+    def mix(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         mixed = {}
         for n, l in zip(names, block_of):
             acc = alpha[l, 0] * thetas[0][n]
+            if offset is not None:
+                acc = acc + offset[n]
             for i in range(1, n_ing):
                 acc = acc + alpha[l, i] * thetas[i][n]
             mixed[n] = acc
-        fmodel.params = mixed
+        return mixed
+
+    def prepare() -> None:  # the weighted sums, through which autograd runs
+        fmodel.params = mix(torch.softmax(w, dim=1))
 
     def gradient(loss_scale: float) -> None:
         fmodel.params = {}
         distributed.all_reduce_sum(w.grad)
+
+    def measure() -> dict:  # held-out metrics of the current soup, loaded into the model
+        with torch.no_grad():
+            load_state(model, mix(torch.softmax(w, dim=1)))
+        if eval_fn is not None:
+            return dict(eval_fn(model))
+        return {"loss": held_out_loss(model, held_out, loss_fn, device, precision)}
+
+    def snapshot() -> torch.Tensor:
+        return w.detach().cpu().clone()
 
     fit = dict(model=fmodel, loss_fn=loss_fn, device=device, precision=precision,
                optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(device, precision),
@@ -122,33 +170,51 @@ def learned_soup(
                loss_sum=torch.zeros((), dtype=accumulator_dtype(device), device=device))
     gen = torch.Generator().manual_seed(config.seed)
     history = []
+    best = KeepBest(method, config.init, measure(), snapshot)
     start = time.perf_counter()
     for epoch in range(config.epochs):
         steps = held_out_epoch(held_out, gen, **fit)
         record = {"epoch": epoch + 1, "train_loss": float(fit["loss_sum"]) / max(1, steps),
                   "seconds": time.perf_counter() - start}
-        if eval_fn is not None:
-            with torch.no_grad():
-                alpha = torch.softmax(w, dim=1)
-                load_state(model, {n: sum(alpha[l, i] * thetas[i][n] for i in range(n_ing))
-                                   for n, l in zip(names, block_of)})
-            record.update({f"held_out_{k}": v for k, v in eval_fn(model).items()})
+        metrics = measure()
+        record.update({f"held_out_{k}": v for k, v in metrics.items()})
         history.append(record)
+        best.offer(f"epoch {epoch + 1}", metrics, snapshot)
     fit["bar"].close()
     ref = ingredients[0]
     with torch.no_grad():
-        alpha = torch.softmax(w, dim=1).detach()
+        alpha = torch.softmax(best.best_state.to(device), dim=1).detach()
         state = {}
         for n, l in zip(names, block_of):
             acc = torch.zeros_like(thetas[0][n], dtype=torch.float32)
+            if offset is not None:
+                acc += offset[n].float()
             for i in range(n_ing):
                 acc += alpha[l, i] * thetas[i][n].float()
             state[n] = acc.to(out_dtype(ref, n, dtype)).cpu()
     state = finish_state(state, ingredients, others, model, dtype)
-    method = "learned+" if config.blockwise else "learned"
-    return SoupResult(method, state, ingredient_names(ingredients),
-                      alpha.t().cpu().to(torch.float64).contiguous(), block_names, history,
-                      info={"device": str(device), "precision": precision})
+    alpha = alpha.t().cpu().to(torch.float64)
+    if offset is None:  # from the uniform soup: the reference's coefficients, alpha itself
+        c, rows, blocks = alpha.contiguous(), ingredient_names(ingredients), block_names
+    else:  # A + sum_i (alpha_i - 1/N) theta_i, with the anchor's own rows where it has them
+        c, rows, blocks = compose_coefficients(
+            merged, torch.ones(n_blocks, dtype=torch.float64), alpha - 1.0 / n_ing,
+            block_names, names, block_of, ingredient_names(ingredients))
+    return SoupResult(method, state, rows, c, blocks, history,
+                      info={"device": str(device), "precision": precision, "init": config.init,
+                            "keep_best": best.finish()})
+
+
+@torch.no_grad()
+def _offset(merged: SoupResult, thetas: list[dict], names, params) -> dict[str, torch.Tensor]:
+    """delta = A - (1/N) sum_i theta_i per parameter (the anchor's offset from the uniform
+    soup, in the model's dtype on its device)."""
+    out = {}
+    for n in names:
+        mean = sum(t[n].double() for t in thetas) / len(thetas)
+        a = merged.state[n].to(mean.device, torch.float64).view_as(mean)
+        out[n] = (a - mean).to(params[n].dtype)
+    return out
 
 
 def _run(ingredients: Sequence[Ingredient], context: SoupContext,
@@ -156,7 +222,8 @@ def _run(ingredients: Sequence[Ingredient], context: SoupContext,
     return learned_soup(ingredients, context.model, context.held_out,
                         loss_fn=context.loss_fn or model_loss,
                         config=replace(config, progress=context.progress),
-                        device=context.device, precision=context.precision, dtype=context.dtype)
+                        eval_fn=context.eval_fn, device=context.device,
+                        precision=context.precision, dtype=context.dtype, base=context.base)
 
 
 for _name, _blockwise, _title, _note in (

@@ -9,10 +9,22 @@ Per round, over a model batch S of K ingredients (order shuffled once per pass):
   optimizer and a cosine schedule with 20% warm-up per round.
 The implied coefficients C (N x L) always sum to 1 per block and are tracked exactly.
 
-The first round is centred on the mean of its model batch, as in the reference; when that
-batch holds a single ingredient (K = 1) it is centred on the uniform soup of all N instead
-(streamed, C = 1/N), since centring on its only ingredient would skip every block and waste
-the round.
+The start (``init``): the first anchor c is a fixed-weight merge of ALL N ingredients,
+streamed: the uniform soup by default (C = 1/N), or any merge (``--init ties``,
+``task-arithmetic``, ``model-stock``... with that merge's own settings, see
+:mod:`upcycle.soup.anchor`). The reference centres the first round on the mean of its K
+ingredients instead: the soup then starts from a model that weighs K of the N and is not the
+uniform soup it is compared with, and a K = 1 batch has no direction at all. The directions
+are always relative to the current anchor, so a merge that is not linear in the ingredients
+(TIES, DARE, SLERP) is simply where the search starts: soup^l = a_l A^l + sum_i C[i, l]
+theta_i^l with A the merge (a = 1, C = 0 at the start; each round scales both by
+(1 - sum_i X_i/n_i) and adds X_i/n_i to its K rows). A merge that is linear in the ingredients
+(and the base) is folded into C, whose rows are then the merge's.
+
+Keep-best (:mod:`upcycle.soup.keep_best`): the held-out loss is measured at the start and
+after every round; the soup is the best of those states, the start included, and a fit that
+never beat its start says so (one warning line, ``info["keep_best"]``). Rounds of fewer than
+:data:`~upcycle.soup.keep_best.MIN_ROUND_STEPS` coefficient steps get a warning first.
 
 Devices and precision: the anchor, the K directions, X, its optimizer state and the gradient
 accumulators live on the model's device (ingredients go there one tensor at a time); the
@@ -47,9 +59,11 @@ from torch import nn
 
 from ..errors import UpcycleError
 from ..io.checkpoints import Ingredient
+from ..io.source import TensorSource
 from ..runtime import distributed
 from ..training.schedules import cosine_with_warmup
 from . import resume as ckpt
+from .anchor import INIT_DEFAULT, check_merges, compose_coefficients, run_merge
 from .common import (
     SoupResult,
     accumulator_dtype,
@@ -60,6 +74,7 @@ from .common import (
     out_dtype,
 )
 from .fit_loop import finish_state, grad_scaler, held_out_epoch, progress_bar, ready_model
+from .keep_best import KeepBest, held_out_loss, warn_few_steps
 from .registry import SoupContext, SoupMethod, register
 
 
@@ -88,6 +103,12 @@ class MehlConfig:
     """Clip the weight-gradient norm to this (the reference uses 1.0 for ViTs)."""
     seed: int = 0
     """Seeds the ingredient order and the order of held-out batches."""
+    init: str = field(default=INIT_DEFAULT, metadata={"metavar": "MERGE"})
+    """The start of the fit (its anchor): a fixed-weight merge of all ingredients, with that
+    merge's settings (as :attr:`LearnedConfig.init`)."""
+    merge_configs: dict | None = field(default=None, metadata={"cli": False})
+    """The ``init`` merge's config by name (None: made from its defaults; the job fills it
+    from the command's settings, :func:`upcycle.soup.anchor.resolve_merge_configs`)."""
     compact_directions: bool = field(default=False, metadata={
         "help": "MEHL: keep the K directions in the ingredients' dtype (half the memory for "
                 "bf16/fp16 checkpoints); coefficients stay fp32"})
@@ -301,16 +322,21 @@ class _Round:
 
 
 @torch.no_grad()
-def _mean_anchor(ingredients, members, names, device) -> dict[str, torch.Tensor]:
-    """The fp32 mean of ``members`` per parameter (flat, on ``device``), one tensor at a time."""
-    anchor = {}
+def _start(ingredients, names, device, config: MehlConfig,
+           base: TensorSource | None) -> tuple[dict[str, torch.Tensor], SoupResult]:
+    """The first anchor: the ``init`` merge of all ingredients (fp32, flat per parameter, on
+    ``device``) and the merge's result (for its coefficients)."""
+    merged = run_merge(config.init, ingredients, SoupContext(base=base), config)
+    anchor = {name: merged.state[name].reshape(-1).to(device, torch.float32, copy=True)
+              for name in names}
+    merged.state = {}  # only its coefficients are kept
+    return anchor, merged
+
+
+@torch.no_grad()
+def _load_anchor(params: dict[str, torch.Tensor], names, anchor) -> None:
     for name in names:
-        acc = torch.zeros(math.prod(ingredients[0].shape(name)), dtype=torch.float32,
-                          device=device)
-        for i in members:
-            acc += ingredients[i].get(name).reshape(-1).to(device).to(torch.float32)
-        anchor[name] = acc.div_(len(members))
-    return anchor
+        params[name].copy_(anchor[name].view_as(params[name]))
 
 
 def mehl_soup(
@@ -327,24 +353,28 @@ def mehl_soup(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     callback: Callable[[dict], None] | None = None,
+    base: TensorSource | None = None,
 ) -> SoupResult:
     """Fit a MEHL-Soup(+) of ``ingredients`` for ``model`` on ``held_out`` batches.
 
     ``held_out`` holds global batches (dicts with ``labels``, on any device); under
     torch.distributed each rank uses its slice of every batch (:func:`local_share`: its share
-    of the loss targets). ``eval_fn(model)`` (optional) is called after each round on the
-    current soup and its metrics are kept in the history.
+    of the loss targets). ``eval_fn(model)`` (optional) is called at the start and after each
+    round on the current soup, its metrics are kept in the history and its ``loss`` decides
+    which state is kept (else the held-out mean of ``loss_fn``).
 
     ``device``: where to run (None: where ``model`` is; else the model is moved there).
     ``precision``: "bf16"/"fp16" autocast for the forward/backward (fp16 with loss scaling).
     ``dtype``: the soup's dtype (None: the ingredients'). ``checkpoint_dir``: write a
     checkpoint after every round there; ``resume``: continue from it (it must match these
     ingredients, method, settings and held-out data). ``callback(record)`` runs after each
-    round's checkpoint with the round's history record.
+    round's checkpoint with the round's history record. ``base``: the base model, for an
+    ``init`` merge that reads it (task arithmetic, TIES, DARE, Model Stock).
     """
     config = config or MehlConfig()
     check_precision_name(precision)
     _check(ingredients, held_out, config)
+    check_merges(config, len(ingredients), has_base=base is not None)
     if resume and checkpoint_dir is None:
         raise UpcycleError("resume=True needs checkpoint_dir (where the checkpoint is)")
     method = "mehl+" if config.blockwise else "mehl"
@@ -359,27 +389,47 @@ def mehl_soup(
             saved = ckpt.load_checkpoint(checkpoint_dir)
             ckpt.check_fingerprint(saved.state["fingerprint"], fingerprint,
                                    ckpt.checkpoint_path(checkpoint_dir))
-    for name in names:
-        params[name].requires_grad_(True)
     block_names, block_of = make_blocks(names, config.blockwise)
     n, n_blocks, k = len(ingredients), len(block_names), config.model_batch
     gen = torch.Generator().manual_seed(config.seed)
     rounds_per_pass = math.ceil(n / k)
     total_rounds = config.models_epochs * rounds_per_pass
     steps_per_round = config.epochs * len(held_out)
+    warn_few_steps(method, steps_per_round, config.epochs, len(held_out), config.lr)
+
+    def measure() -> dict:  # the held-out metrics of the model's current weights
+        if eval_fn is not None:
+            return dict(eval_fn(model))
+        return {"loss": held_out_loss(model, held_out, loss_fn, device, precision)}
+
+    # The start: the init merge; row 0 of ``coefficients`` is its weight a, rows 1..N the
+    # ingredients' C (composed with the merge's own coefficients at the end).
+    anchor, merged = _start(ingredients, names, device, config, base)
+    coefficients = torch.zeros(n + 1, n_blocks, dtype=torch.float64)
+    coefficients[0] = 1.0
+    _load_anchor(params, names, anchor)
+
+    def snapshot() -> tuple[dict, torch.Tensor]:
+        return {name: t.detach().cpu().clone() for name, t in anchor.items()}, coefficients.clone()
+
+    best = KeepBest(method, config.init, measure(), snapshot)
     if saved is not None:
         coefficients = saved.coefficients.to(torch.float64)
+        start_state = best.best_state
         anchor = {name: saved.anchor[name].to(device) for name in names}
         gen.set_state(saved.rng_state)
         history = list(saved.state["history"])
         next_pass, next_round = saved.state["next_pass"], saved.state["next_round"]
         order = saved.state["order"]
+        kept = saved.state["keep_best"]
+        best.restore(kept, start_state if kept["kept"] == "start" else (
+            {name: saved.extra[f"best/{name}"] for name in names}, saved.extra["best_coefficients"]))
         del saved
     else:
-        coefficients = torch.zeros(n, n_blocks, dtype=torch.float64)
-        anchor = None
         history = []
         next_pass, next_round, order = 0, 0, None
+    for name in names:
+        params[name].requires_grad_(True)
     done = len(history)
     bar = progress_bar(total_rounds * steps_per_round, "MEHL soup", config.progress,
                        initial=done * steps_per_round)
@@ -393,13 +443,6 @@ def mehl_soup(
             order = torch.randperm(n, generator=gen).tolist()
         for r in range(next_round if outer == next_pass else 0, rounds_per_pass):
             members = order[r * k:(r + 1) * k]
-            if anchor is None:
-                # First round: centre on the mean of the model batch (the reference); a batch
-                # of one would be centred on its only ingredient, where every block has no
-                # direction, so K = 1 starts from the uniform soup of all N instead.
-                centre = members if len(members) > 1 else list(range(n))
-                anchor = _mean_anchor(ingredients, centre, names, device)
-                coefficients[centre] = 1.0 / len(centre)
             rnd = _Round(names, block_of, n_blocks, params, anchor, members, ingredients,
                          config.grad_clip, config.compact_directions, config.shard_directions)
             optimizer = torch.optim.AdamW([rnd.x], lr=config.lr, weight_decay=config.weight_decay)
@@ -424,7 +467,7 @@ def mehl_soup(
             # Book-keeping: theta = (1 - sum_i X_i/n_i) c + sum_i (X_i/n_i) theta_i.
             ratio = rnd.x.detach().cpu().double() * rnd.inv_norms.cpu().double()  # (K, L)
             coefficients *= 1 - ratio.sum(dim=0, keepdim=True)
-            coefficients[members] += ratio
+            coefficients[[1 + i for i in members]] += ratio
             skipped = int((~rnd.valid).sum())
             resident = rnd.hi - rnd.lo
             del rnd, optimizer, gradient
@@ -432,28 +475,37 @@ def mehl_soup(
                       "held_out_loss_train": float(fit["loss_sum"]) / max(1, steps),
                       "skipped_blocks": skipped, "resident_directions": resident,
                       "seconds": offset + time.perf_counter() - start}
-            if eval_fn is not None:
-                record.update({f"held_out_{key}": v for key, v in eval_fn(model).items()})
+            metrics = measure()
+            record.update({f"held_out_{key}": v for key, v in metrics.items()})
             history.append(record)
+            best.offer(f"round {len(history)}", metrics, snapshot)
             if checkpoint_dir is not None and distributed.is_main():
                 nxt = (outer, r + 1) if r + 1 < rounds_per_pass else (outer + 1, 0)
+                extra = {} if not best.improved else {
+                    **{f"best/{name}": t for name, t in best.best_state[0].items()},
+                    "best_coefficients": best.best_state[1]}
                 path = ckpt.save_checkpoint(
                     checkpoint_dir, anchor, coefficients, gen.get_state(),
                     {"fingerprint": fingerprint, "next_pass": nxt[0], "next_round": nxt[1],
                      "order": order, "history": history, "rounds_done": len(history),
-                     "rounds_total": total_rounds})
+                     "rounds_total": total_rounds, "keep_best": best.summary()}, extra)
                 record = {**record, "checkpoint": str(path)}
             if callback is not None:
                 callback({**record, "rounds_done": len(history), "rounds_total": total_rounds})
     bar.close()
+    kept_anchor, kept_coefficients = best.best_state
     ref = ingredients[0]
-    state = {name: anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
+    state = {name: kept_anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
              for name in names}
     state = finish_state(state, ingredients, others, model, dtype)
-    return SoupResult(method, state, ingredient_names(ingredients), coefficients, block_names,
-                      history, info={"model_batch": k, "rounds": len(history),
-                                     "device": str(device), "precision": precision,
-                                     "compact_directions": config.compact_directions})
+    c, rows, blocks = compose_coefficients(merged, kept_coefficients[0], kept_coefficients[1:],
+                                           block_names, names, block_of,
+                                           ingredient_names(ingredients))
+    return SoupResult(method, state, rows, c, blocks, history,
+                      info={"model_batch": k, "rounds": len(history), "init": config.init,
+                            "keep_best": best.finish(),
+                            "device": str(device), "precision": precision,
+                            "compact_directions": config.compact_directions})
 
 
 def _fingerprint(ingredients: Sequence[Ingredient], held_out: Sequence[dict], method: str,
@@ -497,7 +549,7 @@ def _run(ingredients: Sequence[Ingredient], context: SoupContext,
                      config=replace(config, progress=context.progress), eval_fn=context.eval_fn,
                      device=context.device, precision=context.precision, dtype=context.dtype,
                      checkpoint_dir=context.checkpoint_dir, resume=context.resume,
-                     callback=context.callback)
+                     callback=context.callback, base=context.base)
 
 
 _FLAT = "(memory flat in the number of ingredients)"

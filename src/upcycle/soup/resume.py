@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..io.checkpoints import Ingredient
 from ..io.writing import atomic_file
 
 CHECKPOINT_FILE = "mehl-checkpoint.safetensors"
-FORMAT = 1
+FORMAT = 2
 
 
 def _files_of(ingredient: Ingredient) -> list[Path]:
@@ -107,6 +107,8 @@ class Checkpoint:
     rng_state: torch.Tensor
     state: dict
     """fingerprint, next_pass, next_round, order, history, rounds_done."""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Other tensors the method saved (MEHL: the best held-out state so far, ``best/NAME``)."""
 
 
 def checkpoint_path(folder: str | os.PathLike) -> Path:
@@ -114,14 +116,17 @@ def checkpoint_path(folder: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(folder: str | os.PathLike, anchor: dict[str, torch.Tensor],
-                    coefficients: torch.Tensor, rng_state: torch.Tensor, state: dict) -> Path:
-    """Write the checkpoint atomically (one file, renamed into place)."""
+                    coefficients: torch.Tensor, rng_state: torch.Tensor, state: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the checkpoint atomically (one file, renamed into place); ``extra``: other
+    tensors by name (not ``anchor/...``, ``coefficients`` or ``rng_state``)."""
     path = checkpoint_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"anchor/{k}": v.detach().to("cpu", torch.float32).contiguous()
                for k, v in anchor.items()}
     tensors["coefficients"] = coefficients.detach().cpu().contiguous()
     tensors["rng_state"] = rng_state.cpu().contiguous()
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     meta = {"format": "pt", "upcycle_mehl_checkpoint": json.dumps({"version": FORMAT, **state},
                                                                      default=float)}
     with atomic_file(path) as tmp:
@@ -142,10 +147,12 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
                       if k.startswith("anchor/")}
             coefficients = f.get_tensor("coefficients")
             rng_state = f.get_tensor("rng_state")
+            extra = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("anchor/")
+                     and k not in ("coefficients", "rng_state")}
     except Exception as exc:
         raise UpcycleError(f"cannot resume: {path} is not a readable MEHL checkpoint: "
                            f"{exc}") from exc
     if state.get("version") != FORMAT:
         raise UpcycleError(f"cannot resume: {path} has checkpoint format "
                            f"{state.get('version')}, this upcycle reads {FORMAT}")
-    return Checkpoint(anchor, coefficients, rng_state, state)
+    return Checkpoint(anchor, coefficients, rng_state, state, extra)
