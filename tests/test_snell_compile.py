@@ -84,7 +84,7 @@ def _graphs_per_step(family, config, backend="aot_eager", **shape):
     return seen, total, sum(counters["graph_break"].values())
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", ["llama"])  # "bert" too (by hand: same, ~16 s more)
 def test_compiled_snell_model_is_traced_once(family):
     """One graph for training, one more for evaluation; no graph break and no recompile as
     the thresholds move (it was one recompile per step, on the hint's floats)."""
