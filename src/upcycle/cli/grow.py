@@ -51,7 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--intermediate-size", type=int, default=None,
                    help="target MLP width (default: scaled with the hidden size)")
     p.add_argument("--method", choices=METHODS, default="lemon",
-                   help="lemon, or a baseline: net2net (equal splits), aki (bert2BERT, lossy)")
+                   help="lemon, or a baseline: net2net (equal splits), aki (bert2BERT, lossy), "
+                        "stack (G_stack: the trained layers repeated in order, depth only, "
+                        "lossy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
     p.add_argument("--tolerance", type=float, default=1e-5,
                    help="max relative output difference (fp32) allowed")
