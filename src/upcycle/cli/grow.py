@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (a HF model folder)")
     p.add_argument("--hidden-size", type=int, default=None, help="target hidden size")
     p.add_argument("--layers", type=int, default=None,
-                   help="target number of layers (at most 2x the source per expansion)")
+                   help="target number of layers (at most 2x the source per expansion; "
+                        "--method stack: any depth)")
     p.add_argument("--heads", type=int, default=None,
                    help="target attention heads (default: hidden size / head_dim)")
     p.add_argument("--intermediate-size", type=int, default=None,
