@@ -42,9 +42,9 @@ def _char_corpus() -> dict:
     return {"train": encode(train), "held": encode(held), "vocab": len(vocab) + 1}
 
 
-def _wordpiece_corpus(cache: Path) -> dict:
-    """A WordPiece tokenizer trained on the training articles (cached in ``cache`` so that
-    every contender of a run uses the same one), and both token streams."""
+def _wordpiece_corpus(cache: Path, vocab_size: int = WORDPIECE_VOCAB) -> dict:
+    """A WordPiece tokenizer of ``vocab_size`` trained on the training articles (cached in
+    ``cache`` so that every contender of a run uses the same one), and both token streams."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     train, held = _articles()
@@ -56,7 +56,7 @@ def _wordpiece_corpus(cache: Path) -> dict:
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=WORDPIECE_VOCAB, show_progress=False,
+            vocab_size=vocab_size, show_progress=False,
             special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
         tok.train_from_iterator(train, trainer)
         with atomic_file(path) as tmp:
@@ -75,8 +75,9 @@ def _wordpiece_corpus(cache: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def corpus(family: str, cache: str) -> dict:
-    return _char_corpus() if family == "gpt2" else _wordpiece_corpus(Path(cache))
+def corpus(family: str, cache: str, vocab_size: int = WORDPIECE_VOCAB) -> dict:
+    """GPT-2: characters; BERT: WordPiece tokens of a ``vocab_size`` vocabulary."""
+    return _char_corpus() if family == "gpt2" else _wordpiece_corpus(Path(cache), vocab_size)
 
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int, vocab: int,

@@ -30,32 +30,44 @@ the largest logit difference on a held-out batch. Every run records the protocol
 the small model's final loss must be above the scratch model's (capacity matters), and how
 much each model's loss still fell over its last quarter of training (plateau).
 
-Sizes (full run, sized for a GPU: 8750 optimizer steps per (family, seed), one contender
-at a time; estimated 5-7 minutes with six runs sharing an H100): S = 2500 steps of 64 x 128 characters
-(GPT-2, ~4.5 passes over the 4.5M training characters) or 32 x 128 tokens (BERT, ~9 passes
-over the ~1.1M training tokens, with fresh masks every step), long enough that the large
-model's loss is clearly below what the small one reaches; the small model trains as many
-steps as the large one (its cosine decays to 0: near convergence). Steps
-and batch are overridable (``--scratch-steps``, ``--small-steps``; such runs get a suffix).
-Dropout is 0 in both families.
+Two sizes (``--size``):
 
-    python benchmarks/lemon_savings.py --family gpt2 --seed 0 --device cuda
-    python benchmarks/lemon_savings.py --family bert --seed 1 --device cuda
-    python benchmarks/lemon_savings.py --report     # lemon_savings.{md,json} from all seeds
-    python benchmarks/lemon_savings.py --family bert --quick   # a CPU smoke run (< 1 min)
+- ``gpu`` (the paper's shapes; 8750 optimizer steps per (family, seed); estimated 5-7 minutes
+  with six runs sharing an H100; never run, no GPU has been available): 2L/64H -> 4L/128H,
+  S = 2500 steps of 64 x 128 characters (GPT-2) or 32 x 128 tokens (BERT, vocabulary 2048);
+- ``cpu`` (the claim rerunnable on two cores): 2L/32H (2 heads, MLP 128) -> 4L/64H (4 heads,
+  MLP 256), S = 1000 steps of 16 x 64 characters or tokens (BERT: WordPiece vocabulary 1024),
+  the small model trained as many steps, grown models 0.7 x S; the whole study (2 families x
+  3 seeds x {small, scratch, LEMON, Net2Net, AKI, G_stack}) is ``--study --jobs 2``.
 
-Writes benchmarks/results/lemon_savings-<family>-seed<k>.{json,md,png}. Every contender runs
-in a fresh process (upcycle.jobs.bench); they share the small checkpoint, the tokenizer and the
-target loss through files in $TMPDIR/upcycle-lemon-bench/<family>-seed<k>[-quick]/, so
-different (family, seed) runs can go in parallel.
+The small model trains as many steps as the large one (its cosine decays to 0: near
+convergence); its steps are reported in every table (not counted in the saving, as in the
+paper, which reuses an existing small model). Steps and batch are overridable
+(``--scratch-steps``, ``--small-steps``; such runs get a suffix). Dropout is 0 in both
+families. The G_stack contender ("Stacking Your Transformers", Du et al. 2024) grows depth
+only, so it is the small model widened by LEMON (lossless) and then deepened by G_stack
+(the trained layers repeated in order): it compares the depth operators at equal width.
+
+    python benchmarks/lemon_savings.py --size cpu --study --jobs 2   # the CPU study, + report
+    python benchmarks/lemon_savings.py --size cpu --family gpt2 --seed 0   # one (family, seed)
+    python benchmarks/lemon_savings.py --size gpu --family bert --seed 1 --device cuda
+    python benchmarks/lemon_savings.py --size cpu --report   # lemon_savings-cpu.{md,json}
+    python benchmarks/lemon_savings.py --size cpu --family bert --quick   # a smoke run
+
+Writes benchmarks/results/lemon_savings-<family>-seed<k>[-cpu].{json,md,png}. Every contender
+runs in a fresh process (upcycle.jobs.bench); they share the small checkpoint, the tokenizer
+and the target loss through files in $TMPDIR/upcycle-lemon-bench/<tag>/, where each finished
+contender's result is cached too (a rerun skips it), so different (family, seed) runs can go
+in parallel and an interrupted study resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,12 +79,25 @@ import torch
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent / "src") not in sys.path:
     sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))  # lemon_data beside this script
+sys.path.insert(0, str(HERE))  # lemon_data and lemon_report beside this script
 
 from lemon_data import Batches, corpus, mask_tokens  # noqa: E402, F401 (mask_tokens: tests)
+from lemon_report import (  # noqa: E402, F401 (RUN_FILE, summarize: tests)
+    METHODS,
+    RUN_FILE,
+    TARGET_PCT,
+    collect,
+    plot,
+    summarize,
+)
 
 from upcycle.errors import UpcycleError  # noqa: E402
-from upcycle.grow import expand, lemon_train_config, max_output_difference  # noqa: E402
+from upcycle.grow import (  # noqa: E402
+    expand,
+    expand_stack,
+    lemon_train_config,
+    max_output_difference,
+)
 from upcycle.io.writing import atomic_file, write_json  # noqa: E402
 from upcycle.jobs.bench import format_table  # noqa: E402
 from upcycle.jobs.bench import main as bench_main  # noqa: E402
@@ -83,22 +108,31 @@ RESULTS = HERE / "results"
 CACHE_ROOT = Path(tempfile.gettempdir()) / "upcycle-lemon-bench"
 
 FAMILIES = ("gpt2", "bert")
-SMALL = {"hidden": 64, "layers": 2, "heads": 4, "mlp": 256}
-LARGE = {"hidden": 128, "layers": 4, "heads": 8, "mlp": 512}
-TARGET_PCT = {"gpt2": 50.0, "bert": 30.0}
-"""Issue #13: the saving LEMON must reach on every seed."""
-METHODS = (("lemon", "LEMON"), ("net2net", "Net2Net"), ("aki", "bert2BERT-AKI"))
+SEEDS = (0, 1, 2)
+SIZES = {
+    "gpu": {"small": {"hidden": 64, "layers": 2, "heads": 4, "mlp": 256},
+            "large": {"hidden": 128, "layers": 4, "heads": 8, "mlp": 512}},
+    "cpu": {"small": {"hidden": 32, "layers": 2, "heads": 2, "mlp": 128},
+            "large": {"hidden": 64, "layers": 4, "heads": 4, "mlp": 256}},
+}
+BUDGET = {"gpu": 0.5, "cpu": 0.7}
+"""The grown models' default steps, a fraction of S (cpu: 0.7, so that a saving between the
+BERT target of 30% and 50% is measured, not reported as 'did not reach')."""
 
 
 def settings(family: str, quick: bool, scratch_steps: int | None = None,
-             small_steps: int | None = None) -> dict:
+             small_steps: int | None = None, size: str = "gpu") -> dict:
     if quick:
         st = {"context": 32, "batch": 8, "small_steps": 40, "scratch_steps": 40,
               "eval_every": 10, "eval_batches": 2, "lr": 2e-3, "warmup": 5}
+    elif size == "cpu":
+        st = {"context": 64, "batch": 16, "small_steps": 1000, "scratch_steps": 1000,
+              "eval_every": 25, "eval_batches": 4, "lr": 3e-3, "warmup": 50}
     else:
         st = {"context": 128, "batch": 64 if family == "gpt2" else 32, "small_steps": 2500,
               "scratch_steps": 2500, "eval_every": 50, "eval_batches": 16, "lr": 2e-3,
               "warmup": 100}
+    st["vocab"] = 1024 if size == "cpu" else 2048  # BERT's WordPiece vocabulary
     if scratch_steps:
         st["scratch_steps"] = scratch_steps
         st["warmup"] = min(st["warmup"], max(1, scratch_steps // 10))
@@ -107,14 +141,15 @@ def settings(family: str, quick: bool, scratch_steps: int | None = None,
     return st
 
 
-def run_tag(family: str, seed: int, quick: bool, budget: float = 0.5, st: dict | None = None,
-            ) -> str:
-    """``<family>-seed<k>`` plus what makes the run non-standard (quick, budget, steps)."""
-    tag = f"{family}-seed{seed}" + ("-quick" if quick else "")
-    if budget != 0.5:
+def run_tag(family: str, seed: int, quick: bool, budget: float | None = None,
+            st: dict | None = None, size: str = "gpu") -> str:
+    """``<family>-seed<k>[-cpu]`` plus what makes the run non-standard (quick, budget,
+    steps)."""
+    tag = f"{family}-seed{seed}" + ("-cpu" if size == "cpu" else "") + ("-quick" if quick else "")
+    if budget is not None and budget != BUDGET[size]:
         tag += f"-budget{budget:g}"
     if st is not None and not quick:
-        default = settings(family, False)
+        default = settings(family, False, size=size)
         if st["scratch_steps"] != default["scratch_steps"]:
             tag += f"-S{st['scratch_steps']}"
         if st["small_steps"] != default["small_steps"]:
@@ -122,9 +157,14 @@ def run_tag(family: str, seed: int, quick: bool, budget: float = 0.5, st: dict |
     return tag
 
 
+def _label(dims: dict) -> str:
+    return f"{dims['layers']}L/{dims['hidden']}H"
+
+
 # -- models and training ----------------------------------------------------------------------
 
 def build_model(family: str, dims: dict, vocab: int, context: int):
+    """A fresh model of ``family`` with the ``dims`` of :data:`SIZES`."""
     if family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -171,7 +211,7 @@ def _plateau(curve: list) -> float:
 
 def train_run(model, family: str, st: dict, steps: int, seed: int, device: torch.device,
               cache: Path) -> dict:
-    data = corpus(family, str(cache))
+    data = corpus(family, str(cache), st["vocab"])
     batches = Batches(data, data["train"], steps, st, seed=seed, mlm=family == "bert")
     held = _held_out(family, data, st)
     model.to(device)
@@ -201,25 +241,54 @@ def steps_to(curve: list, target: float) -> int | None:
     return None
 
 
+def _grow(small, method: str, large: dict, seed: int):
+    """The small model grown to ``large`` by ``method``; G_stack grows depth only, so its
+    width comes first from LEMON (lossless), then the trained layers are repeated."""
+    width = {"hidden_size": large["hidden"], "num_heads": large["heads"],
+             "intermediate_size": large["mlp"], "seed": seed}
+    if method == "stack":
+        wide = expand(small, num_layers=small.config.num_hidden_layers, **width)
+        return expand_stack(wide, num_layers=large["layers"])
+    return expand(small, num_layers=large["layers"], method=method, **width)
+
+
+def _cached(cache: Path, spec: dict, compute) -> dict:
+    """A finished contender's result from ``cache`` (the same spec), or ``compute()`` saved
+    there: a rerun of a study skips what has run."""
+    key = hashlib.sha1(json.dumps({k: v for k, v in spec.items() if k != "device"},
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    path = cache / f"result-{spec['role']}-{spec.get('method', '')}-{key}.json"
+    if path.is_file():
+        return {**json.loads(path.read_text()), "cached": True}
+    result = compute()
+    write_json(path, result)
+    return result
+
+
 def run_worker(spec: dict) -> dict:
-    torch.set_num_threads(int(os.environ.get("LEMON_BENCH_THREADS", "1")))
-    family, st, seed = spec["family"], spec["st"], int(spec["seed"])
-    device = resolve_device(spec.get("device", "auto"))
     cache = CACHE_ROOT / spec["tag"]
     cache.mkdir(parents=True, exist_ok=True)
-    data = corpus(family, str(cache))
+    return _cached(cache, spec, lambda: _run(spec, cache))
+
+
+def _run(spec: dict, cache: Path) -> dict:
+    torch.set_num_threads(int(os.environ.get("LEMON_BENCH_THREADS", "1")))
+    family, st, seed = spec["family"], spec["st"], int(spec["seed"])
+    dims = SIZES[spec.get("size", "gpu")]
+    device = resolve_device(spec.get("device", "auto"))
+    data = corpus(family, str(cache), st["vocab"])
     S = st["scratch_steps"]
     base = {"device": str(device), "family": family}
     if spec["role"] == "small":
         torch.manual_seed(seed)
-        model = build_model(family, SMALL, data["vocab"], st["context"])
+        model = build_model(family, dims["small"], data["vocab"], st["context"])
         out = train_run(model, family, st, st["small_steps"], 1 + 10 * seed, device, cache)
         model.cpu().save_pretrained(cache / "small")
         write_json(cache / "small.json", {"final_loss": out["final_loss"]})
         return {**base, **out}
     if spec["role"] == "scratch":
         torch.manual_seed(seed)
-        model = build_model(family, LARGE, data["vocab"], st["context"])
+        model = build_model(family, dims["large"], data["vocab"], st["context"])
         out = train_run(model, family, st, S, 2 + 10 * seed, device, cache)
         write_json(cache / "target.json", {"target": out["final_loss"]})
         return {**base, **out, "target": out["final_loss"], "steps_to_target": S,
@@ -228,9 +297,7 @@ def run_worker(spec: dict) -> dict:
     small = _load_model(family, cache / "small").eval()
     method = spec["method"]
     start = time.perf_counter()
-    grown = expand(small, hidden_size=LARGE["hidden"], num_layers=LARGE["layers"],
-                   num_heads=LARGE["heads"], intermediate_size=LARGE["mlp"], seed=seed,
-                   method=method)
+    grown = _grow(small, method, dims["large"], seed)
     expand_s = time.perf_counter() - start
     held = _held_out(family, data, st)
     diff = max_output_difference(small, grown, held[0])["max_abs"]
@@ -255,35 +322,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gpt2 (character-level causal LM) or bert (WordPiece masked LM)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the models, data order, masks and growth noise")
+    parser.add_argument("--size", choices=tuple(SIZES), default="gpu",
+                        help="gpu: 2L/64H -> 4L/128H, S = 2500; cpu: 2L/32H -> 4L/64H, "
+                             "S = 1000, rerunnable on two cores")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--quick", action="store_true", help="a tiny CPU smoke run (< 1 min)")
-    parser.add_argument("--budget", type=float, default=0.5,
-                        help="grown models train for this fraction of the from-scratch steps")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="grown models train for this fraction of the from-scratch steps "
+                             "(default: 0.5 gpu, 0.7 cpu)")
     parser.add_argument("--scratch-steps", type=int, default=None,
-                        help="S, the from-scratch steps (default 2500; the file gets -S<n>)")
+                        help="S, the from-scratch steps (default 2500 gpu, 1000 cpu; the file "
+                             "gets -S<n>)")
     parser.add_argument("--small-steps", type=int, default=None,
                         help="the small model's steps (default S; the file gets -small<n>)")
+    parser.add_argument("--study", action="store_true",
+                        help="every family x --seeds, each (family, seed) in its own process, "
+                             "--jobs at a time, skipping those whose JSON exists; then --report")
+    parser.add_argument("--seeds", default="0,1,2", help="the seeds of --study")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="(family, seed) runs of --study at a time (one thread each)")
     parser.add_argument("--report", action="store_true",
-                        help="no training: summarise every lemon_savings-<family>-seed<k>.json "
-                             "present into lemon_savings.{md,json} (with --quick: the quick "
-                             "runs, into lemon_savings-quick.{md,json})")
+                        help="no training: summarise every lemon_savings-<family>-seed<k>"
+                             "[-cpu].json of --size present into lemon_savings[-cpu].{md,json} "
+                             "(with --quick: the quick runs)")
 
 
 def _run_settings(args) -> tuple[dict, str]:
-    st = settings(args.family, args.quick, args.scratch_steps, args.small_steps)
-    return st, run_tag(args.family, args.seed, args.quick, args.budget, st)
+    st = settings(args.family, args.quick, args.scratch_steps, args.small_steps, args.size)
+    return st, run_tag(args.family, args.seed, args.quick, args.budget, st, args.size)
 
 
 def contenders(args) -> list[dict]:
     resolve_device(args.device)  # a bad --device fails here, not in every worker
     st, tag = _run_settings(args)
+    dims = SIZES[args.size]
     common = {"family": args.family, "seed": args.seed, "device": args.device, "st": st,
-              "tag": tag, "quick": bool(args.quick)}
-    specs = [{"name": "small (2L/64H)", "role": "small", **common},
-             {"name": "scratch (4L/128H)", "role": "scratch", **common}]
+              "tag": tag, "quick": bool(args.quick), "size": args.size}
+    budget = args.budget if args.budget is not None else BUDGET[args.size]
+    specs = [{"name": f"small ({_label(dims['small'])})", "role": "small", **common},
+             {"name": f"scratch ({_label(dims['large'])})", "role": "scratch", **common}]
     for method, label in METHODS:
-        specs.append({"name": f"{label} grown", "role": "grown", "method": method,
-                      "budget": args.budget, **common})
+        name = f"{label} grown" + (" (LEMON width)" if method == "stack" else "")
+        specs.append({"name": name, "role": "grown", "method": method, "budget": budget,
+                      **common})
     return specs
 
 
@@ -297,38 +378,10 @@ COLUMNS = [
     ("steps_to_target", "steps to scratch's final loss", "d"),
     ("saving_pct", "steps saved vs scratch", ".1f"),
     ("train_s", "train s", ".0f"),
+    ("wall_s", "wall s", ".0f"),
 ]
 
 UNITS = {"gpt2": "nats/char", "bert": "nats/masked token"}
-
-
-def plot(rows: list[dict], family: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    target = None
-    for row in rows:
-        if "curve" not in row:
-            continue
-        steps, losses = zip(*row["curve"])
-        ax.plot(steps, losses, label=row["name"], ls=":" if row["role"] == "small" else "-")
-        target = row.get("target") or target
-    if target is not None:
-        ax.axhline(target, color="grey", ls=":", lw=1, label="scratch final loss")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"held-out loss ({UNITS[family]})")
-    name = "GPT-2 char-LM" if family == "gpt2" else "BERT MLM (WordPiece)"
-    ax.set_title(f"{name} on BBC News: 2L/64H -> 4L/128H")
-    lows = [min(loss for _, loss in r["curve"]) for r in rows if "curve" in r]
-    if lows:
-        ax.set_ylim(min(lows) - 0.05, min(lows) + 1.2)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def run_note(rows: list[dict], st: dict, family: str) -> str:
@@ -343,7 +396,7 @@ def run_note(rows: list[dict], st: dict, family: str) -> str:
                      f"{st['scratch_steps']} steps; saving = 1 - (first evaluated step, every "
                      f"{st['eval_every']}, at or below it) / S. Grown models train "
                      f"{rows[-1].get('budget', '?')} x S steps with the LEMON recipe; the small "
-                     f"model's own {st['small_steps']} steps are not counted.")
+                     f"model's own {st['small_steps']} steps are not counted in the saving.")
     if "final_loss" in scratch and "final_loss" in small:
         ok = small["final_loss"] > scratch["final_loss"]
         lines.append(f"Capacity check: small final {small['final_loss']:.4f} "
@@ -358,113 +411,73 @@ def run_note(rows: list[dict], st: dict, family: str) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
-# -- the report over seeds ------------------------------------------------------------------
+# -- the study and the report over seeds ------------------------------------------------------
 
-RUN_FILE = re.compile(r"lemon_savings-(gpt2|bert)-seed(\d+)(-quick)?\.json$")
-
-
-def collect(results: Path, quick: bool) -> dict[str, dict[int, list[dict]]]:
-    """family -> seed -> rows, from the standard per-seed JSON files (not budget/step
-    variants)."""
-    found: dict[str, dict[int, list[dict]]] = {}
-    for path in sorted(results.glob("lemon_savings-*-seed*.json")):
-        m = RUN_FILE.search(path.name)
-        if not m or bool(m.group(3)) != quick:
-            continue
-        rows = json.loads(path.read_text())["rows"]
-        found.setdefault(m.group(1), {})[int(m.group(2))] = rows
-    return found
-
-
-def _fmt(value: float | None) -> str:
-    return "did not reach" if value is None else f"{value:.1f}%"
-
-
-def summarize(found: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:
-    """The report: per family, per seed the saving of each method, the mean, and whether the
-    target (on every seed) is met. Returns (markdown, json-able summary)."""
-    parts, summary = [], {}
-    for family in FAMILIES:
-        seeds = found.get(family)
-        if not seeds:
-            continue
-        target = TARGET_PCT[family]
-        head = ("| seed | small final | scratch final (target) | capacity ok | "
-                + " | ".join(f"{label} saving" for _, label in METHODS)
-                + " | LEMON step-0 loss - small |")
-        lines = [head, "|" + "---|" * (5 + len(METHODS))]
-        per_method: dict[str, list[float | None]] = {label: [] for _, label in METHODS}
-        fam = {"target_pct": target, "seeds": {}}
-        for seed, rows in sorted(seeds.items()):
-            by_name = {r["name"]: r for r in rows}
-            small = next((r for r in rows if r.get("role") == "small"), {})
-            scratch = next((r for r in rows if r.get("role") == "scratch"), {})
-            cap = ("final_loss" in small and "final_loss" in scratch
-                   and small["final_loss"] > scratch["final_loss"])
-            cells, record = [], {"capacity_ok": cap, "small_final": small.get("final_loss"),
-                                 "scratch_final": scratch.get("final_loss")}
-            for _, label in METHODS:
-                row = by_name.get(f"{label} grown", {})
-                saving = row.get("saving_pct")
-                per_method[label].append(saving)
-                record[label] = saving
-                cells.append(_fmt(saving) if "final_loss" in row else "not run")
-            lemon = by_name.get("LEMON grown", {})
-            record["lemon_step0_minus_small"] = lemon.get("step0_minus_small")
-            fam["seeds"][seed] = record
-
-            def num(v):
-                return "–" if v is None else f"{v:.4f}"
-
-            step0 = lemon.get("step0_minus_small")
-            lines.append(f"| {seed} | {num(small.get('final_loss'))} | "
-                         f"{num(scratch.get('final_loss'))} | {'yes' if cap else 'NO'} | "
-                         + " | ".join(cells) + " | "
-                         + ("–" if step0 is None else f"{step0:+.1e}") + " |")
-        means = []
-        for _, label in METHODS:
-            values = per_method[label]
-            reached = [v for v in values if v is not None]
-            if reached and len(reached) == len(values):
-                means.append(f"{np.mean(reached):.1f}%")
-                fam[f"mean_{label}"] = float(np.mean(reached))
-            else:
-                means.append(f"– ({len(reached)}/{len(values)} seeds reached)")
-                fam[f"mean_{label}"] = None
-        lines.append("| mean | | | | " + " | ".join(means) + " | |")
-        lemon_values = per_method["LEMON"]
-        met = bool(lemon_values) and all(v is not None and v >= target for v in lemon_values)
-        caps = all(r["capacity_ok"] for r in fam["seeds"].values())
-        fam["target_met_every_seed"] = met
-        fam["capacity_ok_every_seed"] = caps
-        verdict = (f"Target (LEMON saving >= {target:.0f}% on every seed, "
-                   f"{len(lemon_values)} seed(s) present): "
-                   + ("MET" if met else "NOT MET") + "."
-                   + ("" if caps else " Protocol warning: on some seed the small model's "
-                      "final loss is not above the scratch model's."))
-        name = "GPT-2 character-level LM" if family == "gpt2" else "BERT masked LM (WordPiece)"
-        parts.append(f"## {name}\n\n" + "\n".join(lines) + f"\n\n{verdict}\n")
-        summary[family] = fam
-    return "\n".join(parts), summary
-
-
-def report(quick: bool) -> None:
-    found = collect(RESULTS, quick)
+def report(quick: bool, size: str) -> None:
+    found = collect(RESULTS, quick, size)
+    suffix = ("-cpu" if size == "cpu" else "") + ("-quick" if quick else "")
     if not found:
-        sys.exit(f"lemon_savings.py: error: no lemon_savings-<family>-seed<k>"
-                 f"{'-quick' if quick else ''}.json in {RESULTS}")
+        sys.exit(f"lemon_savings.py: error: no lemon_savings-<family>-seed<k>{suffix}.json "
+                 f"in {RESULTS}")
     text, summary = summarize(found)
-    suffix = "-quick" if quick else ""
+    flags = f"--size {size} --report" + (" --quick" if quick else "")
     body = (f"# LEMON savings over seeds (measured)\n\n`python benchmarks/lemon_savings.py "
-            f"--report{' --quick' if quick else ''}`, from the per-seed files "
-            f"lemon_savings-<family>-seed<k>{suffix}.md. Saving = 1 - (first evaluated step "
-            f"at which the grown model's held-out loss is at or below the from-scratch "
-            f"model's final held-out loss) / S; the small model's training is not counted. "
-            f"'did not reach': not within the grown model's budget.\n\n{text}")
+            f"{flags}`, from the per-seed files lemon_savings-<family>-seed<k>{suffix}.md "
+            f"(their curves: the .png beside them). Saving = 1 - (first evaluated step at "
+            f"which the grown model's held-out loss is at or below the from-scratch model's "
+            f"final held-out loss) / S; the small model's own steps are listed, not counted. "
+            f"'did not reach': not within the grown model's budget. Step 0 - small's loss: "
+            f"the lossless check (0 for LEMON and Net2Net; AKI and G_stack are lossy)."
+            f"\n\n{text}")
     with atomic_file(RESULTS / f"lemon_savings{suffix}.md") as tmp:
         tmp.write_text(body)
     write_json(RESULTS / f"lemon_savings{suffix}.json", summary)
     print(body)
+
+
+def study(args) -> None:
+    """Every (family, seed) of ``--seeds`` as its own process, ``--jobs`` at a time (those
+    whose JSON exists are skipped), then the report."""
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    passed = [a for a in sys.argv[1:] if a not in ("--study",)]
+    todo = []
+    for family in FAMILIES:
+        for seed in seeds:
+            st = settings(family, args.quick, args.scratch_steps, args.small_steps, args.size)
+            tag = run_tag(family, seed, args.quick, args.budget, st, args.size)
+            if (RESULTS / f"lemon_savings-{tag}.json").is_file():
+                print(f"[study] {tag}: done before, skipped", file=sys.stderr)
+                continue
+            todo.append((tag, [sys.executable, __file__, *_without(passed, ("--family",
+                        "--seed", "--seeds", "--jobs")), "--family", family,
+                        "--seed", str(seed)]))
+    running: list[tuple[str, subprocess.Popen, float]] = []
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            tag, cmd = todo.pop(0)
+            print(f"[study] {tag} ...", file=sys.stderr, flush=True)
+            running.append((tag, subprocess.Popen(cmd), time.perf_counter()))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            print(f"[study] {item[0]}: exit {item[1].returncode} after "
+                  f"{time.perf_counter() - item[2]:.0f} s", file=sys.stderr, flush=True)
+    report(args.quick, args.size)
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``flags`` and their values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
 
 
 def main() -> None:
@@ -472,7 +485,10 @@ def main() -> None:
     add_arguments(pre)
     args, _ = pre.parse_known_args()
     if args.report:
-        report(args.quick)
+        report(args.quick, args.size)
+        return
+    if args.study:
+        study(args)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     st, tag = _run_settings(args)
@@ -491,12 +507,16 @@ def main() -> None:
     device = next((r["device"] for r in rows if "device" in r), "?")
     wall = sum(r.get("wall_s", 0.0) for r in rows)
     with atomic_file(f"{stem}.md") as tmp:
-        tmp.write_text(f"# LEMON savings, {args.family}, seed {args.seed} (measured)\n\n"
-                       f"`{command.strip()}` on {device}, {wall:.0f} s of contender wall "
-                       f"time\n\n{table}\n\n{note}\n")
+        tmp.write_text(f"# LEMON savings, {args.family}, seed {args.seed}, size {args.size} "
+                       f"(measured)\n\n`{command.strip()}` on {device}, {wall:.0f} s of "
+                       f"contender wall time\n\n{table}\n\n{note}\n")
     if any("curve" in r for r in rows):
+        dims = SIZES[args.size]
+        name = "GPT-2 char-LM" if args.family == "gpt2" else "BERT MLM (WordPiece)"
+        title = (f"{name} on BBC News: {_label(dims['small'])} -> {_label(dims['large'])}, "
+                 f"seed {args.seed}")
         try:
-            plot(rows, args.family, Path(f"{stem}.png"))
+            plot(rows, args.family, Path(f"{stem}.png"), title)
         except ImportError:  # a machine without matplotlib still gets the JSON and the table
             print("lemon_savings.py: no matplotlib, no figure", file=sys.stderr)
     print(note)

@@ -45,13 +45,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (a HF model folder)")
     p.add_argument("--hidden-size", type=int, default=None, help="target hidden size")
     p.add_argument("--layers", type=int, default=None,
-                   help="target number of layers (at most 2x the source per expansion)")
+                   help="target number of layers (at most 2x the source per expansion; "
+                        "--method stack: any depth)")
     p.add_argument("--heads", type=int, default=None,
                    help="target attention heads (default: hidden size / head_dim)")
     p.add_argument("--intermediate-size", type=int, default=None,
                    help="target MLP width (default: scaled with the hidden size)")
     p.add_argument("--method", choices=METHODS, default="lemon",
-                   help="lemon, or a baseline: net2net (equal splits), aki (bert2BERT, lossy)")
+                   help="lemon, or a baseline: net2net (equal splits), aki (bert2BERT, lossy), "
+                        "stack (G_stack: the trained layers repeated in order, depth only, "
+                        "lossy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking noise")
     p.add_argument("--tolerance", type=float, default=1e-5,
                    help="max relative output difference (fp32) allowed")

@@ -6,7 +6,8 @@
 - :mod:`.lemon`: the lossless expansion itself, piece by piece (:func:`expand`);
 - :mod:`.stream`: the same expansion of a model folder, streamed tensor by tensor
   (:func:`expand_folder`);
-- :mod:`.baselines`: Net2Net and bert2BERT-AKI on the same machinery;
+- :mod:`.baselines`: Net2Net, bert2BERT-AKI and G_stack depth stacking on the same
+  machinery;
 - :mod:`.recipe`: the grown model's training recipe (:func:`lemon_train_config`,
   :func:`lemon_schedule`);
 - :mod:`.check`: comparing the source and the grown model (:func:`max_output_difference`).
@@ -21,7 +22,7 @@ from ..models.families import ARCHITECTURES as FAMILIES
 from ..models.families import Architecture as Family
 from ..models.families import supported
 from ..models.matching import architecture_of
-from .baselines import expand_aki, expand_net2net
+from .baselines import expand_aki, expand_net2net, expand_stack
 from .check import example_inputs, max_output_difference
 from .lemon import POST_LN_DEPTH_NOTE, expand
 from .plan import METHODS, GrowthPlan, plan_expansion
@@ -38,7 +39,8 @@ def family_of(model) -> Family:
 
 __all__ = [
     "FAMILIES", "METHODS", "FolderGrowth", "POST_LN_DEPTH_NOTE", "SCHEDULES", "Family", "GrowthPlan", "LemonRecipe",
-    "example_inputs", "expand", "expand_aki", "expand_folder", "expand_net2net", "family_of",
+    "example_inputs", "expand", "expand_aki", "expand_folder", "expand_net2net", "expand_stack",
+    "family_of",
     "lemon_schedule", "lemon_train_config", "max_output_difference", "plan_expansion", "stream_blocker",
     "supported",
 ]

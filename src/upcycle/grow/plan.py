@@ -12,8 +12,10 @@ from torch import nn
 from ..errors import UpcycleError
 from ..models.matching import architecture_of, sizes_of
 
-METHODS = ("lemon", "net2net", "aki")
+METHODS = ("lemon", "net2net", "aki", "stack")
 """LEMON and its baselines (:mod:`upcycle.grow.baselines`)."""
+DEPTH_ONLY = ("stack",)
+"""Methods that grow depth only (the width is the source's)."""
 
 
 @dataclass
@@ -89,6 +91,15 @@ def plan_expansion(model: nn.Module, *, hidden_size: int | None = None,
         if value is not None and int(value) < source:
             raise UpcycleError(f"{arg}: target {value} is smaller than the source's {source}; "
                                f"LEMON only grows models")
+    if method in DEPTH_ONLY:
+        changed = [f"{arg} {new} (the source's {old})" for arg, new, old in (
+            ("hidden_size", D, d), ("num_heads", num_heads, h),
+            ("intermediate_size", intermediate_size, f)) if new is not None and new != old]
+        if changed:
+            raise UpcycleError(f"{changed[0].split()[0]}: method {method!r} grows depth only "
+                               f"(it repeats the trained layers, width unchanged); got "
+                               f"{'; '.join(changed)}: drop the width arguments or grow the "
+                               f"width with lemon first")
     step = d if arch.post_ln else g * hd  # the widths every constraint allows
     if D % hd:
         raise UpcycleError(f"hidden_size: {D} is not a multiple of head_dim {hd} (head_dim is "
@@ -107,6 +118,12 @@ def plan_expansion(model: nn.Module, *, hidden_size: int | None = None,
     F = int(intermediate_size) if intermediate_size is not None else (
         f if D == d else round(f * D / d))
     L2 = L if num_layers is None else int(num_layers)
+    if method in DEPTH_ONLY:
+        # G_stack (Du et al. 2024): the whole stack of trained layers, repeated in order
+        return GrowthPlan(family=arch.name, hidden=(d, d), layers=(L, L2), heads=(h, h),
+                          kv_heads=(kv, kv), intermediate=(f, f), head_dim=hd,
+                          layer_map=[(i % L, "stack") for i in range(L2)],
+                          by_structure=match.by_structure)
     if L2 > 2 * L:
         raise UpcycleError(f"num_layers: {L2} is more than twice the source's {L} layers; LEMON "
                            f"grows depth at most 2x per expansion: expand to {2 * L} first, then "
