@@ -155,7 +155,9 @@ def run_worker(spec: dict) -> dict:
     return row
 
 
-def _sizes(args):
+def sizes_of(args):
+    """The sizes a run uses: the preset (``--quick``: lm_setup.QUICK) with the ``--<size>``
+    overrides of :func:`add_size_arguments`."""
     from lm_setup import QUICK, Sizes
 
     sizes = QUICK if args.quick else Sizes()
@@ -167,7 +169,7 @@ def _sizes(args):
 def contenders(args) -> list[dict]:
     from lm_setup import prepare
 
-    sizes = _sizes(args)
+    sizes = sizes_of(args)
     cache = Path(args.cache or Path(os.environ.get("UPCYCLE_CACHE", Path.home() / ".cache" /
                                                    "upcycle")) / ("lm_soup-quick" if args.quick
                                                                    else "lm_soup"))
@@ -214,25 +216,35 @@ def summarize(rows: list[dict]) -> str:
 
 
 def _arguments(parser) -> None:
-    from lm_setup import Sizes
 
     parser.add_argument("--quick", action="store_true", help="small sizes (lm_setup.QUICK)")
     parser.add_argument("--cache", default=None, help="where the base and ingredients are "
                         "cached (default $UPCYCLE_CACHE/lm_soup[-quick])")
     parser.add_argument("--K", type=int, default=5, help="MEHL's model batch")
     parser.add_argument("--epochs", type=int, default=3, help="learned+/MEHL+ epochs")
+    add_size_arguments(parser)
+
+
+def add_size_arguments(parser) -> None:
+    """One ``--<size>`` flag per field of lm_setup.Sizes (default: the preset's)."""
+    from lm_setup import Sizes
+
     for f in fields(Sizes):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default),
                             default=None, help=f"override the size {f.name}")
+
+
+SOUP_COLUMNS = [("name", "method", ""), ("held_out_ppl", "held-out ppl", ".3f"),
+                ("test_ppl", "test ppl", ".3f"), ("seconds", "soup time (s)", ".1f"),
+                ("peak_rss_mb", "peak RSS (MiB)", ".0f"), ("picked", "picked", "")]
+"""The table's columns (merge_quality.py's too)."""
 
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     main(
         Path(__file__).resolve(), contenders, run_worker,
-        columns=[("name", "method", ""), ("held_out_ppl", "held-out ppl", ".3f"),
-                 ("test_ppl", "test ppl", ".3f"), ("seconds", "soup time (s)", ".1f"),
-                 ("peak_rss_mb", "peak RSS (MiB)", ".0f"), ("picked", "picked", "")],
+        columns=SOUP_COLUMNS,
         description=__doc__,
         out_json=Path(__file__).resolve().parent / "results" /
         ("lm_soup-quick.json" if quick else "lm_soup.json"),

@@ -149,7 +149,7 @@ def run_worker(spec: dict) -> dict:
 def contenders(args) -> list[dict]:
     import lm_soup
 
-    sizes = lm_soup._sizes(args)
+    sizes = lm_soup.sizes_of(args)
     common = {k: v for k, v in lm_soup.contenders(args)[0].items()  # lm_soup's cache and sizes
               if k in ("paths", "seq", "batch", "threads")}
     fit = {"epochs": args.epochs}
@@ -184,14 +184,12 @@ def _arguments(parser) -> None:
 
 
 if __name__ == "__main__":
-    from lm_soup import summarize
+    from lm_soup import SOUP_COLUMNS, summarize
 
     quick = "--quick" in sys.argv
     main(
         Path(__file__).resolve(), contenders, run_worker,
-        columns=[("name", "method", ""), ("held_out_ppl", "held-out ppl", ".3f"),
-                 ("test_ppl", "test ppl", ".3f"), ("seconds", "soup time (s)", ".1f"),
-                 ("peak_rss_mb", "peak RSS (MiB)", ".0f"), ("picked", "picked", "")],
+        columns=SOUP_COLUMNS,
         description=__doc__,
         out_json=Path(__file__).resolve().parent / "results" /
         ("merge_quality-quick.json" if quick else "merge_quality.json"),

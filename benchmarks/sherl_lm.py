@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,11 +118,11 @@ def run_worker(spec: dict) -> dict:
 def contenders(args) -> list[dict]:
     import torch
     from lm_setup import make_base, splits
-    from lm_soup import _sizes  # the same sizes and overrides as lm_soup
+    from lm_soup import sizes_of  # the same sizes and overrides as lm_soup
 
     from upcycle.io.writing import atomic_file
 
-    sizes = _sizes(args)
+    sizes = sizes_of(args)
     cache = Path(args.cache or Path(os.environ.get("UPCYCLE_CACHE", Path.home() / ".cache" /
                                                    "upcycle")) / ("lm_soup-quick" if args.quick
                                                                    else "lm_soup"))
@@ -144,14 +143,12 @@ def contenders(args) -> list[dict]:
 
 
 def _arguments(parser) -> None:
-    from lm_setup import Sizes
+    from lm_soup import add_size_arguments
 
     parser.add_argument("--quick", action="store_true", help="small sizes (lm_setup.QUICK)")
     parser.add_argument("--cache", default=None, help="where the base is cached (default "
                         "$UPCYCLE_CACHE/lm_soup[-quick], shared with lm_soup.py)")
-    for f in fields(Sizes):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default),
-                            default=None, help=f"override the size {f.name}")
+    add_size_arguments(parser)
 
 
 if __name__ == "__main__":
