@@ -182,7 +182,7 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = _nothing,
                          f"articles")
     splits = bbc.bbc_splits(cache)
     job = prepare_soup_job(folders, held_out=splits["held_out"], test=splits["test"],
-                           max_length=bbc.MAX_LENGTH, batch_size=50, eval_batch_size=100,
+                           max_length=bbc.MAX_LENGTH, batch_size=25, eval_batch_size=100,
                            progress=bars, device=device)
     ing_rows = ingredient_rows(job, names=names, progress=bars)
     best = best_ingredient_row(job, ing_rows)
