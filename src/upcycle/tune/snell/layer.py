@@ -67,13 +67,14 @@ def quantization_backend(module: nn.Module, **kwargs):
         return backend
 
 
-def check_adaptable(module: nn.Module, name: str, **quantization_kwargs) -> None:
-    """Refuse (naming the module and its type) a module SNELL cannot wrap."""
-    if isinstance(module, adaptable_types()):
-        return
-    backend = quantization_backend(module, **quantization_kwargs)
+def check_adaptable(module: nn.Module, name: str, **quantization_kwargs):
+    """peft's quantization backend of ``module`` (None: not quantized), or an error naming
+    the module and its type when SNELL cannot wrap it."""
+    backend = quantization_backend(module, **quantization_kwargs)  # bnb's are nn.Linear too
     if backend is not None and backend.layer_type == "linear":
-        return
+        return backend
+    if backend is None and isinstance(module, adaptable_types()):
+        return None
     raise UpcycleError(f"SNELL target_modules matched {name!r}, a {type(module).__name__}; "
                        f"SNELL adapts {ADAPTED} (narrow target_modules or add it to "
                        f"exclude_modules)")
@@ -126,11 +127,12 @@ class SnellLayer(nn.Module, BaseTunerLayer):
                  adapter_name: str = "default", *, num_slices: int = 1, parts=None,
                  name: str = "", **quantization_kwargs):
         super().__init__()
-        check_adaptable(base_layer, name or type(base_layer).__name__, **quantization_kwargs)
+        backend = check_adaptable(base_layer, name or type(base_layer).__name__,
+                                  **quantization_kwargs)
         conv1d = _conv1d_type()
         self.base_layer = base_layer
         self.transposed = conv1d is not None and isinstance(base_layer, conv1d)
-        self.quantization_backend = quantization_backend(base_layer, **quantization_kwargs)
+        self.quantization_backend = backend
         d_in, d_out = base_layer.weight.shape if self.transposed else _get_in_out_features(base_layer)
         self.in_features, self.out_features = int(d_in), int(d_out)
         self.name = name

@@ -31,8 +31,8 @@ from ..adapter import (
     module_name_matches,
 )
 from .config import METHOD, SnellConfig
-from .layer import SnellLayer, check_adaptable
-from .targets import default_head_modules, default_target_modules, fused_parts
+from .layer import SnellLayer
+from .targets import default_head_modules, default_target_modules, fused_layouts_of, part_of
 
 ALL_LINEAR = "all-linear"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -57,6 +57,7 @@ class SnellModel(Checkpointing, BaseTuner):
         """SNELL's defaults (the family's q, k, v, output and MLP matrices; the classifier
         head trained and saved), and a clear error for a pattern that matches nothing."""
         model = self.model
+        self._fused_layouts = fused_layouts_of(model)  # once, not per adapted module
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(model)
         if peft_config.modules_to_save is None:
@@ -81,13 +82,12 @@ class SnellModel(Checkpointing, BaseTuner):
     def _create_and_replace(self, peft_config: SnellConfig, adapter_name: str,
                             target: nn.Module, target_name: str, parent: nn.Module,
                             current_key: str, **optional_kwargs) -> None:
-        parts = fused_parts(self.model, [current_key], peft_config.fused_qkv)[current_key]
+        parts = part_of(current_key, self._fused_layouts, peft_config.fused_qkv)
         if isinstance(target, SnellLayer):
             target.update_layer(adapter_name, peft_config, parts=parts,
                                 inference_mode=peft_config.inference_mode)
             return
         quantization = get_quantization_kwargs(self.model)
-        check_adaptable(target, current_key, **quantization)
         new = SnellLayer(target, peft_config, adapter_name, parts=parts, name=current_key,
                          **quantization)
         if adapter_name not in self.active_adapters:

@@ -62,21 +62,26 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return snell_target_modules(match.arch)
 
 
+def fused_layouts_of(model: nn.Module) -> dict:
+    """The architecture map's fused projections of ``model`` by full module name (empty
+    outside the map); found once per model, then looked up by :func:`part_of`."""
+    return model_fused_layouts(model) if _architecture(model) is not None else {}
+
+
+def part_of(name: str, layouts: dict, fused_qkv=None) -> RowParts | int:
+    """How module ``name`` is split into parts: the layout of the architecture map for a
+    mapped fused projection (row indices per part), 3 equal slices for a module matching
+    ``fused_qkv`` (None: ``UNMAPPED_FUSED_QKV``) outside the map, else 1."""
+    if name in layouts:
+        layout = layouts[name]
+        return row_parts(layout.indices(), layout.rows, name=f"module {name!r}")
+    return 3 if _matches(name, UNMAPPED_FUSED_QKV if fused_qkv is None else fused_qkv) else 1
+
+
 def fused_parts(model: nn.Module, names, fused_qkv=None) -> dict[str, RowParts | int]:
-    """For the modules ``names`` of ``model``, how each is split into parts: the layout of
-    the architecture map for a mapped fused projection (row indices per part), 3 equal
-    slices for a module matching ``fused_qkv`` (None: ``UNMAPPED_FUSED_QKV``) outside the
-    map, else 1."""
-    layouts = model_fused_layouts(model) if _architecture(model) is not None else {}
-    extra = UNMAPPED_FUSED_QKV if fused_qkv is None else fused_qkv
-    out: dict[str, RowParts | int] = {}
-    for name in names:
-        if name in layouts:
-            layout = layouts[name]
-            out[name] = row_parts(layout.indices(), layout.rows, name=f"module {name!r}")
-        else:
-            out[name] = 3 if _matches(name, extra) else 1
-    return out
+    """:func:`part_of` for each of the modules ``names`` of ``model``."""
+    layouts = fused_layouts_of(model)
+    return {name: part_of(name, layouts, fused_qkv) for name in names}
 
 
 def default_head_modules(model: nn.Module) -> list[str]:
@@ -102,5 +107,7 @@ __all__ = [
     "UNMAPPED_TARGET_MODULES",
     "default_head_modules",
     "default_target_modules",
+    "fused_layouts_of",
     "fused_parts",
+    "part_of",
 ]
