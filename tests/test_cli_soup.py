@@ -270,3 +270,29 @@ def test_mehl_model_batch_defaults_to_at_most_the_number_of_ingredients(
     assert main(base + ["--out", str(tmp_path / "k4"), "--model-batch", "4"]) == 2
     assert "--model-batch 4 exceeds the number of ingredients (3)" in capsys.readouterr().err
     assert not (tmp_path / "k4").exists()
+
+
+def test_out_of_core_refuses_a_legacy_pickle_in_one_line(tiny_bert_ingredients, tmp_path,
+                                                        capsys):
+    """--directions out-of-core re-reads the files at every step: a legacy pickle (which
+    cannot be memory-mapped) is one error saying how to convert it; nothing is written."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, folders = tiny_bert_ingredients
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folders[1], legacy)
+    state = load_file(str(legacy / "model.safetensors"))
+    (legacy / "model.safetensors").unlink()
+    torch.save(state, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    out = tmp_path / "soup"
+    code = main(["soup", "--method", "mehl+", str(folders[0]), str(legacy), "--out", str(out),
+                 "--quiet", "--epochs", "1", "--model-batch", "2", "--directions", "out-of-core",
+                 "--held-out", str(root / "held_out.jsonl")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("upcycle soup: error:"), err
+    assert "pytorch_model.bin is a legacy" in lines[0] and "convert" in lines[0].lower()
+    assert not out.exists()

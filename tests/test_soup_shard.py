@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
     folder, out, shard, clip = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
+    directions = sys.argv[5]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 8, generator=g, dtype=torch.float64); y = (x[:, 0] > 0).long()
     data = [{"x": x[i:i + 16], "labels": y[i:i + 16]} for i in range(0, 40, 16)]
@@ -36,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     # N = 5, K = 4: the second round has one member, so with 2 ranks one holds no direction.
     soup = mehl_soup(ings, model, data, loss_fn=loss, callback=rounds.append,
                      config=MehlConfig(model_batch=4, epochs=2, lr=0.05, shard_directions=shard,
-                                       grad_clip=0.5 if clip else None))
+                                       grad_clip=0.5 if clip else None, directions=directions))
     error = None
     if shard:
         try:
@@ -47,7 +48,8 @@ SCRIPT = textwrap.dedent("""
     rank = distributed.rank()
     torch.save({"state": soup.state, "coefficients": soup.coefficients}, f"{out}.{rank}.pt")
     with open(f"{out}.{rank}.json", "w") as f:
-        json.dump({"resident": [r["resident_directions"] for r in rounds], "error": error}, f)
+        json.dump({"rows": [r["direction_rows"] for r in rounds],
+                   "resident": [r["resident_directions"] for r in rounds], "error": error}, f)
 """)
 
 
@@ -62,18 +64,20 @@ def _ingredients(tmp_path, n=5):
     return folder
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_sharded_directions_match_unsharded(tmp_path, clip):
-    """Two gloo ranks with K/W directions each give the unsharded soup (fp64, 1e-6), hold
-    K/W directions per round (0 or 1 in a one-member round), and refuse K < W."""
+@pytest.mark.parametrize(("clip", "directions"), [(False, "resident"), (True, "resident"),
+                                                   (False, "out-of-core")])
+def test_sharded_directions_match_unsharded(tmp_path, clip, directions):
+    """Two gloo ranks with K/W directions each give the unsharded soup (fp64, 1e-6), own
+    K/W directions per round (0 or 1 in a one-member round; stored when resident, read from
+    the files as needed out of core), and refuse K < W."""
     folder = _ingredients(tmp_path)
     script = tmp_path / "shard.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flag = "1" if clip else "0"
-    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), "0", flag],
-                   check=True, env=env)
-    run_torchrun([script, folder, tmp_path / "two", "1", flag])
+    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), "0", flag,
+                    directions], check=True, env=env)
+    run_torchrun([script, folder, tmp_path / "two", "1", flag, directions])
     one = torch.load(tmp_path / "one.0.pt")
     for rank in (0, 1):
         two = torch.load(tmp_path / f"two.{rank}.pt")
@@ -84,8 +88,12 @@ def test_sharded_directions_match_unsharded(tmp_path, clip):
         # the soup really moved away from the first anchor, so the comparison means something
         assert (one["coefficients"] - one["coefficients"][0]).abs().max() > 1e-3
     info = [json.loads((tmp_path / f"two.{rank}.json").read_text()) for rank in (0, 1)]
-    assert [i["resident"] for i in info] == [[2, 0], [2, 1]]
-    assert json.loads((tmp_path / "one.0.json").read_text())["resident"] == [4, 1]
+    assert [i["rows"] for i in info] == [[2, 0], [2, 1]]
+    single = json.loads((tmp_path / "one.0.json").read_text())
+    assert single["rows"] == [4, 1]
+    stored = directions == "resident"
+    assert [i["resident"] for i in info] == ([[2, 0], [2, 1]] if stored else [[0, 0], [0, 0]])
+    assert single["resident"] == ([4, 1] if stored else [0, 0])
     for i in info:
         assert "K) >= the number of processes (W = 2)" in i["error"]
 

@@ -149,6 +149,9 @@ class Ingredient(SourceReads):
         # zip-format .pt/.bin: name -> (storage byte offset in the file, dtype, shape, stride,
         # storage offset in elements)
         self._torch_index: dict[str, tuple] = {}
+        self.whole_files: list[Path] = []
+        """Files that could not be read one tensor at a time (legacy pickles, zips of the
+        other byte order): loaded whole and kept in memory."""
         self._open()
 
     @property
@@ -280,6 +283,7 @@ class Ingredient(SourceReads):
                                            t.storage_offset())
         if whole:  # (shards of a sharded .bin add to it)
             self._torch_state = {**(self._torch_state or {}), **state}
+            self.whole_files.append(file)
             if legacy and self.role is None:
                 _report_legacy(self.label, file)
 

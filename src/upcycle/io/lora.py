@@ -98,6 +98,12 @@ class LoraIngredient(SourceReads):
         self._open()
 
     @property
+    def whole_files(self) -> list[Path]:
+        """The base's files loaded whole (see :attr:`Ingredient.whole_files`); the adapter
+        itself is small."""
+        return self.base.whole_files
+
+    @property
     def label(self) -> str:
         return f"ingredient {self.index} ({_short(self.path)}, LoRA adapter)"
 

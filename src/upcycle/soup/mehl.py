@@ -26,19 +26,27 @@ after every round; the soup is the best of those states, the start included, and
 never beat its start says so (one warning line, ``info["keep_best"]``). Rounds of fewer than
 :data:`~upcycle.soup.keep_best.MIN_ROUND_STEPS` coefficient steps get a warning first.
 
-Devices and precision: the anchor, the K directions, X, its optimizer state and the gradient
-accumulators live on the model's device (ingredients go there one tensor at a time); the
-forward/backward may run under bf16/fp16 autocast; X, its optimizer and the soup's
-accumulation stay fp32 (``compact_directions`` stores the directions in the ingredients'
-dtype instead, half the memory for bf16 checkpoints).
+Where the directions live (``directions``, see :mod:`upcycle.soup.mehl_round`):
+``resident`` builds the K directions once per round and keeps them, with the anchor, on the
+model's device (fp32; ``compact_directions``: the ingredients' dtype, half for bf16);
+``out-of-core`` keeps none: each step re-reads every tensor's K slices from the ingredients'
+files as the combine and the gradient fold touch it (read ahead by one), and the anchor stays
+in host memory, so device memory is the model + its activations + two slices in flight,
+whatever K and N, and keep-best's snapshot goes to a file. ``auto`` (the default): out of
+core on the CPU (where it costs no more time, see benchmarks/soup_memory.py); on an
+accelerator, resident when the K directions and the anchor fit in its free memory. X, its
+optimizer and the soup's accumulation stay fp32; the forward/backward may run under bf16/fp16
+autocast.
 
 Resume: with ``checkpoint_dir`` a small checkpoint is written after every round (see
 ``resume.py``); ``resume=True`` continues from the last finished round and produces the same
 soup as an uninterrupted run with the same seed.
 
-Memory: the model (holding theta), the anchor c, K directions and X. The weight gradient is
+Memory: the model (holding theta), the anchor c, K directions (none out of core) and X. The
+weight gradient is
 consumed parameter by parameter as backward produces it (a post-accumulate-grad hook folds
-it into dL/dX and frees it), so not even one full gradient is resident. Nothing grows with N.
+it into dL/dX and frees it), so not even one full gradient is resident. Nothing grows with N
+(out of core, nothing grows with K either).
 
 Data parallel: under torch.distributed every rank evaluates its shard of each held-out batch
 and only the K x L coefficient gradient (and the loss) is all-reduced. With gradient
@@ -75,7 +83,12 @@ from .common import (
 )
 from .fit_loop import finish_state, grad_scaler, held_out_epoch, progress_bar, ready_model
 from .keep_best import KeepBest, held_out_loss, warn_few_steps
+from .mehl_offload import Spill, check_readable_per_tensor
+from .mehl_round import OUT_OF_CORE, RESIDENT, MehlRound
 from .registry import SoupContext, SoupMethod, register
+
+AUTO = "auto"
+DIRECTIONS = (AUTO, RESIDENT, OUT_OF_CORE)
 
 
 @dataclass
@@ -109,6 +122,15 @@ class MehlConfig:
     merge_configs: dict | None = field(default=None, metadata={"cli": False})
     """The ``init`` merge's config by name (None: made from its defaults; the job fills it
     from the command's settings, :func:`upcycle.soup.anchor.resolve_merge_configs`)."""
+    directions: str = field(default=AUTO, metadata={
+        "help": "MEHL: where the K directions live: resident (built once per round, on the "
+                "device: K model copies, fastest on a GPU), out-of-core (none kept: every step "
+                "re-reads each tensor's K slices from the ingredients' files, and the anchor "
+                "stays in host memory: device memory = the model + activations, whatever K), "
+                "or auto (out-of-core on the CPU; resident on a GPU where it fits)",
+        "choices": DIRECTIONS})
+    """Where the K directions live: ``resident``, ``out-of-core`` or ``auto`` (see the module
+    docstring)."""
     compact_directions: bool = field(default=False, metadata={
         "help": "MEHL: keep the K directions in the ingredients' dtype (half the memory for "
                 "bf16/fp16 checkpoints); coefficients stay fp32"})
@@ -127,8 +149,9 @@ class MehlConfig:
     progress: bool = False
 
     def settings(self) -> dict:
-        """What the soup depends on (for resume fingerprints): everything but ``progress``."""
-        return {k: v for k, v in asdict(self).items() if k != "progress"}
+        """What the soup depends on (for resume fingerprints): everything but ``progress`` and
+        ``directions`` (where the directions live: a run may resume with another choice)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("progress", "directions")}
 
 
 def _check(ingredients: Sequence[Ingredient], held_out: Sequence[dict], config: MehlConfig) -> None:
@@ -144,6 +167,39 @@ def _check(ingredients: Sequence[Ingredient], held_out: Sequence[dict], config: 
     if not held_out:
         raise UpcycleError("the held-out set is empty: MEHL-Soup needs data to fit on")
     check_shard_directions(config.shard_directions, config.model_batch)
+    check_directions(config)
+
+
+def check_directions(config: MehlConfig) -> None:
+    if config.directions not in DIRECTIONS:
+        raise UpcycleError(f"directions must be one of {', '.join(DIRECTIONS)}, got "
+                           f"{config.directions!r}")
+    if config.directions == OUT_OF_CORE and config.compact_directions:
+        raise UpcycleError("--compact-directions stores the directions, --directions "
+                           "out-of-core stores none: use one of them")
+
+
+def resolve_directions(config: MehlConfig, device: torch.device, ingredients,
+                       names: Sequence[str]) -> str:
+    """``config.directions`` with ``auto`` decided: out of core on the CPU (no slower there,
+    and nothing grows with K); resident with ``compact_directions`` or when an ingredient is
+    a legacy pickle (held whole anyway); on an accelerator,
+    resident when the anchor and K directions fit in 90% of its free memory."""
+    if config.directions != AUTO:
+        return config.directions
+    if config.compact_directions or any(getattr(i, "whole_files", []) for i in ingredients):
+        return RESIDENT  # asked to store them, or an ingredient is in memory anyway (a pickle)
+    if device.type == "cpu":
+        return OUT_OF_CORE
+    numel = sum(math.prod(ingredients[0].shape(name)) for name in names)
+    k = config.model_batch
+    if config.shard_directions:
+        k = math.ceil(k / distributed.world_size())
+    need = 4 * numel * (k + 1)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return RESIDENT if need <= 0.9 * free else OUT_OF_CORE
+    return RESIDENT
 
 
 def check_shard_directions(shard: bool, model_batch: int | None) -> None:
@@ -162,173 +218,17 @@ def check_shard_directions(shard: bool, model_batch: int | None) -> None:
                            f"K = {model_batch}")
 
 
-class _Round:
-    """One model batch: the directions, the coefficients X, and the gradient hooks.
-
-    Directions are stored unnormalised (D_i^l = theta_i^l - c^l, fp32 or the ingredients'
-    dtype) with their inverse norms kept apart: theta^l(X) = c^l + sum_i X[i,l] inv[i,l] D_i^l
-    and dL/dX[i,l] = inv[i,l] <D_i^l, g^l>, the same maths as unit directions.
-    """
-
-    def __init__(self, names, block_of, n_blocks, params, anchor, members, ingredients,
-                 grad_clip, compact, shard=False):
-        self.names, self.block_of, self.params, self.anchor = names, block_of, params, anchor
-        device = anchor[names[0]].device
-        acc = accumulator_dtype(device)
-        self.acc_dtype = acc
-        k = len(members)
-        # Sharded: this rank holds the directions of rows [lo, hi) only (possibly none in a
-        # short last round); everything K x L (norms, X, dL/dX) stays whole on every rank.
-        self.shard = shard
-        self.lo, self.hi = ((k * distributed.rank()) // distributed.world_size(),
-                            (k * (distributed.rank() + 1)) // distributed.world_size()) \
-            if shard else (0, k)
-        sq = torch.zeros(k, n_blocks, dtype=acc, device=device)
-        anchor_sq = torch.zeros(n_blocks, dtype=acc, device=device)
-        self.directions: dict[str, torch.Tensor] = {}
-        for name, block in zip(names, block_of):
-            c = anchor[name]
-            store = ingredients[0].dtype(name) if compact else torch.float32
-            d = torch.empty(self.hi - self.lo, c.numel(), dtype=store, device=device)
-            for row in range(self.lo, self.hi):
-                theta = ingredients[members[row]].get(name).reshape(-1).to(device).to(
-                    torch.float32)
-                if store == torch.float32:
-                    diff = torch.sub(theta, c, out=d[row - self.lo])
-                else:
-                    diff = theta.sub_(c)
-                    d[row - self.lo].copy_(diff)
-                # Reductions without fp64 copies of the directions (that would cost 4x).
-                sq[row, block] += torch.linalg.vector_norm(diff).to(acc).square()
-                del theta, diff
-            anchor_sq[block] += torch.linalg.vector_norm(c).to(acc).square()
-            self.directions[name] = d
-        if shard:
-            distributed.all_reduce_sum(sq)  # each rank filled its own rows
-        norms = sq.sqrt()
-        # A block whose difference to the anchor is zero (or at fp32 rounding level) has no
-        # direction: skip it (the reference divides by zero and produces NaN there).
-        tol = torch.clamp(1e-7 * anchor_sq.sqrt(), min=1e-30)
-        valid = norms > tol
-        self.inv_norms = torch.where(valid, 1.0 / norms.clamp_min(torch.finfo(acc).tiny),
-                                     torch.zeros_like(norms))
-        self._inv32 = self.inv_norms.to(torch.float32)
-        self.valid = valid
-        self.x = torch.zeros(k, n_blocks, device=device)
-        self.grad_x = torch.zeros(k, n_blocks, dtype=acc, device=device)
-        self.grad_sq = torch.zeros((), dtype=acc, device=device)
-        self.grad_clip = grad_clip
-        self._hooks = [params[name].register_post_accumulate_grad_hook(self._hook(name, block))
-                       for name, block in zip(names, block_of)]
-
-    def _hook(self, name: str, block: int):
-        direction = self.directions[name]
-        # Sharded, every rank folds the global gradient into its own directions; else only
-        # clipping needs it (the global norm).
-        need_global_grad = self.shard or (self.grad_clip is not None
-                                          and distributed.is_distributed())
-        lo, hi = self.lo, self.hi
-
-        def fold(param: torch.Tensor) -> None:
-            g = param.grad
-            if need_global_grad:  # every rank runs this hook for every parameter, in order
-                distributed.all_reduce_sum(g)
-            g = g.reshape(-1).to(torch.float32)
-            if direction.dtype == torch.float32 or hi == lo:
-                dots = direction.to(torch.float32) @ g
-            else:  # one row at a time in fp32: no K x D fp32 copy of compact directions
-                dots = torch.stack([torch.dot(row.to(torch.float32), g) for row in direction])
-            if hi > lo:
-                self.grad_x[lo:hi, block] += (dots.to(self.acc_dtype)
-                                              * self.inv_norms[lo:hi, block])
-            if self.grad_clip is not None:
-                self.grad_sq += torch.linalg.vector_norm(g).to(self.acc_dtype).square()
-            param.grad = None  # consumed: never hold a full weight gradient
-
-        return fold
-
-    @torch.no_grad()
-    def combine(self, name: str, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """theta^l(X) = c + sum_i X[i, l] inv[i, l] D_i^l in fp32 (into ``out`` when given).
-        Sharded: every rank sums its own rows, the sum is all-reduced, then c is added (every
-        rank must call this for the same tensors in the same order)."""
-        coef = self.x[:, block] * self._inv32[:, block]
-        d = self.directions[name]
-        c = self.anchor[name]
-        if self.shard:
-            coef = coef[self.lo:self.hi]
-            acc = torch.zeros_like(c) if out is None else out.zero_()
-            if d.dtype == torch.float32 and len(d):
-                acc.view(1, -1).addmm_(coef.unsqueeze(0), d)
-            else:
-                for row in range(d.shape[0]):
-                    acc.add_(d[row].to(torch.float32).mul_(coef[row]))
-            return distributed.all_reduce_sum(acc).add_(c)
-        if d.dtype == torch.float32:
-            if out is None:
-                return torch.addmm(c.unsqueeze(0), coef.unsqueeze(0), d).view(-1)
-            torch.addmm(c.unsqueeze(0), coef.unsqueeze(0), d, out=out.view(1, -1))
-            return out
-        acc = c.clone() if out is None else out.copy_(c)
-        for row in range(d.shape[0]):
-            acc.add_(d[row].to(torch.float32).mul_(coef[row]))
-        return acc
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Write theta(X) into the model's parameters (in place when the parameter is fp32,
-        so no model-sized temporary is made)."""
-        for name, block in zip(self.names, self.block_of):
-            param = self.params[name]
-            if param.dtype == torch.float32 and param.is_contiguous():
-                self.combine(name, block, out=param.view(-1))
-            else:
-                param.copy_(self.combine(name, block).view_as(param))
-
-    @torch.no_grad()
-    def move_anchor(self) -> None:
-        """The round's end point theta(X) (fp32, even for a low-precision model) becomes the
-        anchor, in place."""
-        for name, block in zip(self.names, self.block_of):
-            param = self.params[name]
-            if param.dtype == torch.float32:
-                self.anchor[name].copy_(param.detach().reshape(-1))
-            else:
-                self.anchor[name].copy_(self.combine(name, block))
-
-    def take_grad(self, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """dL/dX for the last backward (times ``loss_scale``, the fp16 loss scale; clipped as
-        clip_grad_norm_ would on the unscaled weight gradient), and the clip factor; then
-        reset."""
-        grad = self.grad_x
-        factor = None
-        if self.grad_clip is not None:
-            # The hooks folded the global (all-reduced) weight gradient: grad is global.
-            norm = self.grad_sq.sqrt() / loss_scale
-            factor = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            grad = grad * factor
-        if self.shard or self.grad_clip is None:
-            # Unsharded without clipping: the local weight gradient was folded, sum the K x L
-            # partial dL/dX. Sharded: each rank filled only its own rows of the (global) dL/dX.
-            distributed.all_reduce_sum(grad)  # only K x L numbers cross the wire
-        self.grad_x = torch.zeros_like(self.grad_x)
-        self.grad_sq = torch.zeros_like(self.grad_sq)
-        return grad.to(torch.float32), factor
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self.directions.clear()
-
-
 @torch.no_grad()
 def _start(ingredients, names, device, config: MehlConfig,
            base: TensorSource | None) -> tuple[dict[str, torch.Tensor], SoupResult]:
     """The first anchor: the ``init`` merge of all ingredients (fp32, flat per parameter, on
-    ``device``) and the merge's result (for its coefficients)."""
+    ``device``) and the merge's result (for its coefficients). The merge's tensors are
+    released as they are converted (never both whole)."""
     merged = run_merge(config.init, ingredients, SoupContext(base=base), config)
-    anchor = {name: merged.state[name].reshape(-1).to(device, torch.float32, copy=True)
-              for name in names}
+    anchor = {}
+    for name in names:
+        anchor[name] = merged.state[name].reshape(-1).to(device, torch.float32, copy=True)
+        merged.state[name] = None
     merged.state = {}  # only its coefficients are kept
     return anchor, merged
 
@@ -402,110 +302,131 @@ def mehl_soup(
             return dict(eval_fn(model))
         return {"loss": held_out_loss(model, held_out, loss_fn, device, precision)}
 
-    # The start: the init merge; row 0 of ``coefficients`` is its weight a, rows 1..N the
-    # ingredients' C (composed with the merge's own coefficients at the end).
-    anchor, merged = _start(ingredients, names, device, config, base)
-    coefficients = torch.zeros(n + 1, n_blocks, dtype=torch.float64)
-    coefficients[0] = 1.0
-    _load_anchor(params, names, anchor)
+    store = resolve_directions(config, device, ingredients, names)
+    if store == OUT_OF_CORE:
+        check_readable_per_tensor(ingredients)
+    # Out of core the anchor stays in host memory and keep-best's snapshots go to files.
+    host = torch.device("cpu") if store == OUT_OF_CORE else device
+    spill = Spill(checkpoint_dir) if store == OUT_OF_CORE else None
+    try:
+        # The start: the init merge; row 0 of ``coefficients`` is its weight a, rows 1..N the
+        # ingredients' C (composed with the merge's own coefficients at the end).
+        anchor, merged = _start(ingredients, names, host, config, base)
+        coefficients = torch.zeros(n + 1, n_blocks, dtype=torch.float64)
+        coefficients[0] = 1.0
+        _load_anchor(params, names, anchor)
 
-    def snapshot() -> tuple[dict, torch.Tensor]:
-        return {name: t.detach().cpu().clone() for name, t in anchor.items()}, coefficients.clone()
+        def snapshot() -> tuple[dict, torch.Tensor]:
+            if spill is not None:
+                return spill.keep(anchor), coefficients.clone()
+            return ({name: t.detach().cpu().clone() for name, t in anchor.items()},
+                    coefficients.clone())
 
-    best = KeepBest(method, config.init, measure(), snapshot)
-    if saved is not None:
-        coefficients = saved.coefficients.to(torch.float64)
-        start_state = best.best_state
-        anchor = {name: saved.anchor[name].to(device) for name in names}
-        gen.set_state(saved.rng_state)
-        history = list(saved.state["history"])
-        next_pass, next_round = saved.state["next_pass"], saved.state["next_round"]
-        order = saved.state["order"]
-        kept = saved.state["keep_best"]
-        best.restore(kept, start_state if kept["kept"] == "start" else (
-            {name: saved.extra[f"best/{name}"] for name in names}, saved.extra["best_coefficients"]))
-        del saved
-    else:
-        history = []
-        next_pass, next_round, order = 0, 0, None
-    for name in names:
-        params[name].requires_grad_(True)
-    done = len(history)
-    bar = progress_bar(total_rounds * steps_per_round, "MEHL soup", config.progress,
-                       initial=done * steps_per_round)
-    fit = dict(model=model, loss_fn=loss_fn, device=device, precision=precision,
-               scaler=grad_scaler(device, precision), bar=bar,
-               loss_sum=torch.zeros((), dtype=accumulator_dtype(device), device=device))
-    offset = history[-1]["seconds"] if history else 0.0
-    start = time.perf_counter()
-    for outer in range(next_pass, config.models_epochs):
-        if outer != next_pass or next_round == 0:
-            order = torch.randperm(n, generator=gen).tolist()
-        for r in range(next_round if outer == next_pass else 0, rounds_per_pass):
-            members = order[r * k:(r + 1) * k]
-            rnd = _Round(names, block_of, n_blocks, params, anchor, members, ingredients,
-                         config.grad_clip, config.compact_directions, config.shard_directions)
-            optimizer = torch.optim.AdamW([rnd.x], lr=config.lr, weight_decay=config.weight_decay)
-            scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * steps_per_round),
-                                           steps_per_round)
+        best = KeepBest(method, config.init, measure(), snapshot)
+        if saved is not None:
+            coefficients = saved.coefficients.to(torch.float64)
+            start_state = best.best_state
+            anchor = {name: saved.anchor[name].to(host) for name in names}
+            gen.set_state(saved.rng_state)
+            history = list(saved.state["history"])
+            next_pass, next_round = saved.state["next_pass"], saved.state["next_round"]
+            order = saved.state["order"]
+            kept = saved.state["keep_best"]
+            if kept["kept"] != "start":
+                best_anchor = {name: saved.extra[f"best/{name}"] for name in names}
+                start_state = (best_anchor if spill is None else spill.keep(best_anchor),
+                               saved.extra["best_coefficients"])
+            best.restore(kept, start_state)
+            del saved
+        else:
+            history = []
+            next_pass, next_round, order = 0, 0, None
+        for name in names:
+            params[name].requires_grad_(True)
+        done = len(history)
+        bar = progress_bar(total_rounds * steps_per_round, "MEHL soup", config.progress,
+                           initial=done * steps_per_round)
+        fit = dict(model=model, loss_fn=loss_fn, device=device, precision=precision,
+                   scaler=grad_scaler(device, precision), bar=bar,
+                   loss_sum=torch.zeros((), dtype=accumulator_dtype(device), device=device))
+        offset = history[-1]["seconds"] if history else 0.0
+        start = time.perf_counter()
+        for outer in range(next_pass, config.models_epochs):
+            if outer != next_pass or next_round == 0:
+                order = torch.randperm(n, generator=gen).tolist()
+            for r in range(next_round if outer == next_pass else 0, rounds_per_pass):
+                members = order[r * k:(r + 1) * k]
+                rnd = MehlRound(names, block_of, n_blocks, params, anchor, members,
+                                ingredients, config.grad_clip, config.compact_directions,
+                                config.shard_directions, store)
+                optimizer = torch.optim.AdamW([rnd.x], lr=config.lr, weight_decay=config.weight_decay)
+                scheduler = cosine_with_warmup(optimizer, int(config.warmup_ratio * steps_per_round),
+                                               steps_per_round)
 
-            def gradient(loss_scale: float, rnd: _Round = rnd) -> None:
-                # dL/dX still carries the loss scale: the scaler unscales it, checks it for
-                # inf/NaN and skips the step (lowering the scale) if needed.
-                rnd.x.grad, _ = rnd.take_grad(loss_scale)
+                def gradient(loss_scale: float, rnd: MehlRound = rnd) -> None:
+                    # dL/dX still carries the loss scale: the scaler unscales it, checks it for
+                    # inf/NaN and skips the step (lowering the scale) if needed.
+                    rnd.x.grad, _ = rnd.take_grad(loss_scale)
 
-            steps = 0
-            try:
-                for _ in range(config.epochs):
-                    steps = held_out_epoch(held_out, gen, optimizer=optimizer,
-                                           scheduler=scheduler, prepare=rnd.apply,
-                                           gradient=gradient, **fit)
-                rnd.apply()
-                rnd.move_anchor()
-            finally:
-                rnd.close()
-            # Book-keeping: theta = (1 - sum_i X_i/n_i) c + sum_i (X_i/n_i) theta_i.
-            ratio = rnd.x.detach().cpu().double() * rnd.inv_norms.cpu().double()  # (K, L)
-            coefficients *= 1 - ratio.sum(dim=0, keepdim=True)
-            coefficients[[1 + i for i in members]] += ratio
-            skipped = int((~rnd.valid).sum())
-            resident = rnd.hi - rnd.lo
-            del rnd, optimizer, gradient
-            record = {"pass": outer + 1, "round": r + 1, "ingredients": [i + 1 for i in members],
-                      "held_out_loss_train": float(fit["loss_sum"]) / max(1, steps),
-                      "skipped_blocks": skipped, "resident_directions": resident,
-                      "seconds": offset + time.perf_counter() - start}
-            metrics = measure()
-            record.update({f"held_out_{key}": v for key, v in metrics.items()})
-            history.append(record)
-            best.offer(f"round {len(history)}", metrics, snapshot)
-            if checkpoint_dir is not None and distributed.is_main():
-                nxt = (outer, r + 1) if r + 1 < rounds_per_pass else (outer + 1, 0)
-                extra = {} if not best.improved else {
-                    **{f"best/{name}": t for name, t in best.best_state[0].items()},
-                    "best_coefficients": best.best_state[1]}
-                path = ckpt.save_checkpoint(
-                    checkpoint_dir, anchor, coefficients, gen.get_state(),
-                    {"fingerprint": fingerprint, "next_pass": nxt[0], "next_round": nxt[1],
-                     "order": order, "history": history, "rounds_done": len(history),
-                     "rounds_total": total_rounds, "keep_best": best.summary()}, extra)
-                record = {**record, "checkpoint": str(path)}
-            if callback is not None:
-                callback({**record, "rounds_done": len(history), "rounds_total": total_rounds})
-    bar.close()
-    kept_anchor, kept_coefficients = best.best_state
-    ref = ingredients[0]
-    state = {name: kept_anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
-             for name in names}
-    state = finish_state(state, ingredients, others, model, dtype)
-    c, rows, blocks = compose_coefficients(merged, kept_coefficients[0], kept_coefficients[1:],
-                                           block_names, names, block_of,
-                                           ingredient_names(ingredients))
-    return SoupResult(method, state, rows, c, blocks, history,
-                      info={"model_batch": k, "rounds": len(history), "init": config.init,
-                            "keep_best": best.finish(),
-                            "device": str(device), "precision": precision,
-                            "compact_directions": config.compact_directions})
+                steps = 0
+                try:
+                    for _ in range(config.epochs):
+                        steps = held_out_epoch(held_out, gen, optimizer=optimizer,
+                                               scheduler=scheduler, prepare=rnd.apply,
+                                               gradient=gradient, **fit)
+                    rnd.apply()
+                    rnd.move_anchor()
+                finally:
+                    rnd.close()
+                # Book-keeping: theta = (1 - sum_i X_i/n_i) c + sum_i (X_i/n_i) theta_i.
+                ratio = rnd.x.detach().cpu().double() * rnd.inv_norms.cpu().double()  # (K, L)
+                coefficients *= 1 - ratio.sum(dim=0, keepdim=True)
+                coefficients[[1 + i for i in members]] += ratio
+                skipped = int((~rnd.valid).sum())
+                rows = rnd.hi - rnd.lo  # this rank's directions: stored, or read as needed
+                resident = 0 if rnd.out_of_core else rows
+                del rnd, optimizer, gradient
+                record = {"pass": outer + 1, "round": r + 1, "ingredients": [i + 1 for i in members],
+                          "held_out_loss_train": float(fit["loss_sum"]) / max(1, steps),
+                          "skipped_blocks": skipped, "direction_rows": rows,
+                          "resident_directions": resident,
+                          "seconds": offset + time.perf_counter() - start}
+                metrics = measure()
+                record.update({f"held_out_{key}": v for key, v in metrics.items()})
+                history.append(record)
+                best.offer(f"round {len(history)}", metrics, snapshot)
+                if checkpoint_dir is not None and distributed.is_main():
+                    nxt = (outer, r + 1) if r + 1 < rounds_per_pass else (outer + 1, 0)
+                    extra = {} if not best.improved else {
+                        **{f"best/{name}": t for name, t in best.best_state[0].items()},
+                        "best_coefficients": best.best_state[1]}
+                    path = ckpt.save_checkpoint(
+                        checkpoint_dir, anchor, coefficients, gen.get_state(),
+                        {"fingerprint": fingerprint, "next_pass": nxt[0], "next_round": nxt[1],
+                         "order": order, "history": history, "rounds_done": len(history),
+                         "rounds_total": total_rounds, "keep_best": best.summary()}, extra)
+                    record = {**record, "checkpoint": str(path)}
+                if callback is not None:
+                    callback({**record, "rounds_done": len(history), "rounds_total": total_rounds})
+        bar.close()
+        kept_anchor, kept_coefficients = best.best_state
+        anchor.clear()  # the kept state is a snapshot (a file, out of core): free the anchor
+        ref = ingredients[0]
+        state = {name: kept_anchor[name].view(ref.shape(name)).to(out_dtype(ref, name, dtype)).cpu()
+                 for name in names}
+        state = finish_state(state, ingredients, others, model, dtype)
+        c, rows, blocks = compose_coefficients(merged, kept_coefficients[0], kept_coefficients[1:],
+                                               block_names, names, block_of,
+                                               ingredient_names(ingredients))
+        return SoupResult(method, state, rows, c, blocks, history,
+                          info={"model_batch": k, "rounds": len(history), "init": config.init,
+                                "keep_best": best.finish(),
+                                "device": str(device), "precision": precision,
+                                "directions": store,
+                                "compact_directions": config.compact_directions})
+    finally:
+        if spill is not None:
+            spill.close()
 
 
 def _fingerprint(ingredients: Sequence[Ingredient], held_out: Sequence[dict], method: str,
@@ -537,6 +458,7 @@ def _check_settings(config: MehlConfig, n: int) -> None:
     if config.model_batch < 1:
         raise UpcycleError(f"--model-batch must be >= 1, got {config.model_batch}")
     check_shard_directions(config.shard_directions, config.model_batch)
+    check_directions(config)
     if config.model_batch > n:
         raise UpcycleError(f"--model-batch {config.model_batch} exceeds the number of "
                            f"ingredients ({n})")

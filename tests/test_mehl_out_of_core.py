@@ -1,0 +1,186 @@
+"""Out-of-core MEHL (--directions out-of-core): no direction kept, the same soup as the
+resident path, memory independent of K, and its bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_soup import Net, loss_fn, make_data, write_ingredients
+from torch import nn
+
+from upcycle import UpcycleError
+from upcycle.io import open_ingredients
+from upcycle.soup import MehlConfig, mehl_soup
+from upcycle.soup.mehl_offload import SliceReader
+
+
+def _data64():
+    return [{k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+            for batch in make_data()]
+
+
+def _fit(ings, directions, tmp_path=None, **settings):
+    config = MehlConfig(model_batch=2, epochs=3, lr=0.05, directions=directions, **settings)
+    return mehl_soup(ings, Net().double(), _data64(), loss_fn=loss_fn, config=config,
+                     checkpoint_dir=tmp_path)
+
+
+@pytest.mark.parametrize("blockwise", [True, False])
+def test_out_of_core_is_the_resident_soup(tmp_path, blockwise):
+    """fp64 model, fp64 ingredients: the same soup and coefficients to 1e-6, and no direction
+    is ever stored out of core."""
+    ings = write_ingredients(tmp_path, 4, dtype=torch.float64)
+    rounds = []
+    resident = _fit(ings, "resident", blockwise=blockwise)
+    ooc = mehl_soup(ings, Net().double(), _data64(), loss_fn=loss_fn,
+                    config=MehlConfig(model_batch=2, epochs=3, lr=0.05, blockwise=blockwise,
+                                      directions="out-of-core"),
+                    callback=rounds.append)
+    assert resident.info["directions"] == "resident"
+    assert ooc.info["directions"] == "out-of-core"
+    assert [r["resident_directions"] for r in rounds] == [0, 0]
+    assert [r["direction_rows"] for r in rounds] == [2, 2]
+    assert torch.allclose(resident.coefficients, ooc.coefficients, atol=1e-6, rtol=0)
+    # the fit moved the soup away from the uniform start, so the comparison means something
+    assert (ooc.coefficients - 0.25).abs().max() > 1e-2
+    for k, v in resident.state.items():
+        assert torch.allclose(v, ooc.state[k], atol=1e-6, rtol=0), k
+
+
+def test_out_of_core_is_the_cpu_default_and_leaves_no_files(tmp_path):
+    ings = write_ingredients(tmp_path / "ings", 3)
+    ckpt = tmp_path / "ckpt"
+    soup = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
+                     config=MehlConfig(model_batch=2, epochs=2, lr=0.05), checkpoint_dir=ckpt)
+    assert soup.info["directions"] == "out-of-core"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mehl-checkpoint.safetensors"]
+    compact = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
+                        config=MehlConfig(model_batch=2, epochs=2, compact_directions=True))
+    assert compact.info["directions"] == "resident"  # compact asks for stored directions
+
+
+def test_out_of_core_resumes_the_resident_run(tmp_path):
+    """A run stopped after its first round resumes out of core: the same soup as one
+    uninterrupted resident run (the kept state comes back from the checkpoint)."""
+    ings = write_ingredients(tmp_path / "ings", 4, dtype=torch.float64)
+    whole = _fit(ings, "resident", models_epochs=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    config = MehlConfig(model_batch=2, epochs=3, lr=0.05, models_epochs=2, directions="resident")
+    with pytest.raises(Stop):
+        mehl_soup(ings, Net().double(), _data64(), loss_fn=loss_fn, config=config,
+                  checkpoint_dir=tmp_path / "ckpt", callback=stop)
+    resumed = mehl_soup(ings, Net().double(), _data64(), loss_fn=loss_fn,
+                        config=MehlConfig(**{**config.__dict__, "directions": "out-of-core"}),
+                        checkpoint_dir=tmp_path / "ckpt", resume=True)
+    for k, v in whole.state.items():
+        assert torch.allclose(v, resumed.state[k], atol=1e-6, rtol=0), k
+
+
+def test_bf16_ingredients_out_of_core(tmp_path):
+    """bf16 checkpoints are read as they are and converted per slice: the soup equals the
+    resident (fp32 directions) one to fp32 rounding."""
+    ings = write_ingredients(tmp_path, 4, dtype=torch.bfloat16)
+    soups = [mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn, dtype=torch.float32,
+                       config=MehlConfig(model_batch=2, epochs=2, lr=0.05, directions=d))
+             for d in ("resident", "out-of-core")]
+    for k in ("a.weight", "b.weight"):
+        assert torch.allclose(soups[0].state[k], soups[1].state[k], atol=1e-5), k
+
+
+def test_the_reader_reads_ahead_and_any_order(tmp_path):
+    ings = write_ingredients(tmp_path, 3)
+    reader = SliceReader(ings, [2, 0], range(2), torch.device("cpu"))
+    reader.plan(["a.weight", "b.weight"])
+    for name in ("a.weight", "b.weight", "a.bias"):  # a.bias: outside the plan
+        for row, member in enumerate([2, 0]):
+            t = reader.take(name, row)
+            assert t.dtype == torch.float32 and t.ndim == 1
+            assert torch.equal(t, ings[member].get(name).reshape(-1).float())
+    reader.close()
+
+
+def test_bad_inputs(tmp_path):
+    folder = tmp_path / "ings"
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = Net()
+    for i in range(3):
+        state = {k: v + 0.1 * torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point()
+                 else v for k, v in net.state_dict().items()}
+        if i == 1:  # a legacy (non-zip) pickle
+            torch.save(state, folder / f"ing{i}.pt", _use_new_zipfile_serialization=False)
+        else:
+            save_file(state, str(folder / f"ing{i}.safetensors"))
+    ings = open_ingredients(sorted(folder.iterdir()))
+    with pytest.raises(UpcycleError, match=r"ing1\.pt is a legacy .* cannot be memory-mapped"
+                                           r".*--directions resident"):
+        _fit(ings, "out-of-core")
+    with pytest.raises(UpcycleError, match="compact-directions stores the directions"):
+        _fit(ings, "out-of-core", compact_directions=True)
+    with pytest.raises(UpcycleError, match="directions must be one of"):
+        _fit(ings, "disk")
+    # auto keeps the directions resident when an ingredient is held whole anyway
+    assert _fit(ings, "auto").info["directions"] == "resident"
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from torch import nn
+    import torch.nn.functional as F
+    from upcycle.io import open_ingredients
+    from upcycle.runtime.memory import current_rss_mb, peak_rss_mb
+    from upcycle.soup import mehl_soup, MehlConfig
+    torch.set_num_threads(1)
+    folder, directions, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
+                          nn.Linear(1024, 4))
+    x = torch.randn(32, 64); y = torch.randint(0, 4, (32,))
+    data = [{"x": x, "labels": y}]
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["labels"])
+    ings = open_ingredients([folder])
+    base = current_rss_mb()
+    mehl_soup(ings, model, data, loss_fn=loss,
+              config=MehlConfig(model_batch=k, epochs=1, directions=directions))
+    print(json.dumps({"extra_mb": peak_rss_mb() - base}))
+""")
+
+
+def test_out_of_core_memory_does_not_grow_with_k(tmp_path):
+    """Peak RSS above the start in fresh processes (glibc's mmap threshold fixed, see
+    test_soup's N test): out of core, K = 2 and K = 8 of 8 ingredients of a 9 MB model peak
+    within one model of each other; resident, K = 8 holds 6 more directions (proof that the
+    measurement sees growth)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
+                          nn.Linear(1024, 4))
+    folder = tmp_path / "ings"
+    folder.mkdir()
+    for i in range(8):
+        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()},
+                  str(folder / f"ing{i:02d}.safetensors"))
+    model_mb = sum(v.numel() * 4 for v in model.state_dict().values()) / 2**20
+    script = tmp_path / "measure.py"
+    script.write_text(MEMORY_SCRIPT)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+
+    def extra(directions, k):
+        out = subprocess.run([sys.executable, str(script), str(folder), directions, str(k)],
+                             capture_output=True, text=True, check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
+
+    resident_small, resident_large = extra("resident", 2), extra("resident", 8)
+    ooc_small, ooc_large = extra("out-of-core", 2), extra("out-of-core", 8)
+    assert resident_large - resident_small > 5 * model_mb
+    assert abs(ooc_large - ooc_small) < model_mb
+    assert ooc_large < resident_large - 5 * model_mb
