@@ -15,10 +15,19 @@ Sections (:data:`SECTIONS`; a section is a source model, named contenders and a 
   is under ``--memory-budget`` (this machine's 24 GB are shared); otherwise the prediction
   is recorded instead. Both write float32 (the job's output dtype).
 
+* ``mehl``: MEHL-Soup+ over N = 8 fine-tunes of the source (:func:`upcycle.soup.mehl_soup`,
+  bf16 model, fp32 coefficients), one round each: out of core (``--directions out-of-core``)
+  at K = 2 and K = 8, resident at K = 2 and Learned-Soup+ (started only when their predicted
+  need, :func:`mehl_need`, is under ``--memory-budget``; else the prediction is recorded).
+  Per contender: peak RSS, the peak of the bytes of live tensors (allocator-independent,
+  ``LiveTensors`` of ``soup_memory.py``) and the time of the round's held-out epoch.
+
 The source is synthetic: random bf16 weights (std 0.02; norms 1 + N(0, 0.1)) in a Llama
 layout, written tensor by tensor as sharded safetensors into a temporary folder in ``/tmp``
-(the free space is checked first) and removed at the end. A MEHL section (ingredients on
-the same base) is a new entry of :data:`SECTIONS`.
+(the free space is checked first) and removed at the end. The MEHL ingredients are synthetic
+too: the source plus a structured perturbation per ingredient (a random rank-1 update of each
+matrix of norm 5% of the matrix's, seeded per ingredient), and the held-out data is random
+tokens (:data:`MEHL_DATA`): the figures are memory and time, not quality.
 """
 
 from __future__ import annotations
@@ -29,11 +38,13 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # soup_memory's LiveTensors
 
 import torch  # noqa: E402
 
@@ -101,6 +112,30 @@ def write_source(folder: Path, dims: dict, *, seed: int = 0, max_shard_bytes: in
     return sum(p.numel() for p in params.values())
 
 
+def write_ingredient(src: Path, folder: Path, index: int) -> None:
+    """Ingredient ``index``: the source plus a rank-1 update u v^T of each matrix with
+    ||u v^T|| = 5% of ||W|| (u, v seeded by ``index``), vectors unchanged; one tensor at a
+    time, same shards and config as the source."""
+    from upcycle.io.checkpoints import Ingredient
+
+    source = Ingredient(src)
+    names = source.keys()
+    entries = [TensorEntry(k, source.shape(k), source.dtype(k)) for k in names]
+    gen = torch.Generator().manual_seed(1000 + index)
+    folder.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(folder, entries, max_shard_bytes=2 * 10**9) as writer:
+        for name in names:
+            w = source.get(name)
+            if w.ndim == 2:
+                u = torch.randn(w.shape[0], 1, generator=gen)
+                v = torch.randn(1, w.shape[1], generator=gen)
+                scale = 0.05 * torch.linalg.vector_norm(w.float()) / (u.norm() * v.norm())
+                w = (w.float() + scale * (u @ v)).to(w.dtype)
+            writer.write(name, w)
+            del w
+    shutil.copy(src / "config.json", folder / "config.json")
+
+
 def grown_parameters(dims: dict, target: dict) -> int:
     """The grown model's parameter count (from its config, nothing built)."""
     from upcycle.grow import plan_expansion
@@ -139,6 +174,72 @@ def streamed_floor(dims: dict, target: dict) -> float:
 
 # -- the contenders ------------------------------------------------------------------------------
 
+MEHL_N = 8
+MEHL_DATA = {"batches": 4, "tokens": 128}
+"""Held-out data of the MEHL section: 4 batches of one sequence of 128 random tokens (one
+round = one held-out epoch = 4 coefficient steps)."""
+
+
+def mehl_need(n_params: int, method: str, k: int, n: int) -> float:
+    """Bytes a contender holds at its peak (bf16 model): the model (2 per parameter) and
+    ~1 GB of interpreter, torch, transformers and transients, plus
+    out of core: the fp32 anchor (4; keep-best's snapshot is a file);
+    resident: the anchor, K fp32 directions and keep-best's fp32 snapshot (4 (K + 2));
+    learned+: N ingredients held in fp32 with the mixed model and its gradient
+    (4 (N + 2) x 1.1, as soup_memory.py's LEARNED_FACTOR)."""
+    kept = {"out-of-core": 4, "resident": 4 * (k + 2), "learned+": 4.4 * (n + 2)}[method]
+    return (2 + kept) * n_params + 1.0 * GB
+
+
+def mehl_worker(spec: dict) -> dict:
+    from soup_memory import LiveTensors
+    from transformers import LlamaForCausalLM
+
+    from upcycle.io.ingredients import open_ingredients
+    from upcycle.soup import LearnedConfig, MehlConfig, learned_soup, mehl_soup
+
+    model = LlamaForCausalLM.from_pretrained(spec["src"], dtype=torch.bfloat16)
+    with torch.no_grad():  # the weights in private memory before "start"
+        for p in model.parameters():
+            p.data = p.data.clone()
+    ingredients = open_ingredients(spec["ingredients"])
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    batches = []
+    for _ in range(MEHL_DATA["batches"]):
+        ids = torch.randint(0, vocab, (1, spec["tokens"]), generator=gen)
+        batches.append({"input_ids": ids, "labels": ids})
+    rounds: list[dict] = []
+
+    class _Stop(Exception):
+        pass
+
+    def one_round(record: dict) -> None:
+        rounds.append(record)
+        raise _Stop
+
+    # One held-out epoch of 4 steps measures memory and time; the few-steps warning is moot.
+    warnings.filterwarnings("ignore", message=".*coefficient step")
+    start_rss = current_rss_mb()
+    start = time.perf_counter()
+    try:
+        with LiveTensors(model) as live:
+            if spec["method"] == "learned+":
+                learned_soup(ingredients, model, batches, config=LearnedConfig(epochs=1))
+                epoch_s = time.perf_counter() - start - live.overhead
+            else:
+                mehl_soup(ingredients, model, batches, callback=one_round,
+                          config=MehlConfig(model_batch=spec["k"], epochs=1,
+                                            directions=spec["method"]))
+    except _Stop:
+        pass
+    if spec["method"] != "learned+":
+        epoch_s = rounds[0]["seconds"] - live.fit_overhead  # the round's steps only
+    return {"status": "done", "peak_rss_gb": peak_rss_mb() * 2**20 / GB,
+            "start_rss_gb": start_rss * 2**20 / GB, "live_gb": live.peak_live / GB,
+            "activations_gb": live.peak_activations / GB, "epoch_s": epoch_s,
+            "total_s": time.perf_counter() - start}
+
 def lemon_worker(spec: dict) -> dict:
     from upcycle.jobs.grow import GrowJob, run_grow
 
@@ -171,7 +272,13 @@ SECTIONS = {
                  ("predicted_gb", "predicted need (GB)", ".1f"), ("wall_s", "time (s)", ".0f"),
                  ("output_gb", "output (GB)", ".2f"), ("max_rel", "max rel. difference", ".1e")]),
 }
-WORKERS = {"lemon": lemon_worker}
+SECTIONS["mehl"] = Section(
+    title=f"MEHL-Soup+: one round over N = {MEHL_N} fine-tunes (bf16 model, fp32 coefficients)",
+    columns=[("name", "contender", ""), ("status", "status", ""),
+             ("peak_rss_gb", "peak RSS (GB)", ".2f"), ("live_gb", "live tensors (GB)", ".2f"),
+             ("predicted_gb", "predicted need (GB)", ".1f"),
+             ("epoch_s", "held-out epoch (s)", ".0f"), ("total_s", "total (s)", ".0f")])
+WORKERS = {"lemon": lemon_worker, "mehl": mehl_worker}
 
 
 def lemon_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: int,
@@ -186,13 +293,32 @@ def lemon_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: 
     ]
 
 
+def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: int,
+                    n_grown: int) -> list[dict]:
+    paths = []
+    for i in range(MEHL_N):
+        folder = work / f"ingredient-{i}"
+        if not folder.exists():
+            write_ingredient(src, folder, i)
+        paths.append(str(folder))
+    tokens = min(MEHL_DATA["tokens"], dims["max_position_embeddings"])
+    common = {"section": "mehl", "src": str(src), "ingredients": paths, "tokens": tokens}
+    out = []
+    for method, k in (("out-of-core", 2), ("out-of-core", MEHL_N), ("resident", 2),
+                      ("learned+", None)):
+        name = f"learned+ (N = {MEHL_N})" if k is None else f"MEHL+ {method}, K = {k}"
+        out.append({**common, "name": name, "method": method, "k": k, "budgeted": True,
+                    "predicted_gb": mehl_need(n_source, method, k or 0, MEHL_N) / GB})
+    return out
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 def _check_disk(where: Path, need: float) -> None:
     free = shutil.disk_usage(where).free
     if free < need:
         sys.exit(f"scale.py: {where} has {free / GB:.1f} GB free, the run needs "
-                 f"{need / GB:.1f} GB (source + one grown model at a time)")
+                 f"{need / GB:.1f} GB (source, MEHL's ingredients, one grown model at a time)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -200,7 +326,9 @@ def run(args: argparse.Namespace) -> dict:
                     "full": (FULL, FULL_TARGET)}[args.size]
     n_grown = grown_parameters(dims, target)
     n_source_est = sum(p.numel() for p in _empty(_llama_config(dims)).parameters())
-    _check_disk(Path(args.workdir), 2 * n_source_est + 4 * n_grown + 0.5 * GB)
+    sections = [args.section] if args.section else list(SECTIONS)
+    ingredients = 2 * n_source_est * MEHL_N if "mehl" in sections else 0
+    _check_disk(Path(args.workdir), 2 * n_source_est + 4 * n_grown + ingredients + 0.5 * GB)
     work = Path(tempfile.mkdtemp(prefix="upcycle-scale-", dir=args.workdir))
     results = {"argv": sys.argv, "size": args.size, "source": dims, "target": target,
                "machine": f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -213,14 +341,14 @@ def run(args: argparse.Namespace) -> dict:
               f"{time.perf_counter() - start:.0f}s; grown: {n_grown / 1e9:.3f}B "
               f"({n_grown / n_source:.2f}x)", file=sys.stderr, flush=True)
         results.update(n_source=n_source, n_grown=n_grown)
-        sections = [args.section] if args.section else list(SECTIONS)
         for name in sections:
-            specs = {"lemon": lemon_contenders}[name](src, work, dims, target, n_source,
-                                                      n_grown)
+            specs = {"lemon": lemon_contenders, "mehl": mehl_contenders}[name](
+                src, work, dims, target, n_source, n_grown)
             rows = []
             for spec in specs:
                 print(f"[scale] {name}: {spec['name']} ...", file=sys.stderr, flush=True)
-                if spec["in_memory"] and spec["predicted_gb"] * GB > args.memory_budget * GB:
+                if (spec.get("in_memory") or spec.get("budgeted")) \
+                        and spec["predicted_gb"] * GB > args.memory_budget * GB:
                     rows.append({**spec, "status": f"not run: predicted need over the "
                                                    f"{args.memory_budget:g} GB budget"})
                     continue
@@ -229,7 +357,8 @@ def run(args: argparse.Namespace) -> dict:
                 if "error" in result:
                     row["status"] = "failed (see JSON)"
                 rows.append(row)
-                shutil.rmtree(spec["out"], ignore_errors=True)
+                if "out" in spec:
+                    shutil.rmtree(spec["out"], ignore_errors=True)
             table = format_table(rows, SECTIONS[name].columns)
             print(f"\n{SECTIONS[name].title}\n\n{table}")
             results["sections"][name] = {"rows": rows, "table": table}

@@ -33,9 +33,13 @@ epochs (1 per MEHL round, 1 for learned+) and reports:
   backward`` is the second part alone (the activations);
 * time per held-out epoch (the measurement hooks' own time is subtracted).
 
-For MEHL the floor is (K + 1) x model bytes + activations: the anchor and the K directions
-(fp32) on top of the model that holds the soup, plus the saved activations measured in the
-same run; it is compared with the peak above start (which already excludes the model).
+MEHL+ runs with its directions resident (``--directions resident``: the anchor and K fp32
+directions) and out of core (``--directions out-of-core``: no direction kept, each tensor's K
+slices re-read from the ingredients' files at every step; the anchor in host memory). The
+floor is (K + 1) x model bytes + activations resident, 1 x model bytes + activations out of
+core: what the method keeps on top of the model that holds the soup, plus the saved
+activations measured in the same run; it is compared with the peak above start (which already
+excludes the model). ``--directions`` picks one of them (default: both).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ REGIMES = {
 # process (torch, tokenizer, one model, activations) is about 1.5 GiB in both regimes.
 LEARNED_FACTOR = 1.1
 RUNTIME_GIB = 1.5
+DIRECTIONS = {"both": ("resident", "out-of-core"), "resident": ("resident",),
+              "out-of-core": ("out-of-core",)}
 
 
 def cache_dir() -> Path:
@@ -149,6 +155,7 @@ class LiveTensors:
         self.peak_saved = 0
         self.peak_activations = 0
         self.overhead = 0.0
+        self.fit_overhead = 0.0  # the part spent in forwards that build a graph (fit steps)
         self._hooks = [model.register_forward_pre_hook(self._pre),
                        model.register_forward_hook(self._post)]
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -164,7 +171,7 @@ class LiveTensors:
             ptr, size = self._key(t)
             if size:
                 self.saved[ptr] = size
-        self.overhead += time.perf_counter() - start
+        self._count(time.perf_counter() - start)
         return t
 
     def _reachable(self) -> dict[int, int]:
@@ -187,7 +194,7 @@ class LiveTensors:
         start = time.perf_counter()
         self.saved = {}
         self.before = set(self._reachable())  # weights, ingredients, directions, inputs
-        self.overhead += time.perf_counter() - start
+        self._count(time.perf_counter() - start)
 
     def _post(self, module, args, output):
         start = time.perf_counter()
@@ -197,7 +204,12 @@ class LiveTensors:
         self.peak_live = max(self.peak_live, sum(reachable.values()))
         self.peak_saved = max(self.peak_saved, sum(self.saved.values()))
         self.peak_activations = max(self.peak_activations, activations)
-        self.overhead += time.perf_counter() - start
+        self._count(time.perf_counter() - start)
+
+    def _count(self, seconds: float) -> None:
+        self.overhead += seconds
+        if self.torch.is_grad_enabled():
+            self.fit_overhead += seconds
 
     def __enter__(self):
         self._ctx.__enter__()
@@ -268,7 +280,8 @@ def run_worker(spec: dict) -> dict:
                 epochs = 1
             else:
                 result = mehl_soup(ingredients, model, batches,
-                                   config=MehlConfig(model_batch=spec["k"], epochs=1),
+                                   config=MehlConfig(model_batch=spec["k"], epochs=1,
+                                                     directions=spec["directions"]),
                                    device=device)
                 epochs = len(result.history)
     except Exception as exc:  # over the address-space budget: record it, don't crash
@@ -290,7 +303,8 @@ def run_worker(spec: dict) -> dict:
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["soup_peak_mb"] = out["peak_cuda_mb"] - out["cuda_before_mb"]
     if spec["method"] == "mehl+":
-        floor = (spec["k"] + 1) * model_bytes + live.peak_activations
+        kept = spec["k"] + 1 if spec["directions"] == "resident" else 1
+        floor = kept * model_bytes + live.peak_activations
         out["floor_mb"] = floor / 2**20
         out["above_floor"] = out["soup_peak_mb"] / out["floor_mb"]
     return out
@@ -331,40 +345,59 @@ def contenders(args) -> list[dict]:
                 spec["skip"] = (f"predicted {need:.1f} GiB ((N + 2) x {model / GIB:.2f} GiB x "
                                 f"{LEARNED_FACTOR} + {RUNTIME_GIB} GiB) > budget "
                                 f"{args.memory_budget} GiB: out of memory")
-            out.append(spec)
-            out.append({"name": f"{regime}: mehl+ N={n} K={args.model_batch}", "regime": regime,
-                        "method": "mehl+", "n": n, "k": args.model_batch,
-                        "budget_gib": args.memory_budget, "device": args.device})
+            if not args.no_learned:
+                out.append(spec)
+            for directions in DIRECTIONS[args.directions]:
+                out.append({"name": f"{regime}: mehl+ N={n} K={args.model_batch} {directions}",
+                            "regime": regime, "method": "mehl+", "n": n, "k": args.model_batch,
+                            "directions": directions, "budget_gib": args.memory_budget,
+                            "device": args.device})
     return out
 
 
 def summarize(rows: list[dict]) -> str:
-    by = {(r["regime"], r["method"], r["n"]): r for r in rows}
+    by = {(r["regime"], r["method"], r["n"], r.get("directions")): r for r in rows}
     lines = []
     for regime in dict.fromkeys(r["regime"] for r in rows):
         lines.append(f"{regime}:")
         for n in sorted({r["n"] for r in rows if r["regime"] == regime}):
-            a, b = by.get((regime, "learned+", n)), by.get((regime, "mehl+", n))
-            if b is None or b.get("status") != "ok":
-                continue
-            floor = (f"; mehl+ peak above start / floor ((K+1) models + activations = "
-                     f"{b['floor_mb']:.0f} MiB) = {b['above_floor']:.2f}x")
-            if a is None or a.get("status") != "ok":
-                why = (a or {}).get("status", "not run")
-                lines.append(f"  N={n}: learned+ {why}; mehl+ peak RSS {b['peak_rss_mb']:.0f} MiB"
-                             + floor)
-                continue
-            cuda = ""
-            if a.get("peak_cuda_mb") and b.get("peak_cuda_mb"):
-                cuda = (f", CUDA max allocated {a['peak_cuda_mb']:.0f} vs "
-                        f"{b['peak_cuda_mb']:.0f} MiB ({a['peak_cuda_mb'] / b['peak_cuda_mb']:.1f}x)")
-            lines.append(
-                f"  N={n}: learned+ / mehl+ peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.1f}x"
-                f" (above start {a['soup_peak_mb'] / max(1, b['soup_peak_mb']):.1f}x, live "
-                f"tensors {a['live_mb'] / b['live_mb']:.1f}x), time per held-out epoch "
-                f"{a['s_per_epoch']:.1f} s vs {b['s_per_epoch']:.1f} s "
-                f"({a['s_per_epoch'] / b['s_per_epoch']:.1f}x)" + cuda + floor)
+            a = by.get((regime, "learned+", n, None))
+            resident = by.get((regime, "mehl+", n, "resident"))
+            ooc = by.get((regime, "mehl+", n, "out-of-core"))
+            if (ooc or {}).get("status") == "ok" and (resident or {}).get("status") == "ok":
+                lines.append(
+                    f"  N={n}: out-of-core / resident mehl+: peak above start "
+                    f"{ooc['soup_peak_mb']:.0f} vs {resident['soup_peak_mb']:.0f} MiB "
+                    f"({resident['soup_peak_mb'] / max(1, ooc['soup_peak_mb']):.1f}x less), time "
+                    f"per held-out epoch {ooc['s_per_epoch']:.1f} s vs "
+                    f"{resident['s_per_epoch']:.1f} s "
+                    f"({ooc['s_per_epoch'] / resident['s_per_epoch']:.2f}x)")
+            for b in (resident, ooc):
+                if b is not None and b.get("status") == "ok":
+                    lines.append(_versus_learned(n, a, b))
     return "\n".join(lines)
+
+
+def _versus_learned(n: int, a: dict | None, b: dict) -> str:
+    """learned+ against one mehl+ contender ``b`` at N = ``n``."""
+    kept = "(K+1) models" if b["directions"] == "resident" else "1 model"
+    floor = (f"; mehl+ {b['directions']} peak above start / floor ({kept} + activations = "
+             f"{b['floor_mb']:.0f} MiB) = {b['above_floor']:.2f}x")
+    if a is None or a.get("status") != "ok":
+        why = (a or {}).get("status", "not run")
+        return (f"  N={n}: learned+ {why}; mehl+ {b['directions']} peak RSS "
+                f"{b['peak_rss_mb']:.0f} MiB" + floor)
+    cuda = ""
+    if a.get("peak_cuda_mb") and b.get("peak_cuda_mb"):
+        cuda = (f", CUDA max allocated {a['peak_cuda_mb']:.0f} vs "
+                f"{b['peak_cuda_mb']:.0f} MiB ({a['peak_cuda_mb'] / b['peak_cuda_mb']:.1f}x)")
+    return (
+        f"  N={n}: learned+ / mehl+ {b['directions']} peak RSS = "
+        f"{a['peak_rss_mb'] / b['peak_rss_mb']:.1f}x"
+        f" (above start {a['soup_peak_mb'] / max(1, b['soup_peak_mb']):.1f}x, live "
+        f"tensors {a['live_mb'] / b['live_mb']:.1f}x), time per held-out epoch "
+        f"{a['s_per_epoch']:.1f} s vs {b['s_per_epoch']:.1f} s "
+        f"({a['s_per_epoch'] / b['s_per_epoch']:.1f}x)" + cuda + floor)
 
 
 def add_arguments(p) -> None:
@@ -373,6 +406,11 @@ def add_arguments(p) -> None:
     p.add_argument("--sizes", default=None, help="comma-separated N to run (overrides)")
     p.add_argument("--model-batch", "-K", type=int, default=K,
                    help=f"MEHL's K, ingredients per round (default {K}); its floor is K + 1 models")
+    p.add_argument("--directions", choices=list(DIRECTIONS), default="both",
+                   help="MEHL+'s directions: resident, out-of-core, or both contenders "
+                        "(default)")
+    p.add_argument("--no-learned", action="store_true",
+                   help="run the MEHL+ contenders only")
     p.add_argument("--memory-budget", type=float, default=12.0, metavar="GIB",
                    help="address-space limit of each contender process, GiB (default 12: the "
                         "machine is shared); a learned+ predicted above it is not started")

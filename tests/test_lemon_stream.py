@@ -236,7 +236,7 @@ def test_scale_benchmark_quick(tmp_path, monkeypatch):
         return {"spec": spec, **bench.WORKERS[spec["section"]](spec)}
 
     monkeypatch.setattr(bench, "run_contender", in_process)
-    args = argparse.Namespace(size="quick", section=None, memory_budget=10.0,
+    args = argparse.Namespace(size="quick", section="lemon", memory_budget=10.0,
                               workdir=str(tmp_path), out=str(tmp_path / "r.json"))
     results = bench.run(args)
     rows = results["sections"]["lemon"]["rows"]
@@ -270,3 +270,32 @@ def test_zip_bin_source_streams_and_nan_is_named(tmp_path, capsys):
     line = _error_line(capsys)
     assert "'model.layers.1.mlp.up_proj.weight' contains NaN" in line
     assert not out.exists()
+
+
+def test_scale_benchmark_mehl_section_quick(tmp_path, monkeypatch):
+    """The MEHL section on the tiny model: synthetic ingredients are the source plus a
+    rank-1 update per matrix, and one out-of-core round runs; contenders over the budget are
+    not started (their prediction is reported)."""
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "scale", bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "MEHL_N", 3)
+    ran = []
+
+    def in_process(script, spec):
+        ran.append(spec["name"])
+        return {"spec": spec, **bench.WORKERS[spec["section"]](spec)}
+
+    monkeypatch.setattr(bench, "run_contender", in_process)
+    # only the out-of-core contenders' predictions (1 GB + 6 bytes a parameter) fit
+    monkeypatch.setattr(bench, "mehl_need", lambda n, method, k, big_n:
+                        (1.0 if method == "out-of-core" else 99.0) * bench.GB)
+    args = argparse.Namespace(size="quick", section="mehl", memory_budget=10.0,
+                              workdir=str(tmp_path), out=None)
+    rows = bench.run(args)["sections"]["mehl"]["rows"]
+    assert ran == ["MEHL+ out-of-core, K = 2", "MEHL+ out-of-core, K = 3"]
+    assert [r["status"] for r in rows[:2]] == ["done", "done"]
+    assert all(r["status"].startswith("not run") for r in rows[2:])
+    assert rows[0]["live_gb"] > 0 and rows[0]["epoch_s"] > 0
+    assert list(tmp_path.iterdir()) == []  # ingredients and source removed
