@@ -98,11 +98,20 @@ def test_bf16_ingredients_out_of_core(tmp_path):
         assert torch.allclose(soups[0].state[k], soups[1].state[k], atol=1e-5), k
 
 
-def test_the_reader_reads_ahead_and_any_order(tmp_path):
-    ings = write_ingredients(tmp_path, 3)
+@pytest.mark.parametrize("kind", ["safetensors", "zip", "bf16"])
+def test_the_reader_reads_ahead_and_any_order(tmp_path, kind):
+    """Slices read straight into the reader's buffers (safetensors, zip .bin, bf16) equal
+    the ingredients' tensors, in the planned order and outside it."""
+    ings = write_ingredients(tmp_path, 3, dtype=torch.bfloat16 if kind == "bf16"
+                             else torch.float32)
+    if kind == "zip":
+        for i, ing in enumerate(ings):
+            torch.save(ing.state_dict(), tmp_path / f"zip{i}.bin")
+        ings = open_ingredients([tmp_path / f"zip{i}.bin" for i in range(3)])
+    assert ings[0].locate("a.weight") is not None
     reader = SliceReader(ings, [2, 0], range(2), torch.device("cpu"))
     reader.plan(["a.weight", "b.weight"])
-    for name in ("a.weight", "b.weight", "a.bias"):  # a.bias: outside the plan
+    for name in ("a.weight", "b.weight", "a.bias", "a.weight"):  # a.bias: outside the plan
         for row, member in enumerate([2, 0]):
             t = reader.take(name, row)
             assert t.dtype == torch.float32 and t.ndim == 1

@@ -309,6 +309,36 @@ class Ingredient(SourceReads):
             return flat.view(shape)
         return flat.as_strided(shape, stride).clone()
 
+    def locate(self, name: str) -> tuple[Path, int, int] | None:
+        """Where tensor ``name``'s bytes lie, contiguous and in this machine's byte order:
+        (file, byte offset, byte count), for a caller that reads them straight into a buffer
+        of its own (``os.preadv``); None when they cannot be read that way (a pickle held
+        whole, a strided view)."""
+        if name not in self._meta or (self._torch_state is not None
+                                      and name in self._torch_state):
+            return None
+        shape, dtype = self._meta[name]
+        size = torch.empty((), dtype=dtype).element_size()
+        for s in shape:
+            size *= s
+        if name in self._torch_index:
+            offset, _, _, stride, start = self._torch_index[name]
+            if tuple(stride) != _contiguous_strides(shape):
+                return None
+            return self._files[name], offset + start * torch.empty(
+                (), dtype=dtype).element_size(), size
+        if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
+            return None
+        file = self._files[name]
+        offsets = self.__dict__.setdefault("_st_offsets", {})
+        if file not in offsets:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            offsets[file] = {k: 8 + n + v["data_offsets"][0] for k, v in header.items()
+                             if k != "__metadata__"}
+        return file, offsets[file][name], size
+
     # -- reading ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self._meta)

@@ -6,6 +6,7 @@ instead of memory.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UpcycleError
-from ..io.checkpoints import Ingredient
+from ..io.checkpoints import Ingredient, checked
 from ..io.shards import ShardWriter, TensorEntry
 
 _Key = tuple[str, int]
@@ -23,10 +24,14 @@ _Key = tuple[str, int]
 
 class SliceReader:
     """Reads theta_i^l (tensor ``name`` of model-batch row ``row``) as a flat fp32 tensor on
-    ``device``, fresh each time (the caller may change it in place). :meth:`plan` gives the
-    order the reads will come in; each :meth:`take` then starts reading the next one in a
-    background thread, so one slice is read while the previous one is used: at most two
-    slices are in flight, whatever K."""
+    ``device``. :meth:`plan` gives the order the reads will come in; each :meth:`take` then
+    starts reading the next one in a background thread, so one slice is read while the
+    previous one is used: two slices in flight, whatever K.
+
+    A tensor stored contiguously (safetensors, zip ``.bin``) is read with ``os.preadv``
+    straight into one of two reused buffers (no memory map, no page faults on fresh memory);
+    anything else (a LoRA ingredient's merged tensor) through ``get``. A taken slice stays
+    valid until the next :meth:`take` (the caller may change it in place)."""
 
     def __init__(self, ingredients: Sequence[Ingredient], members: Sequence[int],
                  rows: Iterable[int], device: torch.device):
@@ -35,6 +40,9 @@ class SliceReader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upcycle-mehl-read")
         self._next: dict[_Key, _Key] = {}
         self._pending: tuple[_Key, Future] | None = None
+        self._buffers: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._loads = 0
+        self._fds: dict[Path, int] = {}
 
     def plan(self, names: Sequence[str]) -> None:
         """The reads to come: every row of each of ``names``, in that order (a hint: a read
@@ -44,27 +52,79 @@ class SliceReader:
         if keys:
             self._prefetch(keys[0])
 
-    def _load(self, key: _Key) -> torch.Tensor:
+    def _buffer(self, slot: int, kind: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self._buffers[slot].get(kind)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8,
+                              pin_memory=self._device.type == "cuda")
+            self._buffers[slot][kind] = buf
+        return buf[:nbytes].view(dtype)
+
+    def _load(self, key: _Key, slot: int) -> torch.Tensor:
         name, row = key
-        t = self._ingredients[self._members[row]].get(name).reshape(-1)
-        return t.to(device=self._device, dtype=torch.float32)
+        source = self._ingredients[self._members[row]]
+        where = source.locate(name) if hasattr(source, "locate") else None
+        if where is None:
+            t = source.get(name).reshape(-1)
+            return t.to(device=self._device, dtype=torch.float32, copy=True)
+        file, offset, nbytes = where
+        dtype = source.dtype(name)
+        numel = nbytes // torch.empty((), dtype=dtype).element_size()
+        kind = "f32" if dtype == torch.float32 and self._device.type == "cpu" else "raw"
+        raw = self._buffer(slot, kind, dtype, numel)
+        if nbytes:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            view = memoryview(raw.view(torch.uint8).numpy())
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise UpcycleError(f"{source.label}: {file.name} is truncated (tensor "
+                                       f"{name!r})")
+                done += n
+        if getattr(source, "check_finite", False):
+            checked(source, name, raw)
+        if kind == "f32":
+            return raw
+        if self._device.type != "cpu":
+            return raw.to(self._device).to(torch.float32)  # synchronous: the buffer is reused
+        return self._buffer(slot, "f32", torch.float32, numel).copy_(raw)
+
+    def _submit(self, key: _Key) -> Future:
+        slot, self._loads = self._loads % 2, self._loads + 1
+        return self._pool.submit(self._load, key, slot)
 
     def _prefetch(self, key: _Key) -> None:
-        if self._pending is None or self._pending[0] != key:
-            self._pending = (key, self._pool.submit(self._load, key))
+        if self._pending is not None:
+            if self._pending[0] == key:
+                return
+            self._pending[1].result()  # its buffer is about to be reused
+        self._pending = (key, self._submit(key))
 
     def take(self, name: str, row: int) -> torch.Tensor:
         key = (name, row)
         pending, self._pending = self._pending, None
-        t = pending[1].result() if pending is not None and pending[0] == key else self._load(key)
+        if pending is not None and pending[0] != key:
+            pending[1].result()  # a read nobody wants: let it finish before reusing buffers
+            pending = None
+        t = (pending[1] if pending is not None else self._submit(key)).result()
         nxt = self._next.get(key)
         if nxt is not None:
             self._prefetch(nxt)
         return t
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].result()
         self._pending = None
         self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._buffers = [{}, {}]
 
 
 def check_readable_per_tensor(ingredients: Sequence[Ingredient]) -> None:
@@ -96,7 +156,8 @@ class SpilledState(Mapping):
         self._source = Ingredient(folder, role="MEHL's kept state")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._source.get(name)
+        # A copy: a tensor read from safetensors keeps the whole file mapped while it lives.
+        return self._source.get(name).clone()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._source.keys())
