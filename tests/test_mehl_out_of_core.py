@@ -96,6 +96,16 @@ def test_bf16_ingredients_out_of_core(tmp_path):
              for d in ("resident", "out-of-core")]
     for k in ("a.weight", "b.weight"):
         assert torch.allclose(soups[0].state[k], soups[1].state[k], atol=1e-5), k
+    # a bf16 model (its weights rounded each step; the anchor and coefficients stay fp32)
+    bf16 = [mehl_soup(ings, Net().to(torch.bfloat16), make_data(), loss_fn=loss_fn,
+                      precision="bf16",
+                      config=MehlConfig(model_batch=2, epochs=2, lr=0.05, directions=d))
+            for d in ("resident", "out-of-core")]
+    assert bf16[1].state["a.weight"].dtype == torch.bfloat16
+    assert torch.allclose(bf16[0].coefficients, bf16[1].coefficients, atol=1e-3)
+    for k in ("a.weight", "b.weight"):
+        assert torch.allclose(bf16[0].state[k].float(), bf16[1].state[k].float(),
+                              atol=1e-2), k
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "zip", "bf16"])

@@ -121,7 +121,7 @@ class MehlRound:
             return
         d = self.directions[name]
         for row in range(d.shape[0]):
-            yield self.lo + row, d[row].to(torch.float32)
+            yield self.lo + row, d[row].to(torch.float32, copy=True)  # callers scale it
 
     # -- the gradient fold -------------------------------------------------------------------
     def _hook(self, name: str, block: int):
