@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -219,18 +219,30 @@ def check_shard_directions(shard: bool, model_batch: int | None) -> None:
 
 
 @torch.no_grad()
-def _start(ingredients, names, device, config: MehlConfig,
-           base: TensorSource | None) -> tuple[dict[str, torch.Tensor], SoupResult]:
+def _start(ingredients, params, names, device, config: MehlConfig,
+           base: TensorSource | None, spill: Spill | None) -> tuple[Mapping, SoupResult]:
     """The first anchor: the ``init`` merge of all ingredients (fp32, flat per parameter, on
-    ``device``) and the merge's result (for its coefficients). The merge's tensors are
-    released as they are converted (never both whole)."""
+    ``device``; a file of ``spill`` out of core) and the merge's result (for its
+    coefficients). The merge's tensors are released as they are converted."""
     merged = run_merge(config.init, ingredients, SoupContext(base=base), config)
-    anchor = {}
-    for name in names:
-        anchor[name] = merged.state[name].reshape(-1).to(device, torch.float32, copy=True)
-        merged.state[name] = None
+
+    def converted():
+        for name in names:
+            t = merged.state[name]
+            merged.state[name] = None
+            yield name, t.reshape(-1).to(device, torch.float32, copy=True)
+
+    anchor = _anchor_of(params, names, converted(), spill)
     merged.state = {}  # only its coefficients are kept
     return anchor, merged
+
+
+def _anchor_of(params, names, tensors, spill: Spill | None) -> Mapping:
+    """The anchor made of ``tensors`` ((name, flat fp32) pairs): a dict, or out of core a
+    file in ``spill``'s folder."""
+    if spill is None:
+        return dict(tensors)
+    return spill.anchor({name: params[name].numel() for name in names}, tensors)
 
 
 @torch.no_grad()
@@ -305,13 +317,13 @@ def mehl_soup(
     store = resolve_directions(config, device, ingredients, names)
     if store == OUT_OF_CORE:
         check_readable_per_tensor(ingredients)
-    # Out of core the anchor stays in host memory and keep-best's snapshots go to files.
+    # Out of core the anchor and keep-best's snapshots are files in a scratch folder.
     host = torch.device("cpu") if store == OUT_OF_CORE else device
     spill = Spill(checkpoint_dir) if store == OUT_OF_CORE else None
     try:
         # The start: the init merge; row 0 of ``coefficients`` is its weight a, rows 1..N the
         # ingredients' C (composed with the merge's own coefficients at the end).
-        anchor, merged = _start(ingredients, names, host, config, base)
+        anchor, merged = _start(ingredients, params, names, host, config, base, spill)
         coefficients = torch.zeros(n + 1, n_blocks, dtype=torch.float64)
         coefficients[0] = 1.0
         _load_anchor(params, names, anchor)
@@ -326,7 +338,9 @@ def mehl_soup(
         if saved is not None:
             coefficients = saved.coefficients.to(torch.float64)
             start_state = best.best_state
-            anchor = {name: saved.anchor[name].to(host) for name in names}
+            anchor.clear()
+            anchor = _anchor_of(params, names, ((name, saved.anchor[name].to(host))
+                                                for name in names), spill)
             gen.set_state(saved.rng_state)
             history = list(saved.state["history"])
             next_pass, next_round = saved.state["next_pass"], saved.state["next_round"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UpcycleError
-from ..io.checkpoints import Ingredient, checked
+from ..io.checkpoints import SAFETENSORS_SINGLE, Ingredient, checked
 from ..io.shards import ShardWriter, TensorEntry
 
 _Key = tuple[str, int]
@@ -77,14 +77,7 @@ class SliceReader:
             fd = self._fds.get(file)
             if fd is None:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            view = memoryview(raw.view(torch.uint8).numpy())
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise UpcycleError(f"{source.label}: {file.name} is truncated (tensor "
-                                       f"{name!r})")
-                done += n
+            read_into(fd, raw.view(torch.uint8), offset, source.label, name)
         if getattr(source, "check_finite", False):
             checked(source, name, raw)
         if kind == "f32":
@@ -142,22 +135,47 @@ def check_readable_per_tensor(ingredients: Sequence[Ingredient]) -> None:
                 f"folder), or use --directions resident")
 
 
-class SpilledState(Mapping):
-    """A state (name -> tensor) written to a safetensors file in ``folder`` and read back one
-    tensor at a time: keep-best's snapshot without a model copy in memory."""
+class FileState(Mapping):
+    """A state (name -> tensor) in one safetensors file in ``folder``, read one tensor at a
+    time: :meth:`read` into a buffer reused from call to call (valid until the next call),
+    ``state[name]`` as a tensor of its own."""
 
-    def __init__(self, folder: Path, tensors: Mapping[str, torch.Tensor]):
-        folder.mkdir(parents=True, exist_ok=True)
-        entries = [TensorEntry(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-        with ShardWriter(folder, entries, max_shard_bytes=1 << 62) as writer:
-            for name, t in tensors.items():
-                writer.write(name, t)
+    def __init__(self, folder: Path):
         self.folder = folder
-        self._source = Ingredient(folder, role="MEHL's kept state")
+        self.file = folder / SAFETENSORS_SINGLE
+        self._source = Ingredient(folder, role="MEHL's scratch state")
+        self._fd: int | None = None
+        self._buffer: torch.Tensor | None = None
+
+    @classmethod
+    def write(cls, folder: Path, entries: Sequence[TensorEntry],
+              tensors: Iterable[tuple[str, torch.Tensor]]) -> FileState:
+        """Write ``tensors`` (every entry once, in any order; converted to the entry's dtype
+        and shape) to ``folder``, one at a time."""
+        folder.mkdir(parents=True, exist_ok=True)
+        shapes = {e.name: e.shape for e in entries}
+        with ShardWriter(folder, entries, max_shard_bytes=1 << 62) as writer:
+            for name, t in tensors:
+                writer.write(name, t.reshape(shapes[name]))
+        return cls(folder)
+
+    def _read(self, name: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Tensor ``name`` read into ``buffer`` (uint8, large enough) or a new tensor."""
+        file, offset, nbytes = self._source.locate(name)
+        out = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
+        if self._fd is None:
+            self._fd = os.open(file, os.O_RDONLY)
+        read_into(self._fd, out, offset, self._source.label, name)
+        return out.view(self._source.dtype(name)).view(self._source.shape(name))
+
+    def read(self, name: str) -> torch.Tensor:
+        nbytes = self._source.locate(name)[2]
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._read(name, self._buffer)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        # A copy: a tensor read from safetensors keeps the whole file mapped while it lives.
-        return self._source.get(name).clone()
+        return self._read(name, None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._source.keys())
@@ -166,29 +184,103 @@ class SpilledState(Mapping):
         return len(self._source.keys())
 
     def remove(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class FileAnchor(Mapping):
+    """MEHL's anchor out of core: flat fp32 tensors in a file of the scratch folder, read one
+    tensor at a time (:meth:`read`); :meth:`replace` writes the next anchor beside it (which
+    may read the current one meanwhile) and then drops the current one."""
+
+    def __init__(self, folder: Path, numels: Mapping[str, int]):
+        self.folder = folder
+        self._entries = [TensorEntry(name, (n,), torch.float32) for name, n in numels.items()]
+        self._count = 0
+        self._state: FileState | None = None
+
+    def replace(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._count += 1
+        new = FileState.write(self.folder / f"anchor-{self._count}", self._entries, tensors)
+        if self._state is not None:
+            self._state.remove()
+        self._state = new
+
+    @property
+    def file(self) -> Path:
+        return self._state.file
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._state.read(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(e.name for e in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        if self._state is not None:
+            self._state.remove()
+            self._state = None
+
+
 class Spill:
-    """Keep-best's snapshots as files in a scratch folder (under ``parent``, or the system's
-    temporary folder): :meth:`keep` writes the state and drops the previous one (a snapshot is
-    taken only when it becomes the kept state); :meth:`close` removes them all."""
+    """Out-of-core MEHL's scratch folder (under ``parent``, or the system's temporary
+    folder): the anchor (:meth:`anchor`) and keep-best's snapshots (:meth:`keep`: the state
+    written, or the anchor's file linked, dropping the previous snapshot: one is taken only
+    when it becomes the kept state); :meth:`close` removes it all."""
 
     def __init__(self, parent: str | Path | None = None):
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="upcycle-mehl-kept-",
+        self.folder = Path(tempfile.mkdtemp(prefix="upcycle-mehl-scratch-",
                                             dir=None if parent is None else str(parent)))
         self._count = 0
-        self._last: SpilledState | None = None
+        self._last: FileState | None = None
 
-    def keep(self, state: Mapping[str, torch.Tensor]) -> SpilledState:
+    def anchor(self, numels: Mapping[str, int],
+               tensors: Iterable[tuple[str, torch.Tensor]]) -> FileAnchor:
+        anchor = FileAnchor(self.folder, numels)
+        anchor.replace(tensors)
+        return anchor
+
+    def keep(self, state: Mapping[str, torch.Tensor]) -> FileState:
         self._count += 1
-        kept = SpilledState(self.folder / str(self._count), state)
+        folder = self.folder / f"kept-{self._count}"
+        if isinstance(state, FileAnchor):  # the anchor's file as it is now: a hard link
+            folder.mkdir()
+            try:
+                os.link(state.file, folder / SAFETENSORS_SINGLE)
+            except OSError:
+                shutil.copyfile(state.file, folder / SAFETENSORS_SINGLE)
+            kept = FileState(folder)
+        else:
+            entries = [TensorEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+            kept = FileState.write(folder, entries, state.items())
         if self._last is not None:
             self._last.remove()
         self._last = kept
         return kept
 
     def close(self) -> None:
+        if self._last is not None:
+            self._last.remove()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def read_into(fd: int, out: torch.Tensor, offset: int, label: str, name: str) -> None:
+    """Fill the uint8 tensor ``out`` with the bytes of ``fd`` from ``offset`` (one error
+    naming the source and tensor when the file ends first)."""
+    view = memoryview(out.numpy())
+    done, nbytes = 0, out.numel()
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise UpcycleError(f"{label}: its file is truncated (tensor {name!r})")
+        done += n

@@ -12,9 +12,9 @@ same maths as unit directions. Where D lives:
   gradient fold touches parameter tensor l, its K slices theta_i^l are read again from the
   ingredients' files (one slice at a time, the next one read ahead by a reader thread,
   :class:`~upcycle.soup.mehl_offload.SliceReader`) and D_i^l = theta_i^l - c^l is
-  recomputed in fp32. The anchor c stays off the device (host memory) and goes to the device
-  one tensor at a time. Device memory is then the model, its activations and two slices in
-  flight, whatever K and N.
+  recomputed in fp32. The anchor c is a file too (:class:`~upcycle.soup.mehl_offload.
+  FileAnchor`), read one tensor at a time and rewritten at the end of the round. Memory is
+  then the model, its activations and two slices in flight, whatever K and N.
 """
 
 from __future__ import annotations
@@ -91,8 +91,10 @@ class MehlRound:
 
     # -- where the directions come from ------------------------------------------------------
     def _anchor(self, name: str) -> torch.Tensor:
-        """c^l on the device (a copy of one tensor when the anchor lives on the host)."""
-        return self.anchor[name].to(self.device)
+        """c^l on the device: the resident anchor's tensor, or (out of core) one read from
+        the anchor's file (valid until the next read)."""
+        read = getattr(self.anchor, "read", None)
+        return (self.anchor[name] if read is None else read(name)).to(self.device)
 
     def _store(self, name, block, c, members, ingredients, compact, sq) -> torch.Tensor:
         """The resident rows D_i^l (fp32, or the ingredients' dtype when ``compact``), their
@@ -207,12 +209,21 @@ class MehlRound:
         anchor, in place."""
         if self.out_of_core:
             self.reader.plan(self.names)
+        replace = getattr(self.anchor, "replace", None)
+        if replace is not None:  # a file: the next anchor is written beside it, then swapped
+            replace(self._end_point())
+            return
+        for name, value in self._end_point():
+            self.anchor[name].copy_(value)
+
+    def _end_point(self):
+        """(name, theta^l(X) flat, fp32) for every souped tensor, one at a time."""
         for name, block in zip(self.names, self.block_of):
             param = self.params[name]
             if param.dtype == torch.float32:
-                self.anchor[name].copy_(param.detach().reshape(-1))
+                yield name, param.detach().reshape(-1)
             else:
-                self.anchor[name].copy_(self.combine(name, block))
+                yield name, self.combine(name, block)
 
     def take_grad(self, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """dL/dX for the last backward (times ``loss_scale``, the fp16 loss scale; clipped as
