@@ -12,10 +12,11 @@ Every run is a fresh process of the command a user types, with the same environm
 ``python -m upcycle.cli.main soup ...`` and mergekit's ``mergekit-yaml CONFIG OUT
 --no-copy-tokenizer`` (its python entry ``-m mergekit.scripts.run_yaml``), fp32 out, same
 thread count. Measured from outside the process: wall time (start to exit), time to its first
-line of output (stdout and stderr together; a progress bar's first ``\\r`` counts), and its peak
-RSS (``ru_maxrss`` from ``os.wait4``: the process's own high-water mark; this driver imports
-neither torch nor upcycle, so what Linux carries across ``exec`` is the driver's small RSS, shown
-as ``driver RSS``). Where mergekit is not importable it says so and runs upcycle only.
+line of output (stdout and stderr together; a progress bar's first ``\\r`` counts) and the CPU
+time it had used by then (/proc: what the first line costs on an idle machine, less I/O), and
+its peak RSS (``ru_maxrss`` from ``os.wait4``: the process's own high-water mark; this driver
+imports neither torch nor upcycle, so what Linux carries across ``exec`` is the driver's small
+RSS, shown as ``driver RSS``). Where mergekit is not importable it says so and runs upcycle only.
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ def make_inputs(cache: Path, n: int) -> tuple[Path, list[Path]]:
     return cache / "base", [cache / f"ft{i:02d}" for i in range(n)]
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) the process has used so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def measure(cmd: list[str], env: dict) -> dict:
     """Run ``cmd`` in a fresh process: wall time, time to its first line of output, peak RSS."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    first, tail = None, b""
+    first, first_cpu, tail = None, None, b""
     fd = proc.stdout.fileno()
     while True:
         ready, _, _ = select.select([fd], [], [], 0.05)
@@ -86,12 +96,13 @@ def measure(cmd: list[str], env: dict) -> dict:
             break
         if first is None and (b"\n" in chunk or b"\r" in chunk):
             first = time.perf_counter() - start
+            first_cpu = _cpu_seconds(proc.pid)
         tail = (tail + chunk)[-4000:]
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    row = {"wall_s": wall, "first_line_s": first, "peak_rss_mb": usage.ru_maxrss / 1024,
-           "cpu_s": usage.ru_utime + usage.ru_stime}
+    row = {"wall_s": wall, "first_line_s": first, "first_line_cpu_s": first_cpu,
+           "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
     if proc.returncode != 0:
         row["error"] = f"exit {proc.returncode}: {tail.decode(errors='replace')[-1500:]}"
     return row
@@ -130,12 +141,12 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | tool | wall (s) | first line (s) | peak RSS (MiB) | CPU (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | tool | wall (s) | first line (s) | CPU to first line (s) | "
+             "peak RSS (MiB) | CPU (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['tool']} | {_cell(r, 'wall_s', '.2f')} | "
-                     f"{_cell(r, 'first_line_s', '.2f')} | {_cell(r, 'peak_rss_mb', '.0f')} | "
-                     f"{_cell(r, 'cpu_s', '.1f')} |")
+                     f"{_cell(r, 'first_line_s', '.2f')} | {_cell(r, 'first_line_cpu_s', '.2f')} "
+                     f"| {_cell(r, 'peak_rss_mb', '.0f')} | {_cell(r, 'cpu_s', '.1f')} |")
     return "\n".join(lines)
 
 
@@ -180,7 +191,8 @@ def main() -> int:
             ok = [r for r in runs if "error" not in r]
             row = {"method": method, "tool": tool, "runs": runs}
             if ok:
-                for key in ("wall_s", "first_line_s", "peak_rss_mb", "cpu_s"):
+                for key in ("wall_s", "first_line_s", "first_line_cpu_s", "peak_rss_mb",
+                            "cpu_s"):
                     values = [r[key] for r in ok if r[key] is not None]
                     row[key] = statistics.median(values) if values else None
             rows.append(row)
