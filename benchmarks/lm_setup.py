@@ -1,6 +1,9 @@
-"""The language-model benchmark's ingredients: a BPE tokenizer and a small Llama-style base
-pretrained on BBC News, then full and LoRA fine-tunes on topic-skewed mixes (transformers
-Trainer / peft). Everything is cached under a folder with its recipe recorded
+"""The language-model benchmark's ingredients: a BPE tokenizer and a small base of one family
+(``Sizes.family``: Llama-style, or Qwen2-style with grouped-query attention and q/k/v biases;
+both with tied embeddings) pretrained on BBC News, then full and LoRA fine-tunes on topic-skewed
+mixes (transformers Trainer / peft). The Qwen2 family's LoRA adapters also train the tied
+embedding/head, through peft's ``ensure_weight_tying=True``: alternately a LoRA on
+``embed_tokens`` and ``modules_to_save=["embed_tokens"]``. Everything is cached under a folder with its recipe recorded
 (``recipe.json``): a rerun with the same recipe skips it, a changed recipe retrains.
 """
 
@@ -37,6 +40,11 @@ class Sizes:
     test_docs: int = 300
     docs: int = 0
     """Use only this many articles in all (0: all 2225), for a quick run."""
+    family: str = "llama"
+    """The base's architecture: ``llama`` or ``qwen2`` (see :data:`FAMILIES`)."""
+
+
+FAMILIES = ("llama", "qwen2")
 
 
 QUICK = Sizes(vocab=1024, hidden=96, layers=3, heads=4, seq=96, pretrain_steps=250,
@@ -137,13 +145,47 @@ def _trainer(model, dataset, *, steps: int, lr: float, batch: int, seed: int, ou
     return Trainer(model=model, args=args, train_dataset=dataset)
 
 
+def _config(sizes: Sizes, tok):
+    """The base's config: ``sizes.family``'s architecture at these sizes, tied embeddings."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tok), hidden_size=sizes.hidden,
+                  intermediate_size=int(sizes.hidden * 8 / 3) // 8 * 8,
+                  num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                  max_position_embeddings=sizes.seq, tie_word_embeddings=True,
+                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.eos_token_id)
+    if sizes.family == "llama":
+        return LlamaConfig(num_key_value_heads=sizes.heads, **common)
+    if sizes.family == "qwen2":  # grouped-query attention (2 heads per key/value head)
+        return Qwen2Config(num_key_value_heads=max(1, sizes.heads // 2), **common)
+    raise ValueError(f"family {sizes.family!r}: expected one of {', '.join(FAMILIES)}")
+
+
+def _lora_config(sizes: Sizes, recipe: dict):
+    """The LoRA of a recipe: r=8 on every projection; for qwen2 the tied embedding/head is
+    trained too (tied through ``ensure_weight_tying``), as a LoRA on it for even-numbered
+    adapters, saved whole (``modules_to_save``) for the others."""
+    from peft import LoraConfig
+
+    if sizes.family != "qwen2":
+        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    if (recipe["seed"] // 2) % 2 == 0:
+        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, ensure_weight_tying=True,
+                          target_modules=[*LORA_TARGETS, "embed_tokens"])
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, ensure_weight_tying=True,
+                      target_modules=LORA_TARGETS, modules_to_save=["embed_tokens"])
+
+
 def make_base(cache: Path, sizes: Sizes, data: dict, log=print) -> Path:
-    """Tokenizer + pretrained Llama-style base, cached."""
+    """Tokenizer + pretrained base of ``sizes.family``, cached."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     recipe = {"what": "base", **{k: v for k, v in asdict(sizes).items()
                                  if k not in ("ft_steps", "n")}}
+    if sizes.family == "llama":  # recorded before there were families: caches stay valid
+        del recipe["family"]
     folder = cache / "base"
     if _recorded(folder, recipe):
         return folder
@@ -152,13 +194,7 @@ def make_base(cache: Path, sizes: Sizes, data: dict, log=print) -> Path:
     tmp.mkdir(parents=True)
     tok = _train_tokenizer(data["pretrain"][0], sizes.vocab)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=sizes.hidden,
-                      intermediate_size=int(sizes.hidden * 8 / 3) // 8 * 8,
-                      num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
-                      num_key_value_heads=sizes.heads, max_position_embeddings=sizes.seq,
-                      tie_word_embeddings=True, bos_token_id=tok.eos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(_config(sizes, tok))
     tok.save_pretrained(tmp)
     model.save_pretrained(tmp)  # config + random weights, so the task can read the folder
     blocks = _Blocks(_task(tmp, sizes).encode([(None, t) for t in data["pretrain"][0]]))
@@ -216,10 +252,9 @@ def make_ingredients(cache: Path, sizes: Sizes, data: dict, base: Path, log=prin
         torch.manual_seed(recipe["seed"])
         model = AutoModelForCausalLM.from_pretrained(base)
         if recipe["kind"] == "lora":
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                     target_modules=LORA_TARGETS))
+            model = get_peft_model(model, _lora_config(sizes, recipe))
         log(f"[setup] fine-tune {recipe['name']} ({recipe['kind']}, mix {recipe['mix']}, lr "
             f"{recipe['lr']:g}): {len(blocks)} blocks, {sizes.ft_steps} steps")
         _trainer(model, blocks, steps=sizes.ft_steps, lr=recipe["lr"], batch=sizes.batch,

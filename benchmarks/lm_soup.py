@@ -166,13 +166,30 @@ def sizes_of(args):
     return Sizes(**{**asdict(sizes), **over})
 
 
+def cache_name(args, stem: str = "lm_soup") -> str:
+    """``lm_soup[-<family>][-quick]``: the folder under the cache root (no family part for
+    llama, as before there were families); with ``stem``, a results file's name."""
+    family = getattr(args, "family", None) or "llama"
+    return stem + ("" if family == "llama" else f"-{family}") + ("-quick" if args.quick else "")
+
+
+def default_out(stem: str) -> Path:
+    """results/<stem>[-<family>][-quick].json for this command line's ``--family``/``--quick``."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--quick", action="store_true")
+    pre.add_argument("--family", default=None)
+    args, _ = pre.parse_known_args()
+    return Path(__file__).resolve().parent / "results" / f"{cache_name(args, stem)}.json"
+
+
 def contenders(args) -> list[dict]:
     from lm_setup import prepare
 
     sizes = sizes_of(args)
     cache = Path(args.cache or Path(os.environ.get("UPCYCLE_CACHE", Path.home() / ".cache" /
-                                                   "upcycle")) / ("lm_soup-quick" if args.quick
-                                                                   else "lm_soup"))
+                                                   "upcycle")) / cache_name(args))
     paths = prepare(cache, sizes, log=lambda m: print(m, file=sys.stderr, flush=True))
     common = {"paths": paths, "seq": sizes.seq, "batch": sizes.batch, "K": args.K,
               "epochs": args.epochs, "threads": int(os.environ.get("UPCYCLE_THREADS", "1")),
@@ -219,7 +236,8 @@ def _arguments(parser) -> None:
 
     parser.add_argument("--quick", action="store_true", help="small sizes (lm_setup.QUICK)")
     parser.add_argument("--cache", default=None, help="where the base and ingredients are "
-                        "cached (default $UPCYCLE_CACHE/lm_soup[-quick])")
+                        "cached (default $UPCYCLE_CACHE/lm_soup[-<family>][-quick]); one "
+                        "folder per family and size: another recipe retrains it there")
     parser.add_argument("--K", type=int, default=5, help="MEHL's model batch")
     parser.add_argument("--epochs", type=int, default=3, help="learned+/MEHL+ epochs")
     add_size_arguments(parser)
@@ -241,13 +259,11 @@ SOUP_COLUMNS = [("name", "method", ""), ("held_out_ppl", "held-out ppl", ".3f"),
 
 
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv
     main(
         Path(__file__).resolve(), contenders, run_worker,
         columns=SOUP_COLUMNS,
         description=__doc__,
-        out_json=Path(__file__).resolve().parent / "results" /
-        ("lm_soup-quick.json" if quick else "lm_soup.json"),
+        out_json=default_out("lm_soup"),
         add_arguments=_arguments,
         summarize=summarize,
     )

@@ -3,9 +3,13 @@
 
     .venv/bin/python benchmarks/merge_quality.py --quick     # small sizes (minutes on a CPU)
     .venv/bin/python benchmarks/merge_quality.py             # lm_soup's full sizes
+    .venv/bin/python benchmarks/merge_quality.py --quick --family qwen2   # the second family
 
-The base and the N ingredients (full fine-tunes and peft LoRA adapters of a small Llama-style
-model on topic-skewed BBC News mixes) are lm_soup's (benchmarks/lm_setup.py, same cache).
+The base and the N ingredients (full fine-tunes and peft LoRA adapters of a small model on
+topic-skewed BBC News mixes) are lm_soup's (benchmarks/lm_setup.py, same cache): ``--family
+llama`` (default) or ``qwen2`` (grouped-query attention, q/k/v biases; its LoRA adapters also
+train the tied embedding/head, as a LoRA on it or saved whole, through peft's
+``ensure_weight_tying``). Results go to results/merge_quality[-qwen2][-quick].json.
 Contenders, each in a fresh process through the soup job (:func:`upcycle.jobs.soup.run_method`,
 the code ``upcycle soup`` runs): the base, the best ingredient (on held-out), every fixed-weight
 merge (uniform, linear with weights softmax(-held-out loss / 0.01), task arithmetic, TIES,
@@ -184,15 +188,13 @@ def _arguments(parser) -> None:
 
 
 if __name__ == "__main__":
-    from lm_soup import SOUP_COLUMNS, summarize
+    from lm_soup import SOUP_COLUMNS, default_out, summarize
 
-    quick = "--quick" in sys.argv
     main(
         Path(__file__).resolve(), contenders, run_worker,
         columns=SOUP_COLUMNS,
         description=__doc__,
-        out_json=Path(__file__).resolve().parent / "results" /
-        ("merge_quality-quick.json" if quick else "merge_quality.json"),
+        out_json=default_out("merge_quality"),
         add_arguments=_arguments,
         summarize=summarize,
     )

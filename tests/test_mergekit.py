@@ -188,7 +188,8 @@ def _mergekit_merge(config: dict, out):
     from mergekit.merge import MergeOptions, run_merge
 
     run_merge(MergeConfiguration.model_validate(config), str(out),
-              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False,
+                                   lora_merge_cache=str(out.parent / "lora_cache")))
     state = {}
     for f in sorted(out.glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -232,4 +233,59 @@ def test_against_mergekit_itself(family, merge_method, parameters, tmp_path, cap
     for name, tensor in theirs.items():
         expected = mine.get(name, mine.get("transformer.wte.weight"))
         torch.testing.assert_close(tensor.double(), expected.double(), rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny tied Llama base and three peft LoRA adapters of it: two on projections, one with
+    a LoRA on the tied embedding trained with ``ensure_weight_tying``."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("mk_lora")
+    base_model = tiny_lm("llama", tie=True)
+    base = save_lm(base_model, root / "base", tiny_tokenizer())
+    folders = []
+    for i, extra in enumerate(([], [], ["embed_tokens"])):
+        torch.manual_seed(i)
+        m = type(base_model)(base_model.config)
+        m.load_state_dict(base_model.state_dict())
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                            target_modules=["q_proj", "v_proj", "down_proj", *extra],
+                            ensure_weight_tying=bool(extra))
+        get_peft_model(m, config).save_pretrained(root / f"ad{i}")
+        folders.append(root / f"ad{i}")
+    return base, folders
+
+
+def test_yaml_of_adapters_says_how_to_run_it_and_where_mergekit_differs(adapters, tmp_path):
+    base, ads = adapters
+    out = tmp_path / "soup"
+    run_soup(SoupConfig([str(a) for a in ads], method="uniform", out=out, device="cpu",
+                        base=str(base), progress=False))
+    text = (out / "mergekit_config.yml").read_text()
+    config = yaml.safe_load(text)
+    assert [m["model"] for m in config["models"]] == [f"{base}+{a}" for a in ads]
+    assert "--lora-merge-cache" in text
+    notes = [line for line in text.splitlines() if line.startswith("# note:")]
+    assert len(notes) == 1 and str(ads[2]) in notes[0] and "embed_tokens" in notes[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
+                    reason="mergekit is not installed beside upcycle")
+@pytest.mark.parametrize("method,settings", [
+    ("uniform", {}), ("linear", {"weights": [1.0, 3.0]}), ("task-arithmetic", {"lambda_": 0.7})])
+def test_yaml_of_adapters_runs_in_mergekit(adapters, method, settings, tmp_path):
+    """``base+adapter`` models in the YAML written beside a soup of LoRA adapters: mergekit
+    merges each with peft and reproduces the soup (to fp32 rounding)."""
+    base, ads = adapters
+    out = tmp_path / "soup"
+    run_soup(SoupConfig([str(a) for a in ads[:2]], method=method, out=out, device="cpu",
+                        base=str(base), method_settings=settings, progress=False))
+    config = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    theirs = _mergekit_merge(config, tmp_path / "mk")
+    mine = _weights(out)
+    assert set(theirs) == set(mine)
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(tensor.double(), mine[name].double(), rtol=1e-5, atol=1e-6,
                                    msg=name)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -143,7 +144,27 @@ def tied_groups_of_folder(folder: str | os.PathLike) -> list[list[str]]:
     """The parameters sharing one tensor in the model a HF folder's config describes (built
     on the meta device, nothing read): groups of two or more names, in ``named_parameters()``
     order (e.g. ``[transformer.wte.weight, lm_head.weight]``); empty without a usable
-    config."""
+    config. A config that unties its embeddings and has no sub-model is answered from
+    config.json alone (transformers ties only where a config's ``tie_word_embeddings`` is
+    true), so an untied model's soup never imports transformers' modeling code; each folder's
+    answer is computed once per process."""
+    config = Path(folder) / "config.json"
+    try:
+        stamp = config.stat().st_mtime_ns
+    except OSError:
+        return []
+    return [list(g) for g in _tied_groups(str(Path(folder).resolve()), stamp)]
+
+
+@functools.lru_cache(maxsize=32)
+def _tied_groups(folder: str, _stamp: int) -> tuple[tuple[str, ...], ...]:
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    if isinstance(raw, dict) and raw.get("tie_word_embeddings") is False and not any(
+            isinstance(v, dict) and "model_type" in v for v in raw.values()):
+        return ()
     try:  # transformers: deferred, as io reads plain checkpoints without it
         import torch
         import transformers
@@ -152,12 +173,12 @@ def tied_groups_of_folder(folder: str | os.PathLike) -> list[list[str]]:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         cls = getattr(transformers, (config.architectures or [""])[0], None)
         if cls is None:
-            return []
+            return ()
         with torch.device("meta"):
             model = cls._from_config(config)
     except Exception:  # no usable config: no tied groups known
-        return []
+        return ()
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)

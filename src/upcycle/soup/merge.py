@@ -78,9 +78,10 @@ def stream_merge(ingredients: Sequence[TensorSource], merge_one: Callable[[Tenso
     """The merged state dict: ``merge_one(reads)`` (fp64) for every floating tensor, in the
     first ingredient's key order, rounded to that tensor's dtype (or ``dtype``)."""
     first = ingredients[0]
-    aliases = tied_aliases(ingredients)
+    bar = tqdm(first.keys(), desc=desc, disable=not progress, leave=False)  # shown first: a
+    aliases = tied_aliases(ingredients)  # tied model's config imports transformers (seconds)
     state: dict[str, torch.Tensor] = {}
-    for name in tqdm(first.keys(), desc=desc, disable=not progress, leave=False):
+    for name in bar:
         if name in aliases:
             continue
         if not first.dtype(name).is_floating_point:

@@ -18,16 +18,23 @@ conditions, longest tensor name first (mergekit takes the first filter that is a
 the tensor's name, so no shorter name can capture a longer one), then the fallback for the
 tensors outside the blocks (the buffers, averaged). Task arithmetic is written as mergekit's
 ``task_arithmetic``. :func:`yaml_weight` evaluates a weight setting as mergekit does.
+LoRA ingredients are written as ``base+adapter``; mergekit merges each with peft first, which
+needs ``--lora-merge-cache DIR`` (the header's command says so). peft 0.21's merge of a LoRA on
+a tied embedding trained with ``ensure_weight_tying=True`` adds it twice (once per tied name),
+so mergekit's tied tensor then differs from the soup's (which is the adapter's trained model):
+the header names such adapters.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import UpcycleError
+from ..io.model_files import tied_groups_of_folder
 from .common import SoupResult
 
 METHODS = {"linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "ties",
@@ -212,6 +219,40 @@ def _model_ref(source) -> str:
     return f"{base.path}+{source.path}" if base is not None else str(source.path)
 
 
+def _twice_merged(source) -> list[str]:
+    """The tied name a LoRA adapter trained with ``ensure_weight_tying`` has a LoRA on (empty:
+    none): peft's ``merge_and_unload`` (which mergekit runs) adds that LoRA once per tied name."""
+    config = getattr(source, "config", None)
+    base = getattr(source, "base", None)
+    if not isinstance(config, dict) or not config.get("ensure_weight_tying") or base is None \
+            or base.hf_dir is None:
+        return []
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):  # a regex matched against the whole module name
+        match = lambda module: re.fullmatch(targets, module) is not None  # noqa: E731
+    else:
+        match = lambda module: any(module == t or module.endswith("." + t)  # noqa: E731
+                                   for t in targets)
+    names = [n for g in tied_groups_of_folder(base.hf_dir) for n in g]
+    return [n for n in names if match(n.removesuffix(".weight"))][:1]
+
+
+def _header(method: str, ingredients: Sequence) -> str:
+    """The YAML's comment: how to run it, and where mergekit would not reproduce the soup."""
+    adapters = [ing for ing in ingredients if getattr(ing, "base", None) is not None]
+    lines = [f"# mergekit config reproducing this {method} soup (written by upcycle):",
+             "#   mergekit-yaml mergekit_config.yml OUT" +
+             (" --lora-merge-cache DIR   (mergekit merges each base+adapter with peft first)"
+              if adapters else "")]
+    for ing in adapters:
+        for name in _twice_merged(ing):
+            lines.append(f"# note: {ing.path} has a LoRA on the tied {name!r} trained with "
+                         f"ensure_weight_tying; peft's merge_and_unload (run by mergekit) adds "
+                         f"it once per tied name, so mergekit's {name!r} differs from this "
+                         f"soup's (the adapter's trained model)")
+    return "\n".join(lines) + "\n"
+
+
 def block_of_tensors(result: SoupResult, parameters=None) -> dict[str, int | None]:
     """Each tensor of the soup -> the column of C that made it (None: outside the blocks, the
     plain average). A tied alias takes its parameter's column. ``parameters``: the names C
@@ -264,9 +305,8 @@ def mergekit_yaml(result: SoupResult, ingredients: Sequence, *, base=None,
         config = {"merge_method": "linear", "models": models,
                   "parameters": {"normalize": False}}
     config["dtype"] = out_dtype
-    header = (f"# mergekit config reproducing this {result.method} soup (written by upcycle):\n"
-              f"#   mergekit-yaml mergekit_config.yml OUT\n")
-    return header + yaml.safe_dump(config, sort_keys=False, width=100)
+    return _header(result.method, ingredients) + yaml.safe_dump(config, sort_keys=False,
+                                                                width=100)
 
 
 def mergekit_files(result: SoupResult, ingredients: Sequence, *, base=None,
