@@ -175,9 +175,11 @@ def streamed_floor(dims: dict, target: dict) -> float:
 # -- the contenders ------------------------------------------------------------------------------
 
 MEHL_N = 8
-MEHL_DATA = {"batches": 4, "tokens": 128}
-"""Held-out data of the MEHL section: 4 batches of one sequence of 128 random tokens (one
-round = one held-out epoch = 4 coefficient steps)."""
+MEHL_DATA = {"batches": 4, "tokens": 16}
+"""Held-out data of the MEHL section: 4 batches of one sequence of 16 random tokens (one
+round = one held-out epoch = 4 coefficient steps). Short: bf16 matrix products run ~6x slower
+than fp32 on a CPU without AVX-512 (this one), ~5 minutes a step at 128 tokens; the
+activations are not what this section measures."""
 
 
 def mehl_need(n_params: int, method: str, k: int, n: int) -> float:

@@ -59,6 +59,7 @@ def test_out_of_core_is_the_cpu_default_and_leaves_no_files(tmp_path):
                      config=MehlConfig(model_batch=2, epochs=2, lr=0.05), checkpoint_dir=ckpt)
     assert soup.info["directions"] == "out-of-core"
     assert sorted(p.name for p in ckpt.iterdir()) == ["mehl-checkpoint.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ings"]  # scratch removed
     compact = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
                         config=MehlConfig(model_batch=2, epochs=2, compact_directions=True))
     assert compact.info["directions"] == "resident"  # compact asks for stored directions

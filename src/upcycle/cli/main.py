@@ -151,23 +151,33 @@ def _sigterm_raises():
 def _quiet_hf_progress_bars():
     """transformers 5 draws a progress bar for every model it loads ("Loading weights") or
     saves ("Writing model shards"), checkpoints included: the verbs show their own progress,
-    so these are off while one runs. Returns what turns them back on."""
-    if importlib.util.find_spec("transformers") is None:
+    so these are off while one runs. Returns what turns them back on.
+
+    transformers is not imported for this (a second of start-up a soup or a grow of plain
+    checkpoints does not need): it reads huggingface_hub's switch when it is first imported,
+    so turning that off first is enough (downloads' bars are off too: the CLI runs offline
+    unless HF_HUB_OFFLINE=0)."""
+    if importlib.util.find_spec("huggingface_hub") is None:
         return lambda: None
     from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as hf_logging
 
-    if not hf_logging.is_progress_bar_enabled():
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if not hf_logging.is_progress_bar_enabled():
+            return lambda: None
+        hf_logging.disable_progress_bar()  # (turns the hub's off too)
+    elif hub_utils.are_progress_bars_disabled():
         return lambda: None
-    downloads = not hub_utils.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
-    if downloads:  # a download's bar stays (disable_progress_bar turns the hub's off too)
-        hub_utils.enable_progress_bars()
+    else:
+        hub_utils.disable_progress_bars()
 
     def restore():
-        hf_logging.enable_progress_bar()
-        if not downloads:
-            hub_utils.disable_progress_bars()
+        hub_utils.enable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
 
     return restore
 

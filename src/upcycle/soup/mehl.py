@@ -319,7 +319,10 @@ def mehl_soup(
         check_readable_per_tensor(ingredients)
     # Out of core the anchor and keep-best's snapshots are files in a scratch folder.
     host = torch.device("cpu") if store == OUT_OF_CORE else device
-    spill = Spill(checkpoint_dir) if store == OUT_OF_CORE else None
+    # (beside the checkpoint folder, which exists only once a round is saved: usually beside
+    # the output, so on its disk; else in the system's temporary folder)
+    spill = Spill(None if checkpoint_dir is None else Path(checkpoint_dir).parent) \
+        if store == OUT_OF_CORE else None
     try:
         # The start: the init merge; row 0 of ``coefficients`` is its weight a, rows 1..N the
         # ingredients' C (composed with the merge's own coefficients at the end).

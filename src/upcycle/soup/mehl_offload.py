@@ -239,7 +239,7 @@ class Spill:
     def __init__(self, parent: str | Path | None = None):
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="upcycle-mehl-scratch-",
+        self.folder = Path(tempfile.mkdtemp(prefix=".upcycle-mehl-scratch-",
                                             dir=None if parent is None else str(parent)))
         self._count = 0
         self._last: FileState | None = None
