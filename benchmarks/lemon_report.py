@@ -75,6 +75,7 @@ def _family_table(family: str, seeds: dict[int, list[dict]]) -> tuple[str, dict]
             per[label].append(saving)
             record[label] = saving
             record[f"{label}_step0_minus_small"] = row.get("step0_minus_small")
+            record[f"{label}_final"] = row.get("final_loss")
             reach = row.get("steps_to_target")
             lines.append(f"| {seed} | {row['name']} | {row['steps']} | "
                          f"{'did not reach' if reach is None else reach} | "
@@ -98,10 +99,22 @@ def _family_table(family: str, seeds: dict[int, list[dict]]) -> tuple[str, dict]
     verdict = (f"Saving, mean ± std over {len(seeds)} seed(s): " + "; ".join(means) + ".\n\n"
                f"Target (LEMON saving >= {target:.0f}% on every seed): "
                + ("MET" if met else "NOT MET")
-               + ("" if met or worst is None else f" (worst seed {worst:.1f}%)")
+               + ("" if met or worst is None else f" (worst seed that reached: {worst:.1f}%)")
+               + _misses(fam["seeds"])
                + "." + ("" if caps else " Protocol warning: on some seed the small model's "
                         "final loss is not above the scratch model's."))
     return "\n".join(lines) + f"\n\n{verdict}\n", fam
+
+
+def _misses(records: dict) -> str:
+    """By how much LEMON missed scratch's final loss on the seeds where it did not reach it
+    within its budget."""
+    gaps = [f"seed {seed}: LEMON's final loss {r['LEMON_final']:.4f} vs scratch's "
+            f"{r['scratch_final']:.4f}, {r['LEMON_final'] - r['scratch_final']:+.4f}"
+            for seed, r in sorted(records.items())
+            if r.get("LEMON") is None and r.get("LEMON_final") is not None
+            and r.get("scratch_final") is not None]
+    return f"; not reached on {'; '.join(gaps)}" if gaps else ""
 
 
 def summarize(found: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:

@@ -114,7 +114,7 @@ def test_report_means_and_target(bench, tmp_path):
     gpt2, bert = summary["gpt2"], summary["bert"]
     assert gpt2["mean_LEMON"] == pytest.approx(57.5)
     assert gpt2["std_LEMON"] == pytest.approx(2.5) and gpt2["mean_G_stack"] == pytest.approx(25)
-    assert "57.5 ± 2.5%" in text and "(worst seed 25.0%)" in text
+    assert "57.5 ± 2.5%" in text and "(worst seed that reached: 25.0%)" in text
     assert gpt2["mean_bert2BERT-AKI"] is None  # one seed did not reach the target
     assert "did not reach" in text and "(1/2 seeds reached)" in text
     assert gpt2["target_met_every_seed"] is True
@@ -133,6 +133,15 @@ def test_report_flags_a_small_model_below_the_target(bench, tmp_path):
     assert "Protocol warning" in text
 
 
+def test_report_says_by_how_much_a_seed_missed(bench, tmp_path):
+    rows = _rows(2.0, 1.8, [None, None, 10.0, None])
+    rows[2]["final_loss"] = 1.85  # LEMON ended 0.05 above scratch's final loss
+    (tmp_path / "lemon_savings-gpt2-seed1.json").write_text(json.dumps({"rows": rows}))
+    text, summary = bench.summarize(bench.collect(tmp_path, quick=False))
+    assert summary["gpt2"]["target_met_every_seed"] is False
+    assert "not reached on seed 1: LEMON's final loss 1.8500 vs scratch's 1.8000, +0.0500" in text
+
+
 def test_steps_to(bench):
     curve = [(0, 3.0), (50, 2.5), (100, 2.0), (150, 1.9)]
     assert bench.steps_to(curve, 2.0) == 100
@@ -144,13 +153,13 @@ def test_cpu_protocol_quick_end_to_end(bench, tmp_path, monkeypatch):
     G_stack's repeated layers, the cache, the per-family table."""
     monkeypatch.setattr(bench, "CACHE_ROOT", tmp_path)
     args = argparse.Namespace(family="gpt2", seed=0, device="cpu", quick=True, budget=None,
-                              scratch_steps=20, small_steps=20, size="cpu")
+                              scratch_steps=20, small_steps=30, size="cpu")
     specs = bench.contenders(args)
     assert [s.get("method") for s in specs] == [None, None, "lemon", "net2net", "aki", "stack"]
     assert specs[0]["name"] == "small (2L/32H)" and specs[1]["name"] == "scratch (4L/64H)"
     rows = [{**spec, **bench.run_worker(spec)} for spec in specs]
     by = {r.get("method", r["role"]): r for r in rows}
-    assert by["small"]["steps"] == 20 and by["scratch"]["params"] == by["stack"]["params"]
+    assert by["small"]["steps"] == 30 and by["scratch"]["params"] == by["stack"]["params"]
     for method in ("lemon", "net2net"):
         assert abs(by[method]["step0_minus_small"]) < 1e-5  # lossless
         assert by[method]["steps"] == 14  # 0.7 x S
