@@ -53,8 +53,8 @@ class MehlRound:
                             (k * (distributed.rank() + 1)) // distributed.world_size()) \
             if shard else (0, k)
         self.out_of_core = store == OUT_OF_CORE
-        self.reader = (SliceReader(ingredients, members, range(self.lo, self.hi), device)
-                       if self.out_of_core else None)
+        self.reader = (SliceReader(ingredients, members, range(self.lo, self.hi), device,
+                                   names) if self.out_of_core else None)
         self._backward_order: list[str] = []
         self._seen: list[str] = []
         sq = torch.zeros(k, n_blocks, dtype=acc, device=device)
