@@ -296,7 +296,7 @@ def lemon_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: 
 
 
 def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: int,
-                    n_grown: int) -> list[dict]:
+                    n_grown: int, mehl_k: str = f"2,{MEHL_N}") -> list[dict]:
     paths = []
     for i in range(MEHL_N):
         folder = work / f"ingredient-{i}"
@@ -306,8 +306,9 @@ def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: i
     tokens = min(MEHL_DATA["tokens"], dims["max_position_embeddings"])
     common = {"section": "mehl", "src": str(src), "ingredients": paths, "tokens": tokens}
     out = []
-    for method, k in (("out-of-core", 2), ("out-of-core", MEHL_N), ("resident", 2),
-                      ("learned+", None)):
+    ks = [int(k) for k in str(mehl_k).split(",")]
+    for method, k in [("out-of-core", k) for k in ks] + [("resident", ks[0]),
+                                                         ("learned+", None)]:
         name = f"learned+ (N = {MEHL_N})" if k is None else f"MEHL+ {method}, K = {k}"
         out.append({**common, "name": name, "method": method, "k": k, "budgeted": True,
                     "predicted_gb": mehl_need(n_source, method, k or 0, MEHL_N) / GB})
@@ -344,8 +345,10 @@ def run(args: argparse.Namespace) -> dict:
               f"({n_grown / n_source:.2f}x)", file=sys.stderr, flush=True)
         results.update(n_source=n_source, n_grown=n_grown)
         for name in sections:
+            extra = {"mehl_k": args.mehl_k} if name == "mehl" and getattr(
+                args, "mehl_k", None) else {}
             specs = {"lemon": lemon_contenders, "mehl": mehl_contenders}[name](
-                src, work, dims, target, n_source, n_grown)
+                src, work, dims, target, n_source, n_grown, **extra)
             rows = []
             for spec in specs:
                 print(f"[scale] {name}: {spec['name']} ...", file=sys.stderr, flush=True)
@@ -384,6 +387,9 @@ def main() -> None:
     parser.add_argument("--memory-budget", type=float, default=10.0, metavar="GB",
                         help="run an in-memory contender only when its predicted need is "
                              "below this")
+    parser.add_argument("--mehl-k", default=None, metavar="K,K",
+                        help=f"MEHL section: the K of the out-of-core contenders (default "
+                             f"2,{MEHL_N}; the resident one takes the first)")
     parser.add_argument("--workdir", default="/tmp", help="where the temporary models go")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
