@@ -296,7 +296,7 @@ def lemon_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: 
 
 
 def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: int,
-                    n_grown: int, mehl_k: str = f"2,{MEHL_N}") -> list[dict]:
+                    n_grown: int, mehl_k: str | None = None) -> list[dict]:
     paths = []
     for i in range(MEHL_N):
         folder = work / f"ingredient-{i}"
@@ -306,7 +306,7 @@ def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: i
     tokens = min(MEHL_DATA["tokens"], dims["max_position_embeddings"])
     common = {"section": "mehl", "src": str(src), "ingredients": paths, "tokens": tokens}
     out = []
-    ks = [int(k) for k in str(mehl_k).split(",")]
+    ks = [int(k) for k in (mehl_k or f"2,{MEHL_N}").split(",")]
     for method, k in [("out-of-core", k) for k in ks] + [("resident", ks[0]),
                                                          ("learned+", None)]:
         name = f"learned+ (N = {MEHL_N})" if k is None else f"MEHL+ {method}, K = {k}"
