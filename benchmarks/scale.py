@@ -185,7 +185,8 @@ activations are not what this section measures."""
 def mehl_need(n_params: int, method: str, k: int, n: int) -> float:
     """Bytes a contender holds at its peak (bf16 model): the model (2 per parameter) and
     ~1 GB of interpreter, torch, transformers and transients, plus
-    out of core: the fp32 anchor (4; keep-best's snapshot is a file);
+    out of core: the fp32 init merge, whole at the start before it becomes the anchor's
+    file (4; the fit itself holds two slices and keep-best's snapshot is a file);
     resident: the anchor, K fp32 directions and keep-best's fp32 snapshot (4 (K + 2));
     learned+: N ingredients held in fp32 with the mixed model and its gradient
     (4 (N + 2) x 1.1, as soup_memory.py's LEARNED_FACTOR)."""
