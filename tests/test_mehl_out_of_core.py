@@ -52,9 +52,16 @@ def test_out_of_core_is_the_resident_soup(tmp_path, blockwise):
         assert torch.allclose(v, ooc.state[k], atol=1e-6, rtol=0), k
 
 
-def test_out_of_core_is_the_cpu_default_and_leaves_no_files(tmp_path):
+def test_auto_goes_out_of_core_when_the_directions_do_not_fit_and_leaves_no_files(
+        tmp_path, monkeypatch):
+    from upcycle.soup import mehl
+
     ings = write_ingredients(tmp_path / "ings", 3)
     ckpt = tmp_path / "ckpt"
+    small = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
+                      config=MehlConfig(model_batch=2, epochs=2, lr=0.05))
+    assert small.info["directions"] == "resident"  # fits in memory: the fastest
+    monkeypatch.setattr(mehl, "available_memory", lambda: 1000.0)
     soup = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
                      config=MehlConfig(model_batch=2, epochs=2, lr=0.05), checkpoint_dir=ckpt)
     assert soup.info["directions"] == "out-of-core"

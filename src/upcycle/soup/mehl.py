@@ -32,9 +32,9 @@ model's device (fp32; ``compact_directions``: the ingredients' dtype, half for b
 ``out-of-core`` keeps none: each step re-reads every tensor's K slices from the ingredients'
 files as the combine and the gradient fold touch it (read ahead by one), and the anchor stays
 in host memory, so device memory is the model + its activations + two slices in flight,
-whatever K and N, and keep-best's snapshot goes to a file. ``auto`` (the default): out of
-core on the CPU (where it costs no more time, see benchmarks/soup_memory.py); on an
-accelerator, resident when the K directions and the anchor fit in its free memory. X, its
+whatever K and N, and keep-best's snapshot goes to a file. ``auto`` (the default):
+resident when the anchor and the K directions fit in the device's free memory (half of what
+the OS reports available on the CPU, 90% of a GPU's free memory), else out of core. X, its
 optimizer and the soup's accumulation stay fp32; the forward/backward may run under bf16/fp16
 autocast.
 
@@ -57,6 +57,7 @@ per parameter as well (documented cost).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -127,7 +128,8 @@ class MehlConfig:
                 "device: K model copies, fastest on a GPU), out-of-core (none kept: every step "
                 "re-reads each tensor's K slices from the ingredients' files, and the anchor "
                 "stays in host memory: device memory = the model + activations, whatever K), "
-                "or auto (out-of-core on the CPU; resident on a GPU where it fits)",
+                "or auto (resident where the anchor and K directions fit in the device's free "
+                "memory, else out-of-core)",
         "choices": DIRECTIONS})
     """Where the K directions live: ``resident``, ``out-of-core`` or ``auto`` (see the module
     docstring)."""
@@ -181,16 +183,14 @@ def check_directions(config: MehlConfig) -> None:
 
 def resolve_directions(config: MehlConfig, device: torch.device, ingredients,
                        names: Sequence[str]) -> str:
-    """``config.directions`` with ``auto`` decided: out of core on the CPU (no slower there,
-    and nothing grows with K); resident with ``compact_directions`` or when an ingredient is
-    a legacy pickle (held whole anyway); on an accelerator,
-    resident when the anchor and K directions fit in 90% of its free memory."""
+    """``config.directions`` with ``auto`` decided: resident (the fastest) when the anchor
+    and K fp32 directions fit in half the free memory of the device (the CPU: the memory
+    the OS reports available; CUDA: 90% of the free memory), else out of core; resident with
+    ``compact_directions`` or when an ingredient is a legacy pickle (held whole anyway)."""
     if config.directions != AUTO:
         return config.directions
     if config.compact_directions or any(getattr(i, "whole_files", []) for i in ingredients):
         return RESIDENT  # asked to store them, or an ingredient is in memory anyway (a pickle)
-    if device.type == "cpu":
-        return OUT_OF_CORE
     numel = sum(math.prod(ingredients[0].shape(name)) for name in names)
     k = config.model_batch
     if config.shard_directions:
@@ -199,7 +199,25 @@ def resolve_directions(config: MehlConfig, device: torch.device, ingredients,
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return RESIDENT if need <= 0.9 * free else OUT_OF_CORE
+    if device.type == "cpu":
+        return RESIDENT if need <= 0.5 * available_memory() else OUT_OF_CORE
     return RESIDENT
+
+
+def available_memory() -> float:
+    """Bytes of memory the OS reports available (Linux: MemAvailable, which counts the page
+    cache it can drop; elsewhere the free pages; inf where it does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return math.inf
 
 
 def check_shard_directions(shard: bool, model_batch: int | None) -> None:
