@@ -1,17 +1,11 @@
 """Out-of-core MEHL (--directions out-of-core): no direction kept, the same soup as the
 resident path, memory independent of K, and its bad inputs."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_soup import Net, loss_fn, make_data, write_ingredients
-from torch import nn
+from test_soup import Net, loss_fn, make_data, memory_probe, write_ingredients
 
 from upcycle import UpcycleError
 from upcycle.io import open_ingredients
@@ -161,50 +155,15 @@ def test_bad_inputs(tmp_path):
     assert _fit(ings, "auto").info["directions"] == "resident"
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    from torch import nn
-    import torch.nn.functional as F
-    from upcycle.io import open_ingredients
-    from upcycle.runtime.memory import current_rss_mb, peak_rss_mb
-    from upcycle.soup import mehl_soup, MehlConfig
-    torch.set_num_threads(1)
-    folder, directions, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
-                          nn.Linear(1024, 4))
-    x = torch.randn(32, 64); y = torch.randint(0, 4, (32,))
-    data = [{"x": x, "labels": y}]
-    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["labels"])
-    ings = open_ingredients([folder])
-    base = current_rss_mb()
-    mehl_soup(ings, model, data, loss_fn=loss,
-              config=MehlConfig(model_batch=k, epochs=1, directions=directions))
-    print(json.dumps({"extra_mb": peak_rss_mb() - base}))
-""")
-
-
 def test_out_of_core_memory_does_not_grow_with_k(tmp_path):
     """Peak RSS above the start in fresh processes (glibc's mmap threshold fixed, see
     test_soup's N test): out of core, K = 2 and K = 8 of 8 ingredients of a 9 MB model peak
     within one model of each other; resident, K = 8 holds 6 more directions (proof that the
     measurement sees growth)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
-                          nn.Linear(1024, 4))
-    folder = tmp_path / "ings"
-    folder.mkdir()
-    for i in range(8):
-        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()},
-                  str(folder / f"ing{i:02d}.safetensors"))
-    model_mb = sum(v.numel() * 4 for v in model.state_dict().values()) / 2**20
-    script = tmp_path / "measure.py"
-    script.write_text(MEMORY_SCRIPT)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    measure, model_mb = memory_probe(tmp_path, 8)
 
     def extra(directions, k):
-        out = subprocess.run([sys.executable, str(script), str(folder), directions, str(k)],
-                             capture_output=True, text=True, check=True, env=env)
-        return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
+        return measure("mehl", 8, k, directions)
 
     resident_small, resident_large = extra("resident", 2), extra("resident", 8)
     ooc_small, ooc_large = extra("out-of-core", 2), extra("out-of-core", 8)

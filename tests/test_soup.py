@@ -200,6 +200,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from upcycle.soup import mehl_soup, learned_soup, MehlConfig, LearnedConfig
     torch.set_num_threads(1)
     method, folder, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    k, directions = (int(sys.argv[4]), sys.argv[5]) if len(sys.argv) > 5 else (2, "auto")
     model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
                           nn.Linear(1024, 4))
     x = torch.randn(32, 64); y = torch.randint(0, 4, (32,))
@@ -208,11 +209,37 @@ MEMORY_SCRIPT = textwrap.dedent("""
     ings = open_ingredients([folder])[:n]
     base = current_rss_mb()
     if method == "mehl":
-        mehl_soup(ings, model, data, loss_fn=loss, config=MehlConfig(model_batch=2, epochs=1))
+        mehl_soup(ings, model, data, loss_fn=loss,
+                  config=MehlConfig(model_batch=k, epochs=1, directions=directions))
     else:
         learned_soup(ings, model, data, loss_fn=loss, config=LearnedConfig(epochs=1))
     print(json.dumps({"extra_mb": peak_rss_mb() - base}))
 """)
+
+
+def memory_probe(tmp_path, n):
+    """``n`` ingredients of MEMORY_SCRIPT's 9 MB model, and (a function running the script
+    in a fresh process with glibc's mmap threshold fixed: its ``extra_mb``, the model's MiB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
+                          nn.Linear(1024, 4))
+    folder = tmp_path / "ings"
+    folder.mkdir()
+    for i in range(n):
+        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()},
+                  str(folder / f"ing{i:02d}.safetensors"))
+    model_mb = sum(v.numel() * 4 for v in model.state_dict().values()) / 2**20
+    script = tmp_path / "measure.py"
+    script.write_text(MEMORY_SCRIPT)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+
+    def measure(method, n, *more):
+        out = subprocess.run([sys.executable, str(script), method, str(folder), str(n),
+                              *map(str, more)], capture_output=True, text=True, check=True,
+                             env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
+
+    return measure, model_mb
 
 
 def test_mehl_peak_memory_does_not_grow_with_the_number_of_ingredients(tmp_path):
@@ -229,26 +256,10 @@ def test_mehl_peak_memory_does_not_grow_with_the_number_of_ingredients(tmp_path)
     it on another. With a fixed threshold every tensor is its own mapping, returned when
     freed, so RSS follows the live tensors: learned grows by 6.0 models, MEHL by < 0.1.
     """
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
-                          nn.Linear(1024, 4))
-    folder = tmp_path / "ings"
-    folder.mkdir()
-    for i in range(12):
-        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()},
-                  str(folder / f"ing{i:02d}.safetensors"))
-    model_mb = sum(v.numel() * 4 for v in model.state_dict().values()) / 2**20
-    script = tmp_path / "measure.py"
-    script.write_text(MEMORY_SCRIPT)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    measure, model_mb = memory_probe(tmp_path, 12)
 
-    def extra(method, n, repeats=1):
-        values = []
-        for _ in range(repeats):
-            out = subprocess.run([sys.executable, str(script), method, str(folder), str(n)],
-                                 capture_output=True, text=True, check=True, env=env)
-            values.append(json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"])
-        return min(values)
+    def extra(method, n):
+        return measure(method, n)
 
     mehl_small, mehl_large = extra("mehl", 6), extra("mehl", 12)
     learned_small, learned_large = extra("learned", 6), extra("learned", 12)
