@@ -1,6 +1,9 @@
 """Shared test setup: offline HuggingFace, few threads, deterministic seeds."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,3 +84,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def load_benchmark(name: str, monkeypatch=None):
+    """``benchmarks/NAME.py`` as a module (registered in ``sys.modules`` for the test's
+    duration when ``monkeypatch`` is given: dataclasses defined in it look themselves up)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -4,23 +4,19 @@ CPU protocol's quick mode end to end (every contender, in process)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("lemon_savings",
-                                                  ROOT / "benchmarks" / "lemon_savings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lemon_savings")
 
 
 def test_masking_is_bert_80_10_10(bench):

@@ -6,14 +6,13 @@ scale benchmark's quick mode."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from safetensors import safe_open
 from test_architectures import MAIN, build
 
@@ -227,10 +226,7 @@ def test_shard_writer_any_order_and_index(tmp_path):
 
 
 def test_scale_benchmark_quick(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scale", bench)  # its dataclasses look themselves up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("scale", monkeypatch)
 
     def in_process(script, spec):  # the harness runs each contender in a fresh process
         return {"spec": spec, **bench.WORKERS[spec["section"]](spec)}
@@ -276,10 +272,7 @@ def test_scale_benchmark_mehl_section_quick(tmp_path, monkeypatch):
     """The MEHL section on the tiny model: synthetic ingredients are the source plus a
     rank-1 update per matrix, and one out-of-core round runs; contenders over the budget are
     not started (their prediction is reported)."""
-    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scale", bench)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("scale", monkeypatch)
     monkeypatch.setattr(bench, "MEHL_N", 3)
     ran = []
 

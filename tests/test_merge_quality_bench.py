@@ -3,12 +3,12 @@ and the summary gives bootstrap intervals (the BBC setup itself is lm_soup's).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 from lm_models import CORPUS
 from test_soup_init import lm_ingredients
 
@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("merge_quality",
-                                                  ROOT / "benchmarks" / "merge_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("merge_quality")
 
 
 @pytest.fixture(scope="module")

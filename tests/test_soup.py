@@ -256,10 +256,7 @@ def test_mehl_peak_memory_does_not_grow_with_the_number_of_ingredients(tmp_path)
     it on another. With a fixed threshold every tensor is its own mapping, returned when
     freed, so RSS follows the live tensors: learned grows by 6.0 models, MEHL by < 0.1.
     """
-    measure, model_mb = memory_probe(tmp_path, 12)
-
-    def extra(method, n):
-        return measure(method, n)
+    extra, model_mb = memory_probe(tmp_path, 12)
 
     mehl_small, mehl_large = extra("mehl", 6), extra("mehl", 12)
     learned_small, learned_large = extra("learned", 6), extra("learned", 12)

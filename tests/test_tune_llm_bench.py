@@ -3,7 +3,6 @@ contenders that fail), the ratios and targets of its table, the saved-for-backwa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "tune_llm.py"
@@ -20,10 +20,7 @@ SCRIPT = ROOT / "benchmarks" / "tune_llm.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("tune_llm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tune_llm")
 
 
 def test_quick_run_prints_one_table_and_writes_json(tmp_path):
