@@ -11,6 +11,7 @@ from upcycle import UpcycleError
 from upcycle.io import open_ingredients
 from upcycle.soup import MehlConfig, mehl_soup
 from upcycle.soup.mehl_offload import SliceReader
+from upcycle.soup.resume import StoredState, load_checkpoint
 
 
 def _data64():
@@ -66,9 +67,12 @@ def test_auto_goes_out_of_core_when_the_directions_do_not_fit_and_leaves_no_file
     assert compact.info["directions"] == "resident"  # compact asks for stored directions
 
 
-def test_out_of_core_resumes_the_resident_run(tmp_path):
-    """A run stopped after its first round resumes out of core: the same soup as one
-    uninterrupted resident run (the kept state comes back from the checkpoint)."""
+@pytest.mark.parametrize("first,then", [("resident", "out-of-core"),
+                                        ("out-of-core", "resident")])
+def test_a_run_resumes_the_other_way_round(tmp_path, first, then):
+    """A run stopped after its first round resumes with the directions stored the other
+    way: the same soup as one uninterrupted resident run (the anchor and the kept state come
+    back from the checkpoint; out of core they are written to it one tensor at a time)."""
     ings = write_ingredients(tmp_path / "ings", 4, dtype=torch.float64)
     whole = _fit(ings, "resident", models_epochs=2)
 
@@ -78,12 +82,15 @@ def test_out_of_core_resumes_the_resident_run(tmp_path):
     def stop(record):
         raise Stop
 
-    config = MehlConfig(model_batch=2, epochs=3, lr=0.05, models_epochs=2, directions="resident")
+    config = MehlConfig(model_batch=2, epochs=3, lr=0.05, models_epochs=2, directions=first)
     with pytest.raises(Stop):
         mehl_soup(ings, Net().double(), _data64(), loss_fn=loss_fn, config=config,
                   checkpoint_dir=tmp_path / "ckpt", callback=stop)
+    saved = load_checkpoint(tmp_path / "ckpt")
+    assert saved.state["keep_best"]["kept"] != "start"  # the kept state is in the file too
+    assert isinstance(saved.anchor, StoredState) and isinstance(saved.extra["best"], StoredState)
     resumed = mehl_soup(ings, Net().double(), _data64(), loss_fn=loss_fn,
-                        config=MehlConfig(**{**config.__dict__, "directions": "out-of-core"}),
+                        config=MehlConfig(**{**config.__dict__, "directions": then}),
                         checkpoint_dir=tmp_path / "ckpt", resume=True)
     for k, v in whole.state.items():
         assert torch.allclose(v, resumed.state[k], atol=1e-6, rtol=0), k

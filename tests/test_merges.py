@@ -20,6 +20,8 @@ from upcycle.io.checkpoints import Ingredient
 from upcycle.io.ingredients import open_ingredients
 from upcycle.jobs.soup import SoupConfig, run_soup
 from upcycle.soup import uniform_soup
+from upcycle.soup.merge import streamed_to
+from upcycle.soup.registry import SoupContext, get_method, method_names
 
 N = 3
 SHAPES = {"w": (6, 5), "b": (5,), "e": (7, 4)}
@@ -410,3 +412,30 @@ def test_a_base_that_is_not_the_ingredients_base_is_refused(files, tmp_path, cap
                  str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "'w' has shape (5, 6)" in err and "not fine-tunes of this base" in err
+
+
+@pytest.mark.parametrize("method", method_names(needs_data=False))
+def test_a_streamed_merge_hands_each_tensor_over_and_keeps_none(files, method):
+    """Within ``streamed_to`` (how a fitted soup's start is written into its anchor) every
+    fixed-weight merge gives each tensor to the sink once, equal to its in-memory result,
+    and keeps none of them; its coefficients are unchanged."""
+    base_path, paths, _, _ = files
+    entry = get_method(method)
+    ingredients = [Ingredient(p) for p in paths[:2 if method == "slerp" else N]]
+    context = SoupContext(base=Ingredient(base_path))
+    config = entry.make_config(len(ingredients))
+    eager = entry.run(ingredients, context, config)
+    got: dict[str, torch.Tensor] = {}
+
+    def sink(name, tensor):
+        assert name not in got
+        got[name] = tensor
+
+    with streamed_to(sink):
+        streamed = entry.run(ingredients, context, config)
+    assert streamed.state == {}
+    assert list(got) == list(eager.state)
+    for name, tensor in eager.state.items():
+        assert torch.equal(got[name], tensor), name
+    if eager.coefficients is not None:
+        assert torch.equal(streamed.coefficients, eager.coefficients)

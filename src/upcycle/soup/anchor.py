@@ -29,6 +29,7 @@ import torch
 from ..errors import UpcycleError
 from ..io.source import TensorSource
 from .common import SoupResult
+from .merge import Sink, streamed_to
 from .registry import SoupContext, SoupMethod, check_count, get_method, method_names
 
 INIT_DEFAULT = "uniform"
@@ -106,15 +107,20 @@ def check_merges(config, n: int, *, has_base: bool | None = None) -> None:
 
 
 def run_merge(name: str, ingredients: Sequence[TensorSource], context: SoupContext,
-              config) -> SoupResult:
+              config, sink: Sink | None = None) -> SoupResult:
     """The merge ``name`` of ``ingredients`` in fp32 (the start of a fit keeps fp32, whatever
-    the ingredients' dtype), its config ``merge_configs[name]`` (None: its defaults)."""
+    the ingredients' dtype), its config ``merge_configs[name]`` (None: its defaults). With
+    ``sink``, each merged tensor goes to ``sink(name, tensor)`` as it is made and the result's
+    state is empty (:func:`~upcycle.soup.merge.streamed_to`)."""
     entry = _entry(name, _flag(config, name))
     configs = getattr(config, "merge_configs", None) or {}
     merge_config = configs.get(name) or entry.make_config(len(ingredients))
     check_merges(config, len(ingredients), has_base=context.base is not None)
     quiet = dataclasses.replace(context, dtype=torch.float32, progress=False)
-    return entry.run(ingredients, quiet, merge_config)
+    if sink is None:
+        return entry.run(ingredients, quiet, merge_config)
+    with streamed_to(sink):
+        return entry.run(ingredients, quiet, merge_config)
 
 
 def anchor_rows(anchor: SoupResult, ingredients: list[str]) -> list[str]:

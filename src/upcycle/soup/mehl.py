@@ -241,17 +241,22 @@ def _start(ingredients, params, names, device, config: MehlConfig,
            base: TensorSource | None, spill: Spill | None) -> tuple[Mapping, SoupResult]:
     """The first anchor: the ``init`` merge of all ingredients (fp32, flat per parameter, on
     ``device``; a file of ``spill`` out of core) and the merge's result (for its
-    coefficients). The merge's tensors are released as they are converted."""
-    merged = run_merge(config.init, ingredients, SoupContext(base=base), config)
+    coefficients). The merge hands each tensor over as it is made: out of core it goes
+    straight into the anchor's file, so the merge never holds a model."""
+    wanted = set(names)
+    context = SoupContext(base=base)
+    if spill is None:
+        anchor: dict[str, torch.Tensor] = {}
 
-    def converted():
-        for name in names:
-            t = merged.state[name]
-            merged.state[name] = None
-            yield name, t.reshape(-1).to(device, torch.float32, copy=True)
+        def keep(name: str, t: torch.Tensor) -> None:
+            if name in wanted:
+                anchor[name] = t.reshape(-1).to(device, torch.float32, copy=True)
 
-    anchor = _anchor_of(params, names, converted(), spill)
-    merged.state = {}  # only its coefficients are kept
+        return anchor, run_merge(config.init, ingredients, context, config, sink=keep)
+    anchor = spill.anchor()
+    with anchor.replacing() as put:
+        merged = run_merge(config.init, ingredients, context, config,
+                           sink=lambda name, t: put(name, t) if name in wanted else None)
     return anchor, merged
 
 
@@ -260,7 +265,9 @@ def _anchor_of(params, names, tensors, spill: Spill | None) -> Mapping:
     file in ``spill``'s folder."""
     if spill is None:
         return dict(tensors)
-    return spill.anchor({name: params[name].numel() for name in names}, tensors)
+    anchor = spill.anchor()
+    anchor.replace(tensors)
+    return anchor
 
 
 @torch.no_grad()
@@ -339,7 +346,8 @@ def mehl_soup(
     host = torch.device("cpu") if store == OUT_OF_CORE else device
     # (beside the checkpoint folder, which exists only once a round is saved: usually beside
     # the output, so on its disk; else in the system's temporary folder)
-    spill = Spill(None if checkpoint_dir is None else Path(checkpoint_dir).parent) \
+    spill = Spill(None if checkpoint_dir is None else Path(checkpoint_dir).parent,
+                  {name: params[name].numel() for name in names}) \
         if store == OUT_OF_CORE else None
     try:
         # The start: the init merge; row 0 of ``coefficients`` is its weight a, rows 1..N the
@@ -368,9 +376,9 @@ def mehl_soup(
             order = saved.state["order"]
             kept = saved.state["keep_best"]
             if kept["kept"] != "start":
-                best_anchor = {name: saved.extra[f"best/{name}"] for name in names}
-                start_state = (best_anchor if spill is None else spill.keep(best_anchor),
-                               saved.extra["best_coefficients"])
+                stored = saved.extra["best"]  # read a tensor at a time
+                start_state = ({name: stored[name] for name in names} if spill is None
+                               else spill.keep(stored), saved.extra["best_coefficients"])
             best.restore(kept, start_state)
             del saved
         else:
@@ -433,8 +441,7 @@ def mehl_soup(
                 if checkpoint_dir is not None and distributed.is_main():
                     nxt = (outer, r + 1) if r + 1 < rounds_per_pass else (outer + 1, 0)
                     extra = {} if not best.improved else {
-                        **{f"best/{name}": t for name, t in best.best_state[0].items()},
-                        "best_coefficients": best.best_state[1]}
+                        "best": best.best_state[0], "best_coefficients": best.best_state[1]}
                     path = ckpt.save_checkpoint(
                         checkpoint_dir, anchor, coefficients, gen.get_state(),
                         {"fingerprint": fingerprint, "next_pass": nxt[0], "next_round": nxt[1],

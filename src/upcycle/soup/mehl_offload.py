@@ -10,8 +10,9 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,16 +162,25 @@ class FileState(Mapping):
         self._fd: int | None = None
         self._buffer: torch.Tensor | None = None
 
-    @classmethod
-    def write(cls, folder: Path, entries: Sequence[TensorEntry],
-              tensors: Iterable[tuple[str, torch.Tensor]]) -> FileState:
-        """Write ``tensors`` (every entry once, in any order; converted to the entry's dtype
-        and shape) to ``folder``, one at a time."""
+    @staticmethod
+    @contextmanager
+    def writing(folder: Path, entries: Sequence[TensorEntry]
+                ) -> Iterator[Callable[[str, torch.Tensor], None]]:
+        """A state file in ``folder``, written one tensor at a time by the function yielded
+        (``put(name, tensor)``: every entry once, in any order, converted to the entry's dtype
+        and shape); leaving the block checks that every entry was written."""
         folder.mkdir(parents=True, exist_ok=True)
         shapes = {e.name: e.shape for e in entries}
         with ShardWriter(folder, entries, max_shard_bytes=1 << 62) as writer:
+            yield lambda name, t: writer.write(name, t.reshape(shapes[name]))
+
+    @classmethod
+    def write(cls, folder: Path, entries: Sequence[TensorEntry],
+              tensors: Iterable[tuple[str, torch.Tensor]]) -> FileState:
+        """Write ``tensors`` ((name, tensor) pairs, as :meth:`writing`) to ``folder``."""
+        with cls.writing(folder, entries) as put:
             for name, t in tensors:
-                writer.write(name, t.reshape(shapes[name]))
+                put(name, t)
         return cls(folder)
 
     def _read(self, name: str, buffer: torch.Tensor | None) -> torch.Tensor:
@@ -190,6 +200,9 @@ class FileState(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._read(name, None)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._source.shape(name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._source.keys())
@@ -212,15 +225,28 @@ class FileAnchor(Mapping):
     def __init__(self, folder: Path, numels: Mapping[str, int]):
         self.folder = folder
         self._entries = [TensorEntry(name, (n,), torch.float32) for name, n in numels.items()]
+        self._shapes = {e.name: e.shape for e in self._entries}
         self._count = 0
         self._state: FileState | None = None
 
-    def replace(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    @contextmanager
+    def replacing(self) -> Iterator[Callable[[str, torch.Tensor], None]]:
+        """Write the next anchor with the function yielded (``put(name, tensor)``, every
+        tensor once, in any order); on leaving the block it replaces the current one (which
+        may be read meanwhile)."""
         self._count += 1
-        new = FileState.write(self.folder / f"anchor-{self._count}", self._entries, tensors)
+        folder = self.folder / f"anchor-{self._count}"
+        with FileState.writing(folder, self._entries) as put:
+            yield put
         if self._state is not None:
             self._state.remove()
-        self._state = new
+        self._state = FileState(folder)
+
+    def replace(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """:meth:`replacing` with the (name, tensor) pairs ``tensors``."""
+        with self.replacing() as put:
+            for name, t in tensors:
+                put(name, t)
 
     @property
     def file(self) -> Path:
@@ -228,6 +254,9 @@ class FileAnchor(Mapping):
 
     def read(self, name: str) -> torch.Tensor:
         return self._state.read(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._state[name]
@@ -246,23 +275,24 @@ class FileAnchor(Mapping):
 
 class Spill:
     """Out-of-core MEHL's scratch folder (under ``parent``, or the system's temporary
-    folder): the anchor (:meth:`anchor`) and keep-best's snapshots (:meth:`keep`: the state
-    written, or the anchor's file linked, dropping the previous snapshot: one is taken only
-    when it becomes the kept state); :meth:`close` removes it all."""
+    folder) for states of flat fp32 tensors (``numels``: name -> size): the anchor
+    (:meth:`anchor`) and keep-best's snapshots (:meth:`keep`: the state written, or the
+    anchor's file linked, dropping the previous snapshot: one is taken only when it becomes
+    the kept state); :meth:`close` removes it all."""
 
-    def __init__(self, parent: str | Path | None = None):
+    def __init__(self, parent: str | Path | None, numels: Mapping[str, int]):
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=".upcycle-mehl-scratch-",
                                             dir=None if parent is None else str(parent)))
+        self.numels = dict(numels)
         self._count = 0
         self._last: FileState | None = None
 
-    def anchor(self, numels: Mapping[str, int],
-               tensors: Iterable[tuple[str, torch.Tensor]]) -> FileAnchor:
-        anchor = FileAnchor(self.folder, numels)
-        anchor.replace(tensors)
-        return anchor
+    def anchor(self) -> FileAnchor:
+        """An anchor in this folder, with no state until its first
+        :meth:`FileAnchor.replace`."""
+        return FileAnchor(self.folder, self.numels)
 
     def keep(self, state: Mapping[str, torch.Tensor]) -> FileState:
         self._count += 1
@@ -274,9 +304,9 @@ class Spill:
             except OSError:
                 shutil.copyfile(state.file, folder / SAFETENSORS_SINGLE)
             kept = FileState(folder)
-        else:
-            entries = [TensorEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()]
-            kept = FileState.write(folder, entries, state.items())
+        else:  # read and written one tensor at a time
+            entries = [TensorEntry(n, (k,), torch.float32) for n, k in self.numels.items()]
+            kept = FileState.write(folder, entries, ((n, state[n]) for n in self.numels))
         if self._last is not None:
             self._last.remove()
         self._last = kept

@@ -2,18 +2,26 @@
 TIES, DARE, SLERP, Model Stock): one tensor name at a time, every ingredient read one at a
 time, arithmetic in fp64, rounded once to the output dtype.
 
-Peak memory is a few fp64 copies of the largest tensor (the base's, one ingredient's and the
-method's accumulators), whatever the number of ingredients: a method that needs a statistic
-over all ingredients before it can combine them (TIES' sign election, Model Stock's angle)
-reads them twice rather than holding N tensors. Tensors that are not floating point come from
-the first ingredient; a tied parameter stored under several names is merged once and every
-name gets that one tensor (a random method would otherwise draw two masks for it).
+Peak memory is the output plus a few fp64 copies of the largest tensor (the base's, one
+ingredient's and the method's accumulators), whatever the number of ingredients: a method that
+needs a statistic over all ingredients before it can combine them (TIES' sign election, Model
+Stock's angle) reads them twice rather than holding N tensors. Tensors that are not floating
+point come from the first ingredient; a tied parameter stored under several names is merged
+once and every name gets that one tensor (a random method would otherwise draw two masks for
+it).
+
+Inside :func:`streamed_to` the output is not held either: each merged tensor is handed to a
+sink as soon as it is made (the start of a learned or MEHL soup writes it straight into its
+anchor), so a merge's peak is a few tensors, not a model. Every method that merges through
+:func:`stream_merge` streams this way without knowing it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from tqdm.auto import tqdm
@@ -72,26 +80,51 @@ def tied_aliases(ingredients: Sequence[TensorSource]) -> dict[str, str]:
     return aliases
 
 
+Sink = Callable[[str, torch.Tensor], None]
+"""``sink(name, tensor)``: takes one merged tensor (and keeps it or not)."""
+
+_SINK: ContextVar[Sink | None] = ContextVar("upcycle_merge_sink", default=None)
+
+
+@contextmanager
+def streamed_to(sink: Sink) -> Iterator[None]:
+    """Within this block, :func:`stream_merge` hands every tensor it makes to ``sink`` (under
+    each of its names, tied aliases included) instead of returning it: the merge's state is
+    then empty, and its other results (coefficients, info) are as usual."""
+    token = _SINK.set(sink)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
 def stream_merge(ingredients: Sequence[TensorSource], merge_one: Callable[[TensorReads], torch.Tensor],
                  *, base: TensorSource | None = None, dtype: torch.dtype | None = None,
                  progress: bool = False, desc: str = "merge") -> dict[str, torch.Tensor]:
     """The merged state dict: ``merge_one(reads)`` (fp64) for every floating tensor, in the
-    first ingredient's key order, rounded to that tensor's dtype (or ``dtype``)."""
+    first ingredient's key order, rounded to that tensor's dtype (or ``dtype``). Within
+    :func:`streamed_to` each tensor goes to the sink as it is made and the dict is empty."""
     first = ingredients[0]
     bar = tqdm(first.keys(), desc=desc, disable=not progress, leave=False)  # shown first: a
     aliases = tied_aliases(ingredients)  # tied model's config imports transformers (seconds)
+    names_of: dict[str, list[str]] = {}
+    for alias, name in aliases.items():
+        names_of.setdefault(name, [name]).append(alias)
+    sink = _SINK.get()
     state: dict[str, torch.Tensor] = {}
     for name in bar:
         if name in aliases:
             continue
         if not first.dtype(name).is_floating_point:
-            state[name] = first.get(name).clone()
-            continue
-        state[name] = merge_one(TensorReads(name, ingredients, base)).to(
-            out_dtype(first, name, dtype))
-    for alias, name in aliases.items():
-        state[alias] = state[name]
-    return {name: state[name] for name in first.keys()}
+            tensor = first.get(name).clone()
+        else:
+            tensor = merge_one(TensorReads(name, ingredients, base)).to(out_dtype(first, name, dtype))
+        for each in names_of.get(name, [name]):
+            if sink is None:
+                state[each] = tensor
+            else:
+                sink(each, tensor)
+    return {} if sink is not None else {name: state[name] for name in first.keys()}
 
 
 # -- checks shared by the methods (before any work) ------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..io.checkpoints import Ingredient
-from .common import SoupResult, ingredient_names, mean_tensor
+from .common import SoupResult, ingredient_names
+from .merge import WORK, TensorReads, stream_merge
 from .registry import SoupContext, SoupMethod, register
 
 
@@ -18,13 +18,19 @@ def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False,
     dtype, or to ``dtype`` when given (the exact mean, bit for bit). Runs on the CPU: it is
     bound by reading the checkpoints, not by arithmetic.
 
-    Peak memory: the output, one fp64 accumulator (one tensor, not one model) and one tensor of one ingredient; never N
-    models. Integer tensors are taken from the first ingredient.
+    Peak memory: the output, one fp64 accumulator (one tensor, not one model) and one tensor
+    of one ingredient; never N models. Integer tensors are taken from the first ingredient.
     """
     n = len(ingredients)
-    state: dict[str, torch.Tensor] = {}
-    for name in tqdm(ingredients[0].keys(), desc="uniform soup", disable=not progress, leave=False):
-        state[name] = mean_tensor(ingredients, name, torch.float64, dtype)
+
+    def merge_one(reads: TensorReads) -> torch.Tensor:
+        acc = reads.ingredient(0)
+        for i in range(1, n):
+            acc += reads.ingredients[i].get(reads.name).to(WORK)
+        return acc.div_(n)
+
+    state = stream_merge(ingredients, merge_one, dtype=dtype, progress=progress,
+                         desc="uniform soup")
     coefficients = torch.full((n, 1), 1.0 / n, dtype=torch.float64)
     return SoupResult("uniform", state, ingredient_names(ingredients), coefficients, ["<model>"])
 
