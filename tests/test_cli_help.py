@@ -3,6 +3,8 @@
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -97,3 +99,32 @@ def test_tune_flags_default_to_the_tuner_config(method):
     args = build_parser().parse_args(["tune", "--method", method, "--model", "m", "--data",
                                       "d", "--out", "o"])
     assert tuner_config(TUNERS[method], args) == TUNERS[method].config_class()
+
+
+def test_the_command_line_starts_without_torch():
+    """``import upcycle`` and the entry point import nothing heavy: on a terminal the first
+    line comes before torch is loaded (seconds), not after."""
+    code = ("import sys, upcycle, upcycle.cli.main; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_on_a_terminal_a_starting_line_is_shown_then_erased(tmp_path, capsys, monkeypatch):
+    """On a terminal "upcycle VERB: starting" comes first and is erased before anything else
+    is written, so a bad input still reads as its one error line; --help and a log (not a
+    terminal) never get it."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    line = "upcycle soup: starting"
+    assert err.startswith(line + "\r" + " " * len(line) + "\r")
+    rest = err.split("\r")[-1]
+    assert rest.startswith("upcycle soup: error:") and rest.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["soup", "--help"])
+    assert "starting" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("upcycle soup: error:")

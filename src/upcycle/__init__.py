@@ -6,34 +6,41 @@
 - ``upcycle.training``: training through ``transformers.Trainer`` (``fit``, ``TrainingConfig``)
 """
 
-from .errors import UpcycleError
-from .grow import expand, expand_aki, expand_net2net, lemon_schedule, max_output_difference
-from .io.ingredients import open_ingredients, validate_ingredients
-from .io.writing import save_model
-from .soup import (
-    LearnedConfig,
-    MehlConfig,
-    SoupResult,
-    greedy_soup,
-    learned_soup,
-    mehl_soup,
-    uniform_soup,
-)
-from .training.config import TrainingConfig
-from .training.fit import FitResult, fit
+import importlib
 
-_TUNE = ("SherlConfig", "SherlModel", "SnellConfig", "SnellModel", "get_sherl_model",
-         "get_snell_model")
-"""Names of ``upcycle.tune`` offered here too, imported on first use: importing the tuners
-imports peft (SNELL is a peft method), seconds that a soup or a grow does not need."""
+_EXPORTS = {
+    "UpcycleError": "errors",
+    "expand": "grow", "expand_aki": "grow", "expand_net2net": "grow",
+    "lemon_schedule": "grow", "max_output_difference": "grow",
+    "open_ingredients": "io.ingredients", "validate_ingredients": "io.ingredients",
+    "save_model": "io.writing",
+    "LearnedConfig": "soup", "MehlConfig": "soup", "SoupResult": "soup", "greedy_soup": "soup",
+    "learned_soup": "soup", "mehl_soup": "soup", "uniform_soup": "soup",
+    "TrainingConfig": "training.config",
+    "FitResult": "training.fit", "fit": "training.fit",
+    "SherlConfig": "tune", "SherlModel": "tune", "SnellConfig": "tune", "SnellModel": "tune",
+    "get_sherl_model": "tune", "get_snell_model": "tune",
+}
+"""Each public name and the module that defines it, imported on first use: ``import upcycle``
+costs nothing, so the command line can answer before torch (seconds) is loaded, and a soup
+never imports the tuners (peft, transformers)."""
+
+_SUBPACKAGES = ("cli", "demo", "errors", "grow", "io", "jobs", "models", "ops", "runtime",
+                "soup", "tasks", "training", "tune")
 
 
 def __getattr__(name: str):
-    if name in _TUNE:
-        from . import tune  # deferred: peft and transformers load only when a tuner is used
-
-        return getattr(tune, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:  # ``upcycle.soup`` after a bare ``import upcycle``
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 __version__ = "0.2.0"

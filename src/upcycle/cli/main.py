@@ -21,8 +21,6 @@ import warnings
 
 from .. import __version__
 from ..errors import UpcycleError, UpcycleWarning
-from ..runtime import distributed
-from .interrupt import interrupt_hint
 
 COMMANDS = {"soup": "soup", "tune": "tune", "grow": "grow", "demo": "demo"}
 """Each subcommand's module in this package, imported only when the command line needs it
@@ -182,10 +180,34 @@ def _quiet_hf_progress_bars():
     return restore
 
 
+def _starting(argv: list[str] | None) -> str:
+    """On a terminal, "upcycle VERB: starting" at once, before the verb's module imports torch
+    (about two seconds): the first thing a user sees is not a silence. Returns what erases
+    it again (written before anything else is); empty off a terminal, for --help and
+    --version, and on ranks other than the first under torchrun."""
+    words = sys.argv[1:] if argv is None else argv
+    command = _commands_needed(argv)
+    if (len(command) != 1 or not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+            or any(w in ("-h", "--help", "--version") for w in words)):
+        return ""
+    line = f"upcycle {command[0]}: starting"
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    return "\r" + " " * len(line) + "\r"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser(_commands_needed(argv))
+    erase = _starting(argv)
+    try:
+        parser = build_parser(_commands_needed(argv))
+    finally:
+        sys.stderr.write(erase)
+        sys.stderr.flush()
+    from ..runtime import distributed  # (torch: after the line above)
+    from .interrupt import interrupt_hint
+
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         target, message = _suggestions(parser, getattr(args, "command", None), unknown)

@@ -18,6 +18,7 @@ from .checkpoints import (
     TORCH_INDEX,
     WEIGHT_FILE_SUFFIXES,
     Ingredient,
+    checked,
     config_differences,
     read_config_json,
 )
@@ -132,10 +133,7 @@ def validate_ingredients(ingredients: Sequence[Ingredient], *, check_finite: boo
         for ing in tqdm(ingredients, desc="checking ingredients", disable=not progress,
                         leave=False):
             for name in ing.keys():
-                t = ing.get(name)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-                    raise UpcycleError(f"{ing.label}: {name!r} contains {bad} values")
+                checked(ing, name, ing.get(name))
 
 
 def check_configs(ingredients: Sequence[Ingredient], *,
