@@ -10,6 +10,7 @@ from test_soup import Net, loss_fn, make_data, memory_probe, write_ingredients
 from upcycle import UpcycleError
 from upcycle.io import open_ingredients
 from upcycle.soup import MehlConfig, mehl_soup
+from upcycle.soup import mehl_offload
 from upcycle.soup.mehl_offload import SliceReader
 from upcycle.soup.resume import StoredState, load_checkpoint
 
@@ -25,10 +26,13 @@ def _fit(ings, directions, tmp_path=None, **settings):
                      checkpoint_dir=tmp_path)
 
 
-@pytest.mark.parametrize("blockwise", [True, False])
-def test_out_of_core_is_the_resident_soup(tmp_path, blockwise):
+@pytest.mark.parametrize("blockwise,piece", [(True, None), (False, None), (True, 7)])
+def test_out_of_core_is_the_resident_soup(tmp_path, monkeypatch, blockwise, piece):
     """fp64 model, fp64 ingredients: the same soup and coefficients to 1e-6, and no direction
-    is ever stored out of core."""
+    is ever stored out of core; also when every tensor is read, combined, folded and
+    written in pieces (of 7 elements here: how a vocabulary-sized one is handled)."""
+    if piece is not None:
+        monkeypatch.setattr(mehl_offload, "PIECE", piece)
     ings = write_ingredients(tmp_path, 4, dtype=torch.float64)
     rounds = []
     resident = _fit(ings, "resident", blockwise=blockwise)
@@ -96,9 +100,12 @@ def test_a_run_resumes_the_other_way_round(tmp_path, first, then):
         assert torch.allclose(v, resumed.state[k], atol=1e-6, rtol=0), k
 
 
-def test_bf16_ingredients_out_of_core(tmp_path):
-    """bf16 checkpoints are read as they are and converted per slice: the soup equals the
-    resident (fp32 directions) one to fp32 rounding."""
+@pytest.mark.parametrize("piece", [None, 5])
+def test_bf16_ingredients_out_of_core(tmp_path, monkeypatch, piece):
+    """bf16 checkpoints are read as they are and converted per slice (or per piece): the
+    soup equals the resident (fp32 directions) one to fp32 rounding."""
+    if piece is not None:
+        monkeypatch.setattr(mehl_offload, "PIECE", piece)
     ings = write_ingredients(tmp_path, 4, dtype=torch.bfloat16)
     soups = [mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn, dtype=torch.float32,
                        config=MehlConfig(model_batch=2, epochs=2, lr=0.05, directions=d))
@@ -135,6 +142,21 @@ def test_the_reader_reads_ahead_and_any_order(tmp_path, kind):
             t = reader.take(name, row)
             assert t.dtype == torch.float32 and t.ndim == 1
             assert torch.equal(t, ings[member].get(name).reshape(-1).float())
+    reader.close()
+
+
+def test_the_reader_reads_pieces(tmp_path, monkeypatch):
+    """A tensor over PIECE elements comes in pieces that put together are the tensor."""
+    monkeypatch.setattr(mehl_offload, "PIECE", 6)
+    ings = write_ingredients(tmp_path, 2, dtype=torch.bfloat16)
+    reader = SliceReader(ings, [1, 0], range(2), torch.device("cpu"), ["a.weight"])
+    reader.plan(["a.weight"])
+    numel = ings[0].get("a.weight").numel()
+    parts = mehl_offload.pieces(numel)
+    assert len(parts) > 2 and parts[-1][1] == numel
+    for row, member in enumerate([1, 0]):
+        got = torch.cat([reader.take("a.weight", row, p).clone() for p in range(len(parts))])
+        assert torch.equal(got, ings[member].get("a.weight").reshape(-1).float())
     reader.close()
 
 

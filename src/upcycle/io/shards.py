@@ -13,6 +13,7 @@ safetensors (the header lists the tensors, the data follows contiguously), loada
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -109,6 +110,7 @@ class ShardWriter:
         self.planned_bytes = sum(self._sizes)
         self._fds: dict[int, int] = {}
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}
 
     @property
     def names(self) -> list[str]:
@@ -144,6 +146,25 @@ class ShardWriter:
         else:
             self._fd(index)
         self._written.add(name)
+
+    def write_part(self, name: str, flat: torch.Tensor, start: int) -> None:
+        """Write elements [start, start + flat.numel()) of tensor ``name`` (in its row-major
+        order, converted to the planned dtype); it counts as written once every element
+        has been (parts written once each)."""
+        if name not in self._where:
+            raise UpcycleError(f"internal: tensor {name!r} was not planned for the output")
+        index, offset, entry = self._where[name]
+        total = math.prod(entry.shape)
+        if start < 0 or start + flat.numel() > total:
+            raise UpcycleError(f"internal: part [{start}, {start + flat.numel()}) of tensor "
+                               f"{name!r} is outside its {total} elements")
+        data = flat.detach().to("cpu", entry.dtype).contiguous().reshape(-1)
+        fd = self._fd(index)
+        if data.numel():
+            self._pwrite(fd, data.view(torch.uint8).numpy(), offset + start * data.element_size())
+        self._filled[name] = self._filled.get(name, 0) + data.numel()
+        if self._filled[name] >= total:
+            self._written.add(name)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -21,12 +21,22 @@ from ..errors import UpcycleError
 from ..io.checkpoints import SAFETENSORS_SINGLE, Ingredient, checked
 from ..io.shards import ShardWriter, TensorEntry
 
-_Key = tuple[str, int]
+PIECE = 1 << 24
+"""Out of core, a tensor of more elements is read, combined and written in pieces of this
+many (64 MiB in fp32): a vocabulary-sized embedding (Llama-3's 128k x 4096) costs the
+buffers of one piece, not four fp32 copies of the whole tensor."""
+
+_Key = tuple[str, int, int]  # (tensor, model-batch row, piece)
+
+
+def pieces(numel: int) -> list[tuple[int, int]]:
+    """The element ranges [a, b) a flat tensor of ``numel`` elements is handled in."""
+    return [(a, min(a + PIECE, numel)) for a in range(0, numel, PIECE)] or [(0, 0)]
 
 
 class SliceReader:
-    """Reads theta_i^l (tensor ``name`` of model-batch row ``row``) as a flat fp32 tensor on
-    ``device``. :meth:`plan` gives the order the reads will come in; each :meth:`take` then
+    """Reads theta_i^l (tensor ``name`` of model-batch row ``row``; a tensor over
+    :data:`PIECE` elements one piece at a time) as a flat fp32 tensor on ``device``. :meth:`plan` gives the order the reads will come in; each :meth:`take` then
     starts reading the next one in a background thread, so one slice is read while the
     previous one is used: two slices in flight, whatever K.
 
@@ -50,7 +60,7 @@ class SliceReader:
         # blocks of per-step transients fragment (measured: 2x the peak RSS above start).
         if names and self._rows:
             first = ingredients[self._members[self._rows[0]]]
-            sizes = {name: math.prod(first.shape(name)) for name in names}
+            sizes = {name: min(PIECE, math.prod(first.shape(name))) for name in names}
             big = max(sizes, key=lambda n: sizes[n] * first.dtype(n).itemsize)
             cpu = device.type == "cpu"
             for slot in (0, 1):
@@ -60,9 +70,15 @@ class SliceReader:
                     self._buffer(slot, "f32", torch.float32, max(sizes.values()))
 
     def plan(self, names: Sequence[str]) -> None:
-        """The reads to come: every row of each of ``names``, in that order (a hint: a read
-        outside the plan is simply not read ahead)."""
-        keys = [(name, row) for name in names for row in self._rows]
+        """The reads to come: for each of ``names`` in that order, each of its pieces
+        (:func:`pieces`), every row (a hint: a read outside the plan is simply not read
+        ahead)."""
+        if not self._rows:
+            self._next = {}
+            return
+        first = self._ingredients[self._members[self._rows[0]]]
+        keys = [(name, row, p) for name in names
+                for p in range(len(pieces(math.prod(first.shape(name))))) for row in self._rows]
         self._next = dict(zip(keys, keys[1:]))
         if keys:
             self._prefetch(keys[0])
@@ -77,15 +93,17 @@ class SliceReader:
         return buf[:nbytes].view(dtype)
 
     def _load(self, key: _Key, slot: int) -> torch.Tensor:
-        name, row = key
+        name, row, piece = key
         source = self._ingredients[self._members[row]]
+        a, b = pieces(math.prod(source.shape(name)))[piece]
         where = source.locate(name) if hasattr(source, "locate") else None
-        if where is None:
-            t = source.get(name).reshape(-1)
+        if where is None:  # (computed whole: a LoRA ingredient's tensor, once per piece)
+            t = source.get(name).reshape(-1)[a:b]
             return t.to(device=self._device, dtype=torch.float32, copy=True)
         file, offset, nbytes = where
         dtype = source.dtype(name)
-        numel = nbytes // torch.empty((), dtype=dtype).element_size()
+        offset, nbytes = offset + a * dtype.itemsize, (b - a) * dtype.itemsize
+        numel = b - a
         kind = "f32" if dtype == torch.float32 and self._device.type == "cpu" else "raw"
         raw = self._buffer(slot, kind, dtype, numel)
         if nbytes:
@@ -94,7 +112,8 @@ class SliceReader:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
             read_into(fd, raw.view(torch.uint8), offset, source.label, name)
         if getattr(source, "check_finite", False):
-            checked(source, name, raw)
+            whole = (a, b) == (0, math.prod(source.shape(name)))
+            checked(source, name if whole else f"{name}[{a}:{b}]", raw)
         if kind == "f32":
             return raw
         if self._device.type != "cpu":
@@ -112,8 +131,9 @@ class SliceReader:
             self._pending[1].result()  # its buffer is about to be reused
         self._pending = (key, self._submit(key))
 
-    def take(self, name: str, row: int) -> torch.Tensor:
-        key = (name, row)
+    def take(self, name: str, row: int, piece: int = 0) -> torch.Tensor:
+        """Piece ``piece`` of theta_row^name, flat fp32 on the device."""
+        key = (name, row, piece)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] != key:
             pending[1].result()  # a read nobody wants: let it finish before reusing buffers
@@ -168,11 +188,18 @@ class FileState(Mapping):
                 ) -> Iterator[Callable[[str, torch.Tensor], None]]:
         """A state file in ``folder``, written one tensor at a time by the function yielded
         (``put(name, tensor)``: every entry once, in any order, converted to the entry's dtype
-        and shape); leaving the block checks that every entry was written."""
+        and shape; ``put(name, flat, start)``: a part of one); leaving the block checks that
+        every entry was written."""
         folder.mkdir(parents=True, exist_ok=True)
         shapes = {e.name: e.shape for e in entries}
         with ShardWriter(folder, entries, max_shard_bytes=1 << 62) as writer:
-            yield lambda name, t: writer.write(name, t.reshape(shapes[name]))
+            def put(name: str, t: torch.Tensor, start: int | None = None) -> None:
+                if start is None:
+                    writer.write(name, t.reshape(shapes[name]))
+                else:  # elements [start, start + t.numel()) of the flat tensor
+                    writer.write_part(name, t.reshape(-1), start)
+
+            yield put
 
     @classmethod
     def write(cls, folder: Path, entries: Sequence[TensorEntry],
@@ -183,20 +210,30 @@ class FileState(Mapping):
                 put(name, t)
         return cls(folder)
 
-    def _read(self, name: str, buffer: torch.Tensor | None) -> torch.Tensor:
-        """Tensor ``name`` read into ``buffer`` (uint8, large enough) or a new tensor."""
+    def _read(self, name: str, buffer: torch.Tensor | None,
+              part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or elements [a, b) of it, flat: ``part``) read into ``buffer``
+        (uint8, large enough) or a new tensor."""
         file, offset, nbytes = self._source.locate(name)
+        dtype = self._source.dtype(name)
+        if part is not None:
+            size = dtype.itemsize
+            offset, nbytes = offset + part[0] * size, (part[1] - part[0]) * size
         out = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
         if self._fd is None:
             self._fd = os.open(file, os.O_RDONLY)
         read_into(self._fd, out, offset, self._source.label, name)
-        return out.view(self._source.dtype(name)).view(self._source.shape(name))
+        return out.view(dtype) if part is not None else out.view(dtype).view(self._source.shape(name))
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (elements [a, b) of it, flat: ``part``) in a buffer reused from
+        call to call."""
         nbytes = self._source.locate(name)[2]
+        if part is not None:
+            nbytes = (part[1] - part[0]) * self._source.dtype(name).itemsize
         if self._buffer is None or self._buffer.numel() < nbytes:
             self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        return self._read(name, self._buffer)
+        return self._read(name, self._buffer, part)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._read(name, None)
@@ -242,18 +279,19 @@ class FileAnchor(Mapping):
             self._state.remove()
         self._state = FileState(folder)
 
-    def replace(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """:meth:`replacing` with the (name, tensor) pairs ``tensors``."""
+    def replace(self, tensors: Iterable[tuple]) -> None:
+        """:meth:`replacing` with ``tensors``: (name, tensor) pairs, or (name, flat part,
+        start) triples (start None: the whole tensor)."""
         with self.replacing() as put:
-            for name, t in tensors:
-                put(name, t)
+            for name, t, *start in tensors:
+                put(name, t, *start)
 
     @property
     def file(self) -> Path:
         return self._state.file
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._state.read(name)
+    def read(self, name: str, part: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._state.read(name, part)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

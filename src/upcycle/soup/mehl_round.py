@@ -13,8 +13,10 @@ same maths as unit directions. Where D lives:
   ingredients' files (one slice at a time, the next one read ahead by a reader thread,
   :class:`~upcycle.soup.mehl_offload.SliceReader`) and D_i^l = theta_i^l - c^l is
   recomputed in fp32. The anchor c is a file too (:class:`~upcycle.soup.mehl_offload.
-  FileAnchor`), read one tensor at a time and rewritten at the end of the round. Memory is
-  then the model, its activations and two slices in flight, whatever K and N.
+  FileAnchor`), read one tensor at a time and rewritten at the end of the round. A tensor
+  over :data:`~upcycle.soup.mehl_offload.PIECE` elements (a vocabulary-sized embedding) is
+  read, combined, folded and written in pieces of that size. Memory is then the model, its
+  activations and two pieces in flight, whatever K and N.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from ..io.checkpoints import Ingredient
 from ..runtime import distributed
 from .common import accumulator_dtype
-from .mehl_offload import SliceReader
+from .mehl_offload import SliceReader, pieces
 
 RESIDENT, OUT_OF_CORE = "resident", "out-of-core"
 
@@ -63,14 +65,17 @@ class MehlRound:
         if self.out_of_core:
             self.reader.plan(names)
         for name, block in zip(names, block_of):
-            c = self._anchor(name)
             if self.out_of_core:
-                for row, diff in self._rows(name, c):
-                    sq[row, block] += torch.linalg.vector_norm(diff).to(acc).square()
+                for p, part in enumerate(pieces(params[name].numel())):
+                    c = self._anchor(name, part)
+                    for row, diff in self._rows(name, c, p):
+                        sq[row, block] += torch.linalg.vector_norm(diff).to(acc).square()
+                    anchor_sq[block] += torch.linalg.vector_norm(c).to(acc).square()
             else:
+                c = self._anchor(name)
                 self.directions[name] = self._store(name, block, c, members, ingredients,
                                                     compact, sq)
-            anchor_sq[block] += torch.linalg.vector_norm(c).to(acc).square()
+                anchor_sq[block] += torch.linalg.vector_norm(c).to(acc).square()
         if shard:
             distributed.all_reduce_sum(sq)  # each rank filled its own rows
         norms = sq.sqrt()
@@ -90,11 +95,11 @@ class MehlRound:
                        for name, block in zip(names, block_of)]
 
     # -- where the directions come from ------------------------------------------------------
-    def _anchor(self, name: str) -> torch.Tensor:
+    def _anchor(self, name: str, part: tuple[int, int] | None = None) -> torch.Tensor:
         """c^l on the device: the resident anchor's tensor, or (out of core) one read from
-        the anchor's file (valid until the next read)."""
+        the anchor's file (elements [a, b) of it: ``part``; valid until the next read)."""
         read = getattr(self.anchor, "read", None)
-        return (self.anchor[name] if read is None else read(name)).to(self.device)
+        return (self.anchor[name] if read is None else read(name, part)).to(self.device)
 
     def _store(self, name, block, c, members, ingredients, compact, sq) -> torch.Tensor:
         """The resident rows D_i^l (fp32, or the ingredients' dtype when ``compact``), their
@@ -114,12 +119,14 @@ class MehlRound:
             del theta, diff
         return d
 
-    def _rows(self, name: str, c: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _rows(self, name: str, c: torch.Tensor | None, piece: int = 0
+              ) -> Iterator[tuple[int, torch.Tensor]]:
         """(row, D_row^l in fp32 on the device) for this rank's rows, one at a time: the
-        stored row, or (out of core) the slice read again with c subtracted in place."""
+        stored row, or (out of core) piece ``piece`` of the slice read again with c (that
+        piece of the anchor) subtracted in place."""
         if self.out_of_core:
             for row in range(self.lo, self.hi):
-                yield row, self.reader.take(name, row).sub_(c)
+                yield row, self.reader.take(name, row, piece).sub_(c)
             return
         d = self.directions[name]
         for row in range(d.shape[0]):
@@ -137,30 +144,71 @@ class MehlRound:
             g = param.grad
             if need_global_grad:  # every rank runs this hook for every parameter, in order
                 distributed.all_reduce_sum(g)
-            g = g.reshape(-1).to(torch.float32)
             if self.out_of_core:
                 self._seen.append(name)
-            direction = self.directions.get(name)
-            if direction is not None and (direction.dtype == torch.float32 or hi == lo):
-                dots = direction.to(torch.float32) @ g
-            elif hi > lo:  # one row at a time in fp32: no K x D fp32 copy
-                c = self._anchor(name) if self.out_of_core else None
-                dots = torch.stack([torch.dot(row, g) for _, row in self._rows(name, c)])
+                dots, g_sq = self._fold_pieces(name, g.reshape(-1))
+            else:
+                g = g.reshape(-1).to(torch.float32)
+                g_sq = torch.linalg.vector_norm(g).to(self.acc_dtype).square()
+                direction = self.directions.get(name)
+                if direction is not None and (direction.dtype == torch.float32 or hi == lo):
+                    dots = direction.to(torch.float32) @ g
+                elif hi > lo:  # one row at a time in fp32: no K x D fp32 copy
+                    dots = torch.stack([torch.dot(row, g) for _, row in self._rows(name, None)])
             if hi > lo:
                 self.grad_x[lo:hi, block] += (dots.to(self.acc_dtype)
                                               * self.inv_norms[lo:hi, block])
             if self.grad_clip is not None:
-                self.grad_sq += torch.linalg.vector_norm(g).to(self.acc_dtype).square()
+                self.grad_sq += g_sq
             param.grad = None  # consumed: never hold a full weight gradient
 
         return fold
 
+    def _fold_pieces(self, name: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Out of core: this rank's <D_i^l, g> and |g|^2, a piece at a time (``g`` flat, in
+        the parameter's dtype; only a piece of it is made fp32)."""
+        dots = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=g.device)
+        g_sq = torch.zeros((), dtype=self.acc_dtype, device=g.device)
+        for p, (a, b) in enumerate(pieces(g.numel())):
+            gp = g[a:b].to(torch.float32)
+            g_sq += torch.linalg.vector_norm(gp).to(self.acc_dtype).square()
+            if self.hi > self.lo:
+                c = self._anchor(name, (a, b))
+                for row, diff in self._rows(name, c, p):
+                    dots[row - self.lo] += torch.dot(diff, gp)
+        return dots, g_sq
+
     # -- the combine -------------------------------------------------------------------------
+    def _combine_pieces(self, name: str, block: int, out: torch.Tensor | None = None
+                        ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Out of core: (a, b, theta^l(X)[a:b] in fp32) piece by piece, written into
+        ``out[a:b]`` when given (else valid until the next piece)."""
+        coef = self.x[:, block] * self._inv32[:, block]
+        for p, (a, b) in enumerate(pieces(self.params[name].numel())):
+            c = self._anchor(name, (a, b))
+            if self.shard:
+                acc = torch.zeros_like(c) if out is None else out[a:b].zero_()
+                for row, diff in self._rows(name, c, p):
+                    acc.add_(diff.mul_(coef[row]))
+                yield a, b, distributed.all_reduce_sum(acc).add_(c)
+                continue
+            acc = c.clone() if out is None else out[a:b].copy_(c)
+            for row, diff in self._rows(name, c, p):
+                acc.add_(diff.mul_(coef[row]))
+            yield a, b, acc
+
     @torch.no_grad()
     def combine(self, name: str, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """theta^l(X) = c + sum_i X[i, l] inv[i, l] D_i^l in fp32 (into ``out`` when given).
         Sharded: every rank sums its own rows, the sum is all-reduced, then c is added (every
         rank must call this for the same tensors in the same order)."""
+        if self.out_of_core:
+            if out is None:
+                out = torch.empty(self.params[name].numel(), dtype=torch.float32,
+                                  device=self.device)
+            for _ in self._combine_pieces(name, block, out):
+                pass
+            return out
         coef = self.x[:, block] * self._inv32[:, block]
         d = self.directions.get(name)
         c = self._anchor(name)
@@ -193,6 +241,10 @@ class MehlRound:
             param = self.params[name]
             if param.dtype == torch.float32 and param.is_contiguous():
                 self.combine(name, block, out=param.view(-1))
+            elif self.out_of_core and param.is_contiguous():  # a piece at a time
+                flat = param.view(-1)
+                for a, b, theta in self._combine_pieces(name, block):
+                    flat[a:b].copy_(theta)
             else:
                 param.copy_(self.combine(name, block).view_as(param))
         if self.out_of_core:  # the backward that follows reads in the order it last ran
@@ -213,17 +265,21 @@ class MehlRound:
         if replace is not None:  # a file: the next anchor is written beside it, then swapped
             replace(self._end_point())
             return
-        for name, value in self._end_point():
+        for name, value, _ in self._end_point():
             self.anchor[name].copy_(value)
 
     def _end_point(self):
-        """(name, theta^l(X) flat, fp32) for every souped tensor, one at a time."""
+        """(name, theta^l(X) flat, fp32, start) for every souped tensor, one at a time:
+        start None for a whole tensor, else the first element of a piece (out of core)."""
         for name, block in zip(self.names, self.block_of):
             param = self.params[name]
             if param.dtype == torch.float32:
-                yield name, param.detach().reshape(-1)
+                yield name, param.detach().reshape(-1), None
+            elif self.out_of_core:
+                for a, _, theta in self._combine_pieces(name, block):
+                    yield name, theta, a
             else:
-                yield name, self.combine(name, block)
+                yield name, self.combine(name, block), None
 
     def take_grad(self, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """dL/dX for the last backward (times ``loss_scale``, the fp16 loss scale; clipped as
