@@ -9,8 +9,7 @@ from test_soup import Net, loss_fn, make_data, memory_probe, write_ingredients
 
 from upcycle import UpcycleError
 from upcycle.io import open_ingredients
-from upcycle.soup import MehlConfig, mehl_soup
-from upcycle.soup import mehl_offload
+from upcycle.soup import MehlConfig, mehl_offload, mehl_soup
 from upcycle.soup.mehl_offload import SliceReader
 from upcycle.soup.resume import StoredState, load_checkpoint
 
