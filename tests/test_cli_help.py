@@ -125,6 +125,8 @@ def test_on_a_terminal_a_starting_line_is_shown_then_erased(tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         main(["soup", "--help"])
     assert "starting" not in capsys.readouterr().err
+    assert main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("upcycle soup: error:")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("upcycle soup: error:")

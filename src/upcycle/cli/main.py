@@ -183,12 +183,12 @@ def _quiet_hf_progress_bars():
 def _starting(argv: list[str] | None) -> str:
     """On a terminal, "upcycle VERB: starting" at once, before the verb's module imports torch
     (about two seconds): the first thing a user sees is not a silence. Returns what erases
-    it again (written before anything else is); empty off a terminal, for --help and
-    --version, and on ranks other than the first under torchrun."""
+    it again (written before anything else is); empty off a terminal, for --help,
+    --version and --quiet, and on ranks other than the first under torchrun."""
     words = sys.argv[1:] if argv is None else argv
     command = _commands_needed(argv)
     if (len(command) != 1 or not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
-            or any(w in ("-h", "--help", "--version") for w in words)):
+            or any(w in ("-h", "--help", "--version", "--quiet") for w in words)):
         return ""
     line = f"upcycle {command[0]}: starting"
     sys.stderr.write(line)
