@@ -182,15 +182,18 @@ than fp32 on a CPU without AVX-512 (this one), ~5 minutes a step at 128 tokens; 
 activations are not what this section measures."""
 
 
-def mehl_need(n_params: int, method: str, k: int, n: int) -> float:
+def mehl_need(n_params: int, method: str, k: int, n: int, largest: int = 0) -> float:
     """Bytes a contender holds at its peak (bf16 model): the model (2 per parameter) and
     ~1 GB of interpreter, torch, transformers and transients, plus
-    out of core: the fp32 init merge, whole at the start before it becomes the anchor's
-    file (4; the fit itself holds two slices and keep-best's snapshot is a file);
+    out of core: the init merge's fp64 accumulator and fp64 read of its ``largest`` tensor
+    (16 per element of it: the merge is written into the anchor's file as it is made, and
+    the fit holds two 64 MiB pieces; keep-best's snapshot is a file);
     resident: the anchor, K fp32 directions and keep-best's fp32 snapshot (4 (K + 2));
     learned+: N ingredients held in fp32 with the mixed model and its gradient
     (4 (N + 2) x 1.1, as soup_memory.py's LEARNED_FACTOR)."""
-    kept = {"out-of-core": 4, "resident": 4 * (k + 2), "learned+": 4.4 * (n + 2)}[method]
+    if method == "out-of-core":
+        return 2 * n_params + 16 * largest + 1.0 * GB
+    kept = {"resident": 4 * (k + 2), "learned+": 4.4 * (n + 2)}[method]
     return (2 + kept) * n_params + 1.0 * GB
 
 
@@ -305,6 +308,7 @@ def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: i
             write_ingredient(src, folder, i)
         paths.append(str(folder))
     tokens = min(MEHL_DATA["tokens"], dims["max_position_embeddings"])
+    largest = dims["hidden_size"] * max(dims["vocab_size"], dims["intermediate_size"])
     common = {"section": "mehl", "src": str(src), "ingredients": paths, "tokens": tokens}
     out = []
     ks = [int(k) for k in (mehl_k or f"2,{MEHL_N}").split(",")]
@@ -312,7 +316,8 @@ def mehl_contenders(src: Path, work: Path, dims: dict, target: dict, n_source: i
                                                          ("learned+", None)]:
         name = f"learned+ (N = {MEHL_N})" if k is None else f"MEHL+ {method}, K = {k}"
         out.append({**common, "name": name, "method": method, "k": k, "budgeted": True,
-                    "predicted_gb": mehl_need(n_source, method, k or 0, MEHL_N) / GB})
+                    "predicted_gb": mehl_need(n_source, method, k or 0, MEHL_N,
+                                              largest) / GB})
     return out
 
 

@@ -282,7 +282,7 @@ def test_scale_benchmark_mehl_section_quick(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "run_contender", in_process)
     # only the out-of-core contenders' predictions (1 GB + 6 bytes a parameter) fit
-    monkeypatch.setattr(bench, "mehl_need", lambda n, method, k, big_n:
+    monkeypatch.setattr(bench, "mehl_need", lambda n, method, k, big_n, largest=0:
                         (1.0 if method == "out-of-core" else 99.0) * bench.GB)
     args = argparse.Namespace(size="quick", section="mehl", memory_budget=10.0,
                               workdir=str(tmp_path), out=None)
