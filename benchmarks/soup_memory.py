@@ -36,8 +36,10 @@ epochs (1 per MEHL round, 1 for learned+) and reports:
 MEHL+ runs with its directions resident (``--directions resident``: the anchor and K fp32
 directions) and out of core (``--directions out-of-core``: no direction kept, each tensor's K
 slices re-read from the ingredients' files at every step; the anchor a file too). The
-floor is (K + 1) x model bytes + activations resident, 4 x the largest tensor (fp32: two
-slices in flight, the anchor's tensor, the combined tensor) + activations out of core: what
+floor is (K + 1) x model bytes + activations resident, 4 x the largest tensor or piece
+(fp32: two slices in flight, the anchor's tensor, the combined tensor; a tensor over
+``mehl_offload.PIECE`` elements is handled in pieces of that size) + activations out of
+core: what
 the method keeps on top of the model that holds the soup, plus the saved
 activations measured in the same run; it is compared with the peak above start (which already
 excludes the model). ``--directions`` picks one of them (default: both).
@@ -307,7 +309,9 @@ def run_worker(spec: dict) -> dict:
         if spec["directions"] == "resident":  # the anchor and K directions, fp32
             kept = (spec["k"] + 1) * model_bytes
         else:  # two slices in flight, the anchor's tensor and the combined one (fp32)
-            kept = 4 * 4 * max(p.numel() for p in model.parameters())
+            from upcycle.soup.mehl_offload import PIECE
+
+            kept = 4 * 4 * min(PIECE, max(p.numel() for p in model.parameters()))
         floor = kept + live.peak_activations
         out["floor_mb"] = floor / 2**20
         out["above_floor"] = out["soup_peak_mb"] / out["floor_mb"]
@@ -384,7 +388,7 @@ def summarize(rows: list[dict]) -> str:
 
 def _versus_learned(n: int, a: dict | None, b: dict) -> str:
     """learned+ against one mehl+ contender ``b`` at N = ``n``."""
-    kept = "(K+1) models" if b["directions"] == "resident" else "4 largest tensors"
+    kept = "(K+1) models" if b["directions"] == "resident" else "4 largest tensors or pieces"
     floor = (f"; mehl+ {b['directions']} peak above start / floor ({kept} + activations = "
              f"{b['floor_mb']:.0f} MiB) = {b['above_floor']:.2f}x")
     if a is None or a.get("status") != "ok":
