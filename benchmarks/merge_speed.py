@@ -12,8 +12,9 @@ Every run is a fresh process of the command a user types, with the same environm
 ``python -m upcycle.cli.main soup ...`` and mergekit's ``mergekit-yaml CONFIG OUT
 --no-copy-tokenizer`` (its python entry ``-m mergekit.scripts.run_yaml``), fp32 out, same
 thread count. Measured from outside the process: wall time (start to exit), time to its first
-line of output (stdout and stderr together; a progress bar's first ``\\r`` counts) and the CPU
-time it had used by then (/proc: what the first line costs on an idle machine, less I/O), and
+line of output (stdout and stderr together, into a pipe as into a log: a progress bar's first
+``\\r`` counts; with ``--terminal`` on a pseudo-terminal, where the first byte shown counts)
+and the CPU time it had used by then (/proc: what the first line costs on an idle machine, less I/O), and
 its peak RSS (``ru_maxrss`` from ``os.wait4``: the process's own high-water mark; this driver
 imports neither torch nor upcycle, so what Linux carries across ``exec`` is the driver's small
 RSS, shown as ``driver RSS``). Where mergekit is not importable it says so and runs upcycle only.
@@ -81,25 +82,44 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def measure(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd`` in a fresh process: wall time, time to its first line of output, peak RSS."""
+def measure(cmd: list[str], env: dict, terminal: bool = False) -> dict:
+    """Run ``cmd`` in a fresh process: wall time, time to its first line of output, peak RSS.
+    ``terminal``: its output goes to a pseudo-terminal (120 columns), as a user at a terminal
+    sees it, and the first byte shown counts as its first line; else to a pipe (a log), where
+    a line counts once ended by ``\n`` or a progress bar's ``\r``."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    if terminal:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        fd, child = pty.openpty()
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        proc = subprocess.Popen(cmd, stdin=child, stdout=child, stderr=child, env=env)
+        os.close(child)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        fd = proc.stdout.fileno()
     first, first_cpu, tail = None, None, b""
-    fd = proc.stdout.fileno()
     while True:
         ready, _, _ = select.select([fd], [], [], 0.05)
         if not ready:
             continue
-        chunk = os.read(fd, 65536)
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # a pseudo-terminal whose process has exited
+            chunk = b""
         if not chunk:
             break
-        if first is None and (b"\n" in chunk or b"\r" in chunk):
+        if first is None and (terminal or b"\n" in chunk or b"\r" in chunk):
             first = time.perf_counter() - start
             first_cpu = _cpu_seconds(proc.pid)
         tail = (tail + chunk)[-4000:]
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    if terminal:
+        os.close(fd)
     proc.returncode = os.waitstatus_to_exitcode(status)
     row = {"wall_s": wall, "first_line_s": first, "first_line_cpu_s": first_cpu,
            "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
@@ -158,6 +178,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each (the table shows the median)")
     parser.add_argument("--lambda", dest="lam", type=float, default=0.5)
+    parser.add_argument("--terminal", action="store_true",
+                        help="run each command on a pseudo-terminal (as at a terminal) instead "
+                             "of a pipe (as into a log)")
     parser.add_argument("--cache", default=os.path.join(
         os.environ.get("UPCYCLE_CACHE", Path.home() / ".cache" / "upcycle"), "merge_speed"))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
@@ -185,7 +208,7 @@ def main() -> int:
                 out = work / f"{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 runs.append(measure(commands(tool, method, base, ings, out, weights, args.lam),
-                                    env))
+                                    env, terminal=args.terminal))
                 print(f"[speed] {method} / {tool}: {json.dumps(runs[-1])}", file=sys.stderr,
                       flush=True)
             ok = [r for r in runs if "error" not in r]
