@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stderr.write(erase)
         sys.stderr.flush()
-    from ..runtime import distributed  # (torch: after the line above)
-    from .interrupt import interrupt_hint
+    # deferred: these import torch, which loads after the starting line
+    from ..runtime import distributed  # deferred
+    from .interrupt import interrupt_hint  # deferred
 
     args, unknown = parser.parse_known_args(argv)
     if unknown:

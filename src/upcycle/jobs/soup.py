@@ -177,7 +177,7 @@ def prepare_soup_job(
     # drawn into a log (then an error would follow half a bar: read them all first)
     logged_bars = progress and distributed.is_main() and not sys.stderr.isatty()
     validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,
-                         defer_finite=not logged_bars, progress=progress)
+                         defer_finite=not logged_bars)
     job = SoupJob(ingredients, batch_size=batch_size,
                   eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)
