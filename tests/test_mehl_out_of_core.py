@@ -68,6 +68,12 @@ def test_auto_goes_out_of_core_when_the_directions_do_not_fit_and_leaves_no_file
     compact = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
                         config=MehlConfig(model_batch=2, epochs=2, compact_directions=True))
     assert compact.info["directions"] == "resident"  # compact asks for stored directions
+    # on the CPU, directions over CPU_RESIDENT_UP_TO go out of core even when memory is ample
+    monkeypatch.setattr(mehl, "available_memory", lambda: 1e15)
+    monkeypatch.setattr(mehl, "CPU_RESIDENT_UP_TO", 1000)
+    large = mehl_soup(ings, Net(), make_data(), loss_fn=loss_fn,
+                      config=MehlConfig(model_batch=2, epochs=2, lr=0.05))
+    assert large.info["directions"] == "out-of-core"
 
 
 @pytest.mark.parametrize("first,then", [("resident", "out-of-core"),

@@ -30,11 +30,12 @@ Where the directions live (``directions``, see :mod:`upcycle.soup.mehl_round`):
 ``resident`` builds the K directions once per round and keeps them, with the anchor, on the
 model's device (fp32; ``compact_directions``: the ingredients' dtype, half for bf16);
 ``out-of-core`` keeps none: each step re-reads every tensor's K slices from the ingredients'
-files as the combine and the gradient fold touch it (read ahead by one), and the anchor stays
-in host memory, so device memory is the model + its activations + two slices in flight,
-whatever K and N, and keep-best's snapshot goes to a file. ``auto`` (the default):
-resident when the anchor and the K directions fit in the device's free memory (half of what
-the OS reports available on the CPU, 90% of a GPU's free memory), else out of core. X, its
+files as the combine and the gradient fold touch it (read ahead by one; a tensor over 16M
+elements in pieces), and the anchor is a file, so memory is the model + its activations + two
+pieces in flight, whatever K and N; keep-best's snapshot is a file too. ``auto`` (the
+default, :func:`resolve_directions`): on the CPU out of core once the anchor and K
+directions pass 1 GiB (there it costs ~1.1x the resident time) or half the available memory;
+on a GPU resident when they fit in 90% of its free memory, else out of core. X, its
 optimizer and the soup's accumulation stay fp32; the forward/backward may run under bf16/fp16
 autocast.
 
@@ -127,9 +128,9 @@ class MehlConfig:
         "help": "MEHL: where the K directions live: resident (built once per round, on the "
                 "device: K model copies, fastest on a GPU), out-of-core (none kept: every step "
                 "re-reads each tensor's K slices from the ingredients' files, and the anchor "
-                "stays in host memory: device memory = the model + activations, whatever K), "
-                "or auto (resident where the anchor and K directions fit in the device's free "
-                "memory, else out-of-core)",
+                "is a file: memory = the model + activations, whatever K), or auto (CPU: "
+                "out-of-core once the anchor and K directions pass 1 GiB or half the "
+                "available memory; GPU: resident where they fit in its free memory)",
         "choices": DIRECTIONS})
     """Where the K directions live: ``resident``, ``out-of-core`` or ``auto`` (see the module
     docstring)."""
@@ -181,12 +182,22 @@ def check_directions(config: MehlConfig) -> None:
                            "out-of-core stores none: use one of them")
 
 
+CPU_RESIDENT_UP_TO = 1 << 30
+"""On the CPU, ``auto`` keeps the anchor and K directions resident up to this many bytes and
+goes out of core above it. Out of core reads every slice again at each step: for a model
+of BERT-base's size and up that costs 1.09x the resident time per held-out epoch on an idle
+CPU (K = 2, 1.3 GB of directions), for a tiny model the per-tensor reads dominate (several
+times the resident time) while its directions cost nothing to keep."""
+
+
 def resolve_directions(config: MehlConfig, device: torch.device, ingredients,
                        names: Sequence[str]) -> str:
-    """``config.directions`` with ``auto`` decided: resident (the fastest) when the anchor
-    and K fp32 directions fit in half the free memory of the device (the CPU: the memory
-    the OS reports available; CUDA: 90% of the free memory), else out of core; resident with
-    ``compact_directions`` or when an ingredient is a legacy pickle (held whole anyway)."""
+    """``config.directions`` with ``auto`` decided. On the CPU: out of core when the anchor
+    and K fp32 directions take more than :data:`CPU_RESIDENT_UP_TO` (about as fast there,
+    and flat in K) or more than half the memory the OS reports available, else resident. On
+    CUDA: resident (the fastest: no host reads) when they fit in 90% of the free memory,
+    else out of core. Resident with ``compact_directions`` or when an ingredient is a legacy
+    pickle (held whole anyway)."""
     if config.directions != AUTO:
         return config.directions
     if config.compact_directions or any(getattr(i, "whole_files", []) for i in ingredients):
@@ -200,7 +211,8 @@ def resolve_directions(config: MehlConfig, device: torch.device, ingredients,
         free, _ = torch.cuda.mem_get_info(device)
         return RESIDENT if need <= 0.9 * free else OUT_OF_CORE
     if device.type == "cpu":
-        return RESIDENT if need <= 0.5 * available_memory() else OUT_OF_CORE
+        fits = min(CPU_RESIDENT_UP_TO, 0.5 * available_memory())
+        return RESIDENT if need <= fits else OUT_OF_CORE
     return RESIDENT
 
 
