@@ -149,7 +149,8 @@ class MehlRound:
                 dots, g_sq = self._fold_pieces(name, g.reshape(-1))
             else:
                 g = g.reshape(-1).to(torch.float32)
-                g_sq = torch.linalg.vector_norm(g).to(self.acc_dtype).square()
+                g_sq = (None if self.grad_clip is None
+                        else torch.linalg.vector_norm(g).to(self.acc_dtype).square())
                 direction = self.directions.get(name)
                 if direction is not None and (direction.dtype == torch.float32 or hi == lo):
                     dots = direction.to(torch.float32) @ g
@@ -165,13 +166,14 @@ class MehlRound:
         return fold
 
     def _fold_pieces(self, name: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Out of core: this rank's <D_i^l, g> and |g|^2, a piece at a time (``g`` flat, in
-        the parameter's dtype; only a piece of it is made fp32)."""
+        """Out of core: this rank's <D_i^l, g> and (with clipping) |g|^2, a piece at a time
+        (``g`` flat, in the parameter's dtype; only a piece of it is made fp32)."""
         dots = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=g.device)
         g_sq = torch.zeros((), dtype=self.acc_dtype, device=g.device)
         for p, (a, b) in enumerate(pieces(g.numel())):
             gp = g[a:b].to(torch.float32)
-            g_sq += torch.linalg.vector_norm(gp).to(self.acc_dtype).square()
+            if self.grad_clip is not None:
+                g_sq += torch.linalg.vector_norm(gp).to(self.acc_dtype).square()
             if self.hi > self.lo:
                 c = self._anchor(name, (a, b))
                 for row, diff in self._rows(name, c, p):
