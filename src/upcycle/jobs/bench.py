@@ -84,6 +84,8 @@ def main(
     """Parse ``--worker`` / ``--out``, run every contender in its own process, print a table.
 
     ``contenders`` may be a function of the parsed arguments (to offer ``--quick`` etc.).
+    ``--out`` is rewritten after every contender (marked ``partial`` until the last), so a
+    run cut short keeps the contenders it measured.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -106,6 +108,9 @@ def main(
             print(f"[bench]   failed: {result['error']}", file=sys.stderr, flush=True)
         row = {**spec, **{k: v for k, v in result.items() if k != "spec"}}
         rows.append(row)
+        if args.out and len(rows) < len(specs):  # a run cut short keeps what it measured
+            write_json(args.out, {"rows": rows, "partial": f"{len(rows)} of {len(specs)} "
+                                                           f"contenders", "argv": sys.argv})
     table = format_table(rows, columns)
     print(table)
     if summarize is not None:
