@@ -210,16 +210,20 @@ class FileState(Mapping):
                 put(name, t)
         return cls(folder)
 
-    def _read(self, name: str, buffer: torch.Tensor | None,
-              part: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``name`` (or elements [a, b) of it, flat: ``part``) read into ``buffer``
-        (uint8, large enough) or a new tensor."""
+    def _read(self, name: str, reuse: bool, part: tuple[int, int] | None = None
+              ) -> torch.Tensor:
+        """Tensor ``name`` (or elements [a, b) of it, flat: ``part``) read into the buffer
+        reused from call to call (``reuse``) or into a new tensor."""
         file, offset, nbytes = self._source.locate(name)
         dtype = self._source.dtype(name)
         if part is not None:
-            size = dtype.itemsize
-            offset, nbytes = offset + part[0] * size, (part[1] - part[0]) * size
-        out = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
+            offset, nbytes = offset + part[0] * dtype.itemsize, (part[1] - part[0]) * dtype.itemsize
+        if not reuse:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            if self._buffer is None or self._buffer.numel() < nbytes:
+                self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+            out = self._buffer[:nbytes]
         if self._fd is None:
             self._fd = os.open(file, os.O_RDONLY)
         read_into(self._fd, out, offset, self._source.label, name)
@@ -228,15 +232,10 @@ class FileState(Mapping):
     def read(self, name: str, part: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` (elements [a, b) of it, flat: ``part``) in a buffer reused from
         call to call."""
-        nbytes = self._source.locate(name)[2]
-        if part is not None:
-            nbytes = (part[1] - part[0]) * self._source.dtype(name).itemsize
-        if self._buffer is None or self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        return self._read(name, self._buffer, part)
+        return self._read(name, True, part)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._read(name, None)
+        return self._read(name, False)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._source.shape(name))

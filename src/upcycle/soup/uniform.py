@@ -8,7 +8,7 @@ import torch
 
 from ..io.checkpoints import Ingredient
 from .common import SoupResult, ingredient_names
-from .merge import WORK, TensorReads, stream_merge
+from .merge import TensorReads, stream_merge
 from .registry import SoupContext, SoupMethod, register
 
 
@@ -26,7 +26,7 @@ def uniform_soup(ingredients: Sequence[Ingredient], *, progress: bool = False,
     def merge_one(reads: TensorReads) -> torch.Tensor:
         acc = reads.ingredient(0)
         for i in range(1, n):
-            acc += reads.ingredients[i].get(reads.name).to(WORK)
+            acc += reads.ingredient(i)
         return acc.div_(n)
 
     state = stream_merge(ingredients, merge_one, dtype=dtype, progress=progress,
