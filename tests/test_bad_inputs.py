@@ -479,6 +479,22 @@ def _tree(root: Path) -> dict[str, tuple]:
     return out
 
 
+def shown(text: str) -> list[str]:
+    """The lines a reader of ``text`` sees (a terminal, or ``cat`` of a log): a carriage return
+    goes back to the start of the line, so a progress bar that was cleared before the error
+    line is not seen."""
+    out = []
+    for raw in text.split("\n"):
+        line: list[str] = []
+        col = 0
+        for i, part in enumerate(raw.split("\r")):
+            col = 0 if i else col
+            line[col:col + len(part)] = part
+            col += len(part)
+        out.append("".join(line).rstrip())
+    return out
+
+
 ARGPARSE_USAGE = re.compile(r"^(usage: | {2,})")
 
 
@@ -496,7 +512,7 @@ def test_bad_input_is_one_error_line(c, world, tmp_path, capfd, monkeypatch):
         code = exc.code
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err + captured.out, captured.err
-    lines = [line for line in captured.err.splitlines() if line.strip()]
+    lines = [line for line in shown(captured.err) if line.strip()]
     if lines and lines[0].startswith("usage: "):  # argparse: its usage, then the one line
         lines = [line for line in lines if not ARGPARSE_USAGE.match(line)]
     if c.warning is not None:

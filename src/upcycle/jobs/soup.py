@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,11 +172,10 @@ def prepare_soup_job(
     ingredients = open_ingredients(ingredient_specs, base=base)
     if need_base:
         check_base(base, ingredients)
-    # headers now; NaN/Inf as the soup reads each tensor (one read, not two), unless bars are
-    # drawn into a log (then an error would follow half a bar: read them all first)
-    logged_bars = progress and distributed.is_main() and not sys.stderr.isatty()
+    # headers now; NaN/Inf as the soup reads each tensor: one read, not two, and the first
+    # output (a terminal's or a log's) does not wait for a read of every ingredient
     validate_ingredients(ingredients, check_finite=check_finite, dtype=dtype,
-                         defer_finite=not logged_bars)
+                         defer_finite=True)
     job = SoupJob(ingredients, batch_size=batch_size,
                   eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
                   progress=progress, device=device, dtype=dtype, precision=precision)
