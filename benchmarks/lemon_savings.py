@@ -35,7 +35,7 @@ Two sizes (``--size``):
 - ``gpu`` (the paper's shapes; 8750 optimizer steps per (family, seed); estimated 5-7 minutes
   with six runs sharing an H100; never run, no GPU has been available): 2L/64H -> 4L/128H,
   S = 2500 steps of 64 x 128 characters (GPT-2) or 32 x 128 tokens (BERT, vocabulary 2048);
-- ``cpu`` (the claim rerunnable on two cores): 2L/32H (2 heads, MLP 128) -> 4L/64H (4 heads,
+- ``cpu`` (the claim rerunnable on two cores): 2L/48H (3 heads, MLP 192) -> 4L/64H (4 heads,
   MLP 256), S = 1000 steps of 16 x 64 characters or tokens (BERT: WordPiece vocabulary 1024),
   the small model trained as many steps, grown models 0.7 x S, the held-out loss every 25
   steps on 32 fixed held-out batches (32k characters; BERT: about 4,900 masked tokens: with
@@ -117,7 +117,7 @@ SEEDS = (0, 1, 2)
 SIZES = {
     "gpu": {"small": {"hidden": 64, "layers": 2, "heads": 4, "mlp": 256},
             "large": {"hidden": 128, "layers": 4, "heads": 8, "mlp": 512}},
-    "cpu": {"small": {"hidden": 32, "layers": 2, "heads": 2, "mlp": 128},
+    "cpu": {"small": {"hidden": 48, "layers": 2, "heads": 3, "mlp": 192},
             "large": {"hidden": 64, "layers": 4, "heads": 4, "mlp": 256}},
 }
 BUDGET = {"gpu": 0.5, "cpu": 0.7}
@@ -164,6 +164,11 @@ def run_tag(family: str, seed: int, quick: bool, budget: float | None = None,
 
 def _label(dims: dict) -> str:
     return f"{dims['layers']}L/{dims['hidden']}H"
+
+
+def _small_dir(cache: Path, dims: dict) -> Path:
+    """Where the trained small model of these shapes is kept (another shape, another folder)."""
+    return cache / f"small-{_label(dims['small']).replace('/', '-')}"
 
 
 # -- models and training ----------------------------------------------------------------------
@@ -291,7 +296,7 @@ def _run(spec: dict, cache: Path) -> dict:
         model = build_model(family, dims["small"], data["vocab"], st["context"])
         out = train_run(model, family, st, st["small_steps"], 1 + 10 * seed, device, cache,
                         horizon=st["small_steps"])
-        model.cpu().save_pretrained(cache / "small")
+        model.cpu().save_pretrained(_small_dir(cache, dims))
         write_json(cache / "small.json", {"final_loss": out["final_loss"]})
         return {**base, **out}
     if spec["role"] == "scratch":
@@ -302,7 +307,7 @@ def _run(spec: dict, cache: Path) -> dict:
         return {**base, **out, "target": out["final_loss"], "steps_to_target": S,
                 "saving_pct": 0.0}
 
-    small = _load_model(family, cache / "small").eval()
+    small = _load_model(family, _small_dir(cache, dims)).eval()
     method = spec["method"]
     start = time.perf_counter()
     grown = _grow(small, method, dims["large"], seed)
@@ -331,7 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the models, data order, masks and growth noise")
     parser.add_argument("--size", choices=tuple(SIZES), default="gpu",
-                        help="gpu: 2L/64H -> 4L/128H, S = 2500; cpu: 2L/32H -> 4L/64H, "
+                        help="gpu: 2L/64H -> 4L/128H, S = 2500; cpu: 2L/48H -> 4L/64H, "
                              "S = 1000, rerunnable on two cores")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--quick", action="store_true", help="a tiny CPU smoke run (< 1 min)")
@@ -365,7 +370,8 @@ def contenders(args) -> list[dict]:
     st, tag = _run_settings(args)
     dims = SIZES[args.size]
     common = {"family": args.family, "seed": args.seed, "device": args.device, "st": st,
-              "tag": tag, "quick": bool(args.quick), "size": args.size}
+              "tag": tag, "quick": bool(args.quick), "size": args.size,
+              "dims": dims}  # in the cache key: other shapes are another run
     budget = args.budget if args.budget is not None else BUDGET[args.size]
     specs = [{"name": f"small ({_label(dims['small'])})", "role": "small", **common},
              {"name": f"scratch ({_label(dims['large'])})", "role": "scratch", **common}]
