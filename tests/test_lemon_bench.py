@@ -152,7 +152,7 @@ def test_cpu_protocol_quick_end_to_end(bench, tmp_path, monkeypatch):
                               scratch_steps=20, small_steps=30, size="cpu")
     specs = bench.contenders(args)
     assert [s.get("method") for s in specs] == [None, None, "lemon", "net2net", "aki", "stack"]
-    assert specs[0]["name"] == "small (2L/32H)" and specs[1]["name"] == "scratch (4L/64H)"
+    assert specs[0]["name"] == "small (2L/48H)" and specs[1]["name"] == "scratch (4L/64H)"
     rows = [{**spec, **bench.run_worker(spec)} for spec in specs]
     by = {r.get("method", r["role"]): r for r in rows}
     assert by["small"]["steps"] == 30 and by["scratch"]["params"] == by["stack"]["params"]
@@ -165,5 +165,5 @@ def test_cpu_protocol_quick_end_to_end(bench, tmp_path, monkeypatch):
     again = bench.run_worker(specs[2])
     assert again["cached"] and again["init_loss"] == by["lemon"]["init_loss"]
     text, summary = bench.summarize({"gpt2": {0: rows}})
-    assert "G_stack grown (LEMON width)" in text and "small (2L/32H)" in text
+    assert "G_stack grown (LEMON width)" in text and "small (2L/48H)" in text
     assert set(summary["gpt2"]["seeds"][0]) >= {"LEMON", "G_stack", "small_steps"}
