@@ -113,8 +113,8 @@ def test_the_command_line_starts_without_torch():
 
 def test_on_a_terminal_a_starting_line_is_shown_then_erased(tmp_path, capsys, monkeypatch):
     """On a terminal "upcycle VERB: starting" comes first and is erased before anything else
-    is written, so a bad input still reads as its one error line; --help and a log (not a
-    terminal) never get it."""
+    is written, so a bad input still reads as its one error line; --help, --quiet and a
+    stream a caller put in place of sys.stderr never get it."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -130,3 +130,20 @@ def test_on_a_terminal_a_starting_line_is_shown_then_erased(tmp_path, capsys, mo
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("upcycle soup: error:")
+
+
+def test_in_a_log_the_starting_line_comes_first_and_is_erased(tmp_path):
+    """The process's own stderr into a log (a pipe here): the starting line is its first
+    output, before torch is imported, and a reader of the log sees only the one error line."""
+    from test_bad_inputs import shown
+
+    proc = subprocess.run([sys.executable, "-m", "upcycle.cli.main", "soup",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                          capture_output=True)  # bytes: text mode would read \r as \n
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    line = "upcycle soup: starting"
+    assert err.startswith(line + "\r" + " " * len(line) + "\r")
+    assert [x for x in shown(err) if x] == [
+        f"upcycle soup: error: ingredient {tmp_path / 'missing'}: no such file or folder"]
+    assert not (tmp_path / "o").exists()

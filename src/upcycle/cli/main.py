@@ -181,19 +181,23 @@ def _quiet_hf_progress_bars():
 
 
 def _starting(argv: list[str] | None) -> str:
-    """On a terminal, "upcycle VERB: starting" at once, before the verb's module imports torch
-    (about two seconds): the first thing a user sees is not a silence. Returns what erases
-    it again (written before anything else is); empty off a terminal, for --help,
-    --version and --quiet, and on ranks other than the first under torchrun."""
+    """"upcycle VERB: starting" at once, before the verb's module imports torch (seconds): the
+    first thing a user sees, on a terminal or in a log (``2>&1 | tee log``, ``> log``), is not
+    a silence. Returns what erases it again (a carriage return, as a progress bar's), written
+    before anything else is, so that a bad input still reads as its one error line. Written
+    to a terminal or to the process's own stderr, not into a stream a caller put in its place
+    (``main()`` called with ``sys.stderr`` redirected); never for --help, --version or
+    --quiet, nor on ranks other than the first under torchrun."""
     words = sys.argv[1:] if argv is None else argv
     command = _commands_needed(argv)
-    if (len(command) != 1 or not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+    own = sys.stderr.isatty() or sys.stderr is sys.__stderr__
+    if (len(command) != 1 or not own or os.environ.get("RANK", "0") != "0"
             or any(w in ("-h", "--help", "--version", "--quiet") for w in words)):
         return ""
     line = f"upcycle {command[0]}: starting"
-    sys.stderr.write(line)
+    sys.stderr.write(line + "\r")  # ended, as a bar's line is: a log's reader sees it now
     sys.stderr.flush()
-    return "\r" + " " * len(line) + "\r"
+    return " " * len(line) + "\r"
 
 
 def main(argv: list[str] | None = None) -> int:
