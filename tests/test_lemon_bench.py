@@ -153,6 +153,9 @@ def test_cpu_protocol_quick_end_to_end(bench, tmp_path, monkeypatch):
     specs = bench.contenders(args)
     assert [s.get("method") for s in specs] == [None, None, "lemon", "net2net", "aki", "stack"]
     assert specs[0]["name"] == "small (2L/48H)" and specs[1]["name"] == "scratch (4L/64H)"
+    bert = bench.contenders(argparse.Namespace(**{**vars(args), "family": "bert"}))
+    assert bert[0]["name"] == "small (2L/32H)"  # post-LN: 32 -> 64, a multiple of its width
+    assert bert[0]["dims"]["small"]["hidden"] == 32 and specs[0]["dims"]["small"]["hidden"] == 48
     rows = [{**spec, **bench.run_worker(spec)} for spec in specs]
     by = {r.get("method", r["role"]): r for r in rows}
     assert by["small"]["steps"] == 30 and by["scratch"]["params"] == by["stack"]["params"]
