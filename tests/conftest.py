@@ -96,3 +96,30 @@ def load_benchmark(name: str, monkeypatch=None):
         monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def shown(text: str) -> list[str]:
+    """The lines a reader of ``text`` sees (a terminal, or ``cat`` of a log): a carriage return
+    goes back to the start of the line, so a progress bar that was cleared before the error
+    line is not seen."""
+    out = []
+    for raw in text.split("\n"):
+        line: list[str] = []
+        col = 0
+        for i, part in enumerate(raw.split("\r")):
+            col = 0 if i else col
+            line[col:col + len(part)] = part
+            col += len(part)
+        out.append("".join(line).rstrip())
+    return out
+
+
+def run_decoded(cmd, **kwargs):
+    """``subprocess.run(cmd, capture_output=True)`` with stdout and stderr decoded, carriage
+    returns kept (``text=True`` would read each as a line end): ``shown(proc.stderr)`` is what
+    a reader of the log sees."""
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, **kwargs)
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+    return proc

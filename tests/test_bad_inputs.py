@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shown
 from lm_models import save_lm, tiny_lm, tiny_tokenizer
 from safetensors.torch import save_file
 
@@ -476,22 +477,6 @@ def _tree(root: Path) -> dict[str, tuple]:
             p = Path(dirpath) / name
             st = p.lstat()
             out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
-
-
-def shown(text: str) -> list[str]:
-    """The lines a reader of ``text`` sees (a terminal, or ``cat`` of a log): a carriage return
-    goes back to the start of the line, so a progress bar that was cleared before the error
-    line is not seen."""
-    out = []
-    for raw in text.split("\n"):
-        line: list[str] = []
-        col = 0
-        for i, part in enumerate(raw.split("\r")):
-            col = 0 if i else col
-            line[col:col + len(part)] = part
-            col += len(part)
-        out.append("".join(line).rstrip())
     return out
 
 

@@ -135,13 +135,13 @@ def test_on_a_terminal_a_starting_line_is_shown_then_erased(tmp_path, capsys, mo
 def test_in_a_log_the_starting_line_comes_first_and_is_erased(tmp_path):
     """The process's own stderr into a log (a pipe here): the starting line is its first
     output, before torch is imported, and a reader of the log sees only the one error line."""
-    from test_bad_inputs import shown
+    from conftest import run_decoded, shown
 
-    proc = subprocess.run([sys.executable, "-m", "upcycle.cli.main", "soup",
+    proc = run_decoded([sys.executable, "-m", "upcycle.cli.main", "soup",
                            str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-                          capture_output=True)  # bytes: text mode would read \r as \n
+                       )
     assert proc.returncode == 2
-    err = proc.stderr.decode()
+    err = proc.stderr
     line = "upcycle soup: starting"
     assert err.startswith(line + "\r" + " " * len(line) + "\r")
     assert [x for x in shown(err) if x] == [

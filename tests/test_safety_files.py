@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_decoded, shown
 
 import upcycle
 from upcycle.cli.main import main
@@ -281,8 +282,8 @@ def _run_closed_stdin(argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [src, *filter(None, [os.environ.get("PYTHONPATH")])]), "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "upcycle.cli.main", *argv],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    return run_decoded([sys.executable, "-m", "upcycle.cli.main", *argv],
+                       stdin=subprocess.DEVNULL, env=env)
 
 
 @pytest.mark.parametrize("verb", ["soup", "tune", "grow"])
@@ -298,7 +299,7 @@ def test_custom_code_folder_is_refused(tmp_path, verb):
             }[verb]
     proc = _run_closed_stdin(argv)
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in shown(proc.stderr) if line]
     assert len(lines) == 1, proc.stderr
     label = f"--model {model}" if verb == "grow" else f"model {model}"
     assert lines[0] == (f"upcycle {verb}: error: {label}: config.json asks for custom code "

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_decoded, shown
 from lm_models import CORPUS, save_lm, tiny_lm, tiny_tokenizer
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -147,9 +147,8 @@ def test_a_peft_outside_the_tested_range_is_one_clear_error(tmp_path):
             "raise SystemExit(main(['tune', '--method', 'snell', '--model', 'm', '--data', "
             "'d.jsonl', '--out', 'o']))\n")
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
-    lines = [line for line in done.stderr.splitlines() if line.startswith("upcycle")]
+    done = run_decoded([sys.executable, "-c", code], cwd=tmp_path, env=env)
+    lines = [line for line in shown(done.stderr) if line.startswith("upcycle")]
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert lines and lines[0].startswith("upcycle tune: error: SNELL's peft integration is "
                                          "tested with peft") and "9.0.0" in lines[0]

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import run_decoded, shown
 from conftest import torchrun as run_torchrun
 from safetensors.torch import save_file
 from torch import nn
@@ -108,9 +109,8 @@ def test_shard_directions_outside_torchrun_is_refused():
 def _cli(args, env=None, torchrun=False):
     if torchrun:
         return run_torchrun(["-m", "upcycle.cli.main", "soup", *args], env, check=False)
-    return subprocess.run([sys.executable, "-m", "upcycle.cli.main", "soup", *args],
-                          capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return run_decoded([sys.executable, "-m", "upcycle.cli.main", "soup", *args],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.parametrize("case", ["single-process", "not-mehl"])
@@ -121,7 +121,7 @@ def test_cli_shard_directions_bad_input(tmp_path, case):
     proc = _cli([str(folder), "--method", method, "-K", "2", "--shard-directions",
                  "--out", str(out)])
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in shown(proc.stderr) if line]
     assert len(lines) == 1 and lines[0].startswith("upcycle soup: error: --shard-directions")
     assert ("torchrun" if case == "single-process" else "not uniform") in lines[0]
     assert not out.exists() and not (tmp_path / ".soup.partial").exists()
