@@ -298,7 +298,7 @@ def run_worker(spec: dict) -> dict:
 def _run(spec: dict, cache: Path) -> dict:
     torch.set_num_threads(int(os.environ.get("LEMON_BENCH_THREADS", "1")))
     family, st, seed = spec["family"], spec["st"], int(spec["seed"])
-    dims = spec.get("dims") or shapes(spec.get("size", "gpu"), family)
+    dims = spec["dims"]  # contenders() puts the shapes in every spec (and its cache key)
     device = resolve_device(spec.get("device", "auto"))
     data = corpus(family, str(cache), st["vocab"])
     S = st["scratch_steps"]
